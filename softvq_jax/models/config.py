@@ -1,0 +1,227 @@
+"""Tokenizer architecture, read from a released ``config.json``.
+
+The architecture comes from the config's fields (``encoder_model``,
+``decoder_model``, ``num_latent_tokens``, ...), never from a repository name:
+the repository called softvq-l-32 is a ViT-B encoder with a ViT-L decoder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Mapping
+
+# Sizes of the timm DINOv2 entry points the reference builds its ViTs from.
+VIT_SIZES: dict[str, dict[str, int]] = {
+    "small": dict(embed_dim=384, depth=12, num_heads=6),
+    "base": dict(embed_dim=768, depth=12, num_heads=12),
+    "large": dict(embed_dim=1024, depth=24, num_heads=16),
+}
+_VIT_NAME = re.compile(r"^vit_(small|base|large)_patch14_dinov2(\.lvd142m)?$")
+BOTTLENECKS = ("softvq", "kl", "ae")
+
+
+class ConfigError(ValueError):
+  """A config.json (or a config dict) that we cannot build a model from."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ViTConfig:
+  embed_dim: int
+  depth: int
+  num_heads: int
+  patch_size: int = 16
+  mlp_ratio: float = 4.0
+  layerscale_init: float = 1e-5
+
+  def __post_init__(self):
+    for name in ("embed_dim", "depth", "num_heads", "patch_size"):
+      value = getattr(self, name)
+      if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ConfigError(f"ViT {name} must be a positive integer, got {value!r}")
+    if self.embed_dim % self.num_heads:
+      raise ConfigError(f"ViT embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
+
+
+def vit_config_from_name(model_name: str, patch_size: int,
+                         overrides: Mapping[str, Any] | None = None, *, field: str) -> ViTConfig:
+  """Sizes implied by a timm model name, optionally overridden by ``*_kwargs``."""
+  if not isinstance(model_name, str):
+    raise ConfigError(f"{field} must be a string, got {model_name!r}")
+  if "movq" in model_name:
+    raise ConfigError(
+        f"{field}={model_name!r} is a MoVQ (MAETok) decoder, which this version does not support yet")
+  match = _VIT_NAME.match(model_name)
+  if match is None:
+    known = ", ".join(f"vit_{s}_patch14_dinov2.lvd142m" for s in VIT_SIZES)
+    raise ConfigError(f"unknown {field} {model_name!r}; supported: {known}")
+  sizes = dict(VIT_SIZES[match.group(1)])
+  if overrides:
+    unknown = set(overrides) - set(sizes)
+    if unknown:
+      raise ConfigError(f"{field.replace('_model', '')}_kwargs has unsupported keys {sorted(unknown)}; "
+                        f"allowed: {sorted(sizes)}")
+    sizes.update(overrides)
+  return ViTConfig(patch_size=patch_size, **sizes)
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizerConfig:
+  """Everything that shapes a tokenizer, plus the latent statistics."""
+
+  image_size: int
+  encoder: ViTConfig
+  decoder: ViTConfig
+  num_latent_tokens: int
+  codebook_embed_dim: int
+  bottleneck: str = "softvq"
+  codebook_size: int = 8192
+  num_codebooks: int = 4
+  tau: float = 0.07
+  codebook_l2_norm: bool = True
+  entropy_loss_ratio: float = 0.01
+  entropy_temperature: float = 0.01
+  kl_loss_weight: float = 1e-6
+  vq_mean: float = 0.0
+  vq_std: float = 1.0
+  encoder_model: str = ""
+  decoder_model: str = ""
+
+  def __post_init__(self):
+    if self.bottleneck not in BOTTLENECKS:
+      raise ConfigError(f"bottleneck must be one of {BOTTLENECKS}, got {self.bottleneck!r}")
+    for name in ("image_size", "num_latent_tokens", "codebook_embed_dim", "codebook_size",
+                 "num_codebooks"):
+      value = getattr(self, name)
+      if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+    for side, vit in (("encoder", self.encoder), ("decoder", self.decoder)):
+      if self.image_size % vit.patch_size:
+        raise ConfigError(f"image_size {self.image_size} is not a multiple of the {side} patch size "
+                          f"{vit.patch_size}")
+    if self.bottleneck == "softvq":
+      if self.num_latent_tokens % self.num_codebooks:
+        raise ConfigError(f"num_latent_tokens {self.num_latent_tokens} is not divisible by "
+                          f"num_codebooks {self.num_codebooks}: SoftVQ splits the tokens into "
+                          "contiguous groups, one per codebook")
+      if not self.tau > 0:
+        raise ConfigError(f"tau must be positive, got {self.tau!r}")
+    if not self.vq_std > 0:
+      raise ConfigError(f"vq_std must be positive, got {self.vq_std!r}")
+
+  @property
+  def latent_shape(self) -> tuple[int, int]:
+    return (self.num_latent_tokens, self.codebook_embed_dim)
+
+  @property
+  def num_patches(self) -> int:
+    return (self.image_size // self.encoder.patch_size) ** 2
+
+  def to_json_dict(self) -> dict[str, Any]:
+    """A config.json in the released layout (plus ``bottleneck`` and the size overrides)."""
+    return {
+        "bottleneck": self.bottleneck,
+        "image_size": self.image_size,
+        "encoder_model": self.encoder_model or _name_for(self.encoder),
+        "decoder_model": self.decoder_model or _name_for(self.decoder),
+        "encoder_kwargs": _kwargs_for(self.encoder),
+        "decoder_kwargs": _kwargs_for(self.decoder),
+        "enc_type": "vit",
+        "dec_type": "vit",
+        "enc_patch_size": self.encoder.patch_size,
+        "dec_patch_size": self.decoder.patch_size,
+        "num_latent_tokens": self.num_latent_tokens,
+        "codebook_embed_dim": self.codebook_embed_dim,
+        "codebook_size": self.codebook_size,
+        "num_codebooks": self.num_codebooks,
+        "tau": self.tau,
+        "codebook_l2_norm": self.codebook_l2_norm,
+        "entropy_loss_ratio": self.entropy_loss_ratio,
+        "kl_loss_weight": self.kl_loss_weight,
+        "vq_mean": self.vq_mean,
+        "vq_std": self.vq_std,
+    }
+
+  @classmethod
+  def from_json_dict(cls, cfg: Mapping[str, Any], *, bottleneck: str | None = None) -> "TokenizerConfig":
+    """Builds the config from a released (or our own) ``config.json`` dict.
+
+    Keys that do not shape the model are ignored. Values that would change the
+    architecture in a way we do not implement raise ``ConfigError``.
+    """
+    if not isinstance(cfg, Mapping):
+      raise ConfigError(f"a tokenizer config must be a JSON object, got {type(cfg).__name__}")
+    _reject_unsupported(cfg)
+    missing = [k for k in ("encoder_model", "decoder_model", "image_size", "num_latent_tokens",
+                           "codebook_embed_dim") if k not in cfg]
+    if missing:
+      raise ConfigError(f"tokenizer config is missing required fields {missing}")
+    bottleneck = bottleneck or cfg.get("bottleneck", "softvq")
+    encoder = vit_config_from_name(cfg["encoder_model"], _int(cfg, "enc_patch_size", 16),
+                                   cfg.get("encoder_kwargs"), field="encoder_model")
+    decoder = vit_config_from_name(cfg["decoder_model"], _int(cfg, "dec_patch_size", 16),
+                                   cfg.get("decoder_kwargs"), field="decoder_model")
+    return cls(
+        bottleneck=bottleneck,
+        image_size=cfg["image_size"],
+        encoder=encoder,
+        decoder=decoder,
+        num_latent_tokens=cfg["num_latent_tokens"],
+        codebook_embed_dim=cfg["codebook_embed_dim"],
+        codebook_size=cfg.get("codebook_size", 8192),
+        num_codebooks=cfg.get("num_codebooks", 1),
+        tau=float(cfg.get("tau", 0.1)),
+        codebook_l2_norm=bool(cfg.get("codebook_l2_norm", True)),
+        entropy_loss_ratio=float(cfg.get("entropy_loss_ratio", 0.0)),
+        kl_loss_weight=float(cfg.get("kl_loss_weight", 1e-6)),
+        vq_mean=float(cfg.get("vq_mean", 0.0)),
+        vq_std=float(cfg.get("vq_std", 1.0)),
+        encoder_model=cfg["encoder_model"],
+        decoder_model=cfg["decoder_model"],
+    )
+
+
+def _int(cfg: Mapping[str, Any], key: str, default: int) -> int:
+  value = cfg.get(key, default)
+  if not isinstance(value, int) or isinstance(value, bool):
+    raise ConfigError(f"{key} must be an integer, got {value!r}")
+  return value
+
+
+# (field, value that we support, what it would need). A missing field takes the
+# reference's default for checkpoints of the SoftVQ era, which is the supported one.
+_SUPPORTED_VALUES = (
+    ("enc_type", "vit", "a CNN encoder"),
+    ("dec_type", "vit", "a CNN decoder"),
+    ("use_rope", False, "rotary position embeddings (MAETok)"),
+    ("use_ape", True, "a decoder without absolute positions (MAETok)"),
+    ("dec_cls_token", True, "a decoder without class token (MAETok)"),
+    ("to_pixel", "linear", "a non-linear to_pixel head"),
+    ("enc_tuning_method", "full", "LoRA/frozen encoders"),
+    ("dec_tuning_method", "full", "LoRA/frozen decoders"),
+)
+
+
+def _reject_unsupported(cfg: Mapping[str, Any]) -> None:
+  problems = []
+  if "enc_type" not in cfg:
+    # The reference's ModelArgs default is a CNN encoder: a config without the
+    # field does not describe a ViT tokenizer.
+    problems.append("enc_type is missing (the reference default is 'cnn', which is not supported)")
+  for key, supported, what in _SUPPORTED_VALUES:
+    if key in cfg and cfg[key] != supported:
+      problems.append(f"{key}={cfg[key]!r} would need {what}, which this version does not support "
+                      f"(supported: {supported!r})")
+  if problems:
+    raise ConfigError("unsupported tokenizer config: " + "; ".join(problems))
+
+
+def _name_for(vit: ViTConfig) -> str:
+  for size, dims in VIT_SIZES.items():
+    if dims == dict(embed_dim=vit.embed_dim, depth=vit.depth, num_heads=vit.num_heads):
+      return f"vit_{size}_patch14_dinov2.lvd142m"
+  return "vit_base_patch14_dinov2.lvd142m"
+
+
+def _kwargs_for(vit: ViTConfig) -> dict[str, int]:
+  return dict(embed_dim=vit.embed_dim, depth=vit.depth, num_heads=vit.num_heads)

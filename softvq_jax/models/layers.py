@@ -1,0 +1,226 @@
+"""Building blocks shared by the tokenizer ViTs and the SiT/DiT backbones.
+
+Parameters are stored in ``param_dtype`` (float32 by default); matmuls run in
+``dtype``. LayerNorm statistics and attention softmax are always float32, as
+the reference's autocast does, so bfloat16 compute keeps the numerically
+sensitive parts exact enough to train.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Dtype = Any
+Array = jax.Array
+
+# timm initialises Linear weights and position tables with trunc_normal(std=.02)
+# truncated at +-2 in absolute value, which at std .02 is effectively untruncated.
+trunc_normal_02 = nnx.initializers.truncated_normal(stddev=0.02, lower=-100.0, upper=100.0)
+# PyTorch's default Linear/Conv init (kaiming_uniform with a=sqrt(5)).
+torch_default_kernel_init = nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+def matmul_precision(dtype: Dtype | None):
+  """HIGHEST for float32 compute: GPUs/TPUs otherwise round f32 matmuls to TF32/bf16."""
+  if dtype is None or jnp.dtype(dtype) == jnp.float32:
+    return jax.lax.Precision.HIGHEST
+  return None
+
+
+def torch_default_bias_init(fan_in: int) -> Callable:
+  bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+  return init
+
+
+def linear(
+    in_features: int,
+    out_features: int,
+    *,
+    rngs: nnx.Rngs,
+    dtype: Dtype | None = None,
+    param_dtype: Dtype = jnp.float32,
+    use_bias: bool = True,
+    kernel_init: Callable = trunc_normal_02,
+    bias_init: Callable = nnx.initializers.zeros_init(),
+) -> nnx.Linear:
+  """An ``nnx.Linear`` (kernel ``[in, out]``) with the project's precision policy."""
+  return nnx.Linear(
+      in_features,
+      out_features,
+      use_bias=use_bias,
+      dtype=dtype,
+      param_dtype=param_dtype,
+      precision=matmul_precision(dtype),
+      kernel_init=kernel_init,
+      bias_init=bias_init,
+      rngs=rngs,
+  )
+
+
+class LayerNorm(nnx.Module):
+  """LayerNorm over the last axis, computed in float32 with two-pass variance.
+
+  ``use_affine=False`` gives the parameter-free norm of SiT/DiT and MoVQ blocks.
+  The output is cast back to the input dtype.
+  """
+
+  def __init__(self, dim: int, *, eps: float = 1e-6, use_affine: bool = True,
+               param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs | None = None):
+    del rngs  # deterministic init
+    self.eps = eps
+    self.use_affine = use_affine
+    if use_affine:
+      self.scale = nnx.Param(jnp.ones((dim,), param_dtype))
+      self.bias = nnx.Param(jnp.zeros((dim,), param_dtype))
+
+  def __call__(self, x: Array) -> Array:
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    centred = x32 - mean
+    var = jnp.mean(jnp.square(centred), axis=-1, keepdims=True)
+    y = centred * jax.lax.rsqrt(var + self.eps)
+    if self.use_affine:
+      y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+    return y.astype(x.dtype)
+
+
+def dot_product_attention(q: Array, k: Array, v: Array, *, precision=None) -> Array:
+  """softmax((q * hd^-0.5) k^T) v on ``(B, N, H, hd)`` inputs, softmax in float32.
+
+  The scale is applied to q before the product, as timm does, so float32 runs
+  round the same way as the reference.
+  """
+  head_dim = q.shape[-1]
+  q = q * jnp.asarray(head_dim**-0.5, q.dtype)
+  logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, precision=precision,
+                      preferred_element_type=jnp.float32)
+  weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  return jnp.einsum("bhqk,bkhd->bqhd", weights, v, precision=precision)
+
+
+class Attention(nnx.Module):
+  """Multi-head self-attention with a fused ``qkv`` projection (rows q | k | v, head-major)."""
+
+  def __init__(self, dim: int, num_heads: int, *, qkv_bias: bool = True, rngs: nnx.Rngs,
+               dtype: Dtype | None = None, param_dtype: Dtype = jnp.float32,
+               kernel_init: Callable = trunc_normal_02):
+    if dim % num_heads:
+      raise ValueError(f"width {dim} is not divisible by num_heads {num_heads}")
+    self.num_heads = num_heads
+    self.head_dim = dim // num_heads
+    self.precision = matmul_precision(dtype)
+    self.qkv = linear(dim, 3 * dim, use_bias=qkv_bias, dtype=dtype, param_dtype=param_dtype,
+                      kernel_init=kernel_init, rngs=rngs)
+    self.proj = linear(dim, dim, dtype=dtype, param_dtype=param_dtype,
+                       kernel_init=kernel_init, rngs=rngs)
+
+  def split_heads(self, x: Array) -> tuple[Array, Array, Array]:
+    """``(B, N, D)`` -> q, k, v each ``(B, N, H, hd)``."""
+    b, n, _ = x.shape
+    qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim)
+    return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+
+  def __call__(self, x: Array) -> Array:
+    b, n, d = x.shape
+    q, k, v = self.split_heads(x)
+    out = dot_product_attention(q, k, v, precision=self.precision)
+    return self.proj(out.reshape(b, n, d))
+
+
+class Mlp(nnx.Module):
+  """fc1 -> GELU -> fc2. Exact (erf) GELU for the ViTs, tanh GELU for SiT/DiT."""
+
+  def __init__(self, dim: int, hidden_dim: int, *, approximate_gelu: bool = False,
+               rngs: nnx.Rngs, dtype: Dtype | None = None, param_dtype: Dtype = jnp.float32,
+               kernel_init: Callable = trunc_normal_02):
+    self.approximate_gelu = approximate_gelu
+    self.fc1 = linear(dim, hidden_dim, dtype=dtype, param_dtype=param_dtype,
+                      kernel_init=kernel_init, rngs=rngs)
+    self.fc2 = linear(hidden_dim, dim, dtype=dtype, param_dtype=param_dtype,
+                      kernel_init=kernel_init, rngs=rngs)
+
+  def __call__(self, x: Array) -> Array:
+    return self.fc2(jax.nn.gelu(self.fc1(x), approximate=self.approximate_gelu))
+
+
+class LayerScale(nnx.Module):
+  def __init__(self, dim: int, init_value: float = 1e-5, *, param_dtype: Dtype = jnp.float32):
+    self.gamma = nnx.Param(jnp.full((dim,), init_value, param_dtype))
+
+  def __call__(self, x: Array) -> Array:
+    return x * self.gamma[...].astype(x.dtype)
+
+
+class Block(nnx.Module):
+  """Pre-norm ViT block: x + ls1 * attn(norm1(x)); x + ls2 * mlp(norm2(x))."""
+
+  def __init__(self, dim: int, num_heads: int, *, mlp_ratio: float = 4.0,
+               layerscale_init: float | None = 1e-5, rngs: nnx.Rngs,
+               dtype: Dtype | None = None, param_dtype: Dtype = jnp.float32):
+    self.norm1 = LayerNorm(dim, param_dtype=param_dtype)
+    self.attn = Attention(dim, num_heads, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.ls1 = (LayerScale(dim, layerscale_init, param_dtype=param_dtype)
+                if layerscale_init is not None else None)
+    self.norm2 = LayerNorm(dim, param_dtype=param_dtype)
+    self.mlp = Mlp(dim, int(dim * mlp_ratio), dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.ls2 = (LayerScale(dim, layerscale_init, param_dtype=param_dtype)
+                if layerscale_init is not None else None)
+
+  def __call__(self, x: Array) -> Array:
+    # The residual stream stays in the input dtype (float32 by default): branch
+    # outputs are promoted, as under PyTorch autocast.
+    h = self.attn(self.norm1(x))
+    if self.ls1 is not None:
+      h = self.ls1(h)
+    x = x + h.astype(x.dtype)
+    h = self.mlp(self.norm2(x))
+    if self.ls2 is not None:
+      h = self.ls2(h)
+    return x + h.astype(x.dtype)
+
+
+class PatchEmbed(nnx.Module):
+  """Non-overlapping patch embedding; ``proj.kernel`` is a conv kernel in HWIO.
+
+  Implemented as a matmul over flattened ``(p_row, p_col, channel)`` patches,
+  which is the same sum as the strided conv and runs faster on CPU.
+  """
+
+  def __init__(self, patch_size: int, in_chans: int, embed_dim: int, *, rngs: nnx.Rngs,
+               dtype: Dtype | None = None, param_dtype: Dtype = jnp.float32):
+    self.patch_size = patch_size
+    self.dtype = dtype
+    self.precision = matmul_precision(dtype)
+    fan_in = in_chans * patch_size * patch_size
+    self.proj = _ConvKernel(patch_size, in_chans, embed_dim, fan_in, rngs=rngs,
+                            param_dtype=param_dtype)
+
+  def __call__(self, x: Array) -> Array:
+    b, h, w, c = x.shape
+    p = self.patch_size
+    gh, gw = h // p, w // p
+    patches = x.reshape(b, gh, p, gw, p, c).transpose(0, 1, 3, 2, 4, 5).reshape(b, gh * gw, p * p * c)
+    kernel = self.proj.kernel[...].reshape(p * p * c, -1)
+    bias = self.proj.bias[...]
+    if self.dtype is not None:
+      patches, kernel, bias = (a.astype(self.dtype) for a in (patches, kernel, bias))
+    return jnp.einsum("bnk,kd->bnd", patches, kernel, precision=self.precision) + bias
+
+
+class _ConvKernel(nnx.Module):
+  """Holds ``kernel`` (HWIO) and ``bias`` under the name ``proj`` like timm's Conv2d."""
+
+  def __init__(self, patch_size: int, in_chans: int, out_chans: int, fan_in: int, *,
+               rngs: nnx.Rngs, param_dtype: Dtype = jnp.float32):
+    shape = (patch_size, patch_size, in_chans, out_chans)
+    self.kernel = nnx.Param(torch_default_kernel_init(rngs.params(), shape, param_dtype))
+    self.bias = nnx.Param(torch_default_bias_init(fan_in)(rngs.params(), (out_chans,), param_dtype))

@@ -1,0 +1,247 @@
+"""``Tokenizer``: encode images to 1-D latents and decode them back, jit-compiled.
+
+>>> tok = Tokenizer.load("converted/softvq-l-64")
+>>> z = tok.encode(images)          # (B, H, W, 3) float in [-1, 1] -> (B, L, d)
+>>> x = tok.decode(z)               # -> (B, H, W, 3), not clamped
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from softvq_jax import checkpoint
+from softvq_jax.models.config import TokenizerConfig
+from softvq_jax.models.tokenizer import TokenizerModel
+
+Path = tuple
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def _resolve_dtype(dtype: Any):
+  if isinstance(dtype, str):
+    if dtype not in _DTYPES:
+      raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+    return _DTYPES[dtype]
+  dtype = jnp.dtype(dtype)
+  if dtype.name not in _DTYPES:
+    raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype.name}")
+  return _DTYPES[dtype.name]
+
+
+def abstract_model(config: TokenizerConfig, dtype=jnp.float32) -> TokenizerModel:
+  """The model with ``ShapeDtypeStruct`` leaves: no memory is allocated."""
+  return nnx.eval_shape(lambda: TokenizerModel(config, dtype=dtype, rngs=nnx.Rngs(0)))
+
+
+def param_shapes(config: TokenizerConfig) -> dict[Path, jax.ShapeDtypeStruct]:
+  state = nnx.state(abstract_model(config), nnx.Param)
+  return {tuple(path): var.get_value() for path, var in nnx.to_flat_state(state)}
+
+
+def count_params(config: TokenizerConfig) -> int:
+  return sum(int(np.prod(s.shape)) for s in param_shapes(config).values())
+
+
+def _encode_fn(graphdef, state, images):
+  model = nnx.merge(graphdef, state)
+  return model.encode(images).quant
+
+
+def _encode_info_fn(graphdef, state, images):
+  from softvq_jax.models.quantizers import code_usage  # pylint: disable=g-import-not-at-top
+  model = nnx.merge(graphdef, state)
+  out = model.encode(images)
+  info = {"h": out.h}
+  if out.softvq is not None:
+    info.update(probs=out.softvq.probs, **code_usage(out.softvq, model.config.num_codebooks))
+  if out.posterior is not None:
+    info.update(mean=out.posterior.mean, logvar=out.posterior.logvar)
+  return out.quant, info
+
+
+def _decode_fn(graphdef, state, latents):
+  return nnx.merge(graphdef, state).decode(latents)
+
+
+class Tokenizer:
+  """A tokenizer with its weights, ready for inference.
+
+  Args:
+    model: a ``TokenizerModel`` holding the weights.
+    dtype: compute dtype, ``"float32"`` (default) or ``"bfloat16"``; parameters,
+      norms, softmax and the SoftVQ logits stay float32.
+    mesh: optional ``jax.sharding.Mesh``; batches are split over ``data_axis``
+      and parameters replicated.
+  """
+
+  def __init__(self, model: TokenizerModel, *, dtype: Any = "float32",
+               mesh: jax.sharding.Mesh | None = None, data_axis: str | tuple[str, ...] = "data"):
+    self.config: TokenizerConfig = model.config
+    self.dtype = _resolve_dtype(dtype)
+    self.mesh = mesh
+    self.data_axis = data_axis
+    # The graph of a model built for the compute dtype, with the given weights.
+    graphdef, _ = nnx.split(abstract_model(self.config, self.dtype))
+    state = nnx.state(model)
+    if mesh is not None:
+      replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+      state = jax.device_put(state, replicated)
+    self.graphdef = graphdef
+    self.state = state
+    self._encode = jax.jit(functools.partial(_encode_fn, graphdef))
+    self._encode_info = jax.jit(functools.partial(_encode_info_fn, graphdef))
+    self._decode = jax.jit(functools.partial(_decode_fn, graphdef))
+
+  # ----------------------------------------------------------------- loading
+  @classmethod
+  def load(cls, directory: str, **kwargs) -> "Tokenizer":
+    """Loads a directory written by ``python -m softvq_jax.convert`` (or ``save``)."""
+    config = TokenizerConfig.from_json_dict(checkpoint.read_config(directory))
+    target = param_shapes(config)
+    shardings = None
+    mesh = kwargs.get("mesh")
+    if mesh is not None:
+      replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+      shardings = {p: replicated for p in target}
+    flat = checkpoint.read_param_dir(directory, target, shardings)
+    return cls(build_model(config, flat), **kwargs)
+
+  @classmethod
+  def from_pytorch(cls, checkpoint_path: str, config: str | Mapping[str, Any], *,
+                   weights: str = "auto", **kwargs) -> "Tokenizer":
+    """Builds from a PyTorch ``model.safetensors``/``.pt`` and its ``config.json``."""
+    from softvq_jax.convert import tokenizer as convert_tokenizer  # pylint: disable=g-import-not-at-top
+    tok_config, flat, _ = convert_tokenizer.convert(checkpoint_path, config, weights=weights)
+    return cls(build_model(tok_config, flat), **kwargs)
+
+  @classmethod
+  def random(cls, config: TokenizerConfig | Mapping[str, Any], *, seed: int = 0,
+             **kwargs) -> "Tokenizer":
+    """A randomly initialised tokenizer (tests, demos, training from scratch)."""
+    if not isinstance(config, TokenizerConfig):
+      config = TokenizerConfig.from_json_dict(config)
+    return cls(TokenizerModel(config, rngs=nnx.Rngs(seed)), **kwargs)
+
+  def save(self, directory: str, *, overwrite: bool = False) -> str:
+    """Writes ``config.json`` + ``params/``, loadable with ``Tokenizer.load``."""
+    flat = {tuple(p): np.asarray(jax.device_get(v.get_value()))
+            for p, v in nnx.to_flat_state(nnx.state(self.model(), nnx.Param))}
+    return checkpoint.write_param_dir(directory, flat, self.config.to_json_dict(),
+                                      overwrite=overwrite)
+
+  def model(self) -> TokenizerModel:
+    """The NNX model (compute dtype of this tokenizer) holding the weights."""
+    return nnx.merge(self.graphdef, self.state)
+
+  # --------------------------------------------------------------- inference
+  @property
+  def latent_shape(self) -> tuple[int, int]:
+    return self.config.latent_shape
+
+  @property
+  def image_size(self) -> int:
+    return self.config.image_size
+
+  def encode(self, images, *, return_info: bool = False):
+    """``(B, H, W, 3)`` float images in [-1, 1] -> latents ``(B, L, d)`` (float32).
+
+    With ``return_info=True`` also returns a dict with ``h`` (the pre-bottleneck
+    latents) and, for SoftVQ, ``probs`` and per-codebook ``usage``/``perplexity``.
+    """
+    images = self._check_images(images)
+    images, n = self._shard_batch(images)
+    if return_info:
+      quant, info = self._encode_info(self.state, images)
+      return quant[:n], jax.tree.map(lambda a: a[:n] if a.ndim and a.shape[0] == images.shape[0]
+                                     else a, info)
+    return self._encode(self.state, images)[:n]
+
+  def decode(self, latents) -> jax.Array:
+    """``(B, L, d)`` latents -> ``(B, H, W, 3)`` images (float32, not clamped)."""
+    latents = self._check_latents(latents)
+    latents, n = self._shard_batch(latents)
+    return self._decode(self.state, latents)[:n]
+
+  def reconstruct(self, images) -> jax.Array:
+    return self.decode(self.encode(images))
+
+  def normalize(self, latents):
+    """``(z - vq_mean) / vq_std``: the latents generators are trained on."""
+    return (latents - self.config.vq_mean) / self.config.vq_std
+
+  def denormalize(self, latents):
+    return latents * self.config.vq_std + self.config.vq_mean
+
+  # ------------------------------------------------------------- validation
+  def _check_images(self, images) -> jax.Array:
+    shape = tuple(getattr(images, "shape", ()))
+    dtype = getattr(images, "dtype", None)
+    if dtype is None:
+      images = np.asarray(images)
+      shape, dtype = images.shape, images.dtype
+    size = self.config.image_size
+    if len(shape) != 4:
+      raise ValueError(f"images must be a 4-D batch (B, H, W, 3), got shape {shape}")
+    if shape[-1] != 3:
+      hint = " (this looks like NCHW: transpose with x.transpose(0, 2, 3, 1))" if shape[1] == 3 else ""
+      raise ValueError(f"images must be NHWC with 3 channels last, got shape {shape}{hint}")
+    if not jnp.issubdtype(dtype, jnp.floating):
+      raise TypeError(f"images must be float in [-1, 1], got dtype {np.dtype(dtype).name}"
+                      + (" (convert uint8 with x / 127.5 - 1)" if np.dtype(dtype) == np.uint8 else ""))
+    patch = self.config.encoder.patch_size
+    h, w = shape[1:3]
+    if h % patch or w % patch:
+      raise ValueError(f"image size {h}x{w} is not a multiple of the patch size {patch}")
+    if (h, w) != (size, size):
+      raise ValueError(f"this tokenizer takes {size}x{size} images (its position table has "
+                       f"{(size // patch) ** 2} patches), got {h}x{w}")
+    if shape[0] == 0:
+      raise ValueError("images is an empty batch")
+    return images
+
+  def _check_latents(self, latents) -> jax.Array:
+    shape = tuple(getattr(latents, "shape", np.shape(latents)))
+    dtype = getattr(latents, "dtype", np.asarray(latents).dtype)
+    want = self.config.latent_shape
+    if len(shape) != 3 or shape[1:] != want:
+      raise ValueError(f"latents must have shape (B, {want[0]}, {want[1]}), got {shape}")
+    if not jnp.issubdtype(dtype, jnp.floating):
+      raise TypeError(f"latents must be floating point, got dtype {np.dtype(dtype).name}")
+    if shape[0] == 0:
+      raise ValueError("latents is an empty batch")
+    return latents
+
+  def _shard_batch(self, batch) -> tuple[jax.Array, int]:
+    n = batch.shape[0]
+    if self.mesh is None:
+      return jnp.asarray(batch), n
+    axes = self.data_axis if isinstance(self.data_axis, tuple) else (self.data_axis,)
+    shards = int(np.prod([self.mesh.shape[a] for a in axes]))
+    pad = (-n) % shards
+    if pad:
+      batch = jnp.concatenate([jnp.asarray(batch), jnp.repeat(jnp.asarray(batch)[-1:], pad, 0)], 0)
+    sharding = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(self.data_axis))
+    return jax.device_put(batch, sharding), n
+
+
+def build_model(config: TokenizerConfig, flat: Mapping[Path, Any]) -> TokenizerModel:
+  """A ``TokenizerModel`` whose parameters are ``flat`` (paths as in ``param_shapes``)."""
+  model = abstract_model(config)
+  graphdef, state = nnx.split(model)
+  pure = {}
+  for path, value in flat.items():
+    node = pure
+    for key in path[:-1]:
+      node = node.setdefault(key, {})
+    node[path[-1]] = jnp.asarray(value) if not isinstance(value, jax.Array) else value
+  nnx.replace_by_pure_dict(state, pure)
+  return nnx.merge(graphdef, state)

@@ -1,0 +1,27 @@
+"""Test set-up: 8 fake CPU devices (for sharding tests) before JAX is imported."""
+
+import os
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                           " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import pathlib  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+FIXTURES = pathlib.Path(__file__).parent / "fixtures"
+
+
+def rel_err(actual, expected) -> float:
+  """max |a - b| / max(1, max |b|): the parity measure of the fixtures' README."""
+  actual = np.asarray(actual, np.float64)
+  expected = np.asarray(expected, np.float64)
+  assert actual.shape == expected.shape, (actual.shape, expected.shape)
+  return float(np.max(np.abs(actual - expected)) / max(1.0, float(np.max(np.abs(expected)))))
+
+
+@pytest.fixture(scope="session")
+def fixtures_dir() -> pathlib.Path:
+  return FIXTURES
