@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from softvq_jax import checkpoint
+from softvq_jax import checkpoint, parallel
 from softvq_jax.models.config import TokenizerConfig
 from softvq_jax.models.tokenizer import TokenizerModel
 
@@ -87,7 +87,8 @@ class Tokenizer:
                mesh: jax.sharding.Mesh | None = None, data_axis: str | tuple[str, ...] = "data"):
     self.config: TokenizerConfig = model.config
     self.dtype = _resolve_dtype(dtype)
-    self.mesh = mesh
+    self.mesh = parallel.auto_mesh(mesh) if mesh is not None else None
+    mesh = self.mesh
     self.data_axis = data_axis
     # The graph of a model built for the compute dtype, with the given weights.
     graphdef, _ = nnx.split(abstract_model(self.config, self.dtype))
@@ -110,6 +111,7 @@ class Tokenizer:
     shardings = None
     mesh = kwargs.get("mesh")
     if mesh is not None:
+      mesh = parallel.auto_mesh(mesh)
       replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
       shardings = {p: replicated for p in target}
     flat = checkpoint.read_param_dir(directory, target, shardings)

@@ -63,6 +63,7 @@ def map_state_dict(
   out: dict[Path, np.ndarray] = {}
   source_of: dict[Path, str] = {}
   skipped: list[str] = []
+  claimed: set[Path] = set()  # paths some tensor mapped to, even if it could not be used
   for name in sorted(state):
     value = state[name]
     if any(r.fullmatch(name) for r in ignored_res):
@@ -76,6 +77,7 @@ def map_state_dict(
       problems.append(f"unexpected tensor {name} {tuple(value.shape)}: no rule maps it")
       continue
     path = parse_path(match.expand(replacement))
+    claimed.add(path)
     if path not in target_shapes:
       problems.append(f"unexpected tensor {name} {tuple(value.shape)}: the model has no "
                       f"parameter {format_path(path)}")
@@ -99,7 +101,7 @@ def map_state_dict(
       continue
     out[path] = converted.astype(dtype)
     source_of[path] = name
-  for path in sorted(set(target_shapes) - set(out), key=format_path):
+  for path in sorted(set(target_shapes) - claimed, key=format_path):
     problems.append(f"missing tensor for {format_path(path)} {tuple(target_shapes[path])}")
   if problems:
     header = f"checkpoint does not match the model ({len(problems)} problem(s)):"

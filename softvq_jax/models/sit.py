@@ -1,0 +1,422 @@
+"""SiT and DiT backbones on 1-D latent tokens (adaLN-Zero transformers).
+
+The two reference networks are the same transformer: tokens ``(B, T, C)`` go
+through ``x_embedder`` (a Linear, since the latents are 1-D), a fixed
+interleaved sin/cos position table, adaLN-Zero blocks conditioned on
+``c = t_embedder(t) + y_embedder(y)``, and a modulated final layer. They
+differ only in what ``t`` means and what comes out:
+
+* SiT: ``t`` in [0, 1] (t = 1 noise), output the velocity ``(B, T, C)``.
+* DiT: ``t`` an integer step in {0..999}, ``learn_sigma`` doubles the output
+  to ``[eps | v]`` ``(B, T, 2C)``; ``forward_with_cfg`` guides the eps half.
+
+Either ``t`` is fed to the sinusoid unscaled, so one class serves both.
+Attribute names mirror the PyTorch state dict (``blocks.3.adaLN_modulation.1``,
+``t_embedder.mlp.2``), which keeps the converter a name table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from flax import nnx
+
+from softvq_jax.models.config import ConfigError
+from softvq_jax.models.layers import Attention, Dtype, LayerNorm, Mlp, linear
+
+Array = jax.Array
+KINDS = ("sit", "dit")
+
+# (hidden_size, depth, num_heads) of the reference's size presets. "SL" exists
+# for DiT only in the reference; it is accepted for both here.
+SIZES: dict[str, tuple[int, int, int]] = {
+    "S": (384, 12, 6),
+    "B": (768, 12, 12),
+    "L": (1024, 24, 16),
+    "XL": (1152, 28, 16),
+    "SL": (1024, 16, 16),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class GeneratorConfig:
+  """Everything that shapes a SiT/DiT on 1-D tokens.
+
+  ``input_size`` is the number of latent tokens T and ``in_channels`` their
+  width C (the tokenizer's ``num_latent_tokens`` / ``codebook_embed_dim``).
+  """
+
+  kind: str = "sit"
+  input_size: int = 64
+  in_channels: int = 32
+  hidden_size: int = 1152
+  depth: int = 28
+  num_heads: int = 16
+  mlp_ratio: float = 4.0
+  num_classes: int = 1000
+  class_dropout_prob: float = 0.1
+  learn_sigma: bool = False
+
+  def __post_init__(self):
+    if self.kind not in KINDS:
+      raise ConfigError(f"kind must be one of {KINDS}, got {self.kind!r}")
+    for name in ("input_size", "in_channels", "hidden_size", "depth", "num_heads", "num_classes"):
+      value = getattr(self, name)
+      if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+    if self.hidden_size % self.num_heads:
+      raise ConfigError(f"hidden_size {self.hidden_size} is not divisible by num_heads "
+                        f"{self.num_heads}")
+    if self.hidden_size % 2:
+      raise ConfigError(f"hidden_size must be even for the sin/cos position table, "
+                        f"got {self.hidden_size}")
+    if not 0.0 <= self.class_dropout_prob < 1.0:
+      raise ConfigError(f"class_dropout_prob must be in [0, 1), got {self.class_dropout_prob!r}")
+    if not self.mlp_ratio > 0:
+      raise ConfigError(f"mlp_ratio must be positive, got {self.mlp_ratio!r}")
+    if self.kind == "sit" and self.learn_sigma:
+      raise ConfigError("SiT predicts a velocity; learn_sigma is a DiT option")
+
+  @classmethod
+  def preset(cls, name: str, **overrides) -> "GeneratorConfig":
+    """``"SiT-XL/1"``, ``"DiT-B/1"``, ``"DiT-SL/1"``... plus field overrides."""
+    try:
+      family, rest = name.split("-", 1)
+      size, patch = rest.split("/")
+    except ValueError:
+      raise ConfigError(f"preset names look like 'SiT-XL/1', got {name!r}") from None
+    kind = family.lower()
+    if kind not in KINDS or size not in SIZES or patch != "1":
+      known = [f"{f}-{s}/1" for f in ("SiT", "DiT") for s in SIZES]
+      raise ConfigError(f"unknown preset {name!r} (1-D tokens have patch size 1); known: {known}")
+    hidden, depth, heads = SIZES[size]
+    fields = dict(kind=kind, hidden_size=hidden, depth=depth, num_heads=heads,
+                  learn_sigma=kind == "dit")
+    fields.update(overrides)
+    return cls(**fields)
+
+  @property
+  def out_channels(self) -> int:
+    return 2 * self.in_channels if self.learn_sigma else self.in_channels
+
+  @property
+  def null_label(self) -> int:
+    """The label of the unconditional (dropped) class: row ``num_classes`` of the table."""
+    return self.num_classes
+
+  @property
+  def has_null_label(self) -> bool:
+    return self.class_dropout_prob > 0
+
+  @property
+  def latent_shape(self) -> tuple[int, int]:
+    return (self.input_size, self.in_channels)
+
+  def to_json_dict(self) -> dict[str, Any]:
+    """A config.json in the released field layout, plus ``kind``."""
+    out = {
+        "kind": self.kind,
+        "input_size": self.input_size,
+        "in_channels": self.in_channels,
+        "hidden_size": self.hidden_size,
+        "depth": self.depth,
+        "num_heads": self.num_heads,
+        "mlp_ratio": self.mlp_ratio,
+        "num_classes": self.num_classes,
+        "class_dropout_prob": self.class_dropout_prob,
+        "patch_size": 1,
+        "vae_1d": True,
+    }
+    if self.kind == "dit":
+      out["learn_sigma"] = self.learn_sigma
+    else:
+      out.update(decoder_hidden_size=self.hidden_size, qk_norm=False)
+    return out
+
+  @classmethod
+  def from_json_dict(cls, cfg: Mapping[str, Any], *, kind: str | None = None) -> "GeneratorConfig":
+    """Builds the config from a released SiT/DiT ``config.json`` (or our own).
+
+    Non-architectural fields (``license``, ``repo_url``, ``tags``, ``path_type``,
+    ``use_cfg``, attention-kernel switches) are ignored; values that would
+    change the network in a way this port does not implement raise.
+    """
+    if not isinstance(cfg, Mapping):
+      raise ConfigError(f"a generator config must be a JSON object, got {type(cfg).__name__}")
+    kind = kind or cfg.get("kind") or infer_kind(cfg)
+    if kind not in KINDS:
+      raise ConfigError(f"kind must be one of {KINDS}, got {kind!r}")
+    problems = []
+    if cfg.get("vae_1d") is not True:
+      problems.append(f"vae_1d={cfg.get('vae_1d')!r}: only generators on 1-D latent tokens "
+                      "(vae_1d=true) are supported; 2-D patch inputs are not")
+    if cfg.get("qk_norm", False):
+      problems.append("qk_norm=true would need q/k LayerNorms, which the released models do not "
+                      "use and this port does not implement")
+    hidden = cfg.get("hidden_size")
+    dec_hidden = cfg.get("decoder_hidden_size", hidden)
+    if dec_hidden != hidden:
+      # The reference builds its final layer with decoder_hidden_size but feeds it
+      # hidden_size features, so such a model cannot run there either.
+      problems.append(f"decoder_hidden_size={dec_hidden!r} differs from hidden_size={hidden!r}")
+    if kind == "sit" and cfg.get("learn_sigma", False):
+      problems.append("learn_sigma=true on a SiT")
+    missing = [k for k in ("input_size", "in_channels", "hidden_size", "depth", "num_heads")
+               if k not in cfg]
+    if missing:
+      problems.append(f"missing required fields {missing}")
+    if problems:
+      raise ConfigError(f"unsupported {kind} config: " + "; ".join(problems))
+    if cfg.get("patch_size", 1) != 1:
+      # With vae_1d the reference forces patch size 1 whatever the field says.
+      logging.warning("patch_size=%r is ignored for 1-D tokens (the reference uses 1)",
+                      cfg["patch_size"])
+    unknown = sorted(set(cfg) - _KNOWN_FIELDS - _IGNORED_FIELDS)
+    if unknown:
+      logging.warning("ignoring unknown generator config fields %s", unknown)
+    learn_sigma = bool(cfg.get("learn_sigma", True)) if kind == "dit" else False
+    return cls(
+        kind=kind,
+        input_size=cfg["input_size"],
+        in_channels=cfg["in_channels"],
+        hidden_size=hidden,
+        depth=cfg["depth"],
+        num_heads=cfg["num_heads"],
+        mlp_ratio=float(cfg.get("mlp_ratio", 4.0)),
+        num_classes=cfg.get("num_classes", 1000),
+        class_dropout_prob=float(cfg.get("class_dropout_prob", 0.1)),
+        learn_sigma=learn_sigma,
+    )
+
+
+_KNOWN_FIELDS = {"kind", "input_size", "in_channels", "hidden_size", "decoder_hidden_size", "depth",
+                 "num_heads", "mlp_ratio", "num_classes", "class_dropout_prob", "learn_sigma",
+                 "patch_size", "vae_1d", "qk_norm"}
+# Recorded by PyTorchModelHubMixin or used only outside the network.
+_IGNORED_FIELDS = {"license", "repo_url", "tags", "path_type", "use_cfg", "fused_attn",
+                   "flash_attn"}
+
+
+def infer_kind(cfg: Mapping[str, Any]) -> str:
+  """SiT or DiT from a released config: the Hub mixin's tags name the class."""
+  tags = [str(t).lower() for t in cfg.get("tags", []) or []]
+  if "dit" in tags and "sit" not in tags:
+    return "dit"
+  if "sit" in tags and "dit" not in tags:
+    return "sit"
+  if "learn_sigma" in cfg:
+    return "dit"
+  if {"decoder_hidden_size", "path_type", "use_cfg", "qk_norm"} & set(cfg):
+    return "sit"
+  raise ConfigError("cannot tell whether this config is a SiT or a DiT; pass kind='sit' or 'dit'")
+
+
+# ----------------------------------------------------------------- embeddings
+def sincos_pos_embed_1d(dim: int, length: int) -> np.ndarray:
+  """The reference's fixed 1-D table, ``(length, dim)``: even channels sin, odd cos.
+
+  Frequencies are computed in float32 as the reference does, so a rebuilt table
+  equals a stored one to float32 rounding.
+  """
+  if dim % 2:
+    raise ValueError(f"sin/cos position table needs an even width, got {dim}")
+  div = np.exp(np.arange(0, dim, 2, dtype=np.float32) * np.float32(-math.log(10000.0) / dim))
+  angles = np.arange(length, dtype=np.float32)[:, None] * div[None]
+  table = np.zeros((length, dim), np.float32)
+  table[:, 0::2] = np.sin(angles)
+  table[:, 1::2] = np.cos(angles)
+  return table
+
+
+def timestep_features(t: Array, dim: int = 256, max_period: float = 10000.0) -> Array:
+  """``cat(cos(t f), sin(t f))`` with ``f_i = exp(-ln(max_period) i / half)``, in float32."""
+  half = dim // 2
+  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+  args = jnp.asarray(t).astype(jnp.float32)[:, None] * freqs[None]
+  emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+  if dim % 2:
+    emb = jnp.concatenate([emb, jnp.zeros_like(emb[:, :1])], axis=-1)
+  return emb
+
+
+class FixedEmbed(nnx.Variable):
+  """A stored but non-trainable table (the reference's ``requires_grad=False`` pos_embed).
+
+  Not an ``nnx.Param``, so optimizers built with ``wrt=nnx.Param`` leave it alone,
+  but it is state: checkpoints carry it and loading a stored table replaces it.
+  """
+
+
+_xavier = nnx.initializers.xavier_uniform()
+_zeros = nnx.initializers.zeros_init()
+_normal_02 = nnx.initializers.normal(0.02)
+
+
+class TimestepEmbedder(nnx.Module):
+  """Sinusoid of t -> Linear -> SiLU -> Linear (``mlp.0`` / ``mlp.2`` like the nn.Sequential)."""
+
+  def __init__(self, hidden_size: int, frequency_dim: int = 256, *, rngs: nnx.Rngs,
+               dtype: Dtype | None = None, param_dtype: Dtype = jnp.float32):
+    self.frequency_dim = frequency_dim
+    kw = dict(dtype=dtype, param_dtype=param_dtype, kernel_init=_normal_02, rngs=rngs)
+    self.mlp = nnx.List([linear(frequency_dim, hidden_size, **kw), None,
+                         linear(hidden_size, hidden_size, **kw)])
+
+  def __call__(self, t: Array, *, return_features: bool = False):
+    freq = timestep_features(t, self.frequency_dim)
+    emb = self.mlp[2](jax.nn.silu(self.mlp[0](freq)))
+    return (emb, freq) if return_features else emb
+
+
+class LabelEmbedder(nnx.Module):
+  """Class table with an extra null row (index ``num_classes``) when labels can be dropped."""
+
+  def __init__(self, num_classes: int, hidden_size: int, dropout_prob: float, *,
+               rngs: nnx.Rngs, param_dtype: Dtype = jnp.float32):
+    self.num_classes = num_classes
+    self.dropout_prob = dropout_prob
+    rows = num_classes + (1 if dropout_prob > 0 else 0)
+    self.embedding_table = nnx.Embed(rows, hidden_size, param_dtype=param_dtype,
+                                     embedding_init=_normal_02, rngs=rngs)
+
+  def drop_labels(self, labels: Array, key: Array | None = None,
+                  force_drop_ids: Array | None = None) -> Array:
+    """Replaces labels by the null class: ``force_drop_ids == 1``, else with prob ``dropout_prob``."""
+    if force_drop_ids is not None:
+      drop = jnp.asarray(force_drop_ids) == 1
+    else:
+      drop = jax.random.uniform(key, labels.shape) < self.dropout_prob
+    return jnp.where(drop, self.num_classes, labels)
+
+  def __call__(self, labels: Array, *, drop_key: Array | None = None,
+               force_drop_ids: Array | None = None) -> Array:
+    labels = jnp.asarray(labels).astype(jnp.int32)
+    if force_drop_ids is not None or (drop_key is not None and self.dropout_prob > 0):
+      labels = self.drop_labels(labels, drop_key, force_drop_ids)
+    return self.embedding_table(labels)
+
+
+def modulate(x: Array, shift: Array, scale: Array) -> Array:
+  return x * (1 + scale[:, None]) + shift[:, None]
+
+
+class AdaLNBlock(nnx.Module):
+  """adaLN-Zero block: x += gate * attn(mod(LN(x))); x += gate * mlp(mod(LN(x)))."""
+
+  def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, *,
+               rngs: nnx.Rngs, dtype: Dtype | None = None, param_dtype: Dtype = jnp.float32):
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.norm1 = LayerNorm(hidden_size, use_affine=False)
+    self.attn = Attention(hidden_size, num_heads, qkv_bias=True, kernel_init=_xavier, **kw)
+    self.norm2 = LayerNorm(hidden_size, use_affine=False)
+    self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio), approximate_gelu=True,
+                   kernel_init=_xavier, **kw)
+    # Index 1 because index 0 is the SiLU of the reference's nn.Sequential.
+    self.adaLN_modulation = nnx.List([None, linear(hidden_size, 6 * hidden_size,
+                                                   kernel_init=_zeros, **kw)])
+
+  def __call__(self, x: Array, c: Array) -> Array:
+    mod = self.adaLN_modulation[1](jax.nn.silu(c))
+    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mod, 6, axis=-1)
+    h = self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+    x = x + (gate_msa[:, None] * h).astype(x.dtype)
+    h = self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+    return x + (gate_mlp[:, None] * h).astype(x.dtype)
+
+
+class FinalLayer(nnx.Module):
+  def __init__(self, hidden_size: int, out_channels: int, *, rngs: nnx.Rngs,
+               dtype: Dtype | None = None, param_dtype: Dtype = jnp.float32):
+    kw = dict(dtype=dtype, param_dtype=param_dtype, kernel_init=_zeros, rngs=rngs)
+    self.norm_final = LayerNorm(hidden_size, use_affine=False)
+    self.linear = linear(hidden_size, out_channels, **kw)
+    self.adaLN_modulation = nnx.List([None, linear(hidden_size, 2 * hidden_size, **kw)])
+
+  def __call__(self, x: Array, c: Array) -> Array:
+    shift, scale = jnp.split(self.adaLN_modulation[1](jax.nn.silu(c)), 2, axis=-1)
+    return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+class SiT(nnx.Module):
+  """SiT (velocity) or, with ``config.kind == 'dit'``, DiT (eps | variance) on ``(B, T, C)`` tokens.
+
+  Args:
+    config: the architecture.
+    dtype: compute dtype of the matmuls (None/float32 = exact float32).
+      Parameters are ``param_dtype``; norms, softmax and the residual stream
+      stay float32, and the output is float32.
+  """
+
+  def __init__(self, config: GeneratorConfig, *, rngs: nnx.Rngs, dtype: Dtype | None = None,
+               param_dtype: Dtype = jnp.float32):
+    self.config = config
+    d = config.hidden_size
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.x_embedder = linear(config.in_channels, d, kernel_init=_xavier, **kw)
+    self.pos_embed = FixedEmbed(
+        jnp.asarray(sincos_pos_embed_1d(d, config.input_size)[None], param_dtype))
+    self.t_embedder = TimestepEmbedder(d, **kw)
+    self.y_embedder = LabelEmbedder(config.num_classes, d, config.class_dropout_prob,
+                                    rngs=rngs, param_dtype=param_dtype)
+    self.blocks = nnx.List([AdaLNBlock(d, config.num_heads, config.mlp_ratio, **kw)
+                            for _ in range(config.depth)])
+    self.final_layer = FinalLayer(d, config.out_channels, **kw)
+
+  def __call__(self, x: Array, t: Array, y: Array, *, drop_key: Array | None = None,
+               force_drop_ids: Array | None = None, return_intermediates: bool = False):
+    """``x (B, T, C)``, ``t (B,)`` (float in [0, 1] for SiT, integer step for DiT), ``y (B,)``.
+
+    ``drop_key`` turns on training-time label dropout (null class with
+    probability ``class_dropout_prob``). Returns ``(B, T, out_channels)`` float32,
+    and with ``return_intermediates`` also a dict of the reference's taps.
+    """
+    x = jnp.asarray(x)
+    if x.ndim != 3 or x.shape[1:] != self.config.latent_shape:
+      raise ValueError(f"x must have shape (B, {self.config.input_size}, "
+                       f"{self.config.in_channels}), got {x.shape}")
+    taps: dict[str, Array] = {}
+    emb = self.x_embedder(x)
+    tokens = emb.astype(jnp.float32) + self.pos_embed[...].astype(jnp.float32)
+    t = jnp.broadcast_to(jnp.asarray(t), (x.shape[0],))
+    t_emb, t_freq = self.t_embedder(t, return_features=True)
+    y_emb = self.y_embedder(y, drop_key=drop_key, force_drop_ids=force_drop_ids)
+    c = t_emb.astype(jnp.float32) + y_emb.astype(jnp.float32)
+    if return_intermediates:
+      taps.update(x_embedder=emb, tokens_in=tokens, t_freq=t_freq, t_emb=t_emb, y_emb=y_emb, c=c)
+    h = tokens
+    for i, block in enumerate(self.blocks):
+      h = block(h, c)
+      if return_intermediates:
+        taps[f"block{i}"] = h
+    out = self.final_layer(h, c).astype(jnp.float32)
+    return (out, taps) if return_intermediates else out
+
+  def forward_with_cfg(self, x: Array, t: Array, y: Array, cfg_scale: float | Array) -> Array:
+    """The reference DiT's guided call on a ``[half, half]`` batch (labels ``[y, null]``).
+
+    Only ``x[:n]`` is used; the eps channels of both halves become
+    ``eps_u + s (eps_c - eps_u)`` (all C of them), the variance channels stay
+    each half's own.
+    """
+    n = x.shape[0] // 2
+    half = x[:n]
+    out = self(jnp.concatenate([half, half], axis=0), t, y)
+    c = self.config.in_channels
+    eps, rest = out[..., :c], out[..., c:]
+    cond, uncond = eps[:n], eps[n:]
+    guided = uncond + cfg_scale * (cond - uncond)
+    return jnp.concatenate([jnp.concatenate([guided, guided], axis=0), rest], axis=-1)
+
+
+DiT = SiT  # One network; ``config.kind`` and ``learn_sigma`` say which it is.
+
+
+def build_generator(config: GeneratorConfig, *, rngs: nnx.Rngs, dtype: Dtype | None = None,
+                    param_dtype: Dtype = jnp.float32) -> SiT:
+  return SiT(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype)

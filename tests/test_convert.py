@@ -1,0 +1,253 @@
+"""The user path: released checkpoint files -> convert -> Tokenizer.load, and its failure modes."""
+
+import hashlib
+import io
+import json
+import os
+import pickle
+import zipfile
+
+import numpy as np
+import pytest
+from conftest import FIXTURES, rel_err
+from safetensors.numpy import load_file, save_file
+
+from softvq_jax import Tokenizer
+from softvq_jax.convert.__main__ import main as convert_main
+from softvq_jax.convert.core import ConversionError
+from softvq_jax.convert.readers import CheckpointFormatError, read_checkpoint
+from softvq_jax.models.config import ConfigError
+
+HF = FIXTURES / "softvq_tiny_hf"
+TOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def ref():
+  return dict(np.load(FIXTURES / "softvq_tiny.npz"))
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+  out = tmp_path_factory.mktemp("conv") / "softvq_tiny"
+  rc = convert_main(["--checkpoint", str(HF / "model.safetensors"), "--config",
+                     str(HF / "config.json"), "--out", str(out)])
+  assert rc == 0
+  return out
+
+
+@pytest.fixture(scope="module")
+def loaded(converted):
+  return Tokenizer.load(str(converted))
+
+
+def _tree_digest(directory):
+  digests = {}
+  for root, _, files in os.walk(directory):
+    for name in files:
+      path = os.path.join(root, name)
+      with open(path, "rb") as f:
+        digests[os.path.relpath(path, directory)] = hashlib.sha256(f.read()).hexdigest()
+  return digests
+
+
+def test_user_path_parity(loaded, ref):
+  images = ref["in/images"].transpose(0, 2, 3, 1)
+  z = loaded.encode(images)
+  assert rel_err(z, ref["out/quant"]) < TOL
+  assert rel_err(loaded.decode(z), ref["out/recon"].transpose(0, 2, 3, 1)) < TOL
+  assert rel_err(loaded.decode(ref["in/random_latents"]),
+                 ref["out/decode_random"].transpose(0, 2, 3, 1)) < TOL
+
+
+def test_normalize_uses_config_statistics(loaded):
+  cfg = json.load(open(HF / "config.json"))
+  z = np.linspace(-1, 1, 2 * 16 * 8, dtype=np.float32).reshape(2, 16, 8)
+  np.testing.assert_allclose(loaded.normalize(z), (z - cfg["vq_mean"]) / cfg["vq_std"], rtol=1e-6)
+  np.testing.assert_allclose(loaded.denormalize(loaded.normalize(z)), z, rtol=1e-5, atol=1e-6)
+
+
+def test_from_pytorch_equals_load(loaded, ref):
+  direct = Tokenizer.from_pytorch(str(HF / "model.safetensors"), str(HF / "config.json"))
+  images = ref["in/images"].transpose(0, 2, 3, 1)
+  np.testing.assert_array_equal(np.asarray(direct.encode(images)), np.asarray(loaded.encode(images)))
+
+
+def test_conversion_is_reproducible(converted, tmp_path):
+  again = tmp_path / "again"
+  assert convert_main(["--checkpoint", str(HF / "model.safetensors"), "--config",
+                       str(HF / "config.json"), "--out", str(again)]) == 0
+  assert _tree_digest(converted) == _tree_digest(again)
+  report = json.load(open(again / "conversion.json"))
+  assert report["ignored_tensors"] == ["quantize.codebook_used"]
+
+
+def test_existing_output_is_never_overwritten(tmp_path, capsys):
+  out = tmp_path / "mine"
+  out.mkdir()
+  (out / "notes.txt").write_text("user data")
+  args = ["--checkpoint", str(HF / "model.safetensors"), "--config", str(HF / "config.json"),
+          "--out", str(out)]
+  assert convert_main(args) == 2
+  assert "already exists" in capsys.readouterr().err
+  assert (out / "notes.txt").read_text() == "user data"
+  assert convert_main(args + ["--overwrite"]) == 0
+  assert (out / "config.json").exists() and not (out / "notes.txt").exists()
+  # No temporary directories are left next to the output.
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]
+
+
+def _write_variant(tmp_path, mutate):
+  state = load_file(str(HF / "model.safetensors"))
+  mutate(state)
+  path = tmp_path / "model.safetensors"
+  save_file(state, str(path))
+  return path
+
+
+def _convert_error(tmp_path, mutate):
+  path = _write_variant(tmp_path, mutate)
+  with pytest.raises(ConversionError) as info:
+    Tokenizer.from_pytorch(str(path), str(HF / "config.json"))
+  return str(info.value)
+
+
+def test_missing_tensor_is_named(tmp_path):
+  msg = _convert_error(tmp_path, lambda s: s.pop("decoder.model.blocks.1.mlp.fc2.weight"))
+  assert "missing tensor for decoder.model.blocks.1.mlp.fc2.kernel" in msg
+
+
+def test_extra_tensor_is_named(tmp_path):
+  def add(s):
+    s["encoder.model.blocks.7.attn.qkv.weight"] = np.zeros((576, 192), np.float32)
+    s["something.else"] = np.zeros((3,), np.float32)
+  msg = _convert_error(tmp_path, add)
+  assert "encoder.model.blocks.7.attn.qkv.weight" in msg and "something.else" in msg
+  assert "2 problem(s)" in msg
+
+
+def test_misshaped_tensor_is_named(tmp_path):
+  def shrink(s):
+    s["quant_conv.weight"] = s["quant_conv.weight"][:, :10]
+  msg = _convert_error(tmp_path, shrink)
+  assert "mis-shaped tensor quant_conv.weight" in msg
+
+
+def test_all_problems_reported_together(tmp_path):
+  def break_many(s):
+    s.pop("encoder.model.norm.bias")
+    s["extra.weight"] = np.zeros((2,), np.float32)
+    s["post_quant_conv.bias"] = np.zeros((5,), np.float32)
+  msg = _convert_error(tmp_path, break_many)
+  assert "3 problem(s)" in msg
+  for needle in ("encoder.model.norm.bias", "extra.weight", "post_quant_conv.bias"):
+    assert needle in msg
+
+
+def test_prefixed_and_wrapped_torch_checkpoint(tmp_path, ref):
+  torch = pytest.importorskip("torch", reason="torch is needed to write a .pt file to read")
+  import argparse
+  state = load_file(str(HF / "model.safetensors"))
+  ema = {f"module._orig_mod.{k}": torch.from_numpy(v.copy()) for k, v in state.items()}
+  model = {f"module.{k}": torch.zeros_like(torch.from_numpy(v)) for k, v in state.items()}
+  path = tmp_path / "ckpt.pt"
+  torch.save({"model": model, "ema": ema, "steps": 10, "args": argparse.Namespace(lr=1e-4)}, path)
+  read = read_checkpoint(str(path))
+  assert set(read) == set(state)
+  for k in state:
+    np.testing.assert_array_equal(read[k], state[k])
+  images = ref["in/images"].transpose(0, 2, 3, 1)
+  tok = Tokenizer.from_pytorch(str(path), str(HF / "config.json"))
+  assert rel_err(tok.encode(images), ref["out/quant"]) < TOL
+  # Asking for the non-EMA weights gives the (zero) model entry.
+  assert not np.any(read_checkpoint(str(path), weights="model")["quant_conv.weight"])
+
+
+def test_torch_bfloat16_and_strided_tensors(tmp_path):
+  torch = pytest.importorskip("torch", reason="torch is needed to write a .pt file to read")
+  base = torch.arange(24, dtype=torch.float32).reshape(4, 6)
+  tensors = {"t": base.t(), "bf16": base.to(torch.bfloat16), "view": base[1:3, ::2],
+             "half": base.half(), "scalar": torch.tensor(3.5)}
+  path = tmp_path / "x.bin"
+  torch.save(tensors, path)
+  read = read_checkpoint(str(path))
+  for k, v in tensors.items():
+    np.testing.assert_array_equal(read[k].astype(np.float32), v.float().numpy())
+
+
+def test_pickled_code_is_never_executed(tmp_path):
+  marker = tmp_path / "pwned"
+
+  class Exploit:
+    def __reduce__(self):
+      return (os.system, (f"touch {marker}",))
+
+  buf = io.BytesIO()
+  with zipfile.ZipFile(buf, "w") as zf:
+    zf.writestr("archive/data.pkl", pickle.dumps({"model": Exploit()}))
+  path = tmp_path / "evil.pt"
+  path.write_bytes(buf.getvalue())
+  with pytest.raises(CheckpointFormatError):
+    read_checkpoint(str(path))
+  assert not marker.exists()
+
+
+def test_not_a_checkpoint(tmp_path):
+  bad = tmp_path / "model.safetensors"
+  bad.write_bytes(b"not a safetensors file")
+  with pytest.raises(CheckpointFormatError):
+    read_checkpoint(str(bad))
+  garbage = tmp_path / "model.pt"
+  garbage.write_bytes(b"\x80\x02}q\x00.")
+  with pytest.raises(CheckpointFormatError, match="not a PyTorch zip checkpoint"):
+    read_checkpoint(str(garbage))
+  with pytest.raises(FileNotFoundError):
+    read_checkpoint(str(tmp_path / "absent.safetensors"))
+
+
+def test_load_rejects_a_directory_that_does_not_match(converted, tmp_path):
+  import shutil
+  bad = tmp_path / "bad"
+  shutil.copytree(converted, bad)
+  cfg = json.load(open(bad / "config.json"))
+  cfg["decoder_kwargs"]["depth"] = 3
+  json.dump(cfg, open(bad / "config.json", "w"))
+  with pytest.raises(ValueError, match="missing parameter decoder.model.blocks.2"):
+    Tokenizer.load(str(bad))
+
+
+@pytest.mark.parametrize("change, needle", [
+    ({"encoder_model": "vit_huge_patch14_clip"}, "unknown encoder_model 'vit_huge_patch14_clip'"),
+    ({"decoder_model": "vit_base_patch14_dinov2_movqv2"}, "MoVQ"),
+    ({"use_rope": True}, "use_rope=True"),
+    ({"enc_type": "cnn"}, "enc_type='cnn'"),
+    ({"to_pixel": "conv"}, "to_pixel='conv'"),
+    ({"num_latent_tokens": 18}, "not divisible by num_codebooks"),
+    ({"image_size": 72}, "not a multiple of the encoder patch size"),
+    ({"encoder_kwargs": {"width": 3}}, "unsupported keys ['width']"),
+])
+def test_bad_config_is_named(change, needle):
+  cfg = json.load(open(HF / "config.json"))
+  cfg.update(change)
+  with pytest.raises(ConfigError) as info:
+    Tokenizer.from_pytorch(str(HF / "model.safetensors"), cfg)
+  assert needle in str(info.value)
+
+
+def test_config_without_enc_type_is_rejected():
+  cfg = json.load(open(HF / "config.json"))
+  del cfg["enc_type"]
+  with pytest.raises(ConfigError, match="enc_type is missing"):
+    Tokenizer.from_pytorch(str(HF / "model.safetensors"), cfg)
+
+
+def test_cli_reports_errors_without_traceback(tmp_path, capsys):
+  cfg = json.load(open(HF / "config.json"))
+  cfg["encoder_model"] = "resnet50"
+  cfg_path = tmp_path / "config.json"
+  cfg_path.write_text(json.dumps(cfg))
+  rc = convert_main(["--checkpoint", str(HF / "model.safetensors"), "--config", str(cfg_path),
+                     "--out", str(tmp_path / "out")])
+  assert rc == 2
+  assert "unknown encoder_model 'resnet50'" in capsys.readouterr().err
+  assert not (tmp_path / "out").exists()
