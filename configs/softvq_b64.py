@@ -1,0 +1,21 @@
+"""SoftVQ-VAE B-64: ViT-B encoder, ViT-B decoder, 64 tokens, 256x256 images.
+
+Train with the reference recipe (Adam betas 0.9/0.95, lr 1e-4 at batch 256, cosine
+with one warm-up epoch, LPIPS, DINO discriminator from step 20k, entropy 0.01, REPA 0.1):
+
+  python -m softvq_jax.main --config=configs/softvq_b64.py --workdir=gs://BUCKET/softvq_b64
+
+Shrunk to run on 2 CPU cores with offline data:
+
+  python -m softvq_jax.main --config=configs/softvq_b64.py:runlocal --workdir=/tmp/softvq_b64
+
+Expected (the released softvq-b-64, reference README, ImageNet 256x256 val, 50k):
+rFID 0.88; SiT-XL on its latents: gFID 5.98 without guidance, 1.78 with CFG.
+Hardware the reference used: 8 GPUs, global batch 256, 50 epochs (~250k steps).
+"""
+
+from softvq_jax.config_lib import tokenizer_recipe
+
+
+def get_config(arg=None):
+  return tokenizer_recipe("softvq-b-64", arg)

@@ -1,0 +1,21 @@
+"""SoftVQ-VAE L-64: ViT-L encoder, ViT-L decoder, 64 tokens, 256x256 images.
+
+Train with the reference recipe (Adam betas 0.9/0.95, lr 1e-4 at batch 256, cosine
+with one warm-up epoch, LPIPS, DINO discriminator from step 20k, entropy 0.01, REPA 0.1):
+
+  python -m softvq_jax.main --config=configs/softvq_l64.py --workdir=gs://BUCKET/softvq_l64
+
+Shrunk to run on 2 CPU cores with offline data:
+
+  python -m softvq_jax.main --config=configs/softvq_l64.py:runlocal --workdir=/tmp/softvq_l64
+
+Expected (the released softvq-l-64, reference README, ImageNet 256x256 val, 50k):
+rFID 0.61; SiT-XL on its latents: gFID 5.35 without guidance, 1.86 with CFG.
+Hardware the reference used: 8 GPUs, global batch 256, 50 epochs (~250k steps).
+"""
+
+from softvq_jax.config_lib import tokenizer_recipe
+
+
+def get_config(arg=None):
+  return tokenizer_recipe("softvq-l-64", arg)

@@ -1,0 +1,133 @@
+"""Helpers shared by the ``configs/*.py`` files (ml_collections ``get_config(arg)``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ml_collections
+
+from softvq_jax.models.released import RELEASED_TOKENIZERS
+
+
+def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
+  """Parses ``"runlocal,key=value,..."`` (the part after ``:`` in ``--config=file.py:arg``).
+
+  A bare word sets a boolean default to True; values are converted to the type
+  of their default. Unknown keys are an error, so typos do not pass silently.
+  """
+  result = ml_collections.ConfigDict(defaults)
+  if not arg:
+    return result
+  for item in arg.split(","):
+    item = item.strip()
+    if not item:
+      continue
+    key, _, value = item.partition("=")
+    if key not in defaults:
+      raise ValueError(f"unknown config argument {key!r}; known: {sorted(defaults)}")
+    default = defaults[key]
+    if not _:
+      if not isinstance(default, bool):
+        raise ValueError(f"config argument {key!r} needs a value ({key}=...)")
+      result[key] = True
+    elif isinstance(default, bool):
+      if value.lower() not in ("true", "false", "1", "0"):
+        raise ValueError(f"config argument {key}={value!r} is not a boolean")
+      result[key] = value.lower() in ("true", "1")
+    elif isinstance(default, int):
+      result[key] = int(value)
+    elif isinstance(default, float):
+      result[key] = float(value)
+    else:
+      result[key] = value
+  return result
+
+
+# Architecture of a tokenizer small enough for 2 CPU cores, used by ``runlocal``.
+TINY_VIT = dict(embed_dim=64, depth=2, num_heads=2)
+
+
+def tokenizer_recipe(name: str, arg: str | None) -> ml_collections.ConfigDict:
+  """The reference's stage-1 recipe (configs/softvq-l-64.yaml and train_tokenizer.py defaults).
+
+  The reference passes ``optim: adamw`` in its yaml, but the argument it reads
+  is ``--optimizer`` (default ``adam``): it trains with plain Adam and no weight
+  decay. We reproduce that by default; ``optim.name='adamw'`` switches.
+  """
+  args = parse_arg(arg, runlocal=False)
+  c = ml_collections.ConfigDict()
+  c.trainer = "tokenizer"
+  c.seed = 42
+  c.model = ml_collections.ConfigDict(dict(RELEASED_TOKENIZERS[name]))
+  c.model.entropy_loss_ratio = 0.01
+  c.released_name = name
+  c.init_from = ""                    # a converted checkpoint directory to fine-tune
+  c.encoder_init = "dinov2"           # the reference starts the encoder from DINOv2
+  c.dinov2_checkpoint = ""            # local timm/PyTorch DINOv2 weights (nothing is downloaded)
+
+  c.data = ml_collections.ConfigDict()
+  c.data.dataset = "imagenet2012"
+  c.data.image_size = c.model.image_size
+  c.data.min_resize = c.model.image_size        # random short-side resize in [min, max]
+  c.data.max_resize = c.model.image_size * 5 // 4
+  c.data.horizontal_flip = True
+  c.global_batch_size = 256
+  c.total_epochs = 50
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.name = "adam"
+  c.optim.lr = 1e-4                  # scaled by global_batch_size / 256
+  c.optim.b1, c.optim.b2, c.optim.eps = 0.9, 0.95, 1e-8
+  c.optim.weight_decay = 0.0
+  c.optim.schedule = "cosine"
+  c.optim.warmup_epochs = 1
+  c.optim.warmup_lr = 1e-5
+  c.optim.min_lr = 1e-5
+  c.optim.grad_clip = 1.0
+
+  c.loss = ml_collections.ConfigDict()
+  c.loss.reconstruction = "l2"
+  c.loss.reconstruction_weight = 1.0
+  c.loss.perceptual_weight = 1.0
+  c.loss.perceptual_warmup = 10_000
+  c.loss.lpips_dropout = True        # the reference leaves LPIPS' dropout on (train mode)
+  c.loss.disc_type = "dino"
+  c.loss.disc_weight = 0.2
+  c.loss.disc_start = 20_000
+  c.loss.disc_adaptive_weight = False
+  c.loss.diff_aug = True
+  c.loss.disc_cr_weight = 4.0
+  c.loss.lecam_weight = 0.001
+  c.loss.entropy_temperature = 0.01
+  c.loss.repa = True
+  c.loss.repa_model = "vit_large_patch14_dinov2.lvd142m"
+  c.loss.repa_proj_dim = 1024
+  c.loss.repa_weight = 0.1
+  c.loss.repa_align = "repeat"
+  c.ema_decay = 0.9999
+
+  c.mesh = [("data", -1)]
+  c.log_every = 50
+  c.vis_every = 5000
+  c.ckpt_every = 10_000
+  c.keep_checkpoints = 10
+
+  if args.runlocal:
+    c.model.image_size = 64
+    c.model.encoder_kwargs = dict(TINY_VIT)
+    c.model.decoder_kwargs = dict(TINY_VIT)
+    c.model.num_latent_tokens = 16
+    c.model.codebook_size = 256
+    c.data.dataset = "offline"
+    c.data.image_size = 64
+    c.data.min_resize, c.data.max_resize = 64, 80
+    c.global_batch_size = 8
+    c.total_epochs = 1
+    c.encoder_init = "random"
+    c.loss.repa = False
+    c.loss.disc_start = 10
+    c.loss.perceptual_warmup = 10
+    c.log_every = 5
+    c.vis_every = 20
+    c.ckpt_every = 20
+  return c

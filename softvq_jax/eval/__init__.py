@@ -1,0 +1,1 @@
+"""Evaluation: reconstruction and generation metrics."""

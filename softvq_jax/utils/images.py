@@ -1,0 +1,38 @@
+"""Image conversions and PNG grids (NHWC, float in [-1, 1])."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+from PIL import Image
+
+
+def to_uint8(images) -> np.ndarray:
+  """[-1, 1] floats -> uint8 with the reference's rounding (127.5 x + 128, truncated)."""
+  x = np.asarray(images, np.float32)
+  return np.clip(127.5 * x + 128.0, 0, 255).astype(np.uint8)
+
+
+def from_uint8(images) -> np.ndarray:
+  return np.asarray(images, np.float32) / 127.5 - 1.0
+
+
+def make_grid(rows: list[np.ndarray], pad: int = 2) -> np.ndarray:
+  """Stacks equally long lists of uint8 NHWC batches into one image, one batch per row."""
+  n, h, w, c = rows[0].shape
+  grid = np.full((len(rows) * (h + pad) + pad, n * (w + pad) + pad, c), 255, np.uint8)
+  for r, batch in enumerate(rows):
+    for i, img in enumerate(batch):
+      y, x = pad + r * (h + pad), pad + i * (w + pad)
+      grid[y:y + h, x:x + w] = img
+  return grid
+
+
+def save_png(path: str, image: np.ndarray) -> str:
+  """Writes a PNG atomically (temporary file, then rename)."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = f"{path}.tmp-{os.getpid()}"
+  Image.fromarray(np.asarray(image, np.uint8)).save(tmp, format="PNG")
+  os.replace(tmp, path)
+  return path

@@ -1,0 +1,88 @@
+"""Configs build the architectures they name; the main job runs end to end."""
+
+import importlib.util
+import json
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from softvq_jax.config_lib import parse_arg
+from softvq_jax.models.config import TokenizerConfig
+from softvq_jax.models.released import RELEASED_TOKENIZERS
+
+ROOT = pathlib.Path(__file__).parent.parent
+TOKENIZER_CONFIGS = {
+    "softvq_b64": "softvq-b-64", "softvq_bl64": "softvq-bl-64", "softvq_l64": "softvq-l-64",
+    "softvq_b32": "softvq-b-32", "softvq_bl32": "softvq-bl-32", "softvq_l32": "softvq-l-32",
+    "softvq_bl64_512": "softvq-bl-64-512", "softvq_l32_512": "softvq-l-32-512",
+}
+
+
+def load_config(name, arg=None):
+  spec = importlib.util.spec_from_file_location(name, ROOT / "configs" / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  assert f"configs/{name}.py" in module.__doc__  # the docstring holds the command
+  return module.get_config(arg)
+
+
+@pytest.mark.parametrize("name", sorted(TOKENIZER_CONFIGS))
+def test_tokenizer_configs_match_the_releases(name):
+  config = load_config(name)
+  release = RELEASED_TOKENIZERS[TOKENIZER_CONFIGS[name]]
+  built = TokenizerConfig.from_json_dict(config.model.to_dict())
+  assert built == TokenizerConfig.from_json_dict(dict(release, entropy_loss_ratio=0.01))
+  # The reference recipe, including its quirk of Adam without weight decay.
+  assert (config.optim.name, config.optim.lr, config.optim.b2) == ("adam", 1e-4, 0.95)
+  assert config.optim.weight_decay == 0.0 and config.global_batch_size == 256
+  assert config.loss.disc_start == 20_000 and config.loss.disc_weight == 0.2
+  local = load_config(name, "runlocal")
+  tiny = TokenizerConfig.from_json_dict(local.model.to_dict())
+  assert tiny.image_size == 64 and tiny.encoder.embed_dim == 64
+  assert local.data.dataset == "offline"
+
+
+def test_parse_arg():
+  args = parse_arg("runlocal,steps=5,name=x", runlocal=False, steps=1, name="")
+  assert (args.runlocal, args.steps, args.name) == (True, 5, "x")
+  with pytest.raises(ValueError, match="unknown config argument 'stpes'"):
+    parse_arg("stpes=3", steps=1)
+  with pytest.raises(ValueError, match="not a boolean"):
+    parse_arg("runlocal=maybe", runlocal=False)
+
+
+def test_quickstart_main_job(tmp_path):
+  workdir = tmp_path / "qs"
+  proc = subprocess.run(
+      [sys.executable, "-m", "softvq_jax.main", "--config=configs/quickstart.py",
+       f"--workdir={workdir}", "--config.batch_size=3"],
+      cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "RANDOMLY INITIALISED" in proc.stderr
+  metrics = json.loads((workdir / "metrics.json").read_text())
+  assert metrics["num_images"] == 8 and metrics["random_weights"]
+  grid = np.asarray(Image.open(workdir / "reconstructions.png"))
+  assert grid.shape == (2 * 66 + 2, 8 * 66 + 2, 3)
+  latents = np.load(workdir / "latents.npz")
+  assert latents["latents"].shape == (8, 16, 32)
+
+
+def test_main_rejects_unknown_trainer(tmp_path):
+  proc = subprocess.run(
+      [sys.executable, "-m", "softvq_jax.main", "--config=configs/quickstart.py",
+       f"--workdir={tmp_path}", "--config.trainer=nope"],
+      cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert proc.returncode != 0
+  assert "config.trainer='nope' is not available" in proc.stderr
+
+
+def test_package_import_does_not_load_tensorflow():
+  code = ("import sys, numpy as np, softvq_jax; from softvq_jax import Tokenizer;"
+          "import softvq_jax.convert.__main__;"
+          "print('tensorflow' in sys.modules)")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+  assert out.stdout.strip() == "False", out.stderr
