@@ -1,0 +1,1 @@
+"""SiT transport (interpolants, loss, ODE/SDE samplers) and the ADM diffusion used by DiT."""
