@@ -131,3 +131,35 @@ def tokenizer_recipe(name: str, arg: str | None) -> ml_collections.ConfigDict:
     c.vis_every = 20
     c.ckpt_every = 20
   return c
+
+
+def maetok_recipe(name: str, arg: str | None) -> ml_collections.ConfigDict:
+  """MAETok's stage-1 recipe (upstream configs/maetok-b-64.yaml of 2025-05-29).
+
+  A plain autoencoder (no quantizer) trained with encoder token masking
+  (40-60 %) and auxiliary decoders predicting HOG, DINOv2 and SigLIP features
+  of the masked patches, each with weight 1, plus the SoftVQ losses.
+  """
+  from softvq_jax.models.released import RELEASED_MAETOK  # pylint: disable=g-import-not-at-top
+  c = tokenizer_recipe("softvq-b-64", arg)
+  runlocal = parse_arg(arg, runlocal=False).runlocal
+  model = ml_collections.ConfigDict(dict(RELEASED_MAETOK[name]))
+  if runlocal:
+    model.update(image_size=64, num_latent_tokens=16, encoder_kwargs=dict(TINY_VIT),
+                 decoder_kwargs=dict(TINY_VIT))
+  c.model = model
+  c.released_name = name
+  c.encoder_init = "random" if runlocal else "scratch"   # MAETok trains its encoder from scratch
+  c.mask_ratio_min, c.mask_ratio_max = 0.4, 0.6
+  c.decoder_drop_path = 0.05
+  c.aux_targets = ("hog", "dinov2", "siglip")
+  c.loss.entropy_loss_ratio = 0.0
+  c.loss.repa = False
+  if not runlocal:
+    c.global_batch_size = 512
+    c.total_epochs = 200
+    c.optim.warmup_epochs = 2
+    c.loss.disc_weight = 0.4
+    c.loss.disc_adaptive_weight = True
+    c.loss.disc_start = 30_000
+  return c

@@ -86,3 +86,16 @@ def test_package_import_does_not_load_tensorflow():
           "print('tensorflow' in sys.modules)")
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
   assert out.stdout.strip() == "False", out.stderr
+
+
+@pytest.mark.parametrize("name, release", [("maetok_b128", "maetok-b-128"),
+                                           ("maetok_b128_512", "maetok-b-128-512")])
+def test_maetok_configs(name, release):
+  from softvq_jax.models.released import RELEASED_MAETOK
+  config = load_config(name)
+  built = TokenizerConfig.from_json_dict(config.model.to_dict())
+  assert built == TokenizerConfig.from_json_dict(RELEASED_MAETOK[release])
+  assert built.use_rope and built.decoder.movq and built.bottleneck == "ae"
+  assert config.global_batch_size == 512 and config.loss.disc_start == 30_000
+  local = TokenizerConfig.from_json_dict(load_config(name, "runlocal").model.to_dict())
+  assert local.image_size == 64 and local.use_rope

@@ -218,7 +218,7 @@ def test_load_rejects_a_directory_that_does_not_match(converted, tmp_path):
 
 @pytest.mark.parametrize("change, needle", [
     ({"encoder_model": "vit_huge_patch14_clip"}, "unknown encoder_model 'vit_huge_patch14_clip'"),
-    ({"decoder_model": "vit_base_patch14_dinov2_movqv2"}, "MoVQ"),
+    ({"encoder_model": "vit_base_patch14_dinov2_movqv2"}, "MoVQ blocks exist only in decoders"),
     ({"use_rope": True}, "use_rope=True"),
     ({"enc_type": "cnn"}, "enc_type='cnn'"),
     ({"to_pixel": "conv"}, "to_pixel='conv'"),

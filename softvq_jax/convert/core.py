@@ -54,11 +54,13 @@ def map_state_dict(
     rules: Iterable[Rule],
     ignored: Iterable[str] = (),
     *,
+    unused_if_absent: Iterable[str] = (),
     dtype=np.float32,
 ) -> tuple[dict[Path, np.ndarray], list[str]]:
   """Maps ``state`` onto ``target_shapes``; returns (params by path, ignored names)."""
   compiled = [(re.compile(p), r, t) for p, r, t in rules]
   ignored_res = [re.compile(p) for p in ignored]
+  unused_res = [re.compile(p) for p in unused_if_absent]
   problems: list[str] = []
   out: dict[Path, np.ndarray] = {}
   source_of: dict[Path, str] = {}
@@ -78,6 +80,9 @@ def map_state_dict(
       continue
     path = parse_path(match.expand(replacement))
     claimed.add(path)
+    if path not in target_shapes and any(r.fullmatch(name) for r in unused_res):
+      skipped.append(name)
+      continue
     if path not in target_shapes:
       problems.append(f"unexpected tensor {name} {tuple(value.shape)}: the model has no "
                       f"parameter {format_path(path)}")

@@ -25,6 +25,13 @@ TOKENIZER_RULES: list[Rule] = [
     (r"(quant_conv|post_quant_conv|decoder\.to_pixel\.model)\.weight", r"\1.kernel", LIN),
     (r"(quant_conv|post_quant_conv|decoder\.to_pixel\.model)\.bias", r"\1.bias", ID),
     (r"quantize\.embedding", "quantize.embedding", ID),
+    # MAETok: learned RoPE frequencies and the MoVQ decoder's modulation layers
+    # (PyTorch Sequential(SiLU, Linear): index 1 is the Linear).
+    (r"(encoder|decoder)\.freqs", r"\1.freqs", ID),
+    (r"decoder\.model\.(blocks\.\d+|norm)\.adaLN_modulation\.1\.weight",
+     r"decoder.model.\1.adaLN_modulation.kernel", LIN),
+    (r"decoder\.model\.(blocks\.\d+|norm)\.adaLN_modulation\.1\.bias",
+     r"decoder.model.\1.adaLN_modulation.bias", ID),
 ]
 
 # Present in reference checkpoints but without influence on inference: the
@@ -35,4 +42,17 @@ TOKENIZER_IGNORED: list[str] = [
     r"repa_model\..*",
     r"projection\.\d+\.(weight|bias)",
     r"decoder\.model\.patch_embed\.proj\.(weight|bias)",
+    # MAETok: the encoder's MAE mask token (training only) and the RoPE position
+    # buffers, which we derive from the input size instead.
+    r"encoder\.mask_token",
+    r"(encoder|decoder)\.freqs_t_[xy]",
+    # MAETok training checkpoints: auxiliary HOG/DINOv2/SigLIP decoders and teachers.
+    r"(decoder|post_quant_conv|to_pixel)_(hog|dino|clip)(\..*)?",
+    r"clip_model\..*",
+]
+
+# Tensors a checkpoint may hold although this model does not use them: the
+# decoder's position table when the decoder runs without absolute positions.
+TOKENIZER_UNUSED_IF_ABSENT: list[str] = [
+    r"decoder\.model\.pos_embed",
 ]

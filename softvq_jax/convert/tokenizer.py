@@ -10,7 +10,8 @@ import numpy as np
 
 from softvq_jax.convert.core import map_state_dict
 from softvq_jax.convert.readers import read_checkpoint
-from softvq_jax.convert.tables import TOKENIZER_IGNORED, TOKENIZER_RULES
+from softvq_jax.convert.tables import (TOKENIZER_IGNORED, TOKENIZER_RULES,
+                                       TOKENIZER_UNUSED_IF_ABSENT)
 from softvq_jax.models.config import ConfigError, TokenizerConfig
 
 
@@ -47,5 +48,6 @@ def convert(checkpoint_path: str, config: str | Mapping[str, Any], *, weights: s
   state = read_checkpoint(checkpoint_path, weights=weights)
   tok_config = TokenizerConfig.from_json_dict(cfg, bottleneck=infer_bottleneck(state, cfg))
   target = {p: tuple(s.shape) for p, s in param_shapes(tok_config).items()}
-  flat, ignored = map_state_dict(state, target, TOKENIZER_RULES, TOKENIZER_IGNORED)
+  flat, ignored = map_state_dict(state, target, TOKENIZER_RULES, TOKENIZER_IGNORED,
+                                 unused_if_absent=TOKENIZER_UNUSED_IF_ABSENT)
   return tok_config, flat, ignored

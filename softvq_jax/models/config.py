@@ -17,7 +17,7 @@ VIT_SIZES: dict[str, dict[str, int]] = {
     "base": dict(embed_dim=768, depth=12, num_heads=12),
     "large": dict(embed_dim=1024, depth=24, num_heads=16),
 }
-_VIT_NAME = re.compile(r"^vit_(small|base|large)_patch14_dinov2(\.lvd142m)?$")
+_VIT_NAME = re.compile(r"^vit_(small|base|large)_patch14_dinov2(_movqv2)?(\.lvd142m)?$")
 BOTTLENECKS = ("softvq", "kl", "ae")
 
 
@@ -32,7 +32,10 @@ class ViTConfig:
   num_heads: int
   patch_size: int = 16
   mlp_ratio: float = 4.0
-  layerscale_init: float = 1e-5
+  layerscale_init: float | None = 1e-5
+  # MoVQ blocks (MAETok decoder): non-affine norms, no LayerScale, latent rows
+  # modulated by the raw latent, modulated final norm.
+  movq: bool = False
 
   def __post_init__(self):
     for name in ("embed_dim", "depth", "num_heads", "patch_size"):
@@ -48,13 +51,14 @@ def vit_config_from_name(model_name: str, patch_size: int,
   """Sizes implied by a timm model name, optionally overridden by ``*_kwargs``."""
   if not isinstance(model_name, str):
     raise ConfigError(f"{field} must be a string, got {model_name!r}")
-  if "movq" in model_name:
-    raise ConfigError(
-        f"{field}={model_name!r} is a MoVQ (MAETok) decoder, which this version does not support yet")
   match = _VIT_NAME.match(model_name)
   if match is None:
-    known = ", ".join(f"vit_{s}_patch14_dinov2.lvd142m" for s in VIT_SIZES)
+    known = ", ".join([f"vit_{s}_patch14_dinov2.lvd142m" for s in VIT_SIZES]
+                      + ["vit_base_patch14_dinov2_movqv2"])
     raise ConfigError(f"unknown {field} {model_name!r}; supported: {known}")
+  movq = match.group(2) is not None
+  if movq and field != "decoder_model":
+    raise ConfigError(f"{field}={model_name!r}: MoVQ blocks exist only in decoders")
   sizes = dict(VIT_SIZES[match.group(1)])
   if overrides:
     unknown = set(overrides) - set(sizes)
@@ -62,6 +66,8 @@ def vit_config_from_name(model_name: str, patch_size: int,
       raise ConfigError(f"{field.replace('_model', '')}_kwargs has unsupported keys {sorted(unknown)}; "
                         f"allowed: {sorted(sizes)}")
     sizes.update(overrides)
+  if movq:
+    return ViTConfig(patch_size=patch_size, layerscale_init=None, movq=True, **sizes)
   return ViTConfig(patch_size=patch_size, **sizes)
 
 
@@ -84,6 +90,12 @@ class TokenizerConfig:
   kl_loss_weight: float = 1e-6
   vq_mean: float = 0.0
   vq_std: float = 1.0
+  # MAETok options: learnable mixed 2-D RoPE in both ViTs (the encoder keeps its
+  # absolute positions whatever ``decoder_use_ape`` says, as in the reference).
+  use_rope: bool = False
+  rope_theta: float = 10.0
+  decoder_use_ape: bool = True
+  decoder_cls_token: bool = True
   encoder_model: str = ""
   decoder_model: str = ""
 
@@ -108,6 +120,11 @@ class TokenizerConfig:
         raise ConfigError(f"tau must be positive, got {self.tau!r}")
     if not self.vq_std > 0:
       raise ConfigError(f"vq_std must be positive, got {self.vq_std!r}")
+    if self.use_rope:
+      for side, vit in (("encoder", self.encoder), ("decoder", self.decoder)):
+        head_dim = vit.embed_dim // vit.num_heads
+        if head_dim % 4:
+          raise ConfigError(f"mixed RoPE needs the {side} head dim divisible by 4, got {head_dim}")
 
   @property
   def latent_shape(self) -> tuple[int, int]:
@@ -140,6 +157,11 @@ class TokenizerConfig:
         "kl_loss_weight": self.kl_loss_weight,
         "vq_mean": self.vq_mean,
         "vq_std": self.vq_std,
+        "use_rope": self.use_rope,
+        "rope_mixed": self.use_rope,
+        "rope_theta": self.rope_theta,
+        "use_ape": self.decoder_use_ape,
+        "dec_cls_token": self.decoder_cls_token,
     }
 
   @classmethod
@@ -176,6 +198,11 @@ class TokenizerConfig:
         kl_loss_weight=float(cfg.get("kl_loss_weight", 1e-6)),
         vq_mean=float(cfg.get("vq_mean", 0.0)),
         vq_std=float(cfg.get("vq_std", 1.0)),
+        use_rope=bool(cfg.get("use_rope", False)),
+        rope_theta=float(cfg.get("rope_theta", 10.0)),
+        # The reference switches absolute positions off whenever RoPE is on.
+        decoder_use_ape=bool(cfg.get("use_ape", True)) and not cfg.get("use_rope", False),
+        decoder_cls_token=bool(cfg.get("dec_cls_token", True)),
         encoder_model=cfg["encoder_model"],
         decoder_model=cfg["decoder_model"],
     )
@@ -193,9 +220,6 @@ def _int(cfg: Mapping[str, Any], key: str, default: int) -> int:
 _SUPPORTED_VALUES = (
     ("enc_type", "vit", "a CNN encoder"),
     ("dec_type", "vit", "a CNN decoder"),
-    ("use_rope", False, "rotary position embeddings (MAETok)"),
-    ("use_ape", True, "a decoder without absolute positions (MAETok)"),
-    ("dec_cls_token", True, "a decoder without class token (MAETok)"),
     ("to_pixel", "linear", "a non-linear to_pixel head"),
     ("enc_tuning_method", "full", "LoRA/frozen encoders"),
     ("dec_tuning_method", "full", "LoRA/frozen decoders"),
@@ -212,11 +236,16 @@ def _reject_unsupported(cfg: Mapping[str, Any]) -> None:
     if key in cfg and cfg[key] != supported:
       problems.append(f"{key}={cfg[key]!r} would need {what}, which this version does not support "
                       f"(supported: {supported!r})")
+  if cfg.get("use_rope") and not cfg.get("rope_mixed", False):
+    problems.append("use_rope=True with rope_mixed=False would need axial RoPE, which this version "
+                    "does not support (supported: the learnable mixed RoPE of MAETok)")
   if problems:
     raise ConfigError("unsupported tokenizer config: " + "; ".join(problems))
 
 
 def _name_for(vit: ViTConfig) -> str:
+  if vit.movq:
+    return "vit_base_patch14_dinov2_movqv2"
   for size, dims in VIT_SIZES.items():
     if dims == dict(embed_dim=vit.embed_dim, depth=vit.depth, num_heads=vit.num_heads):
       return f"vit_{size}_patch14_dinov2.lvd142m"

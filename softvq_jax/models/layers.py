@@ -9,7 +9,7 @@ sensitive parts exact enough to train.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -129,11 +129,35 @@ class Attention(nnx.Module):
     qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim)
     return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
 
-  def __call__(self, x: Array) -> Array:
+  def __call__(self, x: Array, rope: "RopeTables | None" = None) -> Array:
     b, n, d = x.shape
     q, k, v = self.split_heads(x)
+    if rope is not None:
+      q, k = rope.rotate(q), rope.rotate(k)
     out = dot_product_attention(q, k, v, precision=self.precision)
     return self.proj(out.reshape(b, n, d))
+
+
+class RopeTables(NamedTuple):
+  """cos/sin of the rotation angles of one layer, ``(N, H, hd/2)``, for rows ``start..start+N``.
+
+  Only those rows (the image tokens) rotate; class and latent tokens do not.
+  Channels ``(2j, 2j+1)`` of a head form one complex number (interleaved
+  pairs), rotated in float32 as the reference does.
+  """
+
+  cos: Array
+  sin: Array
+  start: int
+
+  def rotate(self, x: Array) -> Array:
+    b, _, h, hd = x.shape
+    n = self.cos.shape[0]
+    rows = x[:, self.start:self.start + n].astype(jnp.float32).reshape(b, n, h, hd // 2, 2)
+    re, im = rows[..., 0], rows[..., 1]
+    rotated = jnp.stack([re * self.cos - im * self.sin, re * self.sin + im * self.cos], axis=-1)
+    rotated = rotated.reshape(b, n, h, hd).astype(x.dtype)
+    return jnp.concatenate([x[:, :self.start], rotated, x[:, self.start + n:]], axis=1)
 
 
 class Mlp(nnx.Module):
@@ -175,10 +199,10 @@ class Block(nnx.Module):
     self.ls2 = (LayerScale(dim, layerscale_init, param_dtype=param_dtype)
                 if layerscale_init is not None else None)
 
-  def __call__(self, x: Array) -> Array:
+  def __call__(self, x: Array, rope: RopeTables | None = None) -> Array:
     # The residual stream stays in the input dtype (float32 by default): branch
     # outputs are promoted, as under PyTorch autocast.
-    h = self.attn(self.norm1(x))
+    h = self.attn(self.norm1(x), rope)
     if self.ls1 is not None:
       h = self.ls1(h)
     x = x + h.astype(x.dtype)

@@ -30,13 +30,14 @@ def _torch_linear(in_features: int, out_features: int, **kwargs) -> nnx.Linear:
 
 
 class TokenizerModel(nnx.Module):
-  """SoftVQ (default), KL or plain-AE tokenizer with the reference's parameter names."""
+  """SoftVQ (default), KL or plain-AE (MAETok) tokenizer with the reference's parameter names."""
 
   def __init__(self, cfg: TokenizerConfig, *, rngs: nnx.Rngs, dtype: Dtype | None = None,
                param_dtype: Dtype = jnp.float32):
     self.config = cfg
     kw: dict[str, Any] = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.encoder = ViTEncoder(cfg.encoder, cfg.image_size, cfg.num_latent_tokens, **kw)
+    self.encoder = ViTEncoder(cfg.encoder, cfg.image_size, cfg.num_latent_tokens,
+                              use_rope=cfg.use_rope, rope_theta=cfg.rope_theta, **kw)
     moments = 2 if cfg.bottleneck == "kl" else 1
     self.quant_conv = _torch_linear(cfg.encoder.embed_dim, moments * cfg.codebook_embed_dim, **kw)
     self.quantize = (SoftVectorQuantizer(cfg.codebook_size, cfg.codebook_embed_dim,
@@ -44,7 +45,10 @@ class TokenizerModel(nnx.Module):
                                          rngs=rngs, param_dtype=param_dtype)
                      if cfg.bottleneck == "softvq" else None)
     self.post_quant_conv = _torch_linear(cfg.codebook_embed_dim, cfg.decoder.embed_dim, **kw)
-    self.decoder = ViTDecoder(cfg.decoder, cfg.image_size, cfg.num_latent_tokens, **kw)
+    self.decoder = ViTDecoder(cfg.decoder, cfg.image_size, cfg.num_latent_tokens,
+                              latent_dim=cfg.codebook_embed_dim, use_rope=cfg.use_rope,
+                              rope_theta=cfg.rope_theta, use_ape=cfg.decoder_use_ape,
+                              cls_token=cfg.decoder_cls_token, **kw)
 
   def encode(self, images: jax.Array, *, sample_key: jax.Array | None = None) -> EncodeOutput:
     """NHWC images in [-1, 1] -> latents. KL uses the posterior mode unless a key is given."""
@@ -60,7 +64,8 @@ class TokenizerModel(nnx.Module):
 
   def decode(self, latents: jax.Array) -> jax.Array:
     """``(B, L, d)`` latents -> NHWC image (not clamped)."""
-    return self.decoder(self.post_quant_conv(latents)).astype(jnp.float32)
+    raw = latents if self.config.decoder.movq else None
+    return self.decoder(self.post_quant_conv(latents), raw).astype(jnp.float32)
 
   def __call__(self, images: jax.Array, *, sample_key: jax.Array | None = None):
     enc = self.encode(images, sample_key=sample_key)

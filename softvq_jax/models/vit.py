@@ -3,6 +3,10 @@
 Attribute names follow the PyTorch state_dict (``encoder.model.blocks.3.attn.qkv``,
 ``decoder.to_pixel.model``...), so checkpoint conversion is a name table.
 Images are NHWC; token sequences are ``(B, N, D)``.
+
+Two decoder flavours exist: the SoftVQ one (class token, absolute positions,
+standard blocks) and MAETok's MoVQ one (no class token, no absolute positions,
+mixed RoPE, blocks whose latent rows are modulated by the raw latent).
 """
 
 from __future__ import annotations
@@ -11,51 +15,131 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from softvq_jax.models import rope as rope_lib
 from softvq_jax.models.config import ViTConfig
-from softvq_jax.models.layers import (Block, Dtype, LayerNorm, PatchEmbed, linear,
-                                      trunc_normal_02)
+from softvq_jax.models.layers import (Attention, Block, Dtype, LayerNorm, Mlp, PatchEmbed,
+                                      RopeTables, linear, trunc_normal_02)
+
+
+def modulate_last_rows(h: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
+  """``h * scale + shift`` on the last L rows only (MoVQ: no ``1 +``, unlike SiT/DiT)."""
+  num_latent = shift.shape[1]
+  head, tail = h[:, :-num_latent], h[:, -num_latent:]
+  tail = tail * scale.astype(tail.dtype) + shift.astype(tail.dtype)
+  return jnp.concatenate([head, tail], axis=1)
+
+
+class MoVQBlock(nnx.Module):
+  """MoVQBlockv2: non-affine pre-norms whose latent rows are modulated by the latent."""
+
+  def __init__(self, dim: int, num_heads: int, latent_dim: int, *, mlp_ratio: float = 4.0,
+               rngs: nnx.Rngs, dtype: Dtype | None = None, param_dtype: Dtype = jnp.float32):
+    self.norm1 = LayerNorm(dim, use_affine=False)
+    self.attn = Attention(dim, num_heads, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.norm2 = LayerNorm(dim, use_affine=False)
+    self.mlp = Mlp(dim, int(dim * mlp_ratio), dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    # PyTorch: Sequential(SiLU, Linear) -> "adaLN_modulation.1"; the reference zero-inits it.
+    self.adaLN_modulation = linear(latent_dim, 4 * dim, dtype=dtype, param_dtype=param_dtype,
+                                   kernel_init=nnx.initializers.zeros_init(), rngs=rngs)
+
+  def modulation(self, latent: jax.Array) -> jax.Array:
+    return self.adaLN_modulation(jax.nn.silu(latent))
+
+  def __call__(self, x: jax.Array, latent: jax.Array, rope: RopeTables | None = None) -> jax.Array:
+    shift_msa, scale_msa, shift_mlp, scale_mlp = jnp.split(self.modulation(latent), 4, axis=-1)
+    h = modulate_last_rows(self.norm1(x), shift_msa, scale_msa)
+    x = x + self.attn(h, rope).astype(x.dtype)
+    h = modulate_last_rows(self.norm2(x), shift_mlp, scale_mlp)
+    return x + self.mlp(h).astype(x.dtype)
+
+
+class MoVQNorm(nnx.Module):
+  """Final non-affine norm with the latent rows modulated as in ``MoVQBlock``."""
+
+  def __init__(self, dim: int, latent_dim: int, *, rngs: nnx.Rngs, dtype: Dtype | None = None,
+               param_dtype: Dtype = jnp.float32):
+    self.norm = LayerNorm(dim, use_affine=False)
+    self.adaLN_modulation = linear(latent_dim, 2 * dim, dtype=dtype, param_dtype=param_dtype,
+                                   kernel_init=nnx.initializers.zeros_init(), rngs=rngs)
+
+  def modulation(self, latent: jax.Array) -> jax.Array:
+    return self.adaLN_modulation(jax.nn.silu(latent))
+
+  def __call__(self, x: jax.Array, latent: jax.Array) -> jax.Array:
+    shift, scale = jnp.split(self.modulation(latent), 2, axis=-1)
+    return modulate_last_rows(self.norm(x), shift, scale)
 
 
 class VisionTransformer(nnx.Module):
   """Class token, learned position table (with the class row), pre-norm blocks, final norm."""
 
   def __init__(self, cfg: ViTConfig, image_size: int, *, with_patch_embed: bool = True,
-               in_chans: int = 3, rngs: nnx.Rngs, dtype: Dtype | None = None,
-               param_dtype: Dtype = jnp.float32):
+               with_cls_token: bool = True, with_pos_embed: bool = True,
+               latent_dim: int | None = None, in_chans: int = 3, rngs: nnx.Rngs,
+               dtype: Dtype | None = None, param_dtype: Dtype = jnp.float32):
     self.embed_dim = cfg.embed_dim
+    self.num_heads = cfg.num_heads
     self.grid_size = image_size // cfg.patch_size
+    self.movq = cfg.movq
     num_patches = self.grid_size**2
+    self.num_prefix_tokens = 1 if with_cls_token else 0
     self.patch_embed = (PatchEmbed(cfg.patch_size, in_chans, cfg.embed_dim, dtype=dtype,
                                    param_dtype=param_dtype, rngs=rngs)
                         if with_patch_embed else None)
-    self.cls_token = nnx.Param(
-        1e-6 * jax.random.normal(rngs.params(), (1, 1, cfg.embed_dim), param_dtype))
-    self.pos_embed = nnx.Param(
-        trunc_normal_02(rngs.params(), (1, 1 + num_patches, cfg.embed_dim), param_dtype))
-    self.blocks = nnx.List([
-        Block(cfg.embed_dim, cfg.num_heads, mlp_ratio=cfg.mlp_ratio,
-              layerscale_init=cfg.layerscale_init, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        for _ in range(cfg.depth)
-    ])
-    self.norm = LayerNorm(cfg.embed_dim, param_dtype=param_dtype)
+    self.cls_token = (nnx.Param(1e-6 * jax.random.normal(rngs.params(), (1, 1, cfg.embed_dim),
+                                                         param_dtype))
+                      if with_cls_token else None)
+    self.pos_embed = (nnx.Param(trunc_normal_02(
+        rngs.params(), (1, self.num_prefix_tokens + num_patches, cfg.embed_dim), param_dtype))
+                      if with_pos_embed else None)
+    if cfg.movq:
+      if latent_dim is None:
+        raise ValueError("MoVQ blocks need the latent dimension")
+      self.blocks = nnx.List([
+          MoVQBlock(cfg.embed_dim, cfg.num_heads, latent_dim, mlp_ratio=cfg.mlp_ratio, dtype=dtype,
+                    param_dtype=param_dtype, rngs=rngs) for _ in range(cfg.depth)])
+      self.norm = MoVQNorm(cfg.embed_dim, latent_dim, dtype=dtype, param_dtype=param_dtype,
+                           rngs=rngs)
+    else:
+      self.blocks = nnx.List([
+          Block(cfg.embed_dim, cfg.num_heads, mlp_ratio=cfg.mlp_ratio,
+                layerscale_init=cfg.layerscale_init, dtype=dtype, param_dtype=param_dtype,
+                rngs=rngs) for _ in range(cfg.depth)])
+      self.norm = LayerNorm(cfg.embed_dim, param_dtype=param_dtype)
 
   def add_cls_and_positions(self, tokens: jax.Array) -> jax.Array:
     """Prepends the class token and adds the position table (timm ``_pos_embed``)."""
-    b = tokens.shape[0]
-    cls = jnp.broadcast_to(self.cls_token[...], (b, 1, self.embed_dim)).astype(tokens.dtype)
-    return jnp.concatenate([cls, tokens], axis=1) + self.pos_embed[...].astype(tokens.dtype)
+    if self.cls_token is not None:
+      b = tokens.shape[0]
+      cls = jnp.broadcast_to(self.cls_token[...], (b, 1, self.embed_dim)).astype(tokens.dtype)
+      tokens = jnp.concatenate([cls, tokens], axis=1)
+    if self.pos_embed is not None:
+      tokens = tokens + self.pos_embed[...].astype(tokens.dtype)
+    return tokens
 
-  def run_blocks(self, x: jax.Array) -> jax.Array:
-    for block in self.blocks:
-      x = block(x)
-    return self.norm(x)
+  def run_blocks(self, x: jax.Array, *, freqs: jax.Array | None = None,
+                 latent: jax.Array | None = None) -> jax.Array:
+    """Blocks and final norm; ``freqs`` turns on RoPE, ``latent`` feeds MoVQ modulation."""
+    grid = (self.grid_size, self.grid_size)
+    for i, block in enumerate(self.blocks):
+      rope = (rope_lib.layer_tables(freqs, i, grid, self.num_heads, self.num_prefix_tokens)
+              if freqs is not None else None)
+      x = block(x, latent, rope) if self.movq else block(x, rope)
+    return self.norm(x, latent) if self.movq else self.norm(x)
+
+
+def _rope_freqs(cfg: ViTConfig, theta: float, rngs: nnx.Rngs, param_dtype: Dtype) -> nnx.Param:
+  head_dim = cfg.embed_dim // cfg.num_heads
+  return nnx.Param(rope_lib.init_mixed_freqs(rngs.params(), cfg.depth, cfg.num_heads, head_dim,
+                                             theta).astype(param_dtype))
 
 
 class ViTEncoder(nnx.Module):
   """Image tokens, then learned latent tokens appended at the end; returns the last L tokens."""
 
   def __init__(self, cfg: ViTConfig, image_size: int, num_latent_tokens: int, *,
-               rngs: nnx.Rngs, dtype: Dtype | None = None, param_dtype: Dtype = jnp.float32):
+               use_rope: bool = False, rope_theta: float = 10.0, rngs: nnx.Rngs,
+               dtype: Dtype | None = None, param_dtype: Dtype = jnp.float32):
     self.num_latent_tokens = num_latent_tokens
     self.patch_size = cfg.patch_size
     self.image_size = image_size
@@ -64,6 +148,7 @@ class ViTEncoder(nnx.Module):
         0.02 * jax.random.normal(rngs.params(), (1, num_latent_tokens, cfg.embed_dim), param_dtype))
     self.latent_pos_embed = nnx.Param(
         trunc_normal_02(rngs.params(), (1, num_latent_tokens, cfg.embed_dim), param_dtype))
+    self.freqs = _rope_freqs(cfg, rope_theta, rngs, param_dtype) if use_rope else None
 
   def embed(self, images: jax.Array) -> jax.Array:
     """Input of the first block: ``[cls, patches (+pos), latents (+latent pos)]``."""
@@ -73,7 +158,8 @@ class ViTEncoder(nnx.Module):
     return jnp.concatenate([x, latents], axis=1)
 
   def __call__(self, images: jax.Array) -> jax.Array:
-    x = self.model.run_blocks(self.embed(images))
+    freqs = self.freqs[...] if self.freqs is not None else None
+    x = self.model.run_blocks(self.embed(images), freqs=freqs)
     return x[:, -self.num_latent_tokens:]
 
 
@@ -99,21 +185,25 @@ def unpatchify(tokens: jax.Array, patch_size: int, grid_h: int, grid_w: int,
 
 
 class ViTDecoder(nnx.Module):
-  """Mask tokens + class token + positions, then the projected latents appended at the end."""
+  """Mask tokens (+ class token and positions), then the projected latents appended at the end."""
 
   def __init__(self, cfg: ViTConfig, image_size: int, num_latent_tokens: int, *,
-               rngs: nnx.Rngs, dtype: Dtype | None = None, param_dtype: Dtype = jnp.float32):
+               latent_dim: int, use_rope: bool = False, rope_theta: float = 10.0,
+               use_ape: bool = True, cls_token: bool = True, rngs: nnx.Rngs,
+               dtype: Dtype | None = None, param_dtype: Dtype = jnp.float32):
     self.num_latent_tokens = num_latent_tokens
     self.patch_size = cfg.patch_size
     self.grid_size = image_size // cfg.patch_size
-    # The reference builds a decoder patch_embed but never uses it; released
-    # checkpoints omit it, so we do not create it.
-    self.model = VisionTransformer(cfg, image_size, with_patch_embed=False, dtype=dtype,
+    # The reference builds a decoder patch_embed (and, without APE, a position
+    # table) but never uses them; we do not create them.
+    self.model = VisionTransformer(cfg, image_size, with_patch_embed=False, with_cls_token=cls_token,
+                                   with_pos_embed=use_ape, latent_dim=latent_dim, dtype=dtype,
                                    param_dtype=param_dtype, rngs=rngs)
     self.mask_token = nnx.Param(
         0.02 * jax.random.normal(rngs.params(), (1, 1, cfg.embed_dim), param_dtype))
     self.latent_pos_embed = nnx.Param(
         trunc_normal_02(rngs.params(), (1, num_latent_tokens, cfg.embed_dim), param_dtype))
+    self.freqs = _rope_freqs(cfg, rope_theta, rngs, param_dtype) if use_rope else None
     self.to_pixel = ToPixel(cfg.embed_dim, cfg.patch_size, dtype=dtype, param_dtype=param_dtype,
                             rngs=rngs)
 
@@ -126,11 +216,16 @@ class ViTDecoder(nnx.Module):
     latents = latents + self.latent_pos_embed[...].astype(latents.dtype)
     return jnp.concatenate([x, latents], axis=1)
 
-  def image_tokens(self, latents: jax.Array) -> jax.Array:
-    """Final-norm output of the image rows (``1 .. N``), the input of ``to_pixel``."""
-    x = self.model.run_blocks(self.embed(latents))
-    return x[:, 1:1 + self.grid_size**2]
+  def normed_tokens(self, latents: jax.Array, raw_latents: jax.Array | None = None) -> jax.Array:
+    """Final-norm output of every row; ``raw_latents`` (before post_quant_conv) drive MoVQ."""
+    freqs = self.freqs[...] if self.freqs is not None else None
+    return self.model.run_blocks(self.embed(latents), freqs=freqs, latent=raw_latents)
 
-  def __call__(self, latents: jax.Array) -> jax.Array:
-    pixels = self.to_pixel(self.image_tokens(latents))
+  def image_tokens(self, latents: jax.Array, raw_latents: jax.Array | None = None) -> jax.Array:
+    """The image rows of the final norm, the input of ``to_pixel``."""
+    start = self.model.num_prefix_tokens
+    return self.normed_tokens(latents, raw_latents)[:, start:start + self.grid_size**2]
+
+  def __call__(self, latents: jax.Array, raw_latents: jax.Array | None = None) -> jax.Array:
+    pixels = self.to_pixel(self.image_tokens(latents, raw_latents))
     return unpatchify(pixels, self.patch_size, self.grid_size, self.grid_size)
