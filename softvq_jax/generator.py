@@ -1,0 +1,287 @@
+"""``Generator``: a SiT or DiT on 1-D latent tokens with its samplers, jit-compiled.
+
+>>> gen = Generator.load("converted/sit-xl_softvq-l-64")
+>>> z = gen.sample(jax.random.normal(key, (8, *gen.latent_shape)), labels,
+...                method="euler", num_steps=250, cfg_scale=1.75, guidance_interval=(0.0, 0.7),
+...                key=key)
+>>> images = tok.decode(tok.denormalize(z))   # samples live in the normalised latent space
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from softvq_jax import checkpoint
+from softvq_jax.models.sit import GeneratorConfig, SiT
+from softvq_jax.tokenizer import _resolve_dtype
+from softvq_jax.transport import diffusion as diffusion_lib
+from softvq_jax.transport import samplers
+
+Path = tuple
+SIT_METHODS = ("euler", "heun", "euler_maruyama")
+DIT_METHODS = ("ddpm", "ddim")
+
+
+def abstract_model(config: GeneratorConfig, dtype=jnp.float32) -> SiT:
+  """The model with ``ShapeDtypeStruct`` leaves: no memory is allocated."""
+  return nnx.eval_shape(lambda: SiT(config, dtype=dtype, rngs=nnx.Rngs(0)))
+
+
+def variable_shapes(config: GeneratorConfig) -> dict[Path, jax.ShapeDtypeStruct]:
+  """Every stored array (parameters and the fixed ``pos_embed``) by NNX path."""
+  state = nnx.state(abstract_model(config))
+  return {tuple(path): var.get_value() for path, var in nnx.to_flat_state(state)}
+
+
+def count_params(config: GeneratorConfig, *, include_pos_embed: bool = True) -> int:
+  """Elements of the state dict; the reference counts its stored ``pos_embed`` too."""
+  return sum(int(np.prod(s.shape)) for p, s in variable_shapes(config).items()
+             if include_pos_embed or p != ("pos_embed",))
+
+
+def build_model(config: GeneratorConfig, flat: Mapping[Path, Any]) -> SiT:
+  """A ``SiT`` whose arrays are ``flat`` (paths as in ``variable_shapes``)."""
+  graphdef, state = nnx.split(abstract_model(config))
+  pure: dict = {}
+  for path, value in flat.items():
+    node = pure
+    for key in path[:-1]:
+      node = node.setdefault(key, {})
+    node[path[-1]] = value if isinstance(value, jax.Array) else jnp.asarray(value)
+  nnx.replace_by_pure_dict(state, pure)
+  return nnx.merge(graphdef, state)
+
+
+def _forward_fn(graphdef, state, x, t, y):
+  return nnx.merge(graphdef, state)(x, t, y)
+
+
+def _velocity_fn(model: SiT):
+  return lambda x, t, y: model(x, t, y)
+
+
+def _dit_model_fn(model: SiT, labels, cfg_scale, guided: bool):
+  """``(x, t) -> [eps | v]`` for the diffusion, guided like the reference's first half."""
+  if not guided:
+    return lambda x, t: model(x, t, labels)
+  null = jnp.full_like(labels, model.config.null_label)
+  c = model.config.in_channels
+
+  def fn(x, t):
+    out = model(jnp.concatenate([x, x]), jnp.concatenate([t, t]),
+                jnp.concatenate([labels, null]))
+    cond, uncond = jnp.split(out, 2, axis=0)
+    eps = uncond[..., :c] + cfg_scale * (cond[..., :c] - uncond[..., :c])
+    return jnp.concatenate([eps, cond[..., c:]], axis=-1)
+  return fn
+
+
+def _sample_fn(graphdef, static, state, noise, labels, cfg_scale, key, step_noise):
+  method, num_steps, guided, interval, path, eta, schedule = static
+  model = nnx.merge(graphdef, state)
+  if method in SIT_METHODS:
+    common = dict(num_steps=num_steps, cfg_scale=cfg_scale, guidance_interval=interval,
+                  null_label=model.config.null_label, guided=guided)
+    if method == "euler_maruyama":
+      return samplers.euler_maruyama_sampler(_velocity_fn(model), noise, labels, path=path,
+                                             key=key, step_noise=step_noise, **common)
+    return samplers.euler_sampler(_velocity_fn(model), noise, labels, heun=method == "heun",
+                                  **common)
+  diff = diffusion_lib.create_diffusion(str(num_steps), schedule, learn_sigma=model.config.learn_sigma)
+  model_fn = _dit_model_fn(model, labels, cfg_scale, guided)
+  if method == "ddpm":
+    return diff.p_sample_loop(model_fn, noise, key=key, noise=step_noise)
+  return diff.ddim_sample_loop(model_fn, noise, eta=eta, key=key, noise=step_noise)
+
+
+class Generator:
+  """A SiT or DiT with its weights, ready for inference.
+
+  Args:
+    model: a ``SiT`` (``config.kind`` says SiT or DiT) holding the weights.
+    dtype: compute dtype, ``"float32"`` (default) or ``"bfloat16"``; parameters,
+      norms, softmax, the residual stream and the sampler state stay float32.
+    mesh: optional ``jax.sharding.Mesh``; batches are split over ``data_axis``
+      and the weights replicated.
+  """
+
+  def __init__(self, model: SiT, *, dtype: Any = "float32",
+               mesh: jax.sharding.Mesh | None = None, data_axis: str | tuple[str, ...] = "data"):
+    self.config: GeneratorConfig = model.config
+    self.dtype = _resolve_dtype(dtype)
+    self.mesh = mesh
+    self.data_axis = data_axis
+    graphdef, _ = nnx.split(abstract_model(self.config, self.dtype))
+    state = nnx.state(model)
+    if mesh is not None:
+      state = jax.device_put(state, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+    self.graphdef = graphdef
+    self.state = state
+    self._forward = jax.jit(functools.partial(_forward_fn, graphdef))
+    self._samplers: dict[tuple, Any] = {}
+
+  # ----------------------------------------------------------------- loading
+  @classmethod
+  def load(cls, directory: str, **kwargs) -> "Generator":
+    """Loads a directory written by ``Generator.save`` (or the converter)."""
+    config = GeneratorConfig.from_json_dict(checkpoint.read_config(directory))
+    target = variable_shapes(config)
+    shardings = None
+    mesh = kwargs.get("mesh")
+    if mesh is not None:
+      replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+      shardings = {p: replicated for p in target}
+    flat = checkpoint.read_param_dir(directory, target, shardings)
+    return cls(build_model(config, flat), **kwargs)
+
+  @classmethod
+  def from_pytorch(cls, checkpoint_path: str, config: str | Mapping[str, Any], *,
+                   weights: str = "auto", kind: str | None = None, **kwargs) -> "Generator":
+    """Builds from a released ``model.safetensors`` (or ``.pt``) and its ``config.json``."""
+    from softvq_jax.convert import generator as convert_generator  # pylint: disable=g-import-not-at-top
+    gen_config, flat, _ = convert_generator.convert(checkpoint_path, config, weights=weights,
+                                                    kind=kind)
+    return cls(build_model(gen_config, flat), **kwargs)
+
+  @classmethod
+  def random(cls, config: GeneratorConfig | Mapping[str, Any], *, seed: int = 0,
+             **kwargs) -> "Generator":
+    """A freshly initialised generator (adaLN-Zero: it outputs zeros until trained)."""
+    if not isinstance(config, GeneratorConfig):
+      config = GeneratorConfig.from_json_dict(config)
+    return cls(SiT(config, rngs=nnx.Rngs(seed)), **kwargs)
+
+  def save(self, directory: str, *, overwrite: bool = False) -> str:
+    """Writes ``config.json`` + ``params/`` (pos_embed included), loadable with ``load``."""
+    flat = {tuple(p): np.asarray(jax.device_get(v.get_value()))
+            for p, v in nnx.to_flat_state(self.state)}
+    return checkpoint.write_param_dir(directory, flat, self.config.to_json_dict(),
+                                      overwrite=overwrite)
+
+  def model(self) -> SiT:
+    """The NNX model (compute dtype of this generator) holding the weights."""
+    return nnx.merge(self.graphdef, self.state)
+
+  @property
+  def latent_shape(self) -> tuple[int, int]:
+    return self.config.latent_shape
+
+  @property
+  def kind(self) -> str:
+    return self.config.kind
+
+  # --------------------------------------------------------------- inference
+  def __call__(self, x, t, y) -> jax.Array:
+    """One network evaluation: SiT velocity ``(B, T, C)``; DiT ``[eps | v]`` ``(B, T, 2C)``."""
+    x = self._check_latents(x, "x")
+    n = x.shape[0]
+    t = jnp.broadcast_to(jnp.asarray(t), (n,))
+    y = self._check_labels(y, n)
+    (x, t, y), n = self._shard(x, t, y)
+    return self._forward(self.state, x, t, y)[:n]
+
+  def sample(self, noise, labels, *, method: str | None = None, num_steps: int = 250,
+             cfg_scale: float = 1.0, guidance_interval: tuple[float, float] = (0.0, 1.0),
+             key: jax.Array | None = None, step_noise=None, path: str = "linear",
+             eta: float = 0.0, noise_schedule: str = "cosine") -> jax.Array:
+    """Generates normalised latents ``(B, T, C)`` from ``noise`` (x at t = 1 / step T).
+
+    Args:
+      noise: ``(B, T, C)`` starting noise (e.g. ``jax.random.normal``).
+      labels: ``(B,)`` class labels (``num_classes`` = the null class).
+      method: SiT ``"euler"`` | ``"heun"`` (ODE) | ``"euler_maruyama"`` (SDE, default);
+        DiT ``"ddpm"`` (default) | ``"ddim"``.
+      num_steps: sampler steps (DiT: respaced steps of the 1000-step process).
+      cfg_scale: classifier-free guidance scale; > 1 doubles the batch with null labels.
+      guidance_interval: SiT only: guide the steps with ``low <= t_cur <= high``.
+      key: PRNG key for the stochastic samplers (SDE, DDPM, DDIM with eta > 0).
+      step_noise: recorded per-step noise to replay instead of ``key``
+        (SDE ``(num_steps - 1, B, T, C)``, DDPM/DDIM ``(num_steps, B, T, C)``).
+      path: SDE interpolant (``linear`` | ``cosine``) for the velocity-to-score conversion.
+      eta: DDIM noise level.
+      noise_schedule: DiT diffusion schedule the model was trained with (``cosine`` | ``linear``).
+    """
+    sit = self.config.kind == "sit"
+    methods = SIT_METHODS if sit else DIT_METHODS
+    method = method or ("euler_maruyama" if sit else "ddpm")
+    if method not in methods:
+      raise ValueError(f"method must be one of {methods} for a {self.config.kind}, got {method!r}")
+    noise = self._check_latents(noise, "noise")
+    n = noise.shape[0]
+    labels = self._check_labels(labels, n)
+    guided = float(cfg_scale) > 1.0
+    if guided and not self.config.has_null_label:
+      raise ValueError("this model has no null-class row (class_dropout_prob = 0), so it "
+                       "cannot be sampled with classifier-free guidance")
+    if not sit and tuple(guidance_interval) != (0.0, 1.0):
+      raise ValueError("guidance_interval is a SiT sampler option; DiT guides every step")
+    stochastic = method in ("euler_maruyama", "ddpm") or (method == "ddim" and eta != 0.0)
+    if stochastic and key is None and step_noise is None:
+      raise ValueError(f"method {method!r} is stochastic: pass key= (or step_noise=)")
+    static = (method, int(num_steps), guided, tuple(float(g) for g in guidance_interval), path,
+              float(eta), noise_schedule)
+    if static not in self._samplers:
+      self._samplers[static] = jax.jit(functools.partial(_sample_fn, self.graphdef, static))
+    pad_axes = [0, 0]
+    arrays = [noise, labels]
+    if step_noise is not None:
+      arrays.append(jnp.asarray(step_noise, jnp.float32))
+      pad_axes.append(1)
+    arrays, n = self._shard(*arrays, axes=pad_axes)
+    noise, labels = arrays[0], arrays[1]
+    step_noise = arrays[2] if step_noise is not None else None
+    out = self._samplers[static](self.state, noise, labels, jnp.float32(cfg_scale), key,
+                                 step_noise)
+    return out[:n]
+
+  # ------------------------------------------------------------- validation
+  def _check_latents(self, x, name: str) -> jax.Array:
+    shape = tuple(getattr(x, "shape", np.shape(x)))
+    want = self.config.latent_shape
+    if len(shape) != 3 or shape[1:] != want:
+      raise ValueError(f"{name} must have shape (B, {want[0]}, {want[1]}), got {shape}")
+    if shape[0] == 0:
+      raise ValueError(f"{name} is an empty batch")
+    x = jnp.asarray(x)
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+      raise TypeError(f"{name} must be floating point, got {x.dtype}")
+    return x.astype(jnp.float32)
+
+  def _check_labels(self, y, n: int) -> jax.Array:
+    y = np.asarray(y) if not isinstance(y, jax.Array) else y
+    if y.shape != (n,):
+      raise ValueError(f"labels must have shape ({n},), got {tuple(y.shape)}")
+    if not jnp.issubdtype(y.dtype, jnp.integer):
+      raise TypeError(f"labels must be integers, got {y.dtype}")
+    if isinstance(y, np.ndarray):
+      top = self.config.null_label if self.config.has_null_label else self.config.num_classes - 1
+      if y.min() < 0 or y.max() > top:
+        raise ValueError(f"labels must lie in [0, {top}], got [{y.min()}, {y.max()}]")
+    return jnp.asarray(y, jnp.int32)
+
+  def _shard(self, *arrays, axes=None):
+    """Pads the batch to a multiple of the data shards and places it on the mesh."""
+    axes = axes or [0] * len(arrays)
+    n = arrays[0].shape[0]
+    if self.mesh is None:
+      return (list(arrays) if len(arrays) > 1 else arrays), n
+    names = self.data_axis if isinstance(self.data_axis, tuple) else (self.data_axis,)
+    shards = int(np.prod([self.mesh.shape[a] for a in names]))
+    pad = (-n) % shards
+    out = []
+    for a, axis in zip(arrays, axes):
+      a = jnp.asarray(a)
+      if pad:
+        edge = jax.lax.slice_in_dim(a, n - 1, n, axis=axis)
+        a = jnp.concatenate([a, jnp.repeat(edge, pad, axis=axis)], axis=axis)
+      spec = [None] * a.ndim
+      spec[axis] = self.data_axis
+      out.append(jax.device_put(a, jax.sharding.NamedSharding(
+          self.mesh, jax.sharding.PartitionSpec(*spec))))
+    return out, n
