@@ -1,0 +1,282 @@
+"""Stage-2 latent cache: encode a dataset once with a frozen tokenizer, train SiT/DiT on the latents.
+
+Writer: every image (ADM centre crop, as the reference's SiT training uses)
+and its horizontal flip are encoded; each record of the sharded ArrayRecord
+files holds ``latent`` and ``latent_flip`` (``(L, d)`` float32), ``label``,
+the source ``index`` and ``name``. A shard is written under a temporary name
+and renamed when complete, so a rerun skips finished shards and redoes only
+the interrupted one. With several processes, process ``p`` writes the shards
+``s`` with ``s % process_count == p``.
+
+Reader: ``latent_pipeline`` yields ``{"latent": (B, L, d), "label": (B,)}``,
+picking the flipped copy with probability 1/2 per example when training (the
+reference's ``CachedFolder``).
+
+    python -m softvq_jax.data.cache_latents --tokenizer_dir=DIR --source=folder \\
+        --data_path=/data/imagenet/train --out_dir=/data/cache/softvq_l64
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import grain
+import numpy as np
+from absl import logging
+from tqdm import tqdm
+
+from softvq_jax.data import pipeline, records, transforms
+
+CACHE_INFO = "cache_info.json"
+FORMAT = "softvq_jax.latent_cache"
+VERSION = 1
+# Fields that must agree between a partial cache and the run resuming it.
+_MUST_MATCH = ("format", "version", "num_examples", "num_shards", "examples_per_shard",
+               "latent_shape", "image_size", "tokenizer")
+
+
+def shard_name(shard: int, num_shards: int) -> str:
+  return f"latents-{shard:05d}-of-{num_shards:05d}.array_record"
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+  """Config hash plus a checksum of the weights: a cache is only valid for one tokenizer."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  config = json.dumps(tokenizer.config.to_json_dict(), sort_keys=True, default=str)
+  leaves = [x for x in jax.tree.leaves(tokenizer.state) if hasattr(x, "dtype")]
+  checksum = sum(float(jnp.sum(jnp.abs(jnp.asarray(x, jnp.float32)))) for x in leaves)
+  digest = hashlib.sha256(config.encode()).hexdigest()[:16]
+  return f"{digest}-{len(leaves)}-{checksum:.6e}"
+
+
+def read_info(cache_dir: str) -> dict[str, Any]:
+  path = os.path.join(cache_dir, CACHE_INFO)
+  if not os.path.exists(path):
+    if not os.path.isdir(cache_dir):
+      raise FileNotFoundError(f"latent cache {cache_dir} does not exist")
+    raise FileNotFoundError(f"{cache_dir} is not a latent cache: it has no {CACHE_INFO}")
+  with open(path) as f:
+    return json.load(f)
+
+
+def _write_json_atomic(path: str, data: dict[str, Any]) -> None:
+  tmp = records.temp_path(path)
+  with open(tmp, "w") as f:
+    json.dump(data, f, indent=1, sort_keys=True)
+  os.replace(tmp, path)
+
+
+def _check_resumable(cache_dir: str, info: dict[str, Any]) -> None:
+  old = read_info(cache_dir)
+  bad = [k for k in _MUST_MATCH if old.get(k) != info.get(k)]
+  if bad:
+    diffs = "; ".join(f"{k}: cache has {old.get(k)!r}, this run {info.get(k)!r}" for k in bad)
+    raise ValueError(f"latent cache {cache_dir} was written with different settings ({diffs}); "
+                     "use a new out_dir or delete the old cache")
+  if old.get("source") != info.get("source"):
+    logging.warning("latent cache %s was started from %s, resuming from %s", cache_dir,
+                    old.get("source"), info.get("source"))
+
+
+def write_latent_cache(tokenizer: Any, source: Any, out_dir: str, *, batch_size: int = 32,
+                       examples_per_shard: int = 4096, process_index: int | None = None,
+                       process_count: int | None = None, num_threads: int = 8,
+                       max_skipped: int | None = 100, progress: bool = True) -> dict[str, Any]:
+  """Encodes ``source`` with ``tokenizer`` into ``out_dir``; resumes a partial cache.
+
+  Returns the cache info plus this run's ``written_shards``, ``existing_shards``
+  and ``skipped_images`` (undecodable images, left out of the cache).
+  """
+  n = len(source)
+  name = str(getattr(source, "name", type(source).__name__))
+  if n == 0:
+    raise ValueError(f"{name} is empty: nothing to cache")
+  if examples_per_shard < 1 or batch_size < 1:
+    raise ValueError(f"examples_per_shard ({examples_per_shard}) and batch_size ({batch_size}) "
+                     "must be >= 1")
+  index, count = pipeline.host_shard(process_index, process_count)
+  num_shards = -(-n // examples_per_shard)
+  size = tokenizer.image_size
+  info = {"format": FORMAT, "version": VERSION, "num_examples": n, "num_shards": num_shards,
+          "examples_per_shard": examples_per_shard, "latent_shape": list(tokenizer.latent_shape),
+          "image_size": size, "tokenizer": tokenizer_fingerprint(tokenizer),
+          "vq_mean": float(tokenizer.config.vq_mean), "vq_std": float(tokenizer.config.vq_std),
+          "source": name, "transform": "adm_center_crop"}
+  os.makedirs(out_dir, exist_ok=True)
+  if os.path.exists(os.path.join(out_dir, CACHE_INFO)):
+    _check_resumable(out_dir, info)
+  else:
+    _write_json_atomic(os.path.join(out_dir, CACHE_INFO), info)
+
+  mine = [s for s in range(num_shards) if s % count == index]
+  todo = [s for s in mine if not os.path.exists(os.path.join(out_dir, shard_name(s, num_shards)))]
+  logging.info("latent cache %s: %d examples in %d shards; process %d of %d writes %d, %d already "
+               "complete", out_dir, n, num_shards, index, count, len(todo), len(mine) - len(todo))
+  preprocess = pipeline.ImagePreprocess(size, train=False)
+
+  def load(i: int) -> tuple[str, dict[str, Any] | pipeline.Skipped]:
+    record = source[i]
+    return str(record.get("name", i)), preprocess.random_map(record, None)
+
+  skipped: list[str] = []
+  total = sum(min(n, (s + 1) * examples_per_shard) - s * examples_per_shard for s in todo)
+  bar = tqdm(total=total, desc="cache latents", unit="img", disable=not progress)
+  with concurrent.futures.ThreadPoolExecutor(num_threads) as pool:
+
+    def shard_records(shard: int):
+      start, stop = shard * examples_per_shard, min(n, (shard + 1) * examples_per_shard)
+      for b0 in range(start, stop, batch_size):
+        ids = list(range(b0, min(stop, b0 + batch_size)))
+        kept, images = [], []
+        for i, (ex_name, ex) in zip(ids, pool.map(load, ids)):
+          if isinstance(ex, pipeline.Skipped):
+            skipped.append(f"{ex.name} ({ex.reason})")
+            logging.warning("Skipping undecodable image %s: %s", ex.name, ex.reason)
+            if max_skipped is not None and len(skipped) > max_skipped:
+              raise RuntimeError(f"{len(skipped)} images of {name} could not be decoded, more "
+                                 f"than max_skipped={max_skipped}; the last: "
+                                 f"{'; '.join(skipped[-5:])}")
+          else:
+            kept.append((i, ex_name, ex))
+            images.append(ex["image"])
+        bar.update(len(ids))
+        if not kept:
+          continue
+        latents, flipped = encode_with_flip(tokenizer, np.stack(images), batch_size)
+        for (i, ex_name, ex), z, zf in zip(kept, latents, flipped):
+          yield {"latent": z, "latent_flip": zf, "label": np.int32(ex["label"]), "index": i,
+                 "name": ex_name}
+
+    written = []
+    for shard in todo:
+      path = os.path.join(out_dir, shard_name(shard, num_shards))
+      records.remove_stale_temps(path)
+      records.write_records(path, shard_records(shard))
+      written.append(shard)
+  bar.close()
+  if skipped:
+    logging.warning("latent cache %s: %d undecodable images left out", out_dir, len(skipped))
+  return {**info, "written_shards": written, "existing_shards": len(mine) - len(todo),
+          "skipped_images": len(skipped)}
+
+
+def encode_with_flip(tokenizer: Any, images_u8: np.ndarray,
+                     batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+  """Latents of uint8 images and of their mirror images, in one fixed-shape call.
+
+  The batch is padded to ``batch_size`` so the tokenizer compiles once, not
+  once per ragged shard end.
+  """
+  b = len(images_u8)
+  x = transforms.to_float(images_u8)
+  if b < batch_size:
+    x = np.concatenate([x, np.repeat(x[-1:], batch_size - b, axis=0)])
+  z = np.asarray(tokenizer.encode(np.concatenate([x, x[:, :, ::-1]])), np.float32)
+  return z[:b], z[len(x):len(x) + b]
+
+
+class LatentCacheSource:
+  """Random access to a complete latent cache (all shards present)."""
+
+  def __init__(self, cache_dir: str):
+    self.cache_dir = os.fspath(cache_dir)
+    self.info = read_info(self.cache_dir)
+    num_shards = self.info["num_shards"]
+    paths = [os.path.join(self.cache_dir, shard_name(s, num_shards)) for s in range(num_shards)]
+    missing = [os.path.basename(p) for p in paths if not os.path.exists(p)]
+    if missing:
+      raise FileNotFoundError(
+          f"latent cache {self.cache_dir} is incomplete: {len(missing)} of {num_shards} shards "
+          f"missing ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}); rerun the "
+          "writer to finish it")
+    self.paths = paths
+    self.name = f"latent cache {self.cache_dir}"
+    self._source = grain.sources.ArrayRecordDataSource(paths)
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    return records.decode_record(self._source[index])
+
+
+class PickLatent(grain.transforms.RandomMap):
+  """Training: the flipped latents with probability 1/2; eval: always the unflipped ones."""
+
+  def __init__(self, train: bool, mean: float = 0.0, std: float = 1.0):
+    self.train, self.mean, self.std = train, mean, std
+
+  def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+    flip = self.train and rng.random() < 0.5
+    z = np.asarray(element["latent_flip" if flip else "latent"], np.float32)
+    if self.mean != 0.0 or self.std != 1.0:
+      z = (z - np.float32(self.mean)) / np.float32(self.std)
+    return {"latent": z, "label": np.int32(element["label"])}
+
+
+def latent_pipeline(cache: str | LatentCacheSource, *, batch_size: int, train: bool = True,
+                    seed: int = 0, num_epochs: int | None = None, normalize: bool = False,
+                    shard_index: int | None = None, shard_count: int | None = None,
+                    num_threads: int = 4, prefetch_buffer_size: int = 256,
+                    worker_count: int = 0) -> grain.IterDataset:
+  """Batches ``{"latent": (B, L, d) float32, "label": (B,) int32}`` from a latent cache.
+
+  ``normalize`` applies the tokenizer's ``(z - vq_mean) / vq_std`` stored in
+  the cache info. Training shuffles, repeats forever and drops the remainder;
+  eval reads once in order.
+  """
+  source = cache if isinstance(cache, LatentCacheSource) else LatentCacheSource(cache)
+  mean, std = ((source.info["vq_mean"], source.info["vq_std"]) if normalize else (0.0, 1.0))
+  if num_epochs is None and not train:
+    num_epochs = 1
+  return pipeline.build_pipeline(
+      source, PickLatent(train, mean, std), batch_size=batch_size, seed=seed, shuffle=train,
+      num_epochs=num_epochs, drop_remainder=train, shard_index=shard_index,
+      shard_count=shard_count, num_threads=num_threads,
+      prefetch_buffer_size=prefetch_buffer_size, worker_count=worker_count, max_skipped=None)
+
+
+def main(argv: Sequence[str]) -> None:
+  del argv
+  from absl import flags  # pylint: disable=g-import-not-at-top
+
+  from softvq_jax.data import sources  # pylint: disable=g-import-not-at-top
+  from softvq_jax.tokenizer import Tokenizer  # pylint: disable=g-import-not-at-top
+  f = flags.FLAGS
+  kwargs = {"folder": {"root": f.data_path}, "array_record": {"paths": f.data_path},
+            "tfds": {"dataset": f.tfds_name, "split": f.split, "data_dir": f.data_path},
+            "fashion_mnist": {"split": f.split}, "skimage": {}, "synthetic": {}}[f.source]
+  source = sources.make_source(f.source, **kwargs)
+  tokenizer = Tokenizer.load(f.tokenizer_dir, dtype=f.dtype)
+  info = write_latent_cache(tokenizer, source, f.out_dir, batch_size=f.batch_size,
+                            examples_per_shard=f.examples_per_shard, num_threads=f.num_threads,
+                            max_skipped=f.max_skipped)
+  logging.info("latent cache done: %s", json.dumps(info))
+
+
+def _define_flags() -> None:
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  flags.DEFINE_string("tokenizer_dir", None, "converted tokenizer (Tokenizer.load)", required=True)
+  flags.DEFINE_string("out_dir", None, "where the cache goes", required=True)
+  flags.DEFINE_enum("source", "folder", ["folder", "array_record", "tfds", "fashion_mnist",
+                                         "skimage", "synthetic"], "data source")
+  flags.DEFINE_string("data_path", None, "image folder root, ArrayRecord glob or TFDS data_dir")
+  flags.DEFINE_string("tfds_name", "imagenet2012", "TFDS dataset name (source=tfds)")
+  flags.DEFINE_string("split", "train", "split (tfds, fashion_mnist)")
+  flags.DEFINE_string("dtype", "float32", "tokenizer compute dtype")
+  flags.DEFINE_integer("batch_size", 32, "images per encode call (each also encoded flipped)")
+  flags.DEFINE_integer("examples_per_shard", 4096, "records per ArrayRecord shard")
+  flags.DEFINE_integer("num_threads", 8, "decode threads")
+  flags.DEFINE_integer("max_skipped", 100, "stop after more undecodable images than this")
+
+
+if __name__ == "__main__":
+  from absl import app  # pylint: disable=g-import-not-at-top
+  _define_flags()
+  app.run(main)

@@ -1,0 +1,233 @@
+"""Grain pipelines: per-host sharding, seeded shuffling and augmentation, resumable iterators.
+
+    source -> [drop remainder] -> [index::count] per host -> shuffle(seed) -> repeat(epochs)
+           -> random_map(decode + transform, seed) -> to_iter_dataset(threads)
+           -> [mp_prefetch(workers)] -> SkipAndBatch
+
+Every random choice is a function of (seed, host shard, position in the
+stream), so a pipeline is reproducible from its seed and its iterator state
+(``get_state``/``set_state``, JSON-able; also what ``grain.checkpoint`` saves)
+pins the exact next batch. Images that cannot be decoded travel down the
+pipeline as ``Skipped`` markers and are dropped, counted (the count is part of
+the iterator state) and checked against ``max_skipped`` in the main process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import grain
+import numpy as np
+from absl import logging
+
+from softvq_jax.data import decode, transforms
+
+
+@dataclasses.dataclass(frozen=True)
+class Skipped:
+  """Stands in for an example whose image could not be decoded."""
+  name: str
+  reason: str
+
+
+def host_shard(shard_index: int | None = None, shard_count: int | None = None) -> tuple[int, int]:
+  """(index, count) of this host's shard: the JAX process index/count unless overridden."""
+  if shard_index is None or shard_count is None:
+    import jax  # pylint: disable=g-import-not-at-top
+    shard_index = jax.process_index() if shard_index is None else shard_index
+    shard_count = jax.process_count() if shard_count is None else shard_count
+  if not 0 <= shard_index < shard_count:
+    raise ValueError(f"shard_index {shard_index} is not in [0, shard_count={shard_count})")
+  return shard_index, shard_count
+
+
+def shard_dataset(ds: grain.MapDataset, shard_index: int, shard_count: int,
+                  drop_remainder: bool) -> grain.MapDataset:
+  """This host's examples: every ``shard_count``-th one from ``shard_index``.
+
+  Strided, not contiguous, so that sources sorted by class (image folders)
+  give every host every class. With ``drop_remainder`` the last
+  ``len % shard_count`` examples are dropped so all hosts run equally many steps.
+  """
+  if drop_remainder:
+    ds = ds[:len(ds) - len(ds) % shard_count]
+  return ds[shard_index::shard_count]
+
+
+def _stream_seed(seed: int, shard_index: int) -> int:
+  # Hosts see different examples at the same stream position, so their
+  # augmentation streams must differ too.
+  return int(np.random.SeedSequence([seed, shard_index, 0x50F7]).generate_state(1)[0])
+
+
+class ImagePreprocess(grain.transforms.RandomMap):
+  """Decodes one record and applies the train or eval transform -> uint8 image, int32 label."""
+
+  def __init__(self, image_size: int, train: bool, min_resize: int | None = None,
+               max_resize: int | None = None, flip: bool = True):
+    self.image_size, self.train = image_size, train
+    self.min_resize, self.max_resize, self.flip = min_resize, max_resize, flip
+    if train:  # fail at build time, not in a worker
+      transforms.sample_crop_params(np.random.default_rng(0), (image_size, image_size),
+                                    image_size, min_resize, max_resize, flip)
+
+  def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, Any] | Skipped:
+    name = str(element.get("name", "?"))
+    try:
+      image = decode.to_pil_rgb(element["image"], name)
+    except decode.CorruptImageError as e:
+      return Skipped(name, e.reason)
+    if self.train:
+      out = transforms.random_crop_flip(image, self.image_size, rng, self.min_resize,
+                                        self.max_resize, self.flip)
+    else:
+      out = transforms.center_crop_arr(image, self.image_size)
+    return {"image": out, "label": np.int32(element.get("label", 0))}
+
+
+def stack_examples(examples: Sequence[dict[str, Any]]) -> dict[str, np.ndarray]:
+  return {k: np.stack([np.asarray(ex[k]) for ex in examples]) for k in examples[0]}
+
+
+def images_to_float(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  batch["image"] = transforms.to_float(batch["image"])
+  batch["label"] = batch["label"].astype(np.int32)
+  return batch
+
+
+class _SkipAndBatchIterator(grain.DatasetIterator):
+
+  def __init__(self, parent: grain.DatasetIterator, batch_size: int, drop_remainder: bool,
+               max_skipped: int | None, source_name: str,
+               finalize: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]):
+    super().__init__(parent)
+    self._batch_size, self._drop_remainder = batch_size, drop_remainder
+    self._max_skipped, self._source_name, self._finalize = max_skipped, source_name, finalize
+    self.num_skipped = 0
+    self.skipped_names: list[str] = []  # the most recent few, for the error message
+
+  def _note_skip(self, skipped: Skipped) -> None:
+    self.num_skipped += 1
+    self.skipped_names = (self.skipped_names + [f"{skipped.name} ({skipped.reason})"])[-5:]
+    logging.warning("Skipping undecodable image %s in %s: %s (%d skipped so far)", skipped.name,
+                    self._source_name, skipped.reason, self.num_skipped)
+    if self._max_skipped is not None and self.num_skipped > self._max_skipped:
+      raise RuntimeError(
+          f"{self.num_skipped} images of {self._source_name} could not be decoded, more than "
+          f"max_skipped={self._max_skipped}; the last: {'; '.join(self.skipped_names)}. Remove or "
+          "repair them, or raise max_skipped.")
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    examples = []
+    while len(examples) < self._batch_size:
+      try:
+        element = next(self._parent)
+      except StopIteration:
+        break
+      if isinstance(element, Skipped):
+        self._note_skip(element)
+      else:
+        examples.append(element)
+    if not examples or (self._drop_remainder and len(examples) < self._batch_size):
+      raise StopIteration
+    return self._finalize(stack_examples(examples))
+
+  def get_state(self) -> dict[str, Any]:
+    return {"parent": self._parent.get_state(), "num_skipped": self.num_skipped}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    self._parent.set_state(state["parent"])
+    self.num_skipped = int(state.get("num_skipped", 0))
+
+
+class SkipAndBatch(grain.IterDataset):
+  """Drops ``Skipped`` markers (counting them), batches the rest, applies ``finalize``.
+
+  Runs in the main process (after any ``mp_prefetch``) so the count covers
+  all workers and is saved with the iterator state.
+  """
+
+  def __init__(self, parent: grain.IterDataset, batch_size: int, *, drop_remainder: bool = True,
+               max_skipped: int | None = 100, source_name: str = "the dataset",
+               finalize: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]] = lambda b: b):
+    super().__init__(parent)
+    if batch_size < 1:
+      raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    self._args = (batch_size, drop_remainder, max_skipped, source_name, finalize)
+
+  def __iter__(self) -> _SkipAndBatchIterator:
+    return _SkipAndBatchIterator(self._parent.__iter__(), *self._args)
+
+  def __str__(self) -> str:
+    return f"SkipAndBatch(batch_size={self._args[0]}, max_skipped={self._args[2]})"
+
+
+def _source_name(source: Any) -> str:
+  return str(getattr(source, "name", type(source).__name__))
+
+
+def build_pipeline(source: Any, element_fn: grain.transforms.RandomMap, *, batch_size: int,
+                   seed: int = 0, shuffle: bool = True, num_epochs: int | None = None,
+                   drop_remainder: bool = True, shard_index: int | None = None,
+                   shard_count: int | None = None, num_threads: int = 8,
+                   prefetch_buffer_size: int = 64, worker_count: int = 0,
+                   max_skipped: int | None = 100,
+                   finalize: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]] = lambda b: b,
+                   ) -> grain.IterDataset:
+  """The generic pipeline (see the module docstring); ``element_fn`` maps one record.
+
+  ``batch_size`` is per host. ``num_epochs=None`` repeats forever.
+  """
+  name = _source_name(source)
+  n = len(source)
+  if n == 0:
+    raise ValueError(f"{name} is empty")
+  index, count = host_shard(shard_index, shard_count)
+  ds = shard_dataset(grain.MapDataset.source(source), index, count, drop_remainder)
+  if drop_remainder and len(ds) < batch_size:
+    raise ValueError(
+        f"{name} has {n} examples, {len(ds)} for this host's shard ({index} of {count}): fewer "
+        f"than one batch of {batch_size}; use a smaller batch or more data")
+  if len(ds) == 0:
+    raise ValueError(f"{name} has {n} examples, none for shard {index} of {count}")
+  if shuffle:
+    ds = ds.shuffle(seed=seed)
+  if num_epochs != 1:
+    ds = ds.repeat(num_epochs)
+  ds = ds.random_map(element_fn, seed=_stream_seed(seed, index))
+  ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
+                                            prefetch_buffer_size=prefetch_buffer_size))
+  if worker_count > 0:
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+  return SkipAndBatch(ds, batch_size, drop_remainder=drop_remainder, max_skipped=max_skipped,
+                      source_name=name, finalize=finalize)
+
+
+def image_pipeline(source: Any, *, batch_size: int, image_size: int, train: bool = True,
+                   seed: int = 0, num_epochs: int | None = None, shuffle: bool | None = None,
+                   drop_remainder: bool | None = None, min_resize: int | None = None,
+                   max_resize: int | None = None, flip: bool = True,
+                   shard_index: int | None = None, shard_count: int | None = None,
+                   num_threads: int = 8, prefetch_buffer_size: int = 64, worker_count: int = 0,
+                   max_skipped: int | None = 100) -> grain.IterDataset:
+  """Batches ``{"image": (B, S, S, 3) float32 in [-1, 1], "label": (B,) int32}`` from ``source``.
+
+  ``train=True``: the reference's augmentation (short side uniform in
+  [min_resize, max_resize], default [S, ceil(S/0.8)], BOX halving + bicubic,
+  random S crop, horizontal flip), shuffled, repeated forever, remainder dropped.
+  ``train=False``: ADM centre crop, one pass in source order, last batch kept.
+
+  ``iter()`` of the result has ``get_state``/``set_state`` and ``num_skipped``.
+  """
+  if num_epochs is None and not train:
+    num_epochs = 1
+  fn = ImagePreprocess(image_size, train, min_resize, max_resize, flip)
+  return build_pipeline(
+      source, fn, batch_size=batch_size, seed=seed,
+      shuffle=train if shuffle is None else shuffle, num_epochs=num_epochs,
+      drop_remainder=train if drop_remainder is None else drop_remainder,
+      shard_index=shard_index, shard_count=shard_count, num_threads=num_threads,
+      prefetch_buffer_size=prefetch_buffer_size, worker_count=worker_count,
+      max_skipped=max_skipped, finalize=images_to_float)
