@@ -184,7 +184,7 @@ class Generator:
     t = jnp.broadcast_to(jnp.asarray(t), (n,))
     y = self._check_labels(y, n)
     (x, t, y), n = self._shard(x, t, y)
-    return self._forward(self.state, x, t, y)[:n]
+    return self._trim(self._forward(self.state, x, t, y), n)
 
   def sample(self, noise, labels, *, method: str | None = None, num_steps: int = 250,
              cfg_scale: float = 1.0, guidance_interval: tuple[float, float] = (0.0, 1.0),
@@ -238,7 +238,7 @@ class Generator:
     step_noise = arrays[2] if step_noise is not None else None
     out = self._samplers[static](self.state, noise, labels, jnp.float32(cfg_scale), key,
                                  step_noise)
-    return out[:n]
+    return self._trim(out, n)
 
   # ------------------------------------------------------------- validation
   def _check_latents(self, x, name: str) -> jax.Array:
@@ -264,6 +264,15 @@ class Generator:
       if y.min() < 0 or y.max() > top:
         raise ValueError(f"labels must lie in [0, {top}], got [{y.min()}, {y.max()}]")
     return jnp.asarray(y, jnp.int32)
+
+  def _trim(self, out: jax.Array, n: int) -> jax.Array:
+    """Drops the padding rows added by ``_shard``."""
+    if out.shape[0] == n:
+      return out
+    if self.mesh is not None:
+      # Slicing a batch-sharded array is a gather that explicit mesh axes refuse.
+      out = jax.device_put(out, jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec()))
+    return out[:n]
 
   def _shard(self, *arrays, axes=None):
     """Pads the batch to a multiple of the data shards and places it on the mesh."""

@@ -299,7 +299,15 @@ class LabelEmbedder(nnx.Module):
     labels = jnp.asarray(labels).astype(jnp.int32)
     if force_drop_ids is not None or (drop_key is not None and self.dropout_prob > 0):
       labels = self.drop_labels(labels, drop_key, force_drop_ids)
-    return self.embedding_table(labels)
+    table = self.embedding_table.embedding[...]
+    # Under an explicitly sharded batch the gather must be told its output
+    # sharding: rows follow the labels' batch sharding.
+    sharding = jax.typeof(labels).sharding
+    spec = getattr(sharding, "spec", None)
+    if spec is not None and any(axis is not None for axis in spec):
+      out = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*spec, None))
+      return table.at[labels].get(out_sharding=out)
+    return table[labels]
 
 
 def modulate(x: Array, shift: Array, scale: Array) -> Array:
