@@ -157,9 +157,10 @@ class TfdsSource:
                                       decoders={image_key: tfds.decode.SkipDecoding()})
     except Exception as e:  # TFDS raises several types; all mean "not there / not usable"
       raise FileNotFoundError(
-          f"cannot open {self.name}: {type(e).__name__}: {e}. Prepare it as ArrayRecord with "
+          f"cannot open {self.name} for random access; prepare it as ArrayRecord with "
           f"`tfds build {dataset} --file_format=array_record"
-          + (f" --data_dir={data_dir}" if data_dir else "") + "`") from e
+          + (f" --data_dir={data_dir}" if data_dir else "") + f"` (TFDS said: {type(e).__name__}: "
+          f"{e})") from e
     self.dataset, self.split = dataset, split
     self.image_key, self.label_key, self.name_key = image_key, label_key, name_key
 

@@ -1,0 +1,298 @@
+"""Grain pipeline: determinism, mid-epoch resume, per-host shards, robust folders, sources."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from softvq_jax.data import pipeline, sources
+
+
+def take(it, n):
+  return [next(it) for _ in range(n)]
+
+
+def assert_batches_equal(a, b):
+  assert len(a) == len(b)
+  for x, y in zip(a, b):
+    assert x.keys() == y.keys()
+    for k in x:
+      np.testing.assert_array_equal(x[k], y[k])
+
+
+@pytest.fixture(scope="module")
+def synthetic():
+  # Varying sizes exercise the resize; num_classes > n makes label == index.
+  return sources.SyntheticSource(20, image_shape=None, num_classes=1000, seed=3)
+
+
+def train_pipeline(source, seed=0, **kw):
+  kw.setdefault("shard_index", 0)
+  kw.setdefault("shard_count", 1)
+  return pipeline.image_pipeline(source, batch_size=8, image_size=32, seed=seed, num_threads=2,
+                                 **kw)
+
+
+def test_batch_format(synthetic):
+  batch = next(iter(train_pipeline(synthetic)))
+  assert batch["image"].shape == (8, 32, 32, 3) and batch["image"].dtype == np.float32
+  assert batch["label"].shape == (8,) and batch["label"].dtype == np.int32
+  assert -1.0 <= batch["image"].min() and batch["image"].max() <= 1.0
+
+
+def test_deterministic_for_a_seed(synthetic):
+  a = take(iter(train_pipeline(synthetic, seed=5)), 4)  # 4 batches of 8 > one epoch of 20
+  b = take(iter(train_pipeline(synthetic, seed=5)), 4)
+  assert_batches_equal(a, b)
+  c = take(iter(train_pipeline(synthetic, seed=6)), 1)
+  assert not np.array_equal(a[0]["label"], c[0]["label"])
+  # Epochs are reshuffled and re-augmented: epoch 2 differs from epoch 1.
+  labels = np.concatenate([x["label"] for x in a])
+  assert sorted(labels[:20]) == list(range(20))  # epoch 1: each example once
+  assert not np.array_equal(labels[:12], labels[20:32])
+
+
+@pytest.mark.parametrize("consumed", [1, 2, 3])
+def test_resume_mid_epoch_gives_same_next_batches(synthetic, consumed):
+  ds = train_pipeline(synthetic, seed=1)
+  it = iter(ds)
+  take(it, consumed)
+  state = json.loads(json.dumps(it.get_state()))  # the checkpoint is JSON-able
+  expected = take(it, 3)  # crosses the epoch boundary at 20 examples
+  resumed = iter(train_pipeline(synthetic, seed=1))
+  resumed.set_state(state)
+  assert_batches_equal(take(resumed, 3), expected)
+
+
+# Shard sizes are multiples of the batch (4), so one epoch covers the whole shard.
+@pytest.mark.parametrize("count, n", [(2, 48), (3, 50), (4, 50)])
+def test_simulated_processes_get_disjoint_covering_shards(count, n):
+  source = sources.SyntheticSource(n, image_shape=(16, 16), num_classes=1000)
+  # Training: remainder dropped so every host runs the same number of steps.
+  seen = []
+  for index in range(count):
+    ds = pipeline.image_pipeline(source, batch_size=4, image_size=16, seed=0, num_epochs=1,
+                                 shard_index=index, shard_count=count, num_threads=1)
+    seen.append(np.concatenate([b["label"] for b in ds]))
+  usable = n - n % count
+  assert len({len(s) for s in seen}) == 1
+  for i in range(count):
+    for j in range(i + 1, count):
+      assert not set(seen[i]) & set(seen[j])
+  assert sorted(np.concatenate(seen)) == list(range(usable))
+  # Evaluation: every example exactly once over all hosts, none dropped.
+  seen = []
+  for index in range(count):
+    ds = pipeline.image_pipeline(source, batch_size=4, image_size=16, train=False,
+                                 shard_index=index, shard_count=count, num_threads=1)
+    seen.append(np.concatenate([b["label"] for b in ds]))
+  assert sorted(np.concatenate(seen)) == list(range(n))
+
+
+def test_shard_defaults_to_jax_process():
+  assert pipeline.host_shard() == (0, 1)
+  assert pipeline.host_shard(2, 4) == (2, 4)
+  with pytest.raises(ValueError, match="shard_index 4"):
+    pipeline.host_shard(4, 4)
+
+
+def test_eval_is_center_crop_in_order(synthetic):
+  from softvq_jax.data import decode, transforms  # pylint: disable=g-import-not-at-top
+  batches = list(pipeline.image_pipeline(synthetic, batch_size=8, image_size=32, train=False,
+                                         shard_index=0, shard_count=1))
+  assert [len(b["label"]) for b in batches] == [8, 8, 4]
+  images = np.concatenate([b["image"] for b in batches])
+  want = np.stack([transforms.center_crop_arr(decode.to_pil_rgb(synthetic[i]["image"]), 32)
+                   for i in range(20)])
+  np.testing.assert_array_equal(images, want.astype(np.float32) / np.float32(127.5) - 1)
+
+
+# ----------------------------------------------------------------- folders
+def write_odd_folder(root) -> dict[str, np.ndarray]:
+  """Two classes: good JPEG/PNGs, a corrupt JPEG, a CMYK JPEG, a 16-bit PNG, an RGBA PNG."""
+  rng = np.random.default_rng(0)
+  expected = {}
+  os.makedirs(root / "cat")
+  os.makedirs(root / "dog")
+  for i in range(3):
+    a = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    Image.fromarray(a).save(root / "cat" / f"good{i}.png")
+    expected[f"cat/good{i}.png"] = a
+  jpeg = root / "cat" / "broken.jpg"
+  Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(jpeg, format="JPEG")
+  data = jpeg.read_bytes()
+  jpeg.write_bytes(data[:len(data) // 3])  # truncated mid-scan
+  Image.new("CMYK", (32, 32), (0, 255, 255, 0)).save(root / "dog" / "cmyk.jpg", quality=95)
+  expected["dog/cmyk.jpg"] = np.broadcast_to(np.array([255, 0, 0], np.uint8), (32, 32, 3))
+  g16 = rng.integers(0, 65536, (32, 32), dtype=np.uint16)
+  Image.fromarray(g16).save(root / "dog" / "gray16.png")
+  expected["dog/gray16.png"] = np.repeat(((g16.astype(np.int64) + 128) // 257)[..., None], 3, -1)
+  rgba = rng.integers(0, 256, (32, 32, 4), dtype=np.uint8)
+  Image.fromarray(rgba, "RGBA").save(root / "dog" / "rgba.PNG")
+  expected["dog/rgba.PNG"] = rgba[..., :3]
+  (root / "dog" / "notes.txt").write_text("not an image, not listed")
+  return expected
+
+
+@pytest.fixture(scope="module")
+def odd_folder(tmp_path_factory):
+  root = tmp_path_factory.mktemp("odd")
+  return root, write_odd_folder(root)
+
+
+def test_folder_listing(odd_folder):
+  root, _ = odd_folder
+  src = sources.ImageFolderSource(str(root))
+  assert src.classes == ["cat", "dog"] and len(src) == 7
+  names = [src[i]["name"] for i in range(len(src))]
+  assert names == ["cat/broken.jpg", "cat/good0.png", "cat/good1.png", "cat/good2.png",
+                   "dog/cmyk.jpg", "dog/gray16.png", "dog/rgba.PNG"]
+  assert [src[i]["label"] for i in range(len(src))] == [0, 0, 0, 0, 1, 1, 1]
+
+
+def test_odd_folder_loads_with_corrupt_file_skipped(odd_folder):
+  root, expected = odd_folder
+  src = sources.ImageFolderSource(str(root))
+  ds = pipeline.image_pipeline(src, batch_size=3, image_size=32, train=False, shard_index=0,
+                               shard_count=1, num_threads=2, max_skipped=5)
+  it = iter(ds)
+  batches = list(it)
+  assert it.num_skipped == 1
+  assert it.get_state()["num_skipped"] == 1
+  assert [len(b["label"]) for b in batches] == [3, 3]
+  images = np.concatenate([b["image"] for b in batches])
+  labels = np.concatenate([b["label"] for b in batches])
+  assert list(labels) == [0, 0, 0, 1, 1, 1]
+  names = [n for n in sorted(expected)]  # listing order without the broken file
+  for image, name in zip(images, names):
+    u8 = np.round((image + 1) * 127.5).astype(int)
+    tol = 12 if name.endswith(".jpg") else 0  # JPEG is lossy; PNG must be exact
+    assert np.abs(u8 - expected[name]).max() <= tol, name
+
+
+def test_too_many_corrupt_files_stop_with_named_error(odd_folder):
+  root, _ = odd_folder
+  src = sources.ImageFolderSource(str(root))
+  ds = pipeline.image_pipeline(src, batch_size=2, image_size=32, train=False, shard_index=0,
+                               shard_count=1, num_threads=1, max_skipped=0)
+  with pytest.raises(RuntimeError, match=r"max_skipped=0.*broken\.jpg"):
+    list(ds)
+
+
+def test_folder_errors_name_the_problem(tmp_path, synthetic):
+  with pytest.raises(FileNotFoundError, match="nowhere"):
+    sources.ImageFolderSource(str(tmp_path / "nowhere"))
+  (tmp_path / "empty").mkdir()
+  with pytest.raises(ValueError, match=r"empty has no class sub-folders"):
+    sources.ImageFolderSource(str(tmp_path / "empty"))
+  (tmp_path / "empty" / "a").mkdir()
+  with pytest.raises(ValueError, match="no images"):
+    sources.ImageFolderSource(str(tmp_path / "empty"))
+  loose = tmp_path / "loose"
+  loose.mkdir()
+  Image.new("RGB", (4, 4)).save(loose / "x.png")
+  with pytest.raises(ValueError, match="lie directly in it"):
+    sources.ImageFolderSource(str(loose))
+  with pytest.raises(ValueError, match=r"synthetic.*fewer than one batch of 64"):
+    pipeline.image_pipeline(synthetic, batch_size=64, image_size=32, shard_index=0, shard_count=1)
+  with pytest.raises(ValueError, match=r"shard \(1 of 4\).*fewer than one batch of 8"):
+    pipeline.image_pipeline(synthetic, batch_size=8, image_size=32, shard_index=1, shard_count=4)
+
+
+# ----------------------------------------------------------------- sources
+def test_array_record_source_matches_folder(odd_folder, tmp_path):
+  root, _ = odd_folder
+  folder = sources.ImageFolderSource(str(root))
+  path = str(tmp_path / "odd.array_record")
+  assert sources.write_image_records(path, folder) == 7
+  rec = sources.ArrayRecordSource(path)
+  assert len(rec) == 7 and rec[4]["name"] == "dog/cmyk.jpg" and rec[4]["label"] == 1
+  kw = dict(batch_size=3, image_size=32, train=False, shard_index=0, shard_count=1)
+  a, b = iter(pipeline.image_pipeline(folder, **kw)), iter(pipeline.image_pipeline(rec, **kw))
+  assert_batches_equal(list(a), list(b))
+  assert a.num_skipped == b.num_skipped == 1
+  with pytest.raises(FileNotFoundError, match="no ArrayRecord files match"):
+    sources.ArrayRecordSource(str(tmp_path / "missing-*.array_record"))
+
+
+def test_synthetic_source_is_deterministic():
+  a, b = sources.SyntheticSource(5, seed=1), sources.SyntheticSource(5, seed=1)
+  np.testing.assert_array_equal(a[3]["image"], b[3]["image"])
+  assert not np.array_equal(a[3]["image"], sources.SyntheticSource(5, seed=2)[3]["image"])
+  with pytest.raises(IndexError):
+    a[5]  # pylint: disable=pointless-statement
+
+
+@pytest.mark.skipif(not os.path.isdir(sources.FASHION_MNIST_DIR),
+                    reason="apt-get install dataset-fashion-mnist")
+def test_fashion_mnist():
+  src = sources.FashionMnistSource("test")
+  assert len(src) == 10000 and src[0]["image"].shape == (28, 28)
+  assert sorted(set(int(src[i]["label"]) for i in range(200))) == list(range(10))
+  batch = next(iter(pipeline.image_pipeline(src, batch_size=16, image_size=64, shard_index=0,
+                                            shard_count=1, num_threads=1)))
+  img = batch["image"]
+  assert img.shape == (16, 64, 64, 3)
+  np.testing.assert_array_equal(img[..., 0], img[..., 2])  # grey made RGB
+  with pytest.raises(FileNotFoundError, match="dataset-fashion-mnist"):
+    sources.FashionMnistSource("test", root="/nonexistent")
+
+
+def test_skimage_photo_crops():
+  src = sources.SkimagePhotosSource(num_examples=12, seed=0)
+  assert len(src) == 12
+  assert [src[i]["label"] for i in range(len(src.classes) + 1)][-1] == 0
+  np.testing.assert_array_equal(src[5]["image"], sources.SkimagePhotosSource(12, seed=0)[5]["image"])
+  batch = next(iter(pipeline.image_pipeline(src, batch_size=4, image_size=32, shard_index=0,
+                                            shard_count=1, num_threads=1)))
+  assert batch["image"].shape == (4, 32, 32, 3)
+
+
+def test_tfds_source_reads_undecoded_images(monkeypatch):
+  tfds = pytest.importorskip("tensorflow_datasets")
+  import io  # pylint: disable=g-import-not-at-top
+  buf = io.BytesIO()
+  Image.fromarray(np.full((8, 8, 3), 200, np.uint8)).save(buf, format="PNG")
+  calls = {}
+
+  def fake_data_source(name, **kw):
+    calls.update(kw, name=name)
+    return [{"image": buf.getvalue(), "label": 7, "file_name": b"n01_1.JPEG"}] * 4
+
+  monkeypatch.setattr(tfds, "data_source", fake_data_source)
+  src = sources.TfdsSource("imagenet2012", split="validation")
+  assert calls["download"] is False and calls["split"] == "validation"
+  assert isinstance(calls["decoders"]["image"], tfds.decode.SkipDecoding)
+  assert src[0]["name"] == "n01_1.JPEG" and src[0]["label"] == 7
+  batch = next(iter(pipeline.image_pipeline(src, batch_size=2, image_size=8, train=False,
+                                            shard_index=0, shard_count=1)))
+  np.testing.assert_allclose(batch["image"], 200 / 127.5 - 1, atol=1e-6)
+
+
+def test_tfds_missing_dataset_is_named(tmp_path):
+  pytest.importorskip("tensorflow_datasets")
+  with pytest.raises(FileNotFoundError, match=r"(?s)TFDS imagenet2012/train.*tfds build"):
+    sources.TfdsSource("imagenet2012", data_dir=str(tmp_path))
+
+
+def test_make_source_unknown_kind():
+  with pytest.raises(ValueError, match="unknown data source 'imagenet'"):
+    sources.make_source("imagenet")
+
+
+def test_no_tensorflow_import():
+  code = ("import sys, softvq_jax, softvq_jax.data.photos\n"
+          "from softvq_jax.data import pipeline, sources, cache_latents\n"
+          "ds = pipeline.image_pipeline(sources.SyntheticSource(8), batch_size=4, image_size=16,\n"
+          "                             shard_index=0, shard_count=1)\n"
+          "next(iter(ds))\n"
+          "bad = [m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'tensorflow_datasets')]\n"
+          "assert not bad, bad\n")
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120)
