@@ -279,3 +279,12 @@ def test_bfloat16_generator_keeps_float32_state(model, ref):
   out = bf16.sample(ref["in/sample_latents"], ref["in/sample_y"], method="euler", num_steps=8)
   assert out.dtype == jnp.float32
   assert rel_err(out, ref["out/ode_euler"]) < 5e-2
+
+
+def test_guidance_scale_does_not_recompile(model, ref):
+  gen = Generator(model)
+  z, y = ref["in/sample_latents"], ref["in/sample_y"]
+  a = gen.sample(z, y, method="euler", num_steps=8, cfg_scale=1.75, guidance_interval=(0.0, 0.7))
+  b = gen.sample(z, y, method="euler", num_steps=8, cfg_scale=3.0, guidance_interval=(0.0, 0.7))
+  assert len(gen._samplers) == 1  # pylint: disable=protected-access
+  assert rel_err(a, ref["out/ode_euler_cfg"]) < TOL and not np.allclose(a, b)

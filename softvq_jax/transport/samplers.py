@@ -163,7 +163,7 @@ def euler_maruyama_sampler(velocity_fn: VelocityFn, noise: jax.Array, labels: ja
   (0.04 -> 0) is the mean only. ``eps`` comes from ``step_noise``
   ``(num_steps - 1, B, T, C)`` if given (to replay recorded noise), else from ``key``.
   """
-  _check_steps(num_steps, 2)
+  _check_steps(num_steps)
   t = sde_time_grid(num_steps)
   t_cur, t_next = t[:-1], t[1:]
   dt = t_next - t_cur
@@ -181,7 +181,7 @@ def euler_maruyama_sampler(velocity_fn: VelocityFn, noise: jax.Array, labels: ja
     step_noise = jnp.asarray(step_noise).astype(dtype)
     if step_noise.shape != (n_stoch,) + x.shape:
       raise ValueError(f"step_noise must have shape {(n_stoch,) + x.shape}, got {step_noise.shape}")
-  elif key is None:
+  elif key is None and n_stoch > 0:
     raise ValueError("the SDE sampler needs a PRNG key (or step_noise)")
 
   def as_dtype(arr):
@@ -199,8 +199,9 @@ def euler_maruyama_sampler(velocity_fn: VelocityFn, noise: jax.Array, labels: ja
     x = x + drift(x, i, flag) * as_dtype(dt)[i] + as_dtype(noise_scale)[i] * eps
     return x, None
 
-  steps = jnp.arange(n_stoch)
-  x, _ = jax.lax.scan(sde_step, x, (steps, step_noise if step_noise is not None
-                                    else jnp.zeros((n_stoch,), dtype)))
+  if n_stoch:
+    steps = jnp.arange(n_stoch)
+    x, _ = jax.lax.scan(sde_step, x, (steps, step_noise if step_noise is not None
+                                      else jnp.zeros((n_stoch,), dtype)))
   last = num_steps - 1
   return x + as_dtype(dt)[last] * drift(x, last, jnp.asarray(mask)[last])
