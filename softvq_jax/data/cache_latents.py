@@ -19,6 +19,7 @@ reference's ``CachedFolder``).
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import hashlib
 import json
 import os
@@ -44,13 +45,24 @@ def shard_name(shard: int, num_shards: int) -> str:
   return f"latents-{shard:05d}-of-{num_shards:05d}.array_record"
 
 
+@functools.cache
+def _abs_sum_fn():
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  # One compiled reduction over all weights, not one dispatch (and compile) per shape.
+  return jax.jit(lambda leaves: sum(jnp.sum(jnp.abs(x.astype(jnp.float32))) for x in leaves))
+
+
+def _abs_sum(leaves):
+  return _abs_sum_fn()(leaves)
+
+
 def tokenizer_fingerprint(tokenizer: Any) -> str:
   """Config hash plus a checksum of the weights: a cache is only valid for one tokenizer."""
   import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   config = json.dumps(tokenizer.config.to_json_dict(), sort_keys=True, default=str)
   leaves = [x for x in jax.tree.leaves(tokenizer.state) if hasattr(x, "dtype")]
-  checksum = sum(float(jnp.sum(jnp.abs(jnp.asarray(x, jnp.float32)))) for x in leaves)
+  checksum = float(_abs_sum(leaves))
   digest = hashlib.sha256(config.encode()).hexdigest()[:16]
   return f"{digest}-{len(leaves)}-{checksum:.6e}"
 

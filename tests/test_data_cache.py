@@ -1,0 +1,191 @@
+"""Latent cache: exact round trip against Tokenizer.encode, resume, multi-process, reader."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from softvq_jax import Tokenizer
+from softvq_jax.data import cache_latents, decode, records, sources, transforms
+
+TINY = dict(enc_type="vit", dec_type="vit", encoder_model="vit_small_patch14_dinov2.lvd142m",
+            decoder_model="vit_small_patch14_dinov2.lvd142m",
+            encoder_kwargs=dict(embed_dim=64, depth=1, num_heads=2),
+            decoder_kwargs=dict(embed_dim=32, depth=1, num_heads=2), image_size=32,
+            enc_patch_size=8, dec_patch_size=8, num_latent_tokens=8, codebook_embed_dim=4,
+            codebook_size=16, num_codebooks=2, tau=0.07, vq_mean=0.5, vq_std=2.0)
+N, PER_SHARD, BATCH = 20, 8, 4  # shards of 8, 8, 4: every encode call is a full batch
+
+
+def sensitive_tokenizer(seed: int) -> Tokenizer:
+  """A random tokenizer whose latents depend on the image.
+
+  At init LayerScale (1e-5) mutes every block, so the latents are nearly the
+  same for any input; with the gains at 1 a wrong or mirrored image shows.
+  """
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  model = Tokenizer.random(TINY, seed=seed).model()
+  state = nnx.state(model, nnx.Param)
+  for path, var in nnx.to_flat_state(state):
+    if path[-1] == "gamma":
+      var.set_value(jnp.ones_like(var.get_value()))
+  nnx.update(model, state)
+  return Tokenizer(model)
+
+
+@pytest.fixture(scope="module")
+def tok():
+  return sensitive_tokenizer(seed=1)
+
+
+@pytest.fixture(scope="module")
+def source():
+  return sources.SyntheticSource(N, image_shape=None, num_classes=7, seed=4)
+
+
+@pytest.fixture(scope="module")
+def images(source):
+  """The ADM centre crops the cache must have encoded, computed here from the source."""
+  u8 = np.stack([transforms.center_crop_arr(decode.to_pil_rgb(source[i]["image"]), 32)
+                 for i in range(N)])
+  return u8.astype(np.float32) / np.float32(127.5) - np.float32(1)
+
+
+@pytest.fixture(scope="module")
+def cache(tok, source, tmp_path_factory):
+  out = str(tmp_path_factory.mktemp("cache"))
+  info = cache_latents.write_latent_cache(tok, source, out, batch_size=BATCH,
+                                          examples_per_shard=PER_SHARD, process_index=0,
+                                          process_count=1, progress=False)
+  return out, info
+
+
+def read_all(cache_dir):
+  src = cache_latents.LatentCacheSource(cache_dir)
+  return [src[i] for i in range(len(src))]
+
+
+def test_round_trip_is_exact(tok, images, cache):
+  out, info = cache
+  assert info["num_shards"] == 3 and info["written_shards"] == [0, 1, 2]
+  assert info["latent_shape"] == [8, 4] and info["skipped_images"] == 0
+  recs = read_all(out)
+  assert [r["index"] for r in recs] == list(range(N))
+  assert [int(r["label"]) for r in recs] == [i % 7 for i in range(N)]
+  latents = np.stack([r["latent"] for r in recs])
+  flipped = np.stack([r["latent_flip"] for r in recs])
+  assert latents.dtype == np.float32 and latents.shape == (N, 8, 4)
+  # Bit-exact against Tokenizer.encode of the same calls ([x; mirror(x)], BATCH images each).
+  for i in range(0, N, BATCH):
+    x = images[i:i + BATCH]
+    z = np.asarray(tok.encode(np.concatenate([x, x[:, :, ::-1]])))
+    np.testing.assert_array_equal(latents[i:i + BATCH], z[:BATCH])
+    np.testing.assert_array_equal(flipped[i:i + BATCH], z[BATCH:])
+  # And equal up to float reassociation to one call over everything.
+  np.testing.assert_allclose(latents, tok.encode(images), atol=1e-5)
+  np.testing.assert_allclose(flipped, tok.encode(images[:, :, ::-1]), atol=1e-5)
+  # The latents see the image: a mirror or another image gives other latents.
+  assert np.abs(latents - flipped).max() > 1e-2
+  assert np.abs(latents[1:] - latents[:-1]).max(axis=(1, 2)).min() > 1e-2
+
+
+def test_rerun_skips_complete_shards_and_redoes_interrupted(tok, source, cache, tmp_path):
+  out, _ = cache
+  before = read_all(out)
+  # Simulate a crash while writing shard 1: its final file missing, a temp file left behind.
+  partial = str(tmp_path / "partial")
+  os.makedirs(partial)
+  for name in os.listdir(out):
+    os.link(os.path.join(out, name), os.path.join(partial, name))
+  shard1 = os.path.join(partial, cache_latents.shard_name(1, 3))
+  os.remove(shard1)
+  with open(shard1 + ".tmp-999", "wb") as f:
+    f.write(b"half a shard")
+  with pytest.raises(FileNotFoundError, match=r"incomplete: 1 of 3 shards missing"):
+    cache_latents.LatentCacheSource(partial)
+  info = cache_latents.write_latent_cache(tok, source, partial, batch_size=BATCH,
+                                          examples_per_shard=PER_SHARD, process_index=0,
+                                          process_count=1, progress=False)
+  assert info["written_shards"] == [1] and info["existing_shards"] == 2
+  assert not [n for n in os.listdir(partial) if ".tmp-" in n]
+  after = read_all(partial)
+  for a, b in zip(before, after):
+    for k in ("latent", "latent_flip", "label", "index"):
+      np.testing.assert_array_equal(a[k], b[k])
+
+
+def test_processes_split_the_shards(tok, source, cache, tmp_path):
+  out, _ = cache
+  shared = str(tmp_path / "multi")
+  written = []
+  for p in range(2):
+    info = cache_latents.write_latent_cache(tok, source, shared, batch_size=BATCH,
+                                            examples_per_shard=PER_SHARD, process_index=p,
+                                            process_count=2, progress=False)
+    written.append(info["written_shards"])
+  assert written == [[0, 2], [1]]
+  for a, b in zip(read_all(out), read_all(shared)):
+    np.testing.assert_array_equal(a["latent"], b["latent"])
+
+
+def test_other_tokenizer_cannot_resume(source, cache):
+  out, _ = cache
+  other = sensitive_tokenizer(seed=2)
+  with pytest.raises(ValueError, match=r"different settings \(tokenizer"):
+    cache_latents.write_latent_cache(other, source, out, batch_size=BATCH,
+                                     examples_per_shard=PER_SHARD, process_index=0,
+                                     process_count=1, progress=False)
+
+
+def test_reader_pipeline(cache):
+  out, _ = cache
+  recs = read_all(out)
+  z = np.stack([r["latent"] for r in recs])
+  zf = np.stack([r["latent_flip"] for r in recs])
+  ev = list(cache_latents.latent_pipeline(out, batch_size=8, train=False, shard_index=0,
+                                          shard_count=1))
+  assert [len(b["label"]) for b in ev] == [8, 8, 4]
+  np.testing.assert_array_equal(np.concatenate([b["latent"] for b in ev]), z)
+  norm = next(iter(cache_latents.latent_pipeline(out, batch_size=8, train=False, normalize=True,
+                                                 shard_index=0, shard_count=1)))
+  np.testing.assert_allclose(norm["latent"], (z[:8] - 0.5) / 2.0, rtol=1e-6)
+
+  def epoch(seed):
+    it = iter(cache_latents.latent_pipeline(out, batch_size=4, seed=seed, num_epochs=1,
+                                            shard_index=0, shard_count=1, num_threads=1))
+    return [b for b in it]
+
+  batches = epoch(3)
+  assert_same = epoch(3)
+  flips = []
+  for b, c in zip(batches, assert_same):
+    np.testing.assert_array_equal(b["latent"], c["latent"])
+    for latent, label in zip(b["latent"], b["label"]):
+      hit = [i for i in range(N) if np.array_equal(latent, z[i]) or np.array_equal(latent, zf[i])]
+      assert len(hit) == 1 and recs[hit[0]]["label"] == label
+      flips.append(np.array_equal(latent, zf[hit[0]]))
+  assert len(flips) == N and 0 < sum(flips) < N  # both copies are used
+
+
+def test_reader_errors(tmp_path):
+  with pytest.raises(FileNotFoundError, match="does not exist"):
+    cache_latents.LatentCacheSource(str(tmp_path / "nope"))
+  with pytest.raises(FileNotFoundError, match="not a latent cache"):
+    cache_latents.LatentCacheSource(str(tmp_path))
+
+
+def test_records_write_is_atomic(tmp_path):
+  path = str(tmp_path / "r.array_record")
+
+  def bad():
+    yield {"a": np.ones(3, np.float32)}
+    raise KeyboardInterrupt
+
+  with pytest.raises(KeyboardInterrupt):
+    records.write_records(path, bad())
+  assert os.listdir(tmp_path) == []
+  assert records.write_records(path, ({"a": np.full(2, i)} for i in range(3))) == 3
+  assert records.num_records(path) == 3
