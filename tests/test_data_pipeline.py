@@ -296,3 +296,24 @@ def test_no_tensorflow_import():
           "assert not bad, bad\n")
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120)
+
+
+def test_worker_processes_match_threads_and_count_skips(odd_folder):
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()  # Grain's worker processes read absl flags
+  root, _ = odd_folder
+  src = sources.ImageFolderSource(str(root))
+  kw = dict(batch_size=2, image_size=32, seed=4, num_epochs=2, shard_index=0, shard_count=1)
+  threads = iter(pipeline.image_pipeline(src, **kw))
+  workers = iter(pipeline.image_pipeline(src, worker_count=2, **kw))
+  first = take(workers, 2)
+  state = workers.get_state()
+  rest = list(workers)
+  assert_batches_equal(first + rest, list(threads))
+  assert workers.num_skipped == threads.num_skipped == 2  # once per epoch, seen by the main process
+  resumed = iter(pipeline.image_pipeline(src, worker_count=2, **kw))
+  resumed.set_state(state)
+  assert_batches_equal(list(resumed), rest)
+  for it in (threads, workers, resumed):
+    it.close()
