@@ -166,3 +166,57 @@ def read_param_dir(directory: str, target: Mapping[Path, jax.ShapeDtypeStruct],
         item=_nest({p: np.zeros((), np.float32) for p in target}),
         restore_args=_nest(restore_args)))
   return _flatten(restored)
+
+
+class TrainCheckpointer:
+  """Orbax ``CheckpointManager`` for training: the whole train state plus the data iterator.
+
+  Saves are asynchronous and atomic (Orbax finalises a step directory only when
+  every file is written), the newest ``keep`` steps are kept, and restoring
+  onto abstract arrays with shardings places each shard where the current mesh
+  wants it, whatever mesh wrote it.
+  """
+
+  def __init__(self, directory: str, *, keep: int = 3, asynchronous: bool = True):
+    import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+    self._ocp = ocp
+    self.directory = directory
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                           enable_async_checkpointing=asynchronous)
+    self._manager = ocp.CheckpointManager(directory, options=options,
+                                          item_names=("state", "data", "meta"))
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self._manager.all_steps())
+
+  def save(self, step: int, state, *, data_state: Mapping[str, Any] | None = None,
+           meta: Mapping[str, Any] | None = None, force: bool = False) -> bool:
+    ocp = self._ocp
+    return self._manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        data=ocp.args.JsonSave(dict(data_state or {})),
+        meta=ocp.args.JsonSave(dict(meta or {}))), force=force)
+
+  def restore(self, abstract_state, step: int | None = None):
+    """Returns ``(state, data_state, meta)`` of ``step`` (default: the latest)."""
+    ocp = self._ocp
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise CheckpointError(f"no checkpoint in {self.directory}")
+    restored = self._manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(),
+        meta=ocp.args.JsonRestore()))
+    return restored["state"], dict(restored["data"] or {}), dict(restored["meta"] or {})
+
+  def reached_preemption(self, step: int) -> bool:
+    return self._manager.reached_preemption(step)
+
+  def wait(self) -> None:
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.wait_until_finished()
+    self._manager.close()

@@ -163,3 +163,51 @@ def maetok_recipe(name: str, arg: str | None) -> ml_collections.ConfigDict:
     c.loss.disc_adaptive_weight = True
     c.loss.disc_start = 30_000
   return c
+
+
+def sit_recipe(tokenizer: str, arg: str | None, *, size: str = "XL") -> ml_collections.ConfigDict:
+  """The reference's SiT stage (train/train_sit.py with the README's flags).
+
+  AdamW lr 1e-4, betas (0.9, 0.999), no weight decay, grad clip 1.0, batch 256,
+  EMA 0.9999, linear path, velocity prediction, lognormal time sampling,
+  label dropout 0.1.
+  """
+  args = parse_arg(arg, runlocal=False, tokenizer_dir="")
+  sizes = {"S": (384, 12, 6), "B": (768, 12, 12), "L": (1024, 24, 16), "XL": (1152, 28, 16)}
+  hidden, depth, heads = sizes[size]
+  c = ml_collections.ConfigDict()
+  c.trainer = "sit"
+  c.seed = 0
+  c.tokenizer_dir = args.tokenizer_dir   # a converted tokenizer (python -m softvq_jax.convert)
+  c.tokenizer = ml_collections.ConfigDict(dict(RELEASED_TOKENIZERS[tokenizer]))
+  c.model = ml_collections.ConfigDict(dict(
+      hidden_size=hidden, depth=depth, num_heads=heads, mlp_ratio=4.0, num_classes=1000,
+      class_dropout_prob=0.1))
+  c.data = ml_collections.ConfigDict(dict(source="imagenet2012", num_classes=1000))
+  c.transport = ml_collections.ConfigDict(dict(path="linear", weighting="lognormal"))
+  c.optim = ml_collections.ConfigDict(dict(name="adamw", lr=1e-4, b1=0.9, b2=0.999, eps=1e-8,
+                                           weight_decay=0.0, grad_clip=1.0))
+  c.global_batch_size = 256
+  c.total_steps = 400_000
+  c.ema_decay = 0.9999
+  c.dtype = "bfloat16"
+  c.mesh = [("data", -1)]
+  c.sharding = "dp"
+  c.log_every = 100
+  c.ckpt_every = 10_000
+  c.keep_checkpoints = 3
+  c.sample_every = 10_000
+  c.sample = ml_collections.ConfigDict(dict(num=16, num_steps=50, cfg_scale=1.0))
+  if args.runlocal:
+    c.tokenizer.update(image_size=64, num_latent_tokens=16, codebook_size=256,
+                       encoder_kwargs=dict(TINY_VIT), decoder_kwargs=dict(TINY_VIT))
+    c.model.update(hidden_size=64, depth=2, num_heads=2, num_classes=8)
+    c.data = ml_collections.ConfigDict(dict(source="skimage", num_classes=8))
+    c.global_batch_size = 8
+    c.total_steps = 40
+    c.dtype = "float32"
+    c.log_every = 10
+    c.ckpt_every = 20
+    c.sample_every = 20
+    c.sample = ml_collections.ConfigDict(dict(num=8, num_steps=10, cfg_scale=1.0))
+  return c

@@ -18,6 +18,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for outputs, checkpoi
 # Jobs that later versions add (training, sampling, evaluation) register here.
 _JOBS = {
     "reconstruct": "softvq_jax.eval.reconstruct",
+    "sit": "softvq_jax.train.sit_trainer",
 }
 
 
@@ -28,7 +29,17 @@ def _maybe_initialize_distributed() -> None:
     jax.distributed.initialize()
 
 
+class _QuietLibraries:
+  """Drops the INFO chatter of Orbax (every file rename of every save) from the terminal."""
+
+  def filter(self, record) -> bool:
+    return record.levelno > 20 or "/orbax/" not in record.pathname
+
+
 def main(argv) -> None:
+  import logging as py_logging  # pylint: disable=g-import-not-at-top
+  for handler in py_logging.getLogger().handlers + py_logging.getLogger("absl").handlers:
+    handler.addFilter(_QuietLibraries())
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   config = _CONFIG.value

@@ -41,3 +41,49 @@ def create_mesh(axes: Sequence[tuple[str, int]], devices: Sequence[jax.Device] |
                      f"have {len(devices)}")
   return jax.make_mesh(tuple(sizes), tuple(names), axis_types=(AxisType.Auto,) * len(names),
                        devices=devices)
+
+
+STRATEGIES = ("dp", "fsdp")
+
+
+def batch_axes(mesh: Mesh) -> tuple[str, ...]:
+  """Mesh axes the batch is split over: every data-like axis present."""
+  return tuple(a for a in ("data", "fsdp") if a in mesh.axis_names)
+
+
+def batch_sharding(mesh: Mesh) -> jax.sharding.NamedSharding:
+  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(batch_axes(mesh)))
+
+
+def param_spec(shape: tuple[int, ...], mesh: Mesh, strategy: str) -> jax.sharding.PartitionSpec:
+  """``dp``: replicated. ``fsdp``: the largest dimension divisible by the ``fsdp`` axis is split.
+
+  The rule depends on the shape only, so optimizer moments and EMA copies get
+  the sharding of their parameter.
+  """
+  if strategy not in STRATEGIES:
+    raise ValueError(f"sharding strategy must be one of {STRATEGIES}, got {strategy!r}")
+  size = mesh.shape.get("fsdp", 1) if strategy == "fsdp" else 1
+  if size == 1 or not shape:
+    return jax.sharding.PartitionSpec()
+  candidates = [i for i, d in enumerate(shape) if d % size == 0]
+  if not candidates:
+    return jax.sharding.PartitionSpec()
+  dim = max(candidates, key=lambda i: (shape[i], -i))
+  spec = [None] * len(shape)
+  spec[dim] = "fsdp"
+  return jax.sharding.PartitionSpec(*spec)
+
+
+def state_shardings(abstract_state, mesh: Mesh, strategy: str = "dp"):
+  """A NamedSharding for every leaf of an abstract pytree."""
+  mesh = auto_mesh(mesh)
+  return jax.tree.map(
+      lambda leaf: jax.sharding.NamedSharding(mesh, param_spec(tuple(leaf.shape), mesh, strategy)),
+      abstract_state)
+
+
+def global_batch(local_batch, mesh: Mesh):
+  """Host-local numpy arrays -> global arrays split over the batch axes of ``mesh``."""
+  sharding = batch_sharding(auto_mesh(mesh))
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), local_batch)

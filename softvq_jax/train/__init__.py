@@ -1,0 +1,1 @@
+"""Training: the train state, pure jitted steps, the loop and the per-stage trainers."""

@@ -1,0 +1,97 @@
+"""Pieces every trainer uses: mesh, optimizer, writer, checkpoint set-up, resume."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import ml_collections
+import optax
+from absl import logging
+
+from softvq_jax import parallel
+from softvq_jax.checkpoint import TrainCheckpointer
+from softvq_jax.train import state as state_lib
+
+
+def make_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
+  axes = [tuple(a) for a in config.get("mesh", [("data", -1)])]
+  mesh = parallel.create_mesh(axes)
+  logging.info("Mesh %s over %d devices in %d process(es)", dict(mesh.shape), jax.device_count(),
+               jax.process_count())
+  return mesh
+
+
+def check_batch(global_batch_size: int, mesh: jax.sharding.Mesh) -> None:
+  shards = 1
+  for axis in parallel.batch_axes(mesh):
+    shards *= mesh.shape[axis]
+  if global_batch_size % shards:
+    raise ValueError(f"global_batch_size {global_batch_size} does not split over the "
+                     f"{shards} batch shards of mesh {dict(mesh.shape)}")
+  logging.info("Batch: global %d, per process %d, per device %d", global_batch_size,
+               global_batch_size // jax.process_count(), global_batch_size // shards)
+
+
+def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int):
+  """Returns ``(tx, learning_rate_fn)``."""
+  lr = optim.lr
+  warmup = int(optim.get("warmup_steps", 0))
+  if optim.get("schedule", "constant") == "cosine":
+    schedule = optax.warmup_cosine_decay_schedule(
+        init_value=optim.get("warmup_lr", 0.0), peak_value=lr, warmup_steps=max(warmup, 1),
+        decay_steps=max(total_steps, warmup + 1), end_value=optim.get("min_lr", 0.0))
+  elif warmup:
+    schedule = optax.linear_schedule(optim.get("warmup_lr", 0.0), lr, warmup)
+  else:
+    schedule = optax.constant_schedule(lr)
+  name = optim.get("name", "adamw")
+  if name == "adamw":
+    base = optax.adamw(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps,
+                       weight_decay=optim.get("weight_decay", 0.0))
+  elif name == "adam":
+    base = optax.adam(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps)
+  else:
+    raise ValueError(f"optim.name must be 'adam' or 'adamw', got {name!r}")
+  parts = []
+  if optim.get("grad_clip"):
+    parts.append(optax.clip_by_global_norm(optim.grad_clip))
+  parts.append(base)
+  return optax.chain(*parts), schedule
+
+
+def make_writer(workdir: str):
+  from clu import metric_writers  # pylint: disable=g-import-not-at-top  (imports TensorFlow)
+  return metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+
+
+def init_or_restore(model_fn, tx, mesh, *, seed: int, strategy: str, workdir: str, keep: int,
+                    data=None):
+  """Restores the latest checkpoint of ``workdir`` if there is one, else initialises.
+
+  Returns ``(graphdef, state, shardings, checkpointer)``.
+  """
+  checkpointer = TrainCheckpointer(os.path.join(os.path.abspath(workdir), "checkpoints"),
+                                   keep=keep)
+  latest = checkpointer.latest_step()
+  if latest is None:
+    graphdef, state, shardings = state_lib.create_train_state(model_fn, tx, mesh, seed=seed,
+                                                              strategy=strategy)
+    logging.info("Initialised a new train state")
+  else:
+    from flax import nnx  # pylint: disable=g-import-not-at-top
+    abstract, shardings = state_lib.abstract_train_state(model_fn, tx, mesh, seed=seed,
+                                                         strategy=strategy)
+    state, data_state, _ = checkpointer.restore(abstract, latest)
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: model_fn(nnx.Rngs(0))))
+    if data is not None and data_state:
+      data.set_state(data_state)
+    logging.info("Resumed from step %d of %s", latest, checkpointer.directory)
+  return graphdef, state, shardings, checkpointer
+
+
+def log_parameter_overview(state) -> None:
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  leaves = jax.tree.leaves(state.params)
+  total = sum(int(np.prod(l.shape)) for l in leaves)
+  logging.info("Parameters: %d arrays, %s elements", len(leaves), f"{total:,}")

@@ -1,0 +1,115 @@
+"""The training loop shared by every trainer: steps, logging, checkpoints, hooks, preemption."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import threading
+from typing import Any, Callable, Iterator
+
+import jax
+import numpy as np
+from absl import logging
+
+from softvq_jax import parallel
+from softvq_jax.checkpoint import TrainCheckpointer
+
+Hook = Callable[[int, Any], None]
+
+
+class PreemptionFlag:
+  """Set by SIGTERM (what TPU/SLURM preemption sends); the loop checkpoints and stops."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):  # pylint: disable=unused-argument
+    logging.warning("SIGTERM received: saving a checkpoint and stopping")
+    self.requested = True
+
+  def restore(self):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+class JsonlWriter:
+  """A plain-text copy of every logged scalar, one JSON object per line."""
+
+  def __init__(self, path: str):
+    self.path = path
+    self.enabled = jax.process_index() == 0
+
+  def write(self, step: int, scalars: dict[str, float]) -> None:
+    if self.enabled:
+      with open(self.path, "a") as f:
+        f.write(json.dumps({"step": step, **scalars}, sort_keys=True) + "\n")
+
+
+def _to_scalars(metrics) -> dict[str, float]:
+  out = {}
+  for k, v in jax.device_get(metrics).items():
+    v = np.asarray(v)
+    out[k] = float(v.mean()) if v.size > 1 else float(v)
+  return out
+
+
+def train_loop(*, state, train_step, data: Iterator, mesh, workdir: str, total_steps: int,
+               checkpointer: TrainCheckpointer, log_every: int, ckpt_every: int,
+               hooks: tuple[Hook, ...] = (), writer=None, meta: dict | None = None):
+  """Runs ``train_step`` until ``total_steps`` (or preemption). Returns ``(state, last metrics)``.
+
+  Metrics are fetched from the devices only every ``log_every`` steps and at
+  checkpoints, so the loop never waits on the host otherwise. A non-finite
+  loss at one of those points stops the run before anything is saved: the
+  last good checkpoint stays the latest.
+  """
+  from clu import periodic_actions  # pylint: disable=g-import-not-at-top
+
+  step = int(jax.device_get(state.step))
+  report = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer,
+                                           every_steps=log_every, every_secs=None)
+  jsonl = JsonlWriter(os.path.join(workdir, "metrics.jsonl"))
+  preempt = PreemptionFlag()
+  last = {}
+  try:
+    while step < total_steps:
+      with jax.profiler.StepTraceAnnotation("train", step_num=step):
+        batch = parallel.global_batch(next(data), mesh)
+        state, metrics = train_step(state, batch)
+      step += 1
+      report(step)
+      for hook in hooks:
+        hook(step, state)
+      stopping = preempt.requested or checkpointer.reached_preemption(step)
+      log_now = step % log_every == 0 or step == total_steps
+      save_now = step % ckpt_every == 0 or step == total_steps or stopping
+      if log_now or save_now:
+        last = _to_scalars(metrics)
+        if not math.isfinite(last.get("loss", 0.0)):
+          checkpointer.wait()
+          raise FloatingPointError(
+              f"loss is {last['loss']} at step {step}; stopping without saving. The last good "
+              f"checkpoint is step {checkpointer.latest_step()} in {checkpointer.directory}")
+        if log_now:
+          if writer is not None:
+            writer.write_scalars(step, last)
+          jsonl.write(step, last)
+          logging.info("step %d: %s", step, ", ".join(f"{k}={v:.5g}" for k, v in sorted(last.items())))
+      if save_now:
+        data_state = data.get_state() if hasattr(data, "get_state") else {}
+        checkpointer.save(step, state, data_state=data_state, meta=dict(meta or {}, step=step),
+                          force=True)
+      if stopping:
+        logging.warning("Stopped at step %d after a preemption signal; rerun to resume.", step)
+        break
+  finally:
+    checkpointer.wait()
+    preempt.restore()
+    if writer is not None:
+      writer.flush()
+  return state, last

@@ -1,0 +1,164 @@
+"""Stage 2: SiT (flow matching) on the tokenizer's normalised latents.
+
+Latents are ``(z - vq_mean) / vq_std`` of the tokenizer's ``encode`` (and of
+the horizontally flipped image, one of the two picked at random per example,
+as the reference's cached-latent loader does). Until a latent cache is given,
+the images of ``config.data`` are encoded once at start-up.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from flax import nnx
+
+from softvq_jax import parallel
+from softvq_jax.models.sit import GeneratorConfig, SiT
+from softvq_jax.tokenizer import Tokenizer
+from softvq_jax.train import common
+from softvq_jax.train import state as state_lib
+from softvq_jax.train.inputs import ArrayIterator
+from softvq_jax.train.loop import train_loop
+from softvq_jax.transport.loss import sit_loss
+from softvq_jax.transport.samplers import euler_sampler
+from softvq_jax.utils.images import make_grid, save_png, to_uint8
+
+
+def load_tokenizer(config: ml_collections.ConfigDict, mesh=None) -> Tokenizer:
+  if config.get("tokenizer_dir"):
+    return Tokenizer.load(config.tokenizer_dir, mesh=mesh)
+  logging.warning("No tokenizer_dir: encoding with a RANDOMLY INITIALISED tokenizer (seed %d); "
+                  "its latents carry little about the images.", config.seed)
+  return Tokenizer.random(config.tokenizer.to_dict(), seed=config.seed, mesh=mesh)
+
+
+def load_images(data: ml_collections.ConfigDict, image_size: int) -> tuple[np.ndarray, np.ndarray]:
+  """(images NHWC in [-1, 1], int labels) of a small in-memory dataset."""
+  if data.source == "skimage":
+    from softvq_jax.data.photos import skimage_photos  # pylint: disable=g-import-not-at-top
+    images, _ = skimage_photos(image_size)
+    return images, np.arange(len(images), dtype=np.int32) % data.num_classes
+  if data.source == "synthetic":
+    rng = np.random.default_rng(data.get("seed", 0))
+    n = data.num_examples
+    labels = (np.arange(n) % data.num_classes).astype(np.int32)
+    # Smooth class-dependent colour fields: learnable, and cheap to make.
+    yy, xx = np.meshgrid(np.linspace(-1, 1, image_size), np.linspace(-1, 1, image_size),
+                         indexing="ij")
+    base = np.stack([np.sin(3 * xx), np.cos(3 * yy), xx * yy], -1)[None]
+    phase = (labels[:, None, None, None] + 1) / data.num_classes
+    images = np.clip(base * phase + 0.1 * rng.normal(size=(n, image_size, image_size, 3)), -1, 1)
+    return images.astype(np.float32), labels
+  raise ValueError(f"unknown data.source {data.source!r}; supported: 'skimage', 'synthetic'")
+
+
+def encode_dataset(tok: Tokenizer, images: np.ndarray, batch_size: int) -> np.ndarray:
+  """Normalised latents of each image and of its mirror image: ``(N, 2, L, d)``."""
+  out = []
+  for i in range(0, len(images), batch_size):
+    chunk = images[i:i + batch_size]
+    z = tok.normalize(tok.encode(chunk))
+    z_flip = tok.normalize(tok.encode(chunk[:, :, ::-1]))
+    out.append(np.stack([np.asarray(z), np.asarray(z_flip)], axis=1))
+  return np.concatenate(out)
+
+
+def pick_flip(batch, rng):
+  choice = rng.integers(0, 2, len(batch["latent"]))
+  return {"latent": batch["latent"][np.arange(len(choice)), choice], "label": batch["label"]}
+
+
+def generator_config(config: ml_collections.ConfigDict, tok: Tokenizer) -> GeneratorConfig:
+  fields = dict(config.model.to_dict(), input_size=tok.latent_shape[0],
+                in_channels=tok.latent_shape[1], vae_1d=True)
+  return GeneratorConfig.from_json_dict(fields, kind="sit")
+
+
+def make_loss_fn(transport: ml_collections.ConfigDict):
+  def loss_fn(model: SiT, batch, key, step):
+    del step
+    out = sit_loss(lambda x, t, y, k: model(x, t, y, drop_key=k), batch["latent"], batch["label"],
+                   key, path=transport.path, weighting=transport.weighting)
+    return jnp.mean(out["loss"]), {}
+  return loss_fn
+
+
+class SampleGrid:
+  """Every ``every`` steps: Euler ODE samples of the EMA model, decoded, as a PNG grid."""
+
+  def __init__(self, graphdef, tok: Tokenizer, gen_config: GeneratorConfig, *, workdir: str,
+               every: int, total_steps: int, num: int, num_steps: int, cfg_scale: float, seed: int,
+               writer=None):
+    self.tok, self.every, self.total, self.writer = tok, every, total_steps, writer
+    self.dir = os.path.join(workdir, "samples")
+    key = jax.random.key(seed)
+    self.noise = jax.random.normal(key, (num,) + gen_config.latent_shape)
+    self.labels = jnp.arange(num) % gen_config.num_classes  # class-balanced
+    null = gen_config.null_label
+
+    def sample(ema, rest, noise, labels):
+      model = nnx.merge(graphdef, ema, rest)
+      velocity = lambda x, t, y, k=None: model(x, t, y)
+      return euler_sampler(velocity, noise, labels, num_steps=num_steps, cfg_scale=cfg_scale,
+                           null_label=null)
+
+    self._sample = jax.jit(sample)
+
+  def __call__(self, step: int, state) -> None:
+    if step % self.every and step != self.total:
+      return
+    z = self._sample(state.ema, state.rest, self.noise, self.labels)
+    images = np.asarray(self.tok.decode(self.tok.denormalize(np.asarray(z, np.float32))))
+    grid = make_grid([to_uint8(images)])
+    if jax.process_index() == 0:
+      save_png(os.path.join(self.dir, f"step_{step:08d}.png"), grid)
+    if self.writer is not None:
+      self.writer.write_images(step, {"samples": grid[None]})
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  os.makedirs(workdir, exist_ok=True)
+  mesh = common.make_mesh(config)
+  common.check_batch(config.global_batch_size, mesh)
+  tok = load_tokenizer(config, mesh)
+  gen_config = generator_config(config, tok)
+  images, labels = load_images(config.data, tok.image_size)
+  latents = encode_dataset(tok, images, config.get("encode_batch_size", 16))
+  logging.info("Encoded %d images into latents %s (and their mirror images)", len(images),
+               latents.shape[2:])
+  data = ArrayIterator({"latent": latents, "label": labels}, config.global_batch_size,
+                       seed=config.seed, process_index=jax.process_index(),
+                       process_count=jax.process_count(), transform=pick_flip)
+  dtype = {"float32": None, "bfloat16": jnp.bfloat16}[config.get("dtype", "float32")]
+  model_fn = functools.partial(SiT, gen_config, dtype=dtype)
+  model_fn = lambda rngs, _f=model_fn: _f(rngs=rngs)
+  tx, lr_fn = common.make_optimizer(config.optim, config.total_steps)
+  graphdef, state, shardings, ckpt = common.init_or_restore(
+      model_fn, tx, mesh, seed=config.seed, strategy=config.get("sharding", "dp"),
+      workdir=workdir, keep=config.get("keep_checkpoints", 3), data=data)
+  common.log_parameter_overview(state)
+  step_fn = state_lib.make_train_step(
+      graphdef, tx, make_loss_fn(config.transport), ema_decay=config.ema_decay,
+      state_shardings=shardings, batch_sharding=parallel.batch_sharding(parallel.auto_mesh(mesh)),
+      learning_rate_fn=lr_fn)
+  writer = common.make_writer(workdir)
+  hooks = []
+  if config.get("sample_every"):
+    hooks.append(SampleGrid(graphdef, tok, gen_config, workdir=workdir, every=config.sample_every,
+                            total_steps=config.total_steps, num=config.sample.num,
+                            num_steps=config.sample.num_steps, cfg_scale=config.sample.cfg_scale,
+                            seed=config.seed, writer=writer))
+  meta = {"tokenizer_dir": config.get("tokenizer_dir", ""), "vq_mean": tok.config.vq_mean,
+          "vq_std": tok.config.vq_std, "generator": gen_config.to_json_dict()}
+  state, last = train_loop(state=state, train_step=step_fn, data=data, mesh=mesh, workdir=workdir,
+                           total_steps=config.total_steps, checkpointer=ckpt,
+                           log_every=config.log_every, ckpt_every=config.ckpt_every,
+                           hooks=tuple(hooks), writer=writer, meta=meta)
+  ckpt.close()
+  return last

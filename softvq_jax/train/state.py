@@ -1,0 +1,99 @@
+"""The train state and the pure, jitted train step shared by every trainer.
+
+The model is split once into a graph definition and state; the state (model
+parameters, other variables, optimizer state, EMA parameters, PRNG key and
+step) is one pytree that is created already sharded, donated to each step
+and checkpointed as a whole. The step merges the graph back inside ``jit``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from softvq_jax import parallel
+
+# loss_fn(model, batch, key, step) -> (scalar loss, dict of scalar metrics)
+LossFn = Callable[[nnx.Module, Any, jax.Array, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: nnx.State       # nnx.Param variables: what the optimizer updates
+  rest: nnx.State         # every other variable (fixed tables, statistics)
+  opt_state: Any
+  ema: nnx.State          # exponential moving average of ``params``
+  rng: jax.Array          # raw uint32 key: checkpointable as a plain array
+
+
+def split_model(model: nnx.Module):
+  return nnx.split(model, nnx.Param, ...)
+
+
+def _init(model_fn: Callable[[nnx.Rngs], nnx.Module], tx: optax.GradientTransformation,
+          seed: int) -> TrainState:
+  key = jax.random.PRNGKey(seed)
+  init_key, train_key = jax.random.split(key)
+  model = model_fn(nnx.Rngs(params=init_key))
+  _, params, rest = split_model(model)
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, rest=rest,
+                    opt_state=tx.init(params), ema=jax.tree.map(jnp.copy, params), rng=train_key)
+
+
+def create_train_state(model_fn: Callable[[nnx.Rngs], nnx.Module], tx: optax.GradientTransformation,
+                       mesh: jax.sharding.Mesh, *, seed: int, strategy: str = "dp"):
+  """Builds the state directly in its sharded layout (no full copy on one device).
+
+  Returns ``(graphdef, state, state_shardings)``.
+  """
+  abstract = jax.eval_shape(lambda: _init(model_fn, tx, seed))
+  graphdef = nnx.graphdef(nnx.eval_shape(lambda: model_fn(nnx.Rngs(0))))
+  shardings = parallel.state_shardings(abstract, mesh, strategy)
+  state = jax.jit(lambda: _init(model_fn, tx, seed), out_shardings=shardings)()
+  return graphdef, state, shardings
+
+
+def abstract_train_state(model_fn, tx, mesh, *, seed: int, strategy: str = "dp"):
+  """Shapes, dtypes and shardings of the state, for restoring a checkpoint onto ``mesh``."""
+  abstract = jax.eval_shape(lambda: _init(model_fn, tx, seed))
+  shardings = parallel.state_shardings(abstract, mesh, strategy)
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      abstract, shardings), shardings
+
+
+def ema_update(ema: nnx.State, params: nnx.State, decay: float) -> nnx.State:
+  return jax.tree.map(lambda e, p: e * decay + p.astype(e.dtype) * (1.0 - decay), ema, params)
+
+
+def make_train_step(graphdef, tx: optax.GradientTransformation, loss_fn: LossFn, *,
+                    ema_decay: float, state_shardings, batch_sharding,
+                    learning_rate_fn: Callable[[jax.Array], jax.Array] | None = None):
+  """A jitted ``(state, batch) -> (state, metrics)`` that donates the state."""
+
+  def step(state: TrainState, batch) -> tuple[TrainState, dict[str, jax.Array]]:
+    key = jax.random.fold_in(state.rng, state.step)
+
+    def compute(params):
+      model = nnx.merge(graphdef, params, state.rest)
+      return loss_fn(model, batch, key, state.step)
+
+    (loss, aux), grads = jax.value_and_grad(compute, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = dict(aux)
+    metrics.update(loss=loss, grad_norm=optax.global_norm(grads),
+                   param_norm=optax.global_norm(params))
+    if learning_rate_fn is not None:
+      metrics["learning_rate"] = learning_rate_fn(state.step)
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                              ema=ema_update(state.ema, params, ema_decay))
+    return new_state, metrics
+
+  return jax.jit(step, in_shardings=(state_shardings, batch_sharding),
+                 out_shardings=(state_shardings, None), donate_argnums=0)

@@ -1,0 +1,224 @@
+"""The training engine: sharded steps equal single-device steps, exact resume, NaN guard."""
+
+import os
+import signal
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+
+from softvq_jax import parallel
+from softvq_jax.config_lib import sit_recipe
+from softvq_jax.models.sit import GeneratorConfig, SiT
+from softvq_jax.train import sit_trainer
+from softvq_jax.train import state as state_lib
+from softvq_jax.train.inputs import ArrayIterator
+from softvq_jax.transport.loss import sit_loss
+
+GEN = GeneratorConfig(kind="sit", input_size=8, in_channels=4, hidden_size=32, depth=2,
+                      num_heads=2, num_classes=4)
+
+
+def model_fn(rngs):
+  return SiT(GEN, rngs=rngs)
+
+
+def loss_fn(model, batch, key, step):
+  del step
+  out = sit_loss(lambda x, t, y, k: model(x, t, y, drop_key=k), batch["latent"], batch["label"],
+                 key, weighting="lognormal")
+  return jnp.mean(out["loss"]), {}
+
+
+def _run_steps(mesh, strategy, batches, steps=2):
+  tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-3, b2=0.999))
+  graphdef, state, shardings = state_lib.create_train_state(model_fn, tx, mesh, seed=3,
+                                                            strategy=strategy)
+  step = state_lib.make_train_step(graphdef, tx, loss_fn, ema_decay=0.9, state_shardings=shardings,
+                                   batch_sharding=parallel.batch_sharding(mesh))
+  losses = []
+  for batch in batches[:steps]:
+    state, metrics = step(state, parallel.global_batch(batch, mesh))
+    losses.append(float(metrics["loss"]))
+  return state, losses
+
+
+@pytest.fixture(scope="module")
+def batches():
+  rng = np.random.default_rng(0)
+  return [{"latent": rng.normal(size=(8, 8, 4)).astype(np.float32),
+           "label": rng.integers(0, 4, 8).astype(np.int32)} for _ in range(2)]
+
+
+@pytest.fixture(scope="module")
+def single(batches):
+  mesh = parallel.create_mesh([("data", 1)], devices=jax.devices()[:1])
+  return _run_steps(mesh, "dp", batches)
+
+
+@pytest.mark.parametrize("axes, strategy", [([("data", 8)], "dp"),
+                                            ([("data", 2), ("fsdp", 4)], "fsdp")])
+def test_sharded_step_equals_single_device(single, batches, axes, strategy):
+  mesh = parallel.create_mesh(axes)
+  state, losses = _run_steps(mesh, strategy, batches)
+  ref_state, ref_losses = single
+  np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(ref_state.params)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+  for a, b in zip(jax.tree.leaves(state.ema), jax.tree.leaves(ref_state.ema)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+  qkv = state.params["blocks"][0]["attn"]["qkv"]["kernel"]
+  if strategy == "fsdp":
+    # (32, 96): the larger dimension is split over the 4-way fsdp axis; Adam's
+    # moments follow their parameter.
+    assert qkv.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp")
+    mu = state.opt_state[1][0].mu["blocks"][0]["attn"]["qkv"]["kernel"]
+    assert mu.sharding.spec == qkv.sharding.spec
+    assert qkv.addressable_shards[0].data.shape == (32, 24)
+  else:
+    assert qkv.sharding.is_fully_replicated
+
+
+def test_param_spec_rules():
+  mesh = parallel.create_mesh([("data", 2), ("fsdp", 4)])
+  assert parallel.param_spec((1152, 4608), mesh, "fsdp") == jax.sharding.PartitionSpec(None, "fsdp")
+  assert parallel.param_spec((6,), mesh, "fsdp") == jax.sharding.PartitionSpec()
+  assert parallel.param_spec((), mesh, "fsdp") == jax.sharding.PartitionSpec()
+  assert parallel.param_spec((1152, 4608), mesh, "dp") == jax.sharding.PartitionSpec()
+  with pytest.raises(ValueError, match="strategy"):
+    parallel.param_spec((4,), mesh, "zero3")
+  with pytest.raises(ValueError, match="needs 16 devices"):
+    parallel.create_mesh([("data", 16)])
+
+
+def test_array_iterator_state_and_shards():
+  data = {"x": np.arange(20)}
+  it = ArrayIterator(data, 4, seed=1)
+  first = [next(it)["x"] for _ in range(7)]
+  state = it.get_state()
+  after = next(it)["x"]
+  again = ArrayIterator(data, 4, seed=1)
+  again.set_state(state)
+  np.testing.assert_array_equal(next(again)["x"], after)
+  # Two processes split every global batch into disjoint halves.
+  halves = [ArrayIterator(data, 4, seed=1, process_index=i, process_count=2) for i in range(2)]
+  for step in range(5):
+    a, b = (next(h)["x"] for h in halves)
+    assert not set(a) & set(b)
+    np.testing.assert_array_equal(np.sort(np.concatenate([a, b])), np.sort(first[step]))
+  with pytest.raises(ValueError, match="fewer than one global batch"):
+    ArrayIterator({"x": np.arange(3)}, 4, seed=0)
+
+
+def tiny_config(total_steps, **overrides):
+  c = sit_recipe("softvq-b-64", "runlocal")
+  c.data = ml_collections.ConfigDict(dict(source="synthetic", num_classes=4, num_examples=16))
+  c.model.update(hidden_size=32, depth=1, num_heads=2, num_classes=4)
+  c.tokenizer.update(image_size=32, enc_patch_size=8, dec_patch_size=8, num_latent_tokens=8,
+                     codebook_embed_dim=4, codebook_size=16,
+                     encoder_kwargs=dict(embed_dim=32, depth=1, num_heads=2),
+                     decoder_kwargs=dict(embed_dim=32, depth=1, num_heads=2))
+  c.total_steps = total_steps
+  c.log_every = 2
+  c.ckpt_every = 3
+  c.sample_every = 0
+  c.update(overrides)
+  return c
+
+
+def _final_params(workdir):
+  from softvq_jax.checkpoint import TrainCheckpointer
+  ckpt = TrainCheckpointer(os.path.join(workdir, "checkpoints"))
+  step = ckpt.latest_step()
+  import orbax.checkpoint as ocp
+  restored = ocp.StandardCheckpointer().restore(os.path.join(workdir, "checkpoints", str(step),
+                                                             "state"))
+  ckpt.close()
+  return step, restored
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("full"))
+  sit_trainer.run(tiny_config(8), workdir)
+  return _final_params(workdir)
+
+
+def _assert_same_state(a, b):
+  leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
+  assert len(leaves_a) == len(leaves_b)
+  for x, y in zip(leaves_a, leaves_b):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_resume_after_sigterm_is_bit_exact(uninterrupted, tmp_path, monkeypatch):
+  workdir = str(tmp_path)
+
+  class TermAt:
+    def __init__(self, step):
+      self.step = step
+
+    def __call__(self, step, state):
+      if step == self.step:
+        os.kill(os.getpid(), signal.SIGTERM)
+
+  original = sit_trainer.SampleGrid
+  monkeypatch.setattr(sit_trainer, "SampleGrid", lambda *a, **k: TermAt(5))
+  sit_trainer.run(tiny_config(8, sample_every=1), workdir)  # stops at 5 (SIGTERM)
+  monkeypatch.setattr(sit_trainer, "SampleGrid", original)
+  assert _final_params(workdir)[0] == 5
+  sit_trainer.run(tiny_config(8), workdir)
+  step, params = _final_params(workdir)
+  assert step == uninterrupted[0] == 8
+  _assert_same_state(params, uninterrupted[1])
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_is_bit_exact(uninterrupted, tmp_path):
+  workdir = tmp_path / "killed"
+  script = (
+      "import sys; sys.path.insert(0, 'tests');"
+      "from test_train_engine import tiny_config;"
+      "from softvq_jax.train import sit_trainer;"
+      f"sit_trainer.run(tiny_config(400), {str(workdir)!r})")
+  env = dict(os.environ, JAX_PLATFORMS="cpu")  # same 8 fake devices as this process
+  proc = subprocess.Popen([sys.executable, "-c", script], cwd=os.path.dirname(os.path.dirname(
+      os.path.abspath(__file__))), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  try:
+    import time
+    deadline = time.time() + 240
+    while not (workdir / "checkpoints" / "6").exists():
+      assert proc.poll() is None, "training ended before its checkpoint"
+      assert time.time() < deadline, "no checkpoint within 240 s"
+      time.sleep(0.2)
+  finally:
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+  # Rerun with the uninterrupted run's length: resumes from the last complete checkpoint.
+  sit_trainer.run(tiny_config(8), str(workdir))
+  step, params = _final_params(str(workdir))
+  assert step == 8
+  _assert_same_state(params, uninterrupted[1])
+
+
+def test_nan_guard_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+  workdir = str(tmp_path)
+  real = sit_trainer.make_loss_fn
+
+  def poisoned(transport):
+    fn = real(transport)
+
+    def loss(model, batch, key, step):
+      value, aux = fn(model, batch, key, step)
+      return jnp.where(step >= 4, jnp.nan, value), aux
+    return loss
+
+  monkeypatch.setattr(sit_trainer, "make_loss_fn", poisoned)
+  with pytest.raises(FloatingPointError, match="last good checkpoint is step 3"):
+    sit_trainer.run(tiny_config(8, log_every=1), workdir)
+  assert _final_params(workdir)[0] == 3
