@@ -189,3 +189,19 @@ def test_records_write_is_atomic(tmp_path):
   assert os.listdir(tmp_path) == []
   assert records.write_records(path, ({"a": np.full(2, i)} for i in range(3))) == 3
   assert records.num_records(path) == 3
+
+
+def test_undecodable_images_are_left_out_and_counted(tok, tmp_path):
+  from test_data_pipeline import write_odd_folder  # pylint: disable=g-import-not-at-top
+  root = tmp_path / "odd"
+  write_odd_folder(root)
+  src = sources.ImageFolderSource(str(root))
+  kw = dict(batch_size=BATCH, examples_per_shard=PER_SHARD, process_index=0, process_count=1,
+            progress=False)
+  info = cache_latents.write_latent_cache(tok, src, str(tmp_path / "c"), max_skipped=5, **kw)
+  assert info["skipped_images"] == 1
+  recs = read_all(str(tmp_path / "c"))
+  assert [r["name"] for r in recs] == [src[i]["name"] for i in range(1, 7)]
+  with pytest.raises(RuntimeError, match=r"max_skipped=0.*broken\.jpg"):
+    cache_latents.write_latent_cache(tok, src, str(tmp_path / "d"), max_skipped=0, **kw)
+  assert not [n for n in os.listdir(tmp_path / "d") if n.endswith(".array_record")]

@@ -143,10 +143,15 @@ def write_latent_cache(tokenizer: Any, source: Any, out_dir: str, *, batch_size:
 
     def shard_records(shard: int):
       start, stop = shard * examples_per_shard, min(n, (shard + 1) * examples_per_shard)
-      for b0 in range(start, stop, batch_size):
-        ids = list(range(b0, min(stop, b0 + batch_size)))
+      batches = [list(range(b0, min(stop, b0 + batch_size)))
+                 for b0 in range(start, stop, batch_size)]
+      futures = [pool.submit(load, i) for i in batches[0]]
+      for k, ids in enumerate(batches):
+        loaded = [f.result() for f in futures]
+        if k + 1 < len(batches):  # decode the next batch while this one is encoded
+          futures = [pool.submit(load, i) for i in batches[k + 1]]
         kept, images = [], []
-        for i, (ex_name, ex) in zip(ids, pool.map(load, ids)):
+        for i, (ex_name, ex) in zip(ids, loaded):
           if isinstance(ex, pipeline.Skipped):
             skipped.append(f"{ex.name} ({ex.reason})")
             logging.warning("Skipping undecodable image %s: %s", ex.name, ex.reason)
