@@ -251,3 +251,19 @@ def test_cli_reports_errors_without_traceback(tmp_path, capsys):
   assert rc == 2
   assert "unknown encoder_model 'resnet50'" in capsys.readouterr().err
   assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("kind", ["sit", "dit"])
+def test_generator_cli_user_path(kind, tmp_path):
+  from softvq_jax import Generator
+  hf = FIXTURES / f"{kind}_tiny_hf"
+  ref = np.load(FIXTURES / f"{kind}_tiny.npz")
+  out = tmp_path / kind
+  assert convert_main(["--kind", kind, "--checkpoint", str(hf / "model.safetensors"), "--config",
+                       str(hf / "config.json"), "--out", str(out)]) == 0
+  gen = Generator.load(str(out))
+  assert gen.kind == kind
+  x, t, y = ref["in/x"], ref["in/t"], ref["in/y"]
+  expected = ref["out/forward"]
+  assert rel_err(gen(x, t, y), expected) < TOL
+  assert json.load(open(out / "conversion.json"))["kind"] == kind
