@@ -1,4 +1,4 @@
-"""Stage-2 latent cache: encode a dataset once with a frozen tokenizer, train SiT/DiT on the latents.
+"""Stage-2 latent cache: encode a dataset once with a frozen tokenizer; SiT/DiT train on it.
 
 Writer: every image (ADM centre crop, as the reference's SiT training uses)
 and its horizontal flip are encoded; each record of the sharded ArrayRecord

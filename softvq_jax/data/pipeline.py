@@ -73,7 +73,8 @@ class ImagePreprocess(grain.transforms.RandomMap):
       transforms.sample_crop_params(np.random.default_rng(0), (image_size, image_size),
                                     image_size, min_resize, max_resize, flip)
 
-  def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, Any] | Skipped:
+  def random_map(self, element: dict[str, Any],
+                 rng: np.random.Generator) -> dict[str, Any] | Skipped:
     name = str(element.get("name", "?"))
     try:
       image = decode.to_pil_rgb(element["image"], name)

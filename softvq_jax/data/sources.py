@@ -32,7 +32,7 @@ FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", 
 
 
 class ImageFolderSource:
-  """``root/<class>/**/<image>`` with labels from the sorted class folder names (torchvision order)."""
+  """``root/<class>/**/<image>``; labels from the sorted class folder names (torchvision order)."""
 
   def __init__(self, root: str, extensions: Sequence[str] = IMAGE_EXTENSIONS):
     root = os.fspath(root)
