@@ -319,3 +319,18 @@ def test_worker_processes_match_threads_and_count_skips(odd_folder):
   assert_batches_equal(list(resumed), rest)
   for it in (threads, workers, resumed):
     it.close()
+
+
+def test_hosts_split_one_global_stream():
+  # 3 hosts x batch 4 consume exactly the examples 1 host x batch 12 does, epoch after epoch.
+  source = sources.SyntheticSource(48, image_shape=(16, 16), num_classes=1000)
+  kw = dict(image_size=16, seed=9, num_threads=1)
+  one = take(iter(pipeline.image_pipeline(source, batch_size=12, shard_index=0, shard_count=1,
+                                          **kw)), 8)  # two epochs
+  hosts = [take(iter(pipeline.image_pipeline(source, batch_size=4, shard_index=i, shard_count=3,
+                                             **kw)), 8) for i in range(3)]
+  single = np.concatenate([b["label"] for b in one])
+  per_host = [np.concatenate([b["label"] for b in h]) for h in hosts]
+  np.testing.assert_array_equal(np.stack(per_host, axis=1).reshape(-1), single)
+  # Each epoch is a new global permutation, so a host's examples change between epochs.
+  assert set(per_host[0][:16]) != set(per_host[0][16:32])

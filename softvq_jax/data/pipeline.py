@@ -1,11 +1,15 @@
 """Grain pipelines: per-host sharding, seeded shuffling and augmentation, resumable iterators.
 
-    source -> [drop remainder] -> [index::count] per host -> shuffle(seed) -> repeat(epochs)
+    source -> [drop remainder] -> shuffle(seed) -> repeat(epochs) -> [index::count] per host
            -> random_map(decode + transform, seed) -> to_iter_dataset(threads)
            -> [mp_prefetch(workers)] -> SkipAndBatch
 
-Every random choice is a function of (seed, host shard, position in the
-stream), so a pipeline is reproducible from its seed and its iterator state
+All hosts shuffle with the same seed and take every ``count``-th element of
+the one global stream, so like PyTorch's ``DistributedSampler`` each epoch
+is a fresh global permutation split across hosts, and the examples consumed
+do not depend on how many hosts share the work. Every random choice is a
+function of (seed, host shard, position in the stream), so a pipeline is
+reproducible from its seed and its iterator state
 (``get_state``/``set_state``, JSON-able; also what ``grain.checkpoint`` saves)
 pins the exact next batch. Images that cannot be decoded travel down the
 pipeline as ``Skipped`` markers and are dropped, counted (the count is part of
@@ -43,17 +47,16 @@ def host_shard(shard_index: int | None = None, shard_count: int | None = None) -
   return shard_index, shard_count
 
 
-def shard_dataset(ds: grain.MapDataset, shard_index: int, shard_count: int,
-                  drop_remainder: bool) -> grain.MapDataset:
-  """This host's examples: every ``shard_count``-th one from ``shard_index``.
+def shard_stream(ds: grain.MapDataset, shard_index: int, shard_count: int,
+                 epoch_length: int) -> tuple[grain.MapDataset, int]:
+  """This host's part of the global stream: every ``shard_count``-th element from ``shard_index``.
 
-  Strided, not contiguous, so that sources sorted by class (image folders)
-  give every host every class. With ``drop_remainder`` the last
-  ``len % shard_count`` examples are dropped so all hosts run equally many steps.
+  Strided, not contiguous, so that unshuffled sources sorted by class (image
+  folders in eval) still give every host every class. Returns the dataset
+  and how many elements of each epoch this host gets.
   """
-  if drop_remainder:
-    ds = ds[:len(ds) - len(ds) % shard_count]
-  return ds[shard_index::shard_count]
+  per_epoch = len(range(shard_index, epoch_length, shard_count))
+  return ds[shard_index::shard_count], per_epoch
 
 
 def _stream_seed(seed: int, shard_index: int) -> int:
@@ -186,17 +189,22 @@ def build_pipeline(source: Any, element_fn: grain.transforms.RandomMap, *, batch
   if n == 0:
     raise ValueError(f"{name} is empty")
   index, count = host_shard(shard_index, shard_count)
-  ds = shard_dataset(grain.MapDataset.source(source), index, count, drop_remainder)
-  if drop_remainder and len(ds) < batch_size:
-    raise ValueError(
-        f"{name} has {n} examples, {len(ds)} for this host's shard ({index} of {count}): fewer "
-        f"than one batch of {batch_size}; use a smaller batch or more data")
-  if len(ds) == 0:
-    raise ValueError(f"{name} has {n} examples, none for shard {index} of {count}")
+  ds = grain.MapDataset.source(source)
+  if drop_remainder:
+    # Equal shares, so all hosts run equally many steps and none waits forever.
+    ds = ds[:n - n % count]
+  epoch_length = len(ds)
   if shuffle:
     ds = ds.shuffle(seed=seed)
   if num_epochs != 1:
     ds = ds.repeat(num_epochs)
+  ds, per_epoch = shard_stream(ds, index, count, epoch_length)
+  if drop_remainder and per_epoch < batch_size:
+    raise ValueError(
+        f"{name} has {n} examples, {per_epoch} per epoch for this host's shard ({index} of "
+        f"{count}): fewer than one batch of {batch_size}; use a smaller batch or more data")
+  if per_epoch == 0:
+    raise ValueError(f"{name} has {n} examples, none for shard {index} of {count}")
   ds = ds.random_map(element_fn, seed=_stream_seed(seed, index))
   ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
                                             prefetch_buffer_size=prefetch_buffer_size))
