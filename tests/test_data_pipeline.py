@@ -334,3 +334,29 @@ def test_hosts_split_one_global_stream():
   np.testing.assert_array_equal(np.stack(per_host, axis=1).reshape(-1), single)
   # Each epoch is a new global permutation, so a host's examples change between epochs.
   assert set(per_host[0][:16]) != set(per_host[0][16:32])
+
+
+def test_unreadable_dataset_does_not_spin(tmp_path, monkeypatch):
+  (tmp_path / "a").mkdir()
+  for i in range(4):
+    (tmp_path / "a" / f"{i}.jpg").write_bytes(b"garbage")
+  monkeypatch.setattr(pipeline, "MAX_SKIPPED_IN_A_ROW", 20)
+  ds = pipeline.image_pipeline(sources.ImageFolderSource(str(tmp_path)), batch_size=2,
+                               image_size=8, shard_index=0, shard_count=1, max_skipped=None)
+  with pytest.raises(RuntimeError, match="20 images in a row"):
+    next(iter(ds))
+
+
+def test_orbax_checkpoint_of_the_iterator(synthetic, tmp_path):
+  grain = pytest.importorskip("grain")
+  ocp = pytest.importorskip("orbax.checkpoint")
+  it = iter(train_pipeline(synthetic, seed=2))
+  take(it, 2)
+  with ocp.CheckpointManager(str(tmp_path)) as mngr:
+    mngr.save(2, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(it)))
+    mngr.wait_until_finished()
+  expected = take(it, 2)
+  restored = iter(train_pipeline(synthetic, seed=2))
+  with ocp.CheckpointManager(str(tmp_path)) as mngr:
+    mngr.restore(2, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(restored)))
+  assert_batches_equal(take(restored, 2), expected)

@@ -29,6 +29,9 @@ from absl import logging
 from softvq_jax.data import decode, transforms
 
 
+MAX_SKIPPED_IN_A_ROW = 1000
+
+
 @dataclasses.dataclass(frozen=True)
 class Skipped:
   """Stands in for an example whose image could not be decoded."""
@@ -110,10 +113,12 @@ class _SkipAndBatchIterator(grain.DatasetIterator):
     self._batch_size, self._drop_remainder = batch_size, drop_remainder
     self._max_skipped, self._source_name, self._finalize = max_skipped, source_name, finalize
     self.num_skipped = 0
+    self._in_a_row = 0
     self.skipped_names: list[str] = []  # the most recent few, for the error message
 
   def _note_skip(self, skipped: Skipped) -> None:
     self.num_skipped += 1
+    self._in_a_row += 1
     self.skipped_names = (self.skipped_names + [f"{skipped.name} ({skipped.reason})"])[-5:]
     logging.warning("Skipping undecodable image %s in %s: %s (%d skipped so far)", skipped.name,
                     self._source_name, skipped.reason, self.num_skipped)
@@ -122,6 +127,10 @@ class _SkipAndBatchIterator(grain.DatasetIterator):
           f"{self.num_skipped} images of {self._source_name} could not be decoded, more than "
           f"max_skipped={self._max_skipped}; the last: {'; '.join(self.skipped_names)}. Remove or "
           "repair them, or raise max_skipped.")
+    if self._in_a_row >= MAX_SKIPPED_IN_A_ROW:
+      # Without this, an unreadable dataset repeated forever would spin silently.
+      raise RuntimeError(f"{self._in_a_row} images in a row of {self._source_name} could not be "
+                         f"decoded (the last: {'; '.join(self.skipped_names)}): is it readable?")
 
   def __next__(self) -> dict[str, np.ndarray]:
     examples = []
@@ -129,10 +138,14 @@ class _SkipAndBatchIterator(grain.DatasetIterator):
       try:
         element = next(self._parent)
       except StopIteration:
+        if self.num_skipped:
+          logging.warning("%s: end of data; %d undecodable images were skipped",
+                          self._source_name, self.num_skipped)
         break
       if isinstance(element, Skipped):
         self._note_skip(element)
       else:
+        self._in_a_row = 0
         examples.append(element)
     if not examples or (self._drop_remainder and len(examples) < self._batch_size):
       raise StopIteration
