@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import glob
 import os
+import socket
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -27,7 +28,8 @@ def decode_record(data: bytes) -> dict[str, Any]:
 
 
 def temp_path(path: str) -> str:
-  return f"{path}.tmp-{os.getpid()}"
+  # Host and pid: several hosts may write next to each other on a shared file system.
+  return f"{path}.tmp-{socket.gethostname()}-{os.getpid()}"
 
 
 def remove_stale_temps(path: str) -> None:
