@@ -1,0 +1,153 @@
+"""The ADM evaluator's numbers (IS, FID, sFID, precision, recall) with our JAX Inception.
+
+Mirrors guided-diffusion's ``evaluations/evaluator.py``: activations of the reference
+batch's images and of the sample batch's images; reference statistics read from the
+reference npz (``mu``/``sigma``, ``mu_s``/``sigma_s``) when present, else computed from its
+images; IS from the samples only (needs the 2048x1008 logits weight, see
+:mod:`softvq_jax.eval.inception`); precision/recall with k = 3 on pool_3 features.
+
+Command line (same argument order as ADM's script)::
+
+  python -m softvq_jax.eval.adm VIRTUAL_imagenet256_labeled.npz samples.npz \
+      [--batch_size=100] [--logits_weight=softmax_w.npz]
+
+For several hosts, give each host its own images, build :class:`FeatureStats` per host
+with :meth:`Activations.stats` and combine them with
+:func:`softvq_jax.eval.fid.merge_across_processes` before :func:`fid_from_stats`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from typing import Iterable
+
+import jax
+import numpy as np
+from absl import logging
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from softvq_jax.eval import fid as fid_lib
+from softvq_jax.eval import inception as inception_lib
+from softvq_jax.eval import npz
+from softvq_jax.eval import precision_recall as pr_lib
+
+
+@dataclasses.dataclass
+class Activations:
+  pool: np.ndarray  # (N, 2048)
+  spatial: np.ndarray  # (N, 2023)
+  logits: np.ndarray | None = None  # (N, 1008) when the model has the classifier weight
+
+  def stats(self) -> tuple[fid_lib.FeatureStats, fid_lib.FeatureStats]:
+    return (fid_lib.FeatureStats.from_features(self.pool),
+            fid_lib.FeatureStats.from_features(self.spatial))
+
+
+class InceptionFeatures:
+  """Runs the FID Inception over uint8 NHWC batches, data-parallel over the local devices.
+
+  Every call is padded to ``batch_size`` rows so the network compiles once per image size.
+  """
+
+  def __init__(self, model: inception_lib.FIDInceptionV3 | None = None, batch_size: int = 100):
+    model = model if model is not None else inception_lib.load_fid_inception()
+    devices = jax.local_devices()
+    self.batch_size = -(-batch_size // len(devices)) * len(devices)
+    mesh = Mesh(np.array(devices), ("data",))
+    self._data_sharding = NamedSharding(mesh, PartitionSpec("data"))
+    graphdef, state = nnx.split(model)
+    self._state = jax.device_put(state, NamedSharding(mesh, PartitionSpec()))
+    self.has_logits = model.logits_weight is not None
+    self._forward = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x))
+
+  def __call__(self, images: np.ndarray) -> dict[str, np.ndarray]:
+    images = np.asarray(images)
+    if images.dtype != np.uint8:
+      raise ValueError(f"expected uint8 images (the evaluator's input), got {images.dtype}")
+    out = {}
+    for start in range(0, len(images), self.batch_size):
+      chunk = images[start:start + self.batch_size]
+      n = len(chunk)
+      if n < self.batch_size:
+        chunk = np.concatenate([chunk, np.zeros((self.batch_size - n,) + chunk.shape[1:],
+                                                chunk.dtype)])
+      feats = self._forward(self._state, jax.device_put(chunk, self._data_sharding))
+      for key, value in feats.items():
+        out.setdefault(key, []).append(np.asarray(value)[:n])
+    return {key: np.concatenate(value) for key, value in out.items()}
+
+  def activations(self, batches: Iterable[np.ndarray]) -> Activations:
+    parts: dict[str, list[np.ndarray]] = {}
+    count, start = 0, time.time()
+    for batch in batches:
+      for key, value in self(batch).items():
+        parts.setdefault(key, []).append(value)
+      count += len(batch)
+      logging.log_every_n_seconds(logging.INFO, "Inception activations: %d images, %.1f/s", 30,
+                                  count, count / max(time.time() - start, 1e-9))
+    if not parts:
+      raise ValueError("no images")
+    joined = {key: np.concatenate(value) for key, value in parts.items()}
+    return Activations(joined["pool"], joined["spatial"], joined.get("logits"))
+
+  def npz_activations(self, path: str) -> Activations:
+    return self.activations(npz.iter_images(path, self.batch_size))
+
+
+def evaluate_activations(ref: Activations, sample: Activations, *,
+                         ref_stats: dict[str, np.ndarray] | None = None, split_size: int = 5000,
+                         distance_dtype: str = "float16") -> dict[str, float]:
+  """ADM's metrics from activations; ``ref_stats`` (mu, sigma, mu_s, sigma_s) override ``ref``'s."""
+  ref_stats = dict(ref_stats or {})
+  ref_pool, ref_spatial = ref.stats()
+  mu, sigma = ref_stats.get("mu", ref_pool.mean), ref_stats.get("sigma", ref_pool.covariance)
+  mu_s = ref_stats.get("mu_s", ref_spatial.mean)
+  sigma_s = ref_stats.get("sigma_s", ref_spatial.covariance)
+  sample_pool, sample_spatial = sample.stats()
+  results = {"num_samples": float(len(sample.pool)), "num_ref": float(len(ref.pool))}
+  if sample.logits is not None:
+    results["inception_score"] = fid_lib.inception_score(sample.logits, split_size=split_size)
+  results["fid"] = fid_lib.frechet_distance(sample_pool.mean, sample_pool.covariance, mu, sigma)
+  results["sfid"] = fid_lib.frechet_distance(sample_spatial.mean, sample_spatial.covariance,
+                                             mu_s, sigma_s)
+  precision, recall = pr_lib.precision_recall(ref.pool, sample.pool,
+                                              distance_dtype=distance_dtype)
+  results["precision"], results["recall"] = precision, recall
+  return results
+
+
+def evaluate(ref_batch: str, sample_batch: str, features: InceptionFeatures | None = None,
+             **kwargs) -> dict[str, float]:
+  """ADM's ``evaluator.py REF_BATCH SAMPLE_BATCH`` with our Inception."""
+  features = features or InceptionFeatures()
+  logging.info("Reference batch %s: %s", ref_batch, npz.array_shape(ref_batch))
+  ref = features.npz_activations(ref_batch)
+  logging.info("Sample batch %s: %s", sample_batch, npz.array_shape(sample_batch))
+  sample = features.npz_activations(sample_batch)
+  stats = npz.read_reference_stats(ref_batch)
+  results = evaluate_activations(ref, sample, ref_stats=stats, **kwargs)
+  if "inception_score" not in results:
+    logging.warning("No logits weight loaded: Inception Score not computed")
+  return results
+
+
+def main(argv):
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  if len(argv) != 3:
+    raise SystemExit("usage: python -m softvq_jax.eval.adm REF_BATCH.npz SAMPLE_BATCH.npz")
+  weight = flags.FLAGS.logits_weight
+  model = inception_lib.load_fid_inception(
+      logits_weight=inception_lib.read_logits_weight(weight) if weight else None)
+  results = evaluate(argv[1], argv[2], InceptionFeatures(model, flags.FLAGS.batch_size))
+  print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+  from absl import app, flags  # pylint: disable=g-import-not-at-top,ungrouped-imports
+  flags.DEFINE_integer("batch_size", 100, "images per Inception call (all local devices)")
+  flags.DEFINE_string("logits_weight", None, "2048x1008 softmax weight (npz or pytorch-fid .pth) "
+                      "for the Inception Score")
+  app.run(main)
