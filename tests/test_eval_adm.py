@@ -122,3 +122,23 @@ def test_evaluating_a_batch_against_itself(batches, features):
   out = adm.evaluate(str(tmp / "self.npz"), str(tmp / "self.npz"), features)
   assert abs(out["fid"]) < 1e-6 and abs(out["sfid"]) < 1e-6
   assert out["precision"] == 1.0 and out["recall"] == 1.0
+
+
+def test_stored_statistics_win_over_activations_as_in_adm():
+  rng = np.random.default_rng(4)
+  ref = adm.Activations(rng.normal(size=(30, 6)), rng.normal(size=(30, 4)))
+  sample = adm.Activations(rng.normal(size=(25, 6)) + 1, rng.normal(size=(25, 4)))
+  other = rng.normal(size=(40, 6)) * 2
+  other_s = rng.normal(size=(40, 4)) * 3
+  stored = {"mu": other.mean(0), "sigma": np.cov(other, rowvar=False),
+            "mu_s": other_s.mean(0), "sigma_s": np.cov(other_s, rowvar=False)}
+  out = adm.evaluate_activations(ref, sample, ref_stats=stored, distance_dtype="float32")
+  assert out["fid"] == pytest.approx(_scipy_fid(sample.pool, other), rel=1e-9)
+  assert out["sfid"] == pytest.approx(_scipy_fid(sample.spatial, other_s), rel=1e-9)
+  assert "inception_score" not in out
+  # Precision/recall always use the reference *activations*, never the stored statistics.
+  assert (out["precision"], out["recall"]) == _numpy_pr(ref.pool, sample.pool)
+  swapped = adm.evaluate_activations(ref, sample, sample_stats=stored)
+  assert swapped["fid"] == pytest.approx(_scipy_fid(other, ref.pool), rel=1e-9)
+  with pytest.raises(ValueError, match="lacks"):
+    adm.evaluate_activations(ref, sample, ref_stats={"mu": other.mean(0)})

@@ -97,22 +97,30 @@ class InceptionFeatures:
     return self.activations(npz.iter_images(path, self.batch_size))
 
 
+def _mu_sigma(acts: Activations, stored: dict[str, np.ndarray] | None):
+  """(mu, sigma, mu_s, sigma_s): stored in the npz if it has them (as ADM), else computed."""
+  if stored and "mu" in stored:
+    missing = {"sigma", "mu_s", "sigma_s"} - set(stored)
+    if missing:
+      raise ValueError(f"batch has mu but lacks {sorted(missing)}")
+    return stored["mu"], stored["sigma"], stored["mu_s"], stored["sigma_s"]
+  pool, spatial = acts.stats()
+  return pool.mean, pool.covariance, spatial.mean, spatial.covariance
+
+
 def evaluate_activations(ref: Activations, sample: Activations, *,
-                         ref_stats: dict[str, np.ndarray] | None = None, split_size: int = 5000,
+                         ref_stats: dict[str, np.ndarray] | None = None,
+                         sample_stats: dict[str, np.ndarray] | None = None,
+                         split_size: int = 5000,
                          distance_dtype: str = "float16") -> dict[str, float]:
-  """ADM's metrics from activations; ``ref_stats`` (mu, sigma, mu_s, sigma_s) override ``ref``'s."""
-  ref_stats = dict(ref_stats or {})
-  ref_pool, ref_spatial = ref.stats()
-  mu, sigma = ref_stats.get("mu", ref_pool.mean), ref_stats.get("sigma", ref_pool.covariance)
-  mu_s = ref_stats.get("mu_s", ref_spatial.mean)
-  sigma_s = ref_stats.get("sigma_s", ref_spatial.covariance)
-  sample_pool, sample_spatial = sample.stats()
+  """ADM's metrics from activations; stored statistics (mu, sigma, mu_s, sigma_s) win, as in ADM."""
+  mu, sigma, mu_s, sigma_s = _mu_sigma(ref, ref_stats)
+  smu, ssigma, smu_s, ssigma_s = _mu_sigma(sample, sample_stats)
   results = {"num_samples": float(len(sample.pool)), "num_ref": float(len(ref.pool))}
   if sample.logits is not None:
     results["inception_score"] = fid_lib.inception_score(sample.logits, split_size=split_size)
-  results["fid"] = fid_lib.frechet_distance(sample_pool.mean, sample_pool.covariance, mu, sigma)
-  results["sfid"] = fid_lib.frechet_distance(sample_spatial.mean, sample_spatial.covariance,
-                                             mu_s, sigma_s)
+  results["fid"] = fid_lib.frechet_distance(smu, ssigma, mu, sigma)
+  results["sfid"] = fid_lib.frechet_distance(smu_s, ssigma_s, mu_s, sigma_s)
   precision, recall = pr_lib.precision_recall(ref.pool, sample.pool,
                                               distance_dtype=distance_dtype)
   results["precision"], results["recall"] = precision, recall
@@ -127,8 +135,8 @@ def evaluate(ref_batch: str, sample_batch: str, features: InceptionFeatures | No
   ref = features.npz_activations(ref_batch)
   logging.info("Sample batch %s: %s", sample_batch, npz.array_shape(sample_batch))
   sample = features.npz_activations(sample_batch)
-  stats = npz.read_reference_stats(ref_batch)
-  results = evaluate_activations(ref, sample, ref_stats=stats, **kwargs)
+  results = evaluate_activations(ref, sample, ref_stats=npz.read_reference_stats(ref_batch),
+                                 sample_stats=npz.read_reference_stats(sample_batch), **kwargs)
   if "inception_score" not in results:
     logging.warning("No logits weight loaded: Inception Score not computed")
   return results

@@ -21,7 +21,9 @@ that graph, and what this module reproduces:
    (``count_include_pad=False``, TF's SAME avg pool) and the last block ``mixed_10`` uses a
    3x3 *max* pool in its pool branch (a quirk of the 2015 graph, kept by the port).
 4. ``pool_3``: 8x8 average pool, 2048 features: the FID features.
-5. ``mixed_6/conv:0``: ReLU output of the 1x1 branch of the block ``mixed_6`` (17x17x192);
+5. ``mixed_6/conv:0``: in that graph each conv scope holds ``.../Conv2D`` and
+   ``.../batchnorm`` and the scope's own name is the ReLU, so this is the ReLU output of the
+   1x1 branch of ``mixed_6``, the third 17x17 block (torchvision's ``Mixed_6d``; 17x17x192);
    ADM keeps its first 7 channels and flattens them in NHWC order (2023 features) for sFID.
    We return the same slice flattened the same way, so statistics can be compared with the
    ``mu_s``/``sigma_s`` of ADM reference batches.
