@@ -8,7 +8,7 @@ import pytest
 import jax
 import jax.numpy as jnp
 
-from softvq_jax.eval import inception
+from softvq_jax.eval import inception, torchscript
 from conftest import rel_err
 
 
@@ -142,3 +142,36 @@ def test_rejects_wrong_inputs(model):
     model(jnp.zeros((1, 3, 299, 299)))
   with pytest.raises(ValueError, match="resize=False"):
     model(jnp.zeros((1, 64, 64, 3)), resize=False)
+
+
+def test_loader_reports_missing_tensors_and_geometry_mismatch(monkeypatch):
+  tensors, attributes = inception.module_tree(inception.default_weights_path())
+  tensors = dict(tensors)
+  del tensors["net.layers.mixed_6.conv.beta"]
+  tensors["net.layers.extra.weight"] = np.zeros((1, 1, 1, 1), np.float32)
+  attributes = dict(attributes, **{"net.layers.mixed_4.tower.conv_1.padding": [3, 0]})
+  monkeypatch.setattr(inception, "module_tree", lambda path: (tensors, attributes))
+  with pytest.raises(ValueError) as e:
+    inception.load_fid_inception(verify_sha1=False)
+  message = str(e.value)
+  assert "layers.mixed_6.conv.beta not found" in message
+  assert "net.layers.extra.weight has no place" in message
+  assert "mixed_4.tower.conv_1.padding: file has [3, 0]" in message
+
+
+def test_torchscript_reader_runs_no_pickled_code(tmp_path):
+  import pickle  # pylint: disable=g-import-not-at-top
+  import zipfile  # pylint: disable=g-import-not-at-top
+  marker = tmp_path / "pwned"
+
+  class Evil:
+    def __reduce__(self):
+      return (__import__("os").system, (f"touch {marker}",))
+
+  path = tmp_path / "evil.pt"
+  with zipfile.ZipFile(path, "w") as z:
+    z.writestr("m/code/__torch__/m.py", "")
+    z.writestr("m/data.pkl", pickle.dumps({"x": Evil()}, protocol=2))
+  tree = torchscript.load_torchscript(str(path))
+  assert not marker.exists()
+  assert type(tree["x"]).__module__.startswith("opaque.")
