@@ -61,3 +61,21 @@ def test_float16_overflow_falls_back_to_float32():
 def test_identical_sets_have_full_precision_and_recall():
   x = np.random.default_rng(3).normal(size=(40, 16)).astype(np.float32)
   assert pr.precision_recall(x, x, distance_dtype="float32") == (1.0, 1.0)
+
+
+def test_float16_distances_follow_tf_rounding_steps():
+  """ADM's block in float16: squares and products rounded to float16, sums in float32."""
+  rng = np.random.default_rng(4)
+  u = np.abs(rng.normal(size=(40, 64))).astype(np.float32)  # ReLU-like, as pool_3 features
+  v = np.abs(rng.normal(size=(30, 64))).astype(np.float32)
+  f16, f32 = np.float16, np.float32
+  u16, v16 = u.astype(f16), v.astype(f16)
+  nu = (u16 * u16).astype(f32).sum(1).astype(f16)[:, None]
+  nv = (v16 * v16).astype(f32).sum(1).astype(f16)[None, :]
+  uv = (u16.astype(f32) @ v16.astype(f32).T).astype(f16)
+  expected = np.maximum(((nu - (2 * uv).astype(f16)).astype(f16) + nv).astype(f16), f16(0))
+  got = np.asarray(pr.pairwise_distances(u, v, "float16"))
+  np.testing.assert_allclose(got, expected.astype(f32), rtol=2e-3)  # one float16 ulp at most
+  assert np.mean(got == expected.astype(f32)) > 0.97
+  exact = ((u[:, None].astype(np.float64) - v[None]) ** 2).sum(-1)
+  assert np.max(np.abs(got - exact) / exact) < 0.05  # float16 is coarse, but not wrong

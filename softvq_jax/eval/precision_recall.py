@@ -38,8 +38,9 @@ def _dist32(u: jax.Array, v: jax.Array) -> jax.Array:
 def _dist16(u: jax.Array, v: jax.Array) -> jax.Array:
   f16 = jnp.float16
   u, v = u.astype(f16), v.astype(f16)
-  nu = jnp.sum(u.astype(jnp.float32) ** 2, axis=1).astype(f16)[:, None]
-  nv = jnp.sum(v.astype(jnp.float32) ** 2, axis=1).astype(f16)[None, :]
+  # Squares rounded to float16 (TF squares in the input dtype), sums accumulated in float32.
+  nu = jnp.sum(jnp.square(u).astype(jnp.float32), axis=1).astype(f16)[:, None]
+  nv = jnp.sum(jnp.square(v).astype(jnp.float32), axis=1).astype(f16)[None, :]
   uv = jnp.dot(u, v.T, precision=_HI, preferred_element_type=jnp.float32).astype(f16)
   return jnp.maximum((nu - (2 * uv).astype(f16)).astype(f16) + nv, f16(0))
 
@@ -88,7 +89,7 @@ def manifold_radii(features: np.ndarray, *, k: int = 3, row_block: int = 1024,
   row_block, col_block = min(row_block, n), min(col_block, n)
   cols, _ = _blocks(x, col_block)
   valid = (np.arange(len(cols)) < n).reshape(-1, col_block)
-  cols = cols.reshape(-1, col_block, x.shape[1])
+  cols = jax.device_put(cols.reshape(-1, col_block, x.shape[1]))  # once, not per row block
   rows, _ = _blocks(x, row_block)
   radii = [np.asarray(_radii_block(rows[i:i + row_block], cols, valid, k, distance_dtype))
            for i in range(0, len(rows), row_block)]
@@ -118,8 +119,8 @@ def _membership(a: np.ndarray, radii_a: np.ndarray, b: np.ndarray, radii_b: np.n
   cols, nb = _blocks(np.asarray(b, np.float32), col_block)
   rb, _ = _blocks(np.asarray(radii_b, np.float32), col_block)
   rb[nb:] = -np.inf
-  cols = cols.reshape(-1, col_block, cols.shape[1])
-  rb = rb.reshape(-1, col_block)
+  cols = jax.device_put(cols.reshape(-1, col_block, cols.shape[1]))
+  rb = jax.device_put(rb.reshape(-1, col_block))
   a_in, b_in = [], np.zeros((len(cols) * col_block,), bool)
   for i in range(0, len(rows), row_block):
     rows_in, cols_in = _in_block(rows[i:i + row_block], ra[i:i + row_block], cols, rb,
