@@ -175,3 +175,27 @@ def test_torchscript_reader_runs_no_pickled_code(tmp_path):
   tree = torchscript.load_torchscript(str(path))
   assert not marker.exists()
   assert type(tree["x"]).__module__.startswith("opaque.")
+
+
+def test_resize_matches_torch_grid_sample_formulation():
+  """A second, independent route to TF1's legacy resize: NVIDIA's affine-grid trick.
+
+  Shifting the normalised grid by ``1/in - 1/out`` makes ``grid_sample`` (align_corners=False,
+  border padding) sample input coordinate ``j * in / out``, which is TF1's rule.
+  """
+  torch = _torch_or_skip()
+  rng = np.random.default_rng(7)
+  image = rng.uniform(0, 255, (2, 256, 200, 3)).astype(np.float32)
+  x = torch.from_numpy(image.transpose(0, 3, 1, 2).copy())
+  theta = torch.eye(2, 3, dtype=torch.float64)
+  theta[0, 2] += 1 / x.shape[3] - 1 / 299
+  theta[1, 2] += 1 / x.shape[2] - 1 / 299
+  theta = theta.unsqueeze(0).repeat(2, 1, 1)
+  grid = torch.nn.functional.affine_grid(theta, [2, 3, 299, 299], align_corners=False)
+  ref = torch.nn.functional.grid_sample(x.double(), grid, mode="bilinear", padding_mode="border",
+                                        align_corners=False).permute(0, 2, 3, 1).numpy()
+  ours = np.asarray(inception.resize_bilinear_tf1(image, (299, 299)))
+  # TF (and we) compute source coordinates in float32, this reference in float64: weights
+  # differ by ~1e-5, i.e. up to ~4e-3 on a 0..255 scale.
+  np.testing.assert_allclose(ours, ref, rtol=0, atol=5e-3)
+  assert np.mean(np.abs(ours - ref)) < 1e-3

