@@ -142,3 +142,23 @@ def test_stored_statistics_win_over_activations_as_in_adm():
   assert swapped["fid"] == pytest.approx(_scipy_fid(other, ref.pool), rel=1e-9)
   with pytest.raises(ValueError, match="lacks"):
     adm.evaluate_activations(ref, sample, ref_stats={"mu": other.mean(0)})
+
+
+def test_stats_accumulator_streams_like_one_shot(batches, features):
+  ref, sample, _ = batches
+  acc = adm.StatsAccumulator(features, keep_pool=True)
+  acc.add(sample[:2])
+  acc.add(sample[2:])
+  one_shot = features(sample)
+  pool, spatial = acc.merged()
+  np.testing.assert_allclose(pool.covariance, np.cov(one_shot["pool"].astype(np.float64),
+                                                     rowvar=False), rtol=1e-6, atol=1e-9)
+  np.testing.assert_allclose(spatial.mean, one_shot["spatial"].mean(0, dtype=np.float64),
+                             rtol=1e-6, atol=1e-9)
+  np.testing.assert_array_equal(np.concatenate(acc.kept), one_shot["pool"])
+  ref_feats = features(ref)["pool"].astype(np.float64)
+  stored = {"mu": ref_feats.mean(0), "sigma": np.cov(ref_feats, rowvar=False)}
+  got = acc.fid_against(stored)
+  assert got["fid"] == pytest.approx(_scipy_fid(one_shot["pool"].astype(np.float64), ref_feats),
+                                     rel=1e-4)
+  assert "sfid" not in got

@@ -97,6 +97,41 @@ class InceptionFeatures:
     return self.activations(npz.iter_images(path, self.batch_size))
 
 
+class StatsAccumulator:
+  """Streams uint8 image batches through the Inception into float64 pool/spatial statistics.
+
+  For rFID/gFID jobs that must not keep every feature: ``add`` batches as they come, then
+  ``merged()`` (a collective across JAX processes) and :meth:`fid_against` a reference.
+  ``keep_pool=True`` also keeps the pool features (for precision/recall) on this host.
+  """
+
+  def __init__(self, features: InceptionFeatures, *, keep_pool: bool = False):
+    self.features = features
+    self.pool = fid_lib.FeatureStats.empty(2048)
+    self.spatial = fid_lib.FeatureStats.empty(inception_lib.SPATIAL_CHANNELS * 17 * 17)
+    self.kept: list[np.ndarray] | None = [] if keep_pool else None
+
+  def add(self, images: np.ndarray) -> None:
+    out = self.features(images)
+    self.pool.update(out["pool"])
+    self.spatial.update(out["spatial"])
+    if self.kept is not None:
+      self.kept.append(out["pool"])
+
+  def merged(self) -> tuple[fid_lib.FeatureStats, fid_lib.FeatureStats]:
+    return (fid_lib.merge_across_processes(self.pool),
+            fid_lib.merge_across_processes(self.spatial))
+
+  def fid_against(self, ref: dict[str, np.ndarray]) -> dict[str, float]:
+    """FID (and sFID when ``ref`` has mu_s/sigma_s) against stored reference statistics."""
+    pool, spatial = self.merged()
+    out = {"fid": fid_lib.frechet_distance(pool.mean, pool.covariance, ref["mu"], ref["sigma"])}
+    if "mu_s" in ref:
+      out["sfid"] = fid_lib.frechet_distance(spatial.mean, spatial.covariance, ref["mu_s"],
+                                             ref["sigma_s"])
+    return out
+
+
 def _mu_sigma(acts: Activations, stored: dict[str, np.ndarray] | None):
   """(mu, sigma, mu_s, sigma_s): stored in the npz if it has them (as ADM), else computed."""
   if stored and "mu" in stored:
