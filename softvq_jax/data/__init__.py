@@ -1,5 +1,15 @@
 """Data sources and pipelines.
 
+    from softvq_jax import data
+    src = data.ImageFolderSource("/data/imagenet/train")   # or TfdsSource("imagenet2012"), ...
+    it = iter(data.image_pipeline(src, batch_size=32, image_size=256, seed=0))
+    batch = next(it)            # {"image": (32, 256, 256, 3) float32 in [-1, 1], "label": (32,)}
+    state = it.get_state()      # JSON-able; it.set_state(state) resumes at the same next batch
+
+    data.write_latent_cache(tokenizer, src, "/data/cache")   # stage 2: frozen-tokenizer latents
+    it = iter(data.latent_pipeline("/data/cache", batch_size=256, normalize=True))
+
+Sharding defaults to ``jax.process_index()`` of ``jax.process_count()``.
 Names are imported lazily so that ``softvq_jax.data.photos`` (used by
 inference) does not pull in Grain; nothing here imports TensorFlow.
 """

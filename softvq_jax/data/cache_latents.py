@@ -8,6 +8,11 @@ and renamed when complete, so a rerun skips finished shards and redoes only
 the interrupted one. With several processes, process ``p`` writes the shards
 ``s`` with ``s % process_count == p``.
 
+Each process encodes its own shards independently, so on a multi-host
+machine give the writer a ``Tokenizer`` whose mesh spans only
+``jax.local_devices()`` (or none), not a global mesh. Paths are local or
+FUSE-mounted file systems (``os`` and ArrayRecord's local writer).
+
 Reader: ``latent_pipeline`` yields ``{"latent": (B, L, d), "label": (B,)}``,
 picking the flipped copy with probability 1/2 per example when training (the
 reference's ``CachedFolder``).
