@@ -322,8 +322,9 @@ def test_worker_processes_match_threads_and_count_skips(odd_folder):
 
 
 def test_hosts_split_one_global_stream():
-  # 3 hosts x batch 4 consume exactly the examples 1 host x batch 12 does, epoch after epoch.
-  source = sources.SyntheticSource(48, image_shape=(16, 16), num_classes=1000)
+  # 3 hosts x batch 4 consume exactly the examples 1 host x batch 12 does, epoch after epoch,
+  # with the same augmentations.
+  source = sources.SyntheticSource(48, image_shape=(24, 20), num_classes=1000)
   kw = dict(image_size=16, seed=9, num_threads=1)
   one = take(iter(pipeline.image_pipeline(source, batch_size=12, shard_index=0, shard_count=1,
                                           **kw)), 8)  # two epochs
@@ -332,6 +333,9 @@ def test_hosts_split_one_global_stream():
   single = np.concatenate([b["label"] for b in one])
   per_host = [np.concatenate([b["label"] for b in h]) for h in hosts]
   np.testing.assert_array_equal(np.stack(per_host, axis=1).reshape(-1), single)
+  images = np.stack([np.concatenate([b["image"] for b in h]) for h in hosts], axis=1)
+  np.testing.assert_array_equal(images.reshape(-1, 16, 16, 3),
+                                np.concatenate([b["image"] for b in one]))
   # Each epoch is a new global permutation, so a host's examples change between epochs.
   assert set(per_host[0][:16]) != set(per_host[0][16:32])
 

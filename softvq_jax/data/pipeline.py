@@ -1,15 +1,15 @@
 """Grain pipelines: per-host sharding, seeded shuffling and augmentation, resumable iterators.
 
-    source -> [drop remainder] -> shuffle(seed) -> repeat(epochs) -> [index::count] per host
-           -> random_map(decode + transform, seed) -> to_iter_dataset(threads)
-           -> [mp_prefetch(workers)] -> SkipAndBatch
+    source -> [drop remainder] -> shuffle(seed) -> repeat(epochs)
+           -> random_map(decode + transform, seed) -> [index::count] per host
+           -> to_iter_dataset(threads) -> [mp_prefetch(workers)] -> SkipAndBatch
 
 All hosts shuffle with the same seed and take every ``count``-th element of
 the one global stream, so like PyTorch's ``DistributedSampler`` each epoch
 is a fresh global permutation split across hosts, and the examples consumed
 do not depend on how many hosts share the work. Every random choice is a
-function of (seed, host shard, position in the stream), so a pipeline is
-reproducible from its seed and its iterator state
+function of (seed, position in the global stream), so a pipeline is
+reproducible from its seed whatever the host count, and its iterator state
 (``get_state``/``set_state``, JSON-able; also what ``grain.checkpoint`` saves)
 pins the exact next batch. Images that cannot be decoded travel down the
 pipeline as ``Skipped`` markers and are dropped, counted (the count is part of
@@ -62,10 +62,9 @@ def shard_stream(ds: grain.MapDataset, shard_index: int, shard_count: int,
   return ds[shard_index::shard_count], per_epoch
 
 
-def _stream_seed(seed: int, shard_index: int) -> int:
-  # Hosts see different examples at the same stream position, so their
-  # augmentation streams must differ too.
-  return int(np.random.SeedSequence([seed, shard_index, 0x50F7]).generate_state(1)[0])
+def _augment_seed(seed: int) -> int:
+  # Decorrelated from the shuffle, which uses `seed` itself.
+  return int(np.random.SeedSequence([seed, 0x50F7]).generate_state(1)[0])
 
 
 class ImagePreprocess(grain.transforms.RandomMap):
@@ -211,6 +210,9 @@ def build_pipeline(source: Any, element_fn: grain.transforms.RandomMap, *, batch
     ds = ds.shuffle(seed=seed)
   if num_epochs != 1:
     ds = ds.repeat(num_epochs)
+  # Seeded by the position in the global stream (MapDataset is lazy: each host
+  # only computes its own slice), so augmentations do not depend on host count.
+  ds = ds.random_map(element_fn, seed=_augment_seed(seed))
   ds, per_epoch = shard_stream(ds, index, count, epoch_length)
   if drop_remainder and per_epoch < batch_size:
     raise ValueError(
@@ -218,7 +220,6 @@ def build_pipeline(source: Any, element_fn: grain.transforms.RandomMap, *, batch
         f"{count}): fewer than one batch of {batch_size}; use a smaller batch or more data")
   if per_epoch == 0:
     raise ValueError(f"{name} has {n} examples, none for shard {index} of {count}")
-  ds = ds.random_map(element_fn, seed=_stream_seed(seed, index))
   ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
                                             prefetch_buffer_size=prefetch_buffer_size))
   if worker_count > 0:
