@@ -30,7 +30,7 @@ def test_frechet_equals_scipy_sqrtm(n, d):
   mu2, s2 = random_stats(rng, n, d, shift=0.3)
   expected = scipy_frechet(mu1, s1, mu2, s2)
   assert expected > 1.0
-  for method in ("eigh", "sqrtm"):
+  for method in ("cholesky", "eigh", "sqrtm"):
     got = fid.frechet_distance(mu1, s1, mu2, s2, method=method)
     assert got == pytest.approx(expected, rel=1e-8), method
 
@@ -41,7 +41,23 @@ def test_frechet_rank_deficient_like_small_sample_sets():
   mu1, s1 = random_stats(rng, 40, 96)
   mu2, s2 = random_stats(rng, 40, 96, shift=0.1)
   expected = scipy_frechet(mu1, s1, mu2, s2)
-  assert fid.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-5)
+  for method in ("cholesky", "eigh"):
+    assert fid.frechet_distance(mu1, s1, mu2, s2, method=method) == pytest.approx(
+        expected, rel=1e-5), method
+
+
+def test_trace_sqrt_product_of_low_rank_covariances_is_a_nuclear_norm():
+  # With centred rows A, B: tr((S1 S2)^(1/2)) = ||A B^T||_* / sqrt((n1 - 1)(n2 - 1)), exactly.
+  rng = np.random.default_rng(6)
+  a, b = rng.normal(size=(30, 200)), rng.normal(size=(45, 200)) * 2
+  ca, cb = a - a.mean(0), b - b.mean(0)
+  expected = scipy.linalg.svdvals(ca @ cb.T).sum() / np.sqrt(29 * 44)
+  s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+  # The pivoted Cholesky factor has exactly rank 29: no square roots of rounding noise.
+  assert fid.trace_sqrt_product(s1, s2) == pytest.approx(expected, rel=1e-12)
+  # eigh's 200x200 inner matrix has 171 rounding-level eigenvalues whose roots add up.
+  assert fid.trace_sqrt_product(s1, s2, method="eigh") == pytest.approx(expected, rel=1e-6)
+  assert fid.trace_sqrt_product(np.zeros((5, 5)), np.eye(5)) == 0.0
 
 
 def test_fid_of_a_set_with_itself_is_zero():
@@ -49,7 +65,8 @@ def test_fid_of_a_set_with_itself_is_zero():
   x = rng.normal(size=(300, 256)) @ rng.normal(size=(256, 256))
   stats = fid.FeatureStats.from_features(x)
   scale = np.trace(stats.covariance)
-  assert fid.fid_from_stats(stats, stats) < 1e-9 * scale
+  for method in ("cholesky", "eigh"):
+    assert fid.fid_from_stats(stats, stats, method=method) < 1e-9 * scale
   # Rank-deficient (n < d) too, where sqrtm of a singular product is delicate.
   small = fid.FeatureStats.from_features(x[:50])
   assert fid.fid_from_stats(small, small) < 1e-8 * np.trace(small.covariance)

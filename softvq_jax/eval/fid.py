@@ -7,11 +7,15 @@ is the unbiased one (``np.cov``, divide by n - 1), as ADM's ``compute_statistics
 
 Fréchet distance ``|mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^(1/2))``. ADM takes
 ``scipy.linalg.sqrtm(S1 @ S2)`` (with an ``eps * I`` retry when it is not finite) and keeps
-the real part; ``method="sqrtm"`` does the same. The default ``method="eigh"`` uses that
-the eigenvalues of ``S1 S2`` are those of the symmetric ``S1^(1/2) S2 S1^(1/2)``, so the
-trace is a sum of square roots of eigenvalues of a symmetric PSD matrix: no Schur form of
-a non-normal matrix, no spurious imaginary parts, and a self-distance that is ~0 to
-rounding. Both agree on well-conditioned statistics (tested against SciPy).
+the real part; ``method="sqrtm"`` does the same. The other methods use that for any
+factor ``S1 = F F^T`` the non-zero eigenvalues of ``S1 S2`` are those of the symmetric PSD
+``F^T S2 F``, so the trace is a sum of square roots of eigenvalues of a symmetric matrix: no
+Schur form of a non-normal matrix, no spurious imaginary parts, a self-distance that is ~0
+to rounding. ``method="cholesky"`` (default) takes ``F`` from LAPACK's rank-revealing
+pivoted Cholesky (``dpstrf``), so singular covariances (fewer samples than dimensions) are
+exact too and 2048-d costs a Cholesky, two products and one symmetric eigenvalue solve
+(seconds on 2 cores, where a full ``eigh`` or ``sqrtm`` takes 10-30 s); ``method="eigh"``
+takes ``F = S1^(1/2)`` from an eigendecomposition. All agree with SciPy (tested).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import warnings
 
 import numpy as np
 import scipy.linalg
+import scipy.linalg.lapack
 from absl import logging
 
 
@@ -108,13 +113,26 @@ def _sqrt_psd(sigma: np.ndarray) -> np.ndarray:
   return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
 
 
-def trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray, *, method: str = "eigh",
+def _pivoted_cholesky_factor(sigma: np.ndarray) -> np.ndarray:
+  """``F`` (d x rank) with ``F F^T = sigma`` for a PSD ``sigma``, rank-revealing."""
+  c, piv, rank, info = scipy.linalg.lapack.dpstrf((sigma + sigma.T) / 2, lower=1)
+  if info < 0:
+    raise ValueError(f"dpstrf: illegal argument {-info}")
+  lower = np.tril(c)[:, :rank]
+  factor = np.empty_like(lower)
+  factor[piv - 1] = lower  # undo the pivoting: sigma = P L L^T P^T
+  return factor
+
+
+def trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray, *, method: str = "cholesky",
                        eps: float = 1e-6) -> float:
   """``tr((sigma1 @ sigma2)^(1/2))`` for covariance matrices."""
   sigma1, sigma2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
-  if method == "eigh":
-    root1 = _sqrt_psd(sigma1)
-    inner = root1 @ sigma2 @ root1
+  if method in ("cholesky", "eigh"):
+    factor = _pivoted_cholesky_factor(sigma1) if method == "cholesky" else _sqrt_psd(sigma1)
+    inner = factor.T @ sigma2 @ factor
+    if inner.size == 0:
+      return 0.0
     ev = np.linalg.eigvalsh((inner + inner.T) / 2)
     return float(np.sum(np.sqrt(np.clip(ev, 0, None))))
   if method == "sqrtm":  # ADM's evaluator, step by step
@@ -128,11 +146,11 @@ def trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray, *, method: str = 
         raise ValueError(f"imaginary component {np.max(np.abs(covmean.imag))} in sqrtm")
       covmean = covmean.real
     return float(np.trace(covmean))
-  raise ValueError(f"method must be 'eigh' or 'sqrtm', got {method!r}")
+  raise ValueError(f"method must be 'cholesky', 'eigh' or 'sqrtm', got {method!r}")
 
 
 def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray,
-                     *, method: str = "eigh") -> float:
+                     *, method: str = "cholesky") -> float:
   """Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2) (FID when fed pool_3 stats)."""
   mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
   sigma1 = np.atleast_2d(np.asarray(sigma1, np.float64))
@@ -152,7 +170,7 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
   return float(value)
 
 
-def fid_from_stats(a: FeatureStats, b: FeatureStats, *, method: str = "eigh") -> float:
+def fid_from_stats(a: FeatureStats, b: FeatureStats, *, method: str = "cholesky") -> float:
   return frechet_distance(a.mean, a.covariance, b.mean, b.covariance, method=method)
 
 
