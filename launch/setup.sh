@@ -13,5 +13,15 @@ elif [[ -n "${1:-}" ]]; then
   exit 2
 fi
 
+# Fashion-MNIST for the offline default job (Debian package; needs root).
+if [[ ! -d /usr/share/datasets/fashion-mnist ]]; then
+  if command -v apt-get >/dev/null && [[ $(id -u) -eq 0 ]]; then
+    apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist
+  else
+    echo "note: install the Debian package dataset-fashion-mnist for the default job's data;" \
+         "without it the job falls back to the photos bundled with scikit-image" >&2
+  fi
+fi
+
 python -m pip install --quiet --disable-pip-version-check -r "$requirements"
 python -m pip install --quiet --disable-pip-version-check --no-deps -e .

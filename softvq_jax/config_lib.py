@@ -67,6 +67,9 @@ def tokenizer_recipe(name: str, arg: str | None) -> ml_collections.ConfigDict:
 
   c.data = ml_collections.ConfigDict()
   c.data.dataset = "imagenet2012"
+  c.data.source = "tfds"                        # tfds | folder | array_record | offline | ...
+  c.data.kwargs = ml_collections.ConfigDict(dict(dataset="imagenet2012"))
+  c.data.train_split, c.data.eval_split = "train", "validation"
   c.data.image_size = c.model.image_size
   c.data.min_resize = c.model.image_size        # random short-side resize in [min, max]
   c.data.max_resize = c.model.image_size * 5 // 4
@@ -119,10 +122,13 @@ def tokenizer_recipe(name: str, arg: str | None) -> ml_collections.ConfigDict:
     c.model.num_latent_tokens = 16
     c.model.codebook_size = 256
     c.data.dataset = "offline"
+    c.data.source = "offline"                   # Fashion-MNIST if installed, else the photos
+    c.data.kwargs = ml_collections.ConfigDict()
     c.data.image_size = 64
     c.data.min_resize, c.data.max_resize = 64, 80
     c.global_batch_size = 8
     c.total_epochs = 1
+    c.total_steps = 60
     c.encoder_init = "random"
     c.loss.repa = False
     c.loss.disc_start = 10

@@ -19,6 +19,8 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for outputs, checkpoi
 _JOBS = {
     "reconstruct": "softvq_jax.eval.reconstruct",
     "sit": "softvq_jax.train.sit_trainer",
+    "tokenizer": "softvq_jax.train.tokenizer_trainer",
+    "quickstart": "softvq_jax.quickstart",
 }
 
 

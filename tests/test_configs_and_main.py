@@ -55,10 +55,10 @@ def test_parse_arg():
     parse_arg("runlocal=maybe", runlocal=False)
 
 
-def test_quickstart_main_job(tmp_path):
+def test_reconstruct_job(tmp_path):
   workdir = tmp_path / "qs"
   proc = subprocess.run(
-      [sys.executable, "-m", "softvq_jax.main", "--config=configs/quickstart.py",
+      [sys.executable, "-m", "softvq_jax.main", "--config=configs/reconstruct.py",
        f"--workdir={workdir}", "--config.batch_size=3"],
       cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -73,7 +73,7 @@ def test_quickstart_main_job(tmp_path):
 
 def test_main_rejects_unknown_trainer(tmp_path):
   proc = subprocess.run(
-      [sys.executable, "-m", "softvq_jax.main", "--config=configs/quickstart.py",
+      [sys.executable, "-m", "softvq_jax.main", "--config=configs/reconstruct.py",
        f"--workdir={tmp_path}", "--config.trainer=nope"],
       cwd=ROOT, capture_output=True, text=True, timeout=120)
   assert proc.returncode != 0
@@ -99,3 +99,34 @@ def test_maetok_configs(name, release):
   assert config.global_batch_size == 512 and config.loss.disc_start == 30_000
   local = TokenizerConfig.from_json_dict(load_config(name, "runlocal").model.to_dict())
   assert local.image_size == 64 and local.use_rope
+
+
+def test_quickstart_pipeline_end_to_end(tmp_path):
+  """README command one, shrunk: every stage runs and leaves its files; a rerun resumes."""
+  workdir = tmp_path / "quickstart"
+  cmd = [sys.executable, "-m", "softvq_jax.main",
+         "--config=configs/quickstart.py:tokenizer_steps=4,sit_steps=4", f"--workdir={workdir}",
+         "--config.cache_examples=128", "--config.heldout_images=32",
+         "--config.sample.per_class=1", "--config.sample.num_steps=2",
+         "--config.tokenizer.vis_every=2", "--config.tokenizer.log_every=2",
+         "--config.tokenizer.ckpt_every=2", "--config.sit.log_every=2", "--config.sit.ckpt_every=2",
+         "--config.sit.sample_every=2", "--config.sit.global_batch_size=16"]
+  proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  summary = json.loads((workdir / "summary.json").read_text())
+  assert set(summary) >= {"1_tokenizer", "2_reconstruct", "3_latents", "4_sit", "5_samples"}
+  assert summary["3_latents"]["num_examples"] == 128
+  assert np.isfinite(summary["2_reconstruct"]["psnr"])
+  samples = np.load(workdir / "5_samples" / "samples.npz")
+  assert samples["arr_0"].dtype == np.uint8 and samples["arr_0"].shape == (10, 32, 32, 3)
+  np.testing.assert_array_equal(samples["arr_1"], np.arange(10))
+  for png in ("2_reconstruct/reconstructions.png", "5_samples/samples.png",
+              "1_tokenizer/reconstructions/step_00000004.png", "4_sit/samples/step_00000004.png"):
+    Image.open(workdir / png).verify()
+  assert len(list((workdir / "5_samples" / "images").glob("*.png"))) == 10
+  assert list((workdir / "1_tokenizer").glob("events.out.tfevents.*"))
+  from softvq_jax import Tokenizer
+  assert Tokenizer.load(str(workdir / "1_tokenizer" / "tokenizer")).latent_shape == (16, 8)
+  again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert again.returncode == 0, again.stderr[-4000:]
+  assert again.stderr.count("already done") == 5

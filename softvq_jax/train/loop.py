@@ -60,7 +60,8 @@ def _to_scalars(metrics) -> dict[str, float]:
 
 def train_loop(*, state, train_step, data: Iterator, mesh, workdir: str, total_steps: int,
                checkpointer: TrainCheckpointer, log_every: int, ckpt_every: int,
-               hooks: tuple[Hook, ...] = (), writer=None, meta: dict | None = None):
+               hooks: tuple[Hook, ...] = (), writer=None, meta: dict | None = None,
+               step_args: tuple = ()):
   """Runs ``train_step`` until ``total_steps`` (or preemption). Returns ``(state, last metrics)``.
 
   Metrics are fetched from the devices only every ``log_every`` steps and at
@@ -80,7 +81,7 @@ def train_loop(*, state, train_step, data: Iterator, mesh, workdir: str, total_s
     while step < total_steps:
       with jax.profiler.StepTraceAnnotation("train", step_num=step):
         batch = parallel.global_batch(next(data), mesh)
-        state, metrics = train_step(state, batch)
+        state, metrics = train_step(state, batch, *step_args)
       step += 1
       report(step)
       for hook in hooks:

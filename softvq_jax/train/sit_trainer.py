@@ -69,6 +69,23 @@ def encode_dataset(tok: Tokenizer, images: np.ndarray, batch_size: int) -> np.nd
   return np.concatenate(out)
 
 
+def _cache_iterator(config: ml_collections.ConfigDict, tok: Tokenizer):
+  """Normalised latents from a cache written by ``softvq_jax.data.cache_latents``."""
+  from softvq_jax.data.cache_latents import LatentCacheSource, latent_pipeline  # pylint: disable=g-import-not-at-top
+  source = LatentCacheSource(config.data.cache_dir)
+  info = source.info
+  if tuple(info["latent_shape"]) != tuple(tok.latent_shape):
+    raise ValueError(f"latent cache {config.data.cache_dir} holds latents {info['latent_shape']}, "
+                     f"the tokenizer makes {tok.latent_shape}")
+  if (info["vq_mean"], info["vq_std"]) != (tok.config.vq_mean, tok.config.vq_std):
+    raise ValueError(f"latent cache {config.data.cache_dir} was written with vq_mean/vq_std "
+                     f"{info['vq_mean']}/{info['vq_std']}, the tokenizer has "
+                     f"{tok.config.vq_mean}/{tok.config.vq_std}")
+  logging.info("Training on %d cached latents from %s", len(source), config.data.cache_dir)
+  return iter(latent_pipeline(source, batch_size=config.global_batch_size // jax.process_count(),
+                              train=True, seed=config.seed, normalize=True))
+
+
 def pick_flip(batch, rng):
   choice = rng.integers(0, 2, len(batch["latent"]))
   return {"latent": batch["latent"][np.arange(len(choice)), choice], "label": batch["label"]}
@@ -128,13 +145,16 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   common.check_batch(config.global_batch_size, mesh)
   tok = load_tokenizer(config, mesh)
   gen_config = generator_config(config, tok)
-  images, labels = load_images(config.data, tok.image_size)
-  latents = encode_dataset(tok, images, config.get("encode_batch_size", 16))
-  logging.info("Encoded %d images into latents %s (and their mirror images)", len(images),
-               latents.shape[2:])
-  data = ArrayIterator({"latent": latents, "label": labels}, config.global_batch_size,
-                       seed=config.seed, process_index=jax.process_index(),
-                       process_count=jax.process_count(), transform=pick_flip)
+  if config.data.source == "latent_cache":
+    data = _cache_iterator(config, tok)
+  else:
+    images, labels = load_images(config.data, tok.image_size)
+    latents = encode_dataset(tok, images, config.get("encode_batch_size", 16))
+    logging.info("Encoded %d images into latents %s (and their mirror images)", len(images),
+                 latents.shape[2:])
+    data = ArrayIterator({"latent": latents, "label": labels}, config.global_batch_size,
+                         seed=config.seed, process_index=jax.process_index(),
+                         process_count=jax.process_count(), transform=pick_flip)
   dtype = {"float32": None, "bfloat16": jnp.bfloat16}[config.get("dtype", "float32")]
   model_fn = functools.partial(SiT, gen_config, dtype=dtype)
   model_fn = lambda rngs, _f=model_fn: _f(rngs=rngs)

@@ -73,14 +73,23 @@ def ema_update(ema: nnx.State, params: nnx.State, decay: float) -> nnx.State:
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, loss_fn: LossFn, *,
                     ema_decay: float, state_shardings, batch_sharding,
-                    learning_rate_fn: Callable[[jax.Array], jax.Array] | None = None):
-  """A jitted ``(state, batch) -> (state, metrics)`` that donates the state."""
+                    learning_rate_fn: Callable[[jax.Array], jax.Array] | None = None,
+                    frozen_shardings=None):
+  """A jitted ``(state, batch[, frozen]) -> (state, metrics)`` that donates the state.
 
-  def step(state: TrainState, batch) -> tuple[TrainState, dict[str, jax.Array]]:
+  ``frozen`` (given when ``frozen_shardings`` is) is a pytree of arrays the
+  loss needs but never updates, e.g. the LPIPS network; the loss then takes it
+  as a fifth argument. Passing it, rather than closing over it, keeps large
+  weights out of the compiled program.
+  """
+
+  def step(state: TrainState, batch, frozen=None) -> tuple[TrainState, dict[str, jax.Array]]:
     key = jax.random.fold_in(state.rng, state.step)
 
     def compute(params):
       model = nnx.merge(graphdef, params, state.rest)
+      if frozen_shardings is not None:
+        return loss_fn(model, batch, key, state.step, frozen)
       return loss_fn(model, batch, key, state.step)
 
     (loss, aux), grads = jax.value_and_grad(compute, has_aux=True)(state.params)
@@ -95,5 +104,8 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, loss_fn: LossFn,
                               ema=ema_update(state.ema, params, ema_decay))
     return new_state, metrics
 
+  if frozen_shardings is not None:
+    return jax.jit(step, in_shardings=(state_shardings, batch_sharding, frozen_shardings),
+                   out_shardings=(state_shardings, None), donate_argnums=0)
   return jax.jit(step, in_shardings=(state_shardings, batch_sharding),
                  out_shardings=(state_shardings, None), donate_argnums=0)
