@@ -21,6 +21,7 @@ _JOBS = {
     "sit": "softvq_jax.train.sit_trainer",
     "tokenizer": "softvq_jax.train.tokenizer_trainer",
     "quickstart": "softvq_jax.quickstart",
+    "sample": "softvq_jax.sample",
 }
 
 

@@ -130,3 +130,24 @@ def test_quickstart_pipeline_end_to_end(tmp_path):
   again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert again.returncode == 0, again.stderr[-4000:]
   assert again.stderr.count("already done") == 5
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (ROOT / "configs").glob("sample_*.py")))
+def test_sample_configs_name_their_tokenizer(name):
+  from softvq_jax.models.sit import GeneratorConfig
+  config = load_config(name)
+  assert config.trainer == "sample" and config.released_tokenizer in RELEASED_TOKENIZERS
+  # The file name carries the tokenizer's: sample_sit_xl_softvq_bl64_512 <-> softvq-bl-64-512.
+  assert name.endswith(config.released_tokenizer.replace("softvq-", "softvq_").replace("-", "", 1)
+                       .replace("-", "_"))
+  tok = TokenizerConfig.from_json_dict(config.tokenizer.to_dict())
+  gen = GeneratorConfig.from_json_dict(dict(config.generator.to_dict(), vae_1d=True,
+                                            input_size=tok.num_latent_tokens,
+                                            in_channels=tok.codebook_embed_dim))
+  assert (gen.hidden_size, gen.depth, gen.num_heads) == (1152, 28, 16)
+  assert config.num_samples == 50_000 and config.sampler.cfg_scale == 1.75
+  if gen.kind == "sit":
+    assert config.sampler.method == "euler_maruyama"
+    assert tuple(config.sampler.guidance_interval) == (0.0, 0.7)
+  else:
+    assert config.sampler.method == "ddpm" and gen.learn_sigma

@@ -1,0 +1,120 @@
+"""The ``sample`` job: class-balanced samples of a generator, decoded by its tokenizer.
+
+Writes to the workdir: ``samples.npz`` in the ADM evaluator's layout (``arr_0``
+uint8 NHWC, ``arr_1`` labels), ``samples.png`` (a grid of the first 64),
+``images/*.png`` (one file per sample, when ``save_pngs``) and ``sampling.json``
+(sampler, steps, CFG scale, guidance interval, seed, precision, models).
+Batches are written as they finish (``parts/``), so a rerun resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+from tqdm import tqdm
+
+from softvq_jax.generator import Generator
+from softvq_jax.models.sit import GeneratorConfig
+from softvq_jax.tokenizer import Tokenizer
+from softvq_jax.utils.images import make_grid, save_png, to_uint8
+
+
+def _load_models(config: ml_collections.ConfigDict, mesh) -> tuple[Generator, Tokenizer]:
+  dtype = config.get("dtype", "float32")
+  if config.get("tokenizer_dir"):
+    tok = Tokenizer.load(config.tokenizer_dir, dtype=dtype, mesh=mesh)
+  else:
+    logging.warning("No tokenizer_dir: decoding with a RANDOMLY INITIALISED tokenizer")
+    tok = Tokenizer.random(config.tokenizer.to_dict(), seed=config.seed, dtype=dtype, mesh=mesh)
+  if config.get("generator_dir"):
+    gen = Generator.load(config.generator_dir, dtype=dtype, mesh=mesh)
+  else:
+    logging.warning("No generator_dir: sampling a RANDOMLY INITIALISED generator")
+    fields = dict(config.generator.to_dict(), input_size=tok.latent_shape[0],
+                  in_channels=tok.latent_shape[1], vae_1d=True)
+    gen = Generator.random(GeneratorConfig.from_json_dict(fields), seed=config.seed, dtype=dtype,
+                           mesh=mesh)
+  if gen.latent_shape != tok.latent_shape:
+    raise ValueError(f"the generator makes latents {gen.latent_shape}, the tokenizer takes "
+                     f"{tok.latent_shape}: they do not belong together")
+  return gen, tok
+
+
+def balanced_labels(num_samples: int, num_classes: int) -> np.ndarray:
+  """Every class equally often (to within one), in class order."""
+  return (np.arange(num_samples) * num_classes // num_samples).astype(np.int32)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  os.makedirs(os.path.join(workdir, "parts"), exist_ok=True)
+  mesh = None
+  if jax.device_count() > 1:
+    from softvq_jax import parallel  # pylint: disable=g-import-not-at-top
+    mesh = parallel.create_mesh([("data", -1)])
+  gen, tok = _load_models(config, mesh)
+  num_classes = gen.config.num_classes
+  labels = balanced_labels(config.num_samples, num_classes)
+  s = config.sampler
+  settings = {
+      "method": s.method, "num_steps": s.num_steps, "cfg_scale": s.cfg_scale,
+      "guidance_interval": list(s.guidance_interval), "path": s.get("path", "linear"),
+      "noise_schedule": s.get("noise_schedule", "cosine"), "eta": s.get("eta", 0.0),
+      "seed": config.seed, "precision": config.get("dtype", "float32"),
+      "num_samples": config.num_samples, "batch_size": config.batch_size,
+      "generator_dir": config.get("generator_dir", ""),
+      "tokenizer_dir": config.get("tokenizer_dir", ""),
+      "vq_mean": tok.config.vq_mean, "vq_std": tok.config.vq_std,
+  }
+  settings_path = os.path.join(workdir, "sampling.json")
+  if os.path.exists(settings_path):
+    with open(settings_path) as f:
+      previous = json.load(f)
+    if previous != settings:
+      raise ValueError(f"{workdir} holds samples made with other settings ({settings_path}); "
+                       "use a new workdir")
+  with open(settings_path + ".tmp", "w") as f:
+    json.dump(settings, f, indent=2)
+  os.replace(settings_path + ".tmp", settings_path)
+
+  batches = range(0, config.num_samples, config.batch_size)
+  sit = gen.kind == "sit"
+  for b, start in enumerate(tqdm(batches, desc="sample", unit="batch")):
+    part = os.path.join(workdir, "parts", f"part_{b:06d}.npz")
+    if os.path.exists(part):
+      continue
+    y = labels[start:start + config.batch_size]
+    key = jax.random.fold_in(jax.random.key(config.seed), b)
+    noise_key, sample_key = jax.random.split(key)
+    noise = jax.random.normal(noise_key, (len(y),) + gen.latent_shape)
+    kwargs = dict(method=s.method, num_steps=s.num_steps, cfg_scale=s.cfg_scale, key=sample_key)
+    if sit:
+      kwargs.update(guidance_interval=tuple(s.guidance_interval), path=s.get("path", "linear"))
+    else:
+      kwargs.update(noise_schedule=s.get("noise_schedule", "cosine"), eta=s.get("eta", 0.0))
+    z = gen.sample(noise, y, **kwargs)
+    images = to_uint8(np.clip(np.asarray(tok.decode(tok.denormalize(z))), -1, 1))
+    np.savez(part + ".tmp.npz", images=images, labels=y)
+    os.replace(part + ".tmp.npz", part)
+    if config.get("save_pngs", True):
+      for i, (img, label) in enumerate(zip(images, y)):
+        save_png(os.path.join(workdir, "images", f"{start + i:06d}_class{label}.png"), img)
+
+  images, out_labels = [], []
+  for b, _ in enumerate(batches):
+    with np.load(os.path.join(workdir, "parts", f"part_{b:06d}.npz")) as part:
+      images.append(part["images"])
+      out_labels.append(part["labels"])
+  images, out_labels = np.concatenate(images), np.concatenate(out_labels)
+  np.savez(os.path.join(workdir, "samples.tmp.npz"), arr_0=images, arr_1=out_labels)
+  os.replace(os.path.join(workdir, "samples.tmp.npz"), os.path.join(workdir, "samples.npz"))
+  first = images[:64]
+  per_row = 8
+  rows = [first[i:i + per_row] for i in range(0, len(first) - len(first) % per_row or 1, per_row)]
+  save_png(os.path.join(workdir, "samples.png"), make_grid([r for r in rows if len(r)]))
+  logging.info("Wrote %d samples of %d classes to %s", len(images), num_classes, workdir)
+  return {"num_samples": int(len(images)), **settings}
