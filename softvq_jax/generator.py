@@ -24,7 +24,7 @@ from softvq_jax.transport import diffusion as diffusion_lib
 from softvq_jax.transport import samplers
 
 Path = tuple
-SIT_METHODS = ("euler", "heun", "euler_maruyama")
+SIT_METHODS = ("euler", "heun", "euler_maruyama", "dopri5")
 DIT_METHODS = ("ddpm", "ddim")
 
 
@@ -83,7 +83,7 @@ def _dit_model_fn(model: SiT, labels, cfg_scale, guided: bool):
 
 
 def _sample_fn(graphdef, static, state, noise, labels, cfg_scale, key, step_noise):
-  method, num_steps, guided, interval, path, eta, schedule = static
+  method, num_steps, guided, interval, path, eta, schedule, rtol = static
   model = nnx.merge(graphdef, state)
   if method in SIT_METHODS:
     common = dict(num_steps=num_steps, cfg_scale=cfg_scale, guidance_interval=interval,
@@ -91,6 +91,10 @@ def _sample_fn(graphdef, static, state, noise, labels, cfg_scale, key, step_nois
     if method == "euler_maruyama":
       return samplers.euler_maruyama_sampler(_velocity_fn(model), noise, labels, path=path,
                                              key=key, step_noise=step_noise, **common)
+    if method == "dopri5":
+      del common["num_steps"]  # adaptive: the tolerance sets the steps
+      return samplers.adaptive_ode_sampler(_velocity_fn(model), noise, labels, rtol=rtol,
+                                           **common)
     return samplers.euler_sampler(_velocity_fn(model), noise, labels, heun=method == "heun",
                                   **common)
   diff = diffusion_lib.create_diffusion(str(num_steps), schedule, learn_sigma=model.config.learn_sigma)
@@ -189,13 +193,14 @@ class Generator:
   def sample(self, noise, labels, *, method: str | None = None, num_steps: int = 250,
              cfg_scale: float = 1.0, guidance_interval: tuple[float, float] = (0.0, 1.0),
              key: jax.Array | None = None, step_noise=None, path: str = "linear",
-             eta: float = 0.0, noise_schedule: str = "cosine") -> jax.Array:
+             eta: float = 0.0, noise_schedule: str = "cosine", rtol: float = 1e-3) -> jax.Array:
     """Generates normalised latents ``(B, T, C)`` from ``noise`` (x at t = 1 / step T).
 
     Args:
       noise: ``(B, T, C)`` starting noise (e.g. ``jax.random.normal``).
       labels: ``(B,)`` class labels (``num_classes`` = the null class).
-      method: SiT ``"euler"`` | ``"heun"`` (ODE) | ``"euler_maruyama"`` (SDE, default);
+      method: SiT ``"euler"`` | ``"heun"`` (ODE) | ``"euler_maruyama"`` (SDE, default) |
+        ``"dopri5"`` (adaptive ODE, steps set by ``rtol``);
         DiT ``"ddpm"`` (default) | ``"ddim"``.
       num_steps: sampler steps (DiT: respaced steps of the 1000-step process).
       cfg_scale: classifier-free guidance scale; > 1 doubles the batch with null labels.
@@ -225,7 +230,7 @@ class Generator:
     if stochastic and key is None and step_noise is None:
       raise ValueError(f"method {method!r} is stochastic: pass key= (or step_noise=)")
     static = (method, int(num_steps), guided, tuple(float(g) for g in guidance_interval), path,
-              float(eta), noise_schedule)
+              float(eta), noise_schedule, float(rtol))
     if static not in self._samplers:
       self._samplers[static] = jax.jit(functools.partial(_sample_fn, self.graphdef, static))
     pad_axes = [0, 0]
