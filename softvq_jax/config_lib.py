@@ -232,8 +232,9 @@ def sample_recipe(kind: str, tokenizer: str, arg: str | None) -> ml_collections.
   c.seed = 0
   c.generator_dir = args.generator_dir
   c.tokenizer_dir = args.tokenizer_dir
+  from softvq_jax.models.released import RELEASED_MAETOK  # pylint: disable=g-import-not-at-top
   c.released_tokenizer = tokenizer
-  c.tokenizer = ml_collections.ConfigDict(dict(RELEASED_TOKENIZERS.get(tokenizer, {})))
+  c.tokenizer = ml_collections.ConfigDict(dict({**RELEASED_TOKENIZERS, **RELEASED_MAETOK}[tokenizer]))
   c.generator = ml_collections.ConfigDict(dict(
       kind=kind, hidden_size=1152, depth=28, num_heads=16, mlp_ratio=4.0, num_classes=1000,
       class_dropout_prob=0.1, learn_sigma=kind == "dit"))

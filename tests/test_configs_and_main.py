@@ -136,10 +136,12 @@ def test_quickstart_pipeline_end_to_end(tmp_path):
 def test_sample_configs_name_their_tokenizer(name):
   from softvq_jax.models.sit import GeneratorConfig
   config = load_config(name)
-  assert config.trainer == "sample" and config.released_tokenizer in RELEASED_TOKENIZERS
+  from softvq_jax.models.released import RELEASED_MAETOK
+  assert config.trainer == "sample"
+  assert config.released_tokenizer in {**RELEASED_TOKENIZERS, **RELEASED_MAETOK}
   # The file name carries the tokenizer's: sample_sit_xl_softvq_bl64_512 <-> softvq-bl-64-512.
-  assert name.endswith(config.released_tokenizer.replace("softvq-", "softvq_").replace("-", "", 1)
-                       .replace("-", "_"))
+  family, rest = config.released_tokenizer.split("-", 1)
+  assert name.endswith(f"{family}_" + rest.replace("-", "", 1).replace("-", "_"))
   tok = TokenizerConfig.from_json_dict(config.tokenizer.to_dict())
   gen = GeneratorConfig.from_json_dict(dict(config.generator.to_dict(), vae_1d=True,
                                             input_size=tok.num_latent_tokens,
