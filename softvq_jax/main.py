@@ -22,6 +22,7 @@ _JOBS = {
     "tokenizer": "softvq_jax.train.tokenizer_trainer",
     "quickstart": "softvq_jax.quickstart",
     "sample": "softvq_jax.sample",
+    "extract": "softvq_jax.extract",
 }
 
 

@@ -153,3 +153,33 @@ def test_sample_configs_name_their_tokenizer(name):
     assert tuple(config.sampler.guidance_interval) == (0.0, 0.7)
   else:
     assert config.sampler.method == "ddpm" and gen.learn_sigma
+
+
+def test_extract_job_writes_a_cache_equal_to_encode(tmp_path):
+  from softvq_jax import Tokenizer
+  from softvq_jax.data.cache_latents import LatentCacheSource
+  from softvq_jax.data.sources import SyntheticSource
+  from softvq_jax.data.decode import to_pil_rgb
+  from softvq_jax.data.transforms import center_crop_arr
+  tok = Tokenizer.random(dict(
+      enc_type="vit", dec_type="vit", encoder_model="vit_small_patch14_dinov2.lvd142m",
+      decoder_model="vit_small_patch14_dinov2.lvd142m", image_size=32, enc_patch_size=8,
+      dec_patch_size=8, num_latent_tokens=4, codebook_embed_dim=4, codebook_size=8,
+      num_codebooks=2, encoder_kwargs=dict(embed_dim=32, depth=1, num_heads=2, init_values=1.0),
+      decoder_kwargs=dict(embed_dim=32, depth=1, num_heads=2)), seed=0)
+  tok.save(str(tmp_path / "tok"))
+  out = tmp_path / "cache"
+  proc = subprocess.run(
+      [sys.executable, "-m", "softvq_jax.main",
+       f"--config=configs/extract_latents.py:tokenizer_dir={tmp_path / 'tok'},source=synthetic",
+       f"--workdir={out}", "--config.examples_per_shard=8", "--config.batch_size=8",
+       "--config.data.kwargs.num_examples=20"],
+      cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  cache = LatentCacheSource(str(out))
+  assert len(cache) == 20 and cache.info["num_shards"] == 3
+  source = SyntheticSource(num_examples=20)
+  images = np.stack([center_crop_arr(to_pil_rgb(source[i]["image"]), 32) for i in (0, 7, 19)])
+  z = np.asarray(tok.encode(images.astype(np.float32) / 127.5 - 1))
+  for row, i in enumerate((0, 7, 19)):
+    np.testing.assert_allclose(cache[i]["latent"], z[row], atol=1e-5)

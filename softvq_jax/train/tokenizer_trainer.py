@@ -35,7 +35,8 @@ def resolve_source(data: ml_collections.ConfigDict, split: str):
   """A data source for ``split`` ('train' or 'eval') from ``config.data``."""
   from softvq_jax.data import sources  # pylint: disable=g-import-not-at-top
   kind = data.source
-  kwargs = dict(data.get("kwargs", {}) or {})
+  # Empty strings are unset optional arguments (configs are locked, so they are declared).
+  kwargs = {k: v for k, v in dict(data.get("kwargs", {}) or {}).items() if v != ""}
   if kind == "offline":
     try:
       return sources.FashionMnistSource("train" if split == "train" else "test")
@@ -43,6 +44,8 @@ def resolve_source(data: ml_collections.ConfigDict, split: str):
       logging.warning("%s; using the scikit-image photos instead", e)
       return sources.SkimagePhotosSource(num_examples=256 if split == "train" else 16,
                                          seed=0 if split == "train" else 1)
+  if kind == "latent_cache":
+    raise ValueError("data.source=latent_cache holds latents, not images")
   if kind in ("tfds", "fashion_mnist") and "split" not in kwargs:
     kwargs["split"] = data.get("train_split" if split == "train" else "eval_split",
                                "train" if split == "train" else "test")
