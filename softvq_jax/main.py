@@ -19,6 +19,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for outputs, checkpoi
 _JOBS = {
     "reconstruct": "softvq_jax.eval.reconstruct",
     "sit": "softvq_jax.train.sit_trainer",
+    "dit": "softvq_jax.train.dit_trainer",
     "tokenizer": "softvq_jax.train.tokenizer_trainer",
     "quickstart": "softvq_jax.quickstart",
     "sample": "softvq_jax.sample",

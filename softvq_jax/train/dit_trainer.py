@@ -1,0 +1,158 @@
+"""Stage 2, DiT: ADM Gaussian diffusion (eps + learned-range variance) on the tokenizer's latents.
+
+The reference's ``train/train_dit.py``: 1000-step cosine schedule, uniform
+integer ``t``, loss = MSE(eps) + VB (the variance term, with the mean frozen),
+AdamW lr 1e-4 without weight decay or gradient clipping, EMA 0.9999, label
+dropout 0.1. Data, tokenizer and latent handling are the SiT trainer's.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from flax import nnx
+
+from softvq_jax import parallel
+from softvq_jax.models.sit import GeneratorConfig, SiT
+from softvq_jax.tokenizer import Tokenizer
+from softvq_jax.train import common
+from softvq_jax.train import state as state_lib
+from softvq_jax.train.inputs import ArrayIterator
+from softvq_jax.train.loop import train_loop
+from softvq_jax.train.sit_trainer import (_cache_iterator, encode_dataset, load_images,
+                                          load_tokenizer, pick_flip)
+from softvq_jax.transport import diffusion as diffusion_lib
+from softvq_jax.utils.images import make_grid, save_png, to_uint8
+
+
+def generator_config(config: ml_collections.ConfigDict, tok: Tokenizer) -> GeneratorConfig:
+  fields = dict(config.model.to_dict(), input_size=tok.latent_shape[0],
+                in_channels=tok.latent_shape[1], vae_1d=True)
+  fields.setdefault("learn_sigma", True)
+  return GeneratorConfig.from_json_dict(fields, kind="dit")
+
+
+def make_diffusion(diffusion: ml_collections.ConfigDict, *, learn_sigma: bool,
+                   respacing: str = "") -> diffusion_lib.GaussianDiffusion:
+  return diffusion_lib.create_diffusion(respacing, diffusion.noise_schedule,
+                                        diffusion_steps=diffusion.num_steps,
+                                        learn_sigma=learn_sigma)
+
+
+def dit_loss_terms(model: SiT, diff: diffusion_lib.GaussianDiffusion, batch, key):
+  """Per-sample ADM terms for one batch, with ``t``, noise and label dropout drawn from ``key``."""
+  x0 = batch["latent"]
+  t_key, noise_key, drop_key = jax.random.split(key, 3)
+  t = diff.sample_timesteps(t_key, x0.shape[0])
+  noise = jax.random.normal(noise_key, x0.shape, x0.dtype)
+  return diff.training_losses(lambda x, tm: model(x, tm, batch["label"], drop_key=drop_key),
+                              x0, t, noise)
+
+
+def make_loss_fn(diff: diffusion_lib.GaussianDiffusion):
+  def loss_fn(model: SiT, batch, key, step):
+    del step
+    terms = dit_loss_terms(model, diff, batch, key)
+    metrics = {"mse": jnp.mean(terms["mse"])}
+    if "vb" in terms:
+      metrics["vb"] = jnp.mean(terms["vb"])
+    return jnp.mean(terms["loss"]), metrics
+  return loss_fn
+
+
+class SampleGrid:
+  """Every ``every`` steps: DDPM samples (few respaced steps) of the EMA model, decoded, as PNGs."""
+
+  def __init__(self, graphdef, tok: Tokenizer, gen_config: GeneratorConfig,
+               diffusion: ml_collections.ConfigDict, *, workdir: str, every: int, total_steps: int,
+               num: int, num_steps: int, cfg_scale: float, seed: int, writer=None):
+    self.tok, self.every, self.total, self.writer = tok, every, total_steps, writer
+    self.dir = os.path.join(workdir, "samples")
+    noise_key, self.key = jax.random.split(jax.random.key(seed))
+    self.noise = jax.random.normal(noise_key, (num,) + gen_config.latent_shape)
+    self.labels = jnp.arange(num) % gen_config.num_classes  # class-balanced
+    diff = make_diffusion(diffusion, learn_sigma=gen_config.learn_sigma, respacing=str(num_steps))
+    guided = cfg_scale != 1.0 and gen_config.has_null_label
+    c = gen_config.in_channels
+    null = gen_config.null_label
+
+    def sample(ema, rest, noise, labels, key):
+      model = nnx.merge(graphdef, ema, rest)
+
+      def model_fn(x, t):
+        if not guided:
+          return model(x, t, labels)
+        # The reference's forward_with_cfg: guided eps, the conditional half's variance.
+        out = model(jnp.concatenate([x, x]), jnp.concatenate([t, t]),
+                    jnp.concatenate([labels, jnp.full_like(labels, null)]))
+        cond, uncond = jnp.split(out, 2, axis=0)
+        eps = uncond[..., :c] + cfg_scale * (cond[..., :c] - uncond[..., :c])
+        return jnp.concatenate([eps, cond[..., c:]], axis=-1)
+
+      return diff.p_sample_loop(model_fn, noise, key=key)
+
+    self._sample = jax.jit(sample)
+
+  def __call__(self, step: int, state) -> None:
+    if step % self.every and step != self.total:
+      return
+    z = self._sample(state.ema, state.rest, self.noise, self.labels, self.key)
+    images = np.asarray(self.tok.decode(self.tok.denormalize(np.asarray(z, np.float32))))
+    grid = make_grid([to_uint8(images)])
+    if jax.process_index() == 0:
+      save_png(os.path.join(self.dir, f"step_{step:08d}.png"), grid)
+    if self.writer is not None:
+      self.writer.write_images(step, {"samples": grid[None]})
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  os.makedirs(workdir, exist_ok=True)
+  mesh = common.make_mesh(config)
+  common.check_batch(config.global_batch_size, mesh)
+  tok = load_tokenizer(config, mesh)
+  gen_config = generator_config(config, tok)
+  if config.data.source == "latent_cache":
+    data = _cache_iterator(config, tok)
+  else:
+    images, labels = load_images(config.data, tok.image_size)
+    latents = encode_dataset(tok, images, config.get("encode_batch_size", 16))
+    logging.info("Encoded %d images into latents %s (and their mirror images)", len(images),
+                 latents.shape[2:])
+    data = ArrayIterator({"latent": latents, "label": labels}, config.global_batch_size,
+                         seed=config.seed, process_index=jax.process_index(),
+                         process_count=jax.process_count(), transform=pick_flip)
+  diff = make_diffusion(config.diffusion, learn_sigma=gen_config.learn_sigma)
+  dtype = {"float32": None, "bfloat16": jnp.bfloat16}[config.get("dtype", "float32")]
+  model_fn = functools.partial(SiT, gen_config, dtype=dtype)
+  model_fn = lambda rngs, _f=model_fn: _f(rngs=rngs)
+  tx, lr_fn = common.make_optimizer(config.optim, config.total_steps)
+  graphdef, state, shardings, ckpt = common.init_or_restore(
+      model_fn, tx, mesh, seed=config.seed, strategy=config.get("sharding", "dp"),
+      workdir=workdir, keep=config.get("keep_checkpoints", 3), data=data)
+  common.log_parameter_overview(state)
+  step_fn = state_lib.make_train_step(
+      graphdef, tx, make_loss_fn(diff), ema_decay=config.ema_decay,
+      state_shardings=shardings, batch_sharding=parallel.batch_sharding(parallel.auto_mesh(mesh)),
+      learning_rate_fn=lr_fn)
+  writer = common.make_writer(workdir)
+  hooks = []
+  if config.get("sample_every"):
+    hooks.append(SampleGrid(graphdef, tok, gen_config, config.diffusion, workdir=workdir,
+                            every=config.sample_every, total_steps=config.total_steps,
+                            num=config.sample.num, num_steps=config.sample.num_steps,
+                            cfg_scale=config.sample.cfg_scale, seed=config.seed, writer=writer))
+  meta = {"tokenizer_dir": config.get("tokenizer_dir", ""), "vq_mean": tok.config.vq_mean,
+          "vq_std": tok.config.vq_std, "generator": gen_config.to_json_dict(),
+          "diffusion": config.diffusion.to_dict()}
+  state, last = train_loop(state=state, train_step=step_fn, data=data, mesh=mesh, workdir=workdir,
+                           total_steps=config.total_steps, checkpointer=ckpt,
+                           log_every=config.log_every, ckpt_every=config.ckpt_every,
+                           hooks=tuple(hooks), writer=writer, meta=meta)
+  ckpt.close()
+  return last
