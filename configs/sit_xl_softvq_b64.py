@@ -1,11 +1,15 @@
 """SiT-XL/1 on SoftVQ-B-64 latents (64 tokens x 32), the paper's best 256x256 generator.
 
-Convert the tokenizer once, then train (reference: batch 256, bf16, AdamW 1e-4, EMA 0.9999,
-linear path with lognormal t; the paper trains 3M steps):
+Convert the tokenizer once, cache the latents of ImageNet, then train (reference: batch 256,
+bf16, AdamW 1e-4, EMA 0.9999, linear path with lognormal t; the paper trains 3M steps):
 
   python -m softvq_jax.convert --checkpoint model.safetensors --config config.json --out softvq-b-64
+  python -m softvq_jax.main --config=configs/extract_latents.py:tokenizer_dir=softvq-b-64 \
+      --workdir=/data/latents/b64
   python -m softvq_jax.main --config=configs/sit_xl_softvq_b64.py:tokenizer_dir=softvq-b-64 \
-      --workdir=gs://BUCKET/sit_xl_b64
+      --config.data.cache_dir=/data/latents/b64 --workdir=gs://BUCKET/sit_xl_b64
+
+The blocks are scanned and rematerialised (config.model.scan_layers / remat_policy).
 
 Shrunk for 2 CPU cores (tiny random tokenizer and SiT, the bundled photos):
 

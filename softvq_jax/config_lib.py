@@ -188,8 +188,11 @@ def sit_recipe(tokenizer: str, arg: str | None, *, size: str = "XL") -> ml_colle
   c.tokenizer = ml_collections.ConfigDict(dict(RELEASED_TOKENIZERS[tokenizer]))
   c.model = ml_collections.ConfigDict(dict(
       hidden_size=hidden, depth=depth, num_heads=heads, mlp_ratio=4.0, num_classes=1000,
-      class_dropout_prob=0.1))
-  c.data = ml_collections.ConfigDict(dict(source="imagenet2012", num_classes=1000))
+      class_dropout_prob=0.1,
+      # Scanned, rematerialised blocks: compile time independent of depth, activations
+      # of one block at a time. Checkpoints convert to the loop layout (unstack_layers).
+      scan_layers=True, remat_policy="dots_with_no_batch_dims_saveable"))
+  c.data = ml_collections.ConfigDict(dict(source="latent_cache", cache_dir="", num_classes=1000))
   c.transport = ml_collections.ConfigDict(dict(path="linear", weighting="lognormal"))
   c.optim = ml_collections.ConfigDict(dict(name="adamw", lr=1e-4, b1=0.9, b2=0.999, eps=1e-8,
                                            weight_decay=0.0, grad_clip=1.0))
@@ -207,7 +210,8 @@ def sit_recipe(tokenizer: str, arg: str | None, *, size: str = "XL") -> ml_colle
   if args.runlocal:
     c.tokenizer.update(image_size=64, num_latent_tokens=16, codebook_size=256,
                        encoder_kwargs=dict(TINY_VIT), decoder_kwargs=dict(TINY_VIT))
-    c.model.update(hidden_size=64, depth=2, num_heads=2, num_classes=8)
+    c.model.update(hidden_size=64, depth=2, num_heads=2, num_classes=8, scan_layers=False,
+                   remat_policy="none")
     c.data = ml_collections.ConfigDict(dict(source="skimage", num_classes=8))
     c.global_batch_size = 8
     c.total_steps = 40

@@ -109,7 +109,8 @@ def sample_classes(sit_workdir: str, tok: Tokenizer, out_dir: str, *, per_class:
 
   collect((), restored["ema"])
   collect((), restored["rest"])
-  gen = Generator(build_model(gen_config, flat))
+  from softvq_jax.models.sit import unstack_layers  # pylint: disable=g-import-not-at-top
+  gen = Generator(build_model(gen_config, unstack_layers(flat)))
   classes = gen_config.num_classes
   labels = np.repeat(np.arange(classes), per_class).astype(np.int32)
   noise = jax.random.normal(jax.random.key(seed), (len(labels),) + gen_config.latent_shape)

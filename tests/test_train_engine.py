@@ -222,3 +222,13 @@ def test_nan_guard_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
   with pytest.raises(FloatingPointError, match="last good checkpoint is step 3"):
     sit_trainer.run(tiny_config(8, log_every=1), workdir)
   assert _final_params(workdir)[0] == 3
+
+
+def test_scanned_rematerialised_sit_trains(tmp_path):
+  config = tiny_config(4, log_every=1)
+  config.model.update(depth=2, scan_layers=True, remat_policy="nothing_saveable")
+  last = sit_trainer.run(config, str(tmp_path))
+  assert np.isfinite(last["loss"])
+  step, params = _final_params(str(tmp_path))
+  assert step == 4
+  assert np.asarray(params["params"]["blocks"]["attn"]["qkv"]["kernel"]["value"]).shape[0] == 2

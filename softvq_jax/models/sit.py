@@ -310,6 +310,50 @@ class LabelEmbedder(nnx.Module):
     return table[labels]
 
 
+# Named rematerialisation policies for training at scale: what each block keeps
+# for the backward pass instead of recomputing it.
+REMAT_POLICIES = {
+    "none": None,
+    "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def _maybe_remat(block, policy: str):
+  """``block(x, c)`` under ``nnx.remat`` with the named policy."""
+  fn = nnx.remat(lambda b, x, c: b(x, c), policy=REMAT_POLICIES[policy])
+  return lambda x, c: fn(block, x, c)
+
+
+def stack_layers(flat: Mapping[tuple, Any], depth: int) -> dict[tuple, Any]:
+  """Unscanned parameter paths ``('blocks', i, ...)`` -> scanned ``('blocks', ...)`` stacked on axis 0."""
+  out, groups = {}, {}
+  for path, value in flat.items():
+    if path[0] == "blocks" and isinstance(path[1], int):
+      groups.setdefault(path[2:], {})[path[1]] = value
+    else:
+      out[path] = value
+  for rest, by_layer in groups.items():
+    if sorted(by_layer) != list(range(depth)):
+      raise ValueError(f"blocks.*.{'.'.join(map(str, rest))}: layers {sorted(by_layer)}, "
+                       f"expected 0..{depth - 1}")
+    out[("blocks",) + rest] = np.stack([np.asarray(by_layer[i]) for i in range(depth)])
+  return out
+
+
+def unstack_layers(flat: Mapping[tuple, Any]) -> dict[tuple, Any]:
+  """Scanned ``('blocks', ...)`` (leading depth axis) -> unscanned ``('blocks', i, ...)``."""
+  out = {}
+  for path, value in flat.items():
+    if path[0] == "blocks" and not isinstance(path[1], int):
+      for i, layer in enumerate(np.asarray(value)):
+        out[("blocks", i) + path[1:]] = layer
+    else:
+      out[path] = value
+  return out
+
+
 def modulate(x: Array, shift: Array, scale: Array) -> Array:
   return x * (1 + scale[:, None]) + shift[:, None]
 
@@ -362,8 +406,13 @@ class SiT(nnx.Module):
   """
 
   def __init__(self, config: GeneratorConfig, *, rngs: nnx.Rngs, dtype: Dtype | None = None,
-               param_dtype: Dtype = jnp.float32):
+               param_dtype: Dtype = jnp.float32, scan_layers: bool = False,
+               remat_policy: str = "none"):
+    if remat_policy not in REMAT_POLICIES:
+      raise ConfigError(f"remat_policy must be one of {sorted(REMAT_POLICIES)}, got {remat_policy!r}")
     self.config = config
+    self.scan_layers = scan_layers
+    self.remat_policy = remat_policy
     d = config.hidden_size
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.x_embedder = linear(config.in_channels, d, kernel_init=_xavier, **kw)
@@ -372,8 +421,18 @@ class SiT(nnx.Module):
     self.t_embedder = TimestepEmbedder(d, **kw)
     self.y_embedder = LabelEmbedder(config.num_classes, d, config.class_dropout_prob,
                                     rngs=rngs, param_dtype=param_dtype)
-    self.blocks = nnx.List([AdaLNBlock(d, config.num_heads, config.mlp_ratio, **kw)
-                            for _ in range(config.depth)])
+    if scan_layers:
+      # One block with every parameter stacked along a leading depth axis; the
+      # forward pass scans over it, so compile time does not grow with depth.
+      @nnx.split_rngs(splits=config.depth)
+      @nnx.vmap(in_axes=(0,), out_axes=0)
+      def stacked(rngs):
+        return AdaLNBlock(d, config.num_heads, config.mlp_ratio, dtype=dtype,
+                          param_dtype=param_dtype, rngs=rngs)
+      self.blocks = stacked(rngs)
+    else:
+      self.blocks = nnx.List([AdaLNBlock(d, config.num_heads, config.mlp_ratio, **kw)
+                              for _ in range(config.depth)])
     self.final_layer = FinalLayer(d, config.out_channels, **kw)
 
   def __call__(self, x: Array, t: Array, y: Array, *, drop_key: Array | None = None,
@@ -398,12 +457,28 @@ class SiT(nnx.Module):
     if return_intermediates:
       taps.update(x_embedder=emb, tokens_in=tokens, t_freq=t_freq, t_emb=t_emb, y_emb=y_emb, c=c)
     h = tokens
-    for i, block in enumerate(self.blocks):
-      h = block(h, c)
+    if self.scan_layers:
       if return_intermediates:
-        taps[f"block{i}"] = h
+        raise ValueError("return_intermediates needs the unscanned model (scan_layers=False)")
+      h = self._scan_blocks(h, c)
+    else:
+      for i, block in enumerate(self.blocks):
+        h = _maybe_remat(block, self.remat_policy)(h, c) if self.remat_policy != "none" else block(h, c)
+        if return_intermediates:
+          taps[f"block{i}"] = h
     out = self.final_layer(h, c).astype(jnp.float32)
     return (out, taps) if return_intermediates else out
+
+  def _scan_blocks(self, h: Array, c: Array) -> Array:
+    policy = self.remat_policy
+
+    @nnx.scan(in_axes=(nnx.Carry, 0, None), out_axes=nnx.Carry)
+    def run(x, block, cond):
+      if policy == "none":
+        return block(x, cond)
+      return _maybe_remat(block, policy)(x, cond)
+
+    return run(h, self.blocks, c)
 
   def forward_with_cfg(self, x: Array, t: Array, y: Array, cfg_scale: float | Array) -> Array:
     """The reference DiT's guided call on a ``[half, half]`` batch (labels ``[y, null]``).

@@ -91,10 +91,20 @@ def pick_flip(batch, rng):
   return {"latent": batch["latent"][np.arange(len(choice)), choice], "label": batch["label"]}
 
 
-def generator_config(config: ml_collections.ConfigDict, tok: Tokenizer) -> GeneratorConfig:
-  fields = dict(config.model.to_dict(), input_size=tok.latent_shape[0],
-                in_channels=tok.latent_shape[1], vae_1d=True)
-  return GeneratorConfig.from_json_dict(fields, kind="sit")
+# Options of the training graph, not of the architecture (the checkpoint layout of a
+# scanned model converts with models.sit.stack_layers / unstack_layers).
+_GRAPH_OPTIONS = ("scan_layers", "remat_policy")
+
+
+def generator_config(config: ml_collections.ConfigDict, tok: Tokenizer,
+                     kind: str = "sit") -> GeneratorConfig:
+  fields = {k: v for k, v in config.model.to_dict().items() if k not in _GRAPH_OPTIONS}
+  fields.update(input_size=tok.latent_shape[0], in_channels=tok.latent_shape[1], vae_1d=True)
+  return GeneratorConfig.from_json_dict(fields, kind=kind)
+
+
+def graph_options(config: ml_collections.ConfigDict) -> dict:
+  return {k: config.model[k] for k in _GRAPH_OPTIONS if k in config.model}
 
 
 def make_loss_fn(transport: ml_collections.ConfigDict):
@@ -156,7 +166,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                          seed=config.seed, process_index=jax.process_index(),
                          process_count=jax.process_count(), transform=pick_flip)
   dtype = {"float32": None, "bfloat16": jnp.bfloat16}[config.get("dtype", "float32")]
-  model_fn = functools.partial(SiT, gen_config, dtype=dtype)
+  model_fn = functools.partial(SiT, gen_config, dtype=dtype, **graph_options(config))
   model_fn = lambda rngs, _f=model_fn: _f(rngs=rngs)
   tx, lr_fn = common.make_optimizer(config.optim, config.total_steps)
   graphdef, state, shardings, ckpt = common.init_or_restore(
