@@ -24,6 +24,9 @@ _JOBS = {
     "quickstart": "softvq_jax.quickstart",
     "sample": "softvq_jax.sample",
     "extract": "softvq_jax.extract",
+    "eval_recon": "softvq_jax.eval.eval_recon",
+    "eval_gen": "softvq_jax.eval.eval_gen",
+    "fid_stats": "softvq_jax.eval.fid_stats",
 }
 
 

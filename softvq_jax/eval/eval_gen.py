@@ -1,0 +1,48 @@
+"""The ``eval_gen`` job: the ADM evaluator's numbers of a sample batch against a reference batch.
+
+FID, sFID, precision, recall (k = 3) and, when ``config.logits_weight`` names the Inception
+classifier weight (2048x1008; an npz or pytorch-fid's ``pt_inception-2015-12-05`` file), the
+Inception Score, all through :func:`softvq_jax.eval.adm.evaluate`: the reference batch's
+stored ``mu``/``sigma``/``mu_s``/``sigma_s`` are used when present (as ADM does), its images
+(``arr_0``) feed precision/recall. Writes ``metrics.json`` to the workdir.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import jax
+import ml_collections
+from absl import logging
+
+from softvq_jax.eval import adm, job_utils, npz
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  for key in ("samples", "ref"):
+    path = config.get(key, "")
+    if not path:
+      raise ValueError(f"config.{key} is required: the {'sample' if key == 'samples' else 'reference'}"
+                       " batch (.npz, arr_0 uint8 NHWC)")
+    if not os.path.isfile(path):
+      raise FileNotFoundError(f"config.{key}={path!r} does not exist")
+  if jax.process_count() > 1:
+    logging.warning("eval_gen runs the whole evaluation on every process; run it on one host")
+  ref_stats = npz.read_reference_stats(config.ref)
+  if "mu" not in ref_stats:
+    logging.info("%s stores no statistics: computing them from its images", config.ref)
+  start = time.time()
+  features = job_utils.inception_features(config)
+  results = adm.evaluate(config.ref, config.samples, features,
+                         split_size=int(config.get("split_size", 5000)),
+                         distance_dtype=config.get("distance_dtype", "float16"))
+  results.update(seconds=round(time.time() - start, 1), samples=config.samples, ref=config.ref,
+                 logits_weight=config.get("logits_weight", ""))
+  job_utils.write_metrics(workdir, results)
+  logging.info("FID %.4f, sFID %.4f, IS %s, precision %.4f, recall %.4f (%d samples vs %d)",
+               results["fid"], results["sfid"],
+               f"{results['inception_score']:.3f}" if "inception_score" in results else "n/a",
+               results["precision"], results["recall"], results["num_samples"],
+               results["num_ref"])
+  return results

@@ -1,0 +1,77 @@
+"""Pieces the evaluation jobs (``eval_recon``, ``eval_gen``, ``fid_stats``) share."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import ml_collections
+import numpy as np
+from absl import logging
+
+
+class Subset:
+  """The first ``n`` examples of a source, in source order (``max_images``)."""
+
+  def __init__(self, source: Any, n: int):
+    self.source, self.n = source, min(int(n), len(source))
+    self.name = f"{getattr(source, 'name', type(source).__name__)} (first {self.n})"
+
+  def __len__(self) -> int:
+    return self.n
+
+  def __getitem__(self, index: int) -> Any:
+    if not 0 <= index < self.n:
+      raise IndexError(f"index {index} out of range for {self.name}")
+    return self.source[index]
+
+
+def eval_source(config: ml_collections.ConfigDict) -> Any:
+  """The images a job reads: ``config.data`` resolved for the eval split, cut to ``max_images``."""
+  from softvq_jax.train.tokenizer_trainer import resolve_source  # pylint: disable=g-import-not-at-top
+  source = resolve_source(config.data, "eval")
+  limit = int(config.get("max_images", 0) or 0)
+  if limit < 0:
+    raise ValueError(f"max_images must be >= 0 (0 = all), got {limit}")
+  if limit and limit < len(source):
+    source = Subset(source, limit)
+  if len(source) < 2:
+    raise ValueError(f"{getattr(source, 'name', source)} has {len(source)} image(s); Fréchet "
+                     "distances need at least 2")
+  return source
+
+
+def inception_features(config: ml_collections.ConfigDict):
+  """The FID Inception (with the IS classifier when ``config.logits_weight`` is set)."""
+  from softvq_jax.eval import adm, inception  # pylint: disable=g-import-not-at-top
+  weight = config.get("logits_weight", "")
+  model = inception.load_fid_inception(
+      config.get("inception_weights", "") or None,
+      logits_weight=inception.read_logits_weight(weight) if weight else None)
+  return adm.InceptionFeatures(model, batch_size=int(config.get("inception_batch_size", 100)))
+
+
+def sum_across_processes(values: np.ndarray) -> np.ndarray:
+  """Element-wise float64 sum over all JAX processes (collective); bit-exact transport."""
+  import jax  # pylint: disable=g-import-not-at-top
+  values = np.ascontiguousarray(values, np.float64)
+  if jax.process_count() == 1:
+    return values
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  # Bit-cast so nothing is rounded to float32 when JAX runs without x64.
+  gathered = multihost_utils.process_allgather(values.view(np.uint32), tiled=False)
+  return np.sum([np.asarray(g).view(np.float64) for g in gathered], axis=0)
+
+
+def write_metrics(workdir: str, metrics: dict[str, Any], name: str = "metrics.json") -> str:
+  """Writes ``metrics`` as JSON into the workdir (process 0 only), atomically."""
+  import jax  # pylint: disable=g-import-not-at-top
+  path = os.path.join(workdir, name)
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+      json.dump(metrics, f, indent=2)
+    os.replace(path + ".tmp", path)
+    logging.info("Wrote %s", path)
+  return path
