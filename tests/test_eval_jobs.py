@@ -1,0 +1,180 @@
+"""The evaluation jobs (eval_recon, fid_stats, eval_gen) through the main entry point, and the
+held-out rFID hook, checked against numbers computed here from the same images."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import pathlib
+import subprocess
+import sys
+import types
+
+import numpy as np
+import pytest
+
+from softvq_jax.config_lib import TINY_VIT
+from softvq_jax.data.pipeline import image_pipeline
+from softvq_jax.data.sources import SkimagePhotosSource
+from softvq_jax.eval import adm, fid, image_metrics
+from softvq_jax.models.released import RELEASED_TOKENIZERS
+from softvq_jax.tokenizer import Tokenizer
+from softvq_jax.utils.images import from_uint8, to_uint8
+
+ROOT = pathlib.Path(__file__).parent.parent
+NUM = 6     # images per test: the Inception at 299x299 costs ~0.25 s each on a CPU core
+SIZE = 32
+
+
+def run_job(config: str, workdir, *overrides: str) -> subprocess.CompletedProcess:
+  cmd = [sys.executable, "-m", "softvq_jax.main", f"--config={config}", f"--workdir={workdir}",
+         *overrides]
+  return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+def skimage_images(num: int = NUM, size: int = SIZE) -> np.ndarray:
+  """What the jobs read for source=skimage: the first ``num`` photos, ADM centre crop, uint8."""
+  source = SkimagePhotosSource(num_examples=64)
+  batches = image_pipeline(source, batch_size=num, image_size=size, train=False)
+  return to_uint8(next(iter(batches))["image"])
+
+
+@pytest.fixture(scope="module")
+def features() -> adm.InceptionFeatures:
+  return adm.InceptionFeatures(batch_size=8)
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory) -> pathlib.Path:
+  config = dict(RELEASED_TOKENIZERS["softvq-b-64"], image_size=SIZE, enc_patch_size=8,
+                dec_patch_size=8, num_latent_tokens=8, codebook_size=64,
+                encoder_kwargs=dict(TINY_VIT), decoder_kwargs=dict(TINY_VIT))
+  path = tmp_path_factory.mktemp("tok") / "tokenizer"
+  Tokenizer.random(config, seed=3).save(str(path))
+  return path
+
+
+def test_eval_recon_job_matches_metrics_computed_here(tmp_path, tokenizer_dir, features):
+  workdir = tmp_path / "recon"
+  # batch_size=4 over 6 images: a short last batch goes through the padding path.
+  proc = run_job(f"configs/eval_recon.py:tokenizer_dir={tokenizer_dir},source=skimage,"
+                 f"max_images={NUM},batch_size=4", workdir, "--config.inception_batch_size=8")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  got = json.loads((workdir / "metrics.json").read_text())
+  assert (workdir / "reconstructions.png").exists()
+
+  originals = skimage_images()
+  tok = Tokenizer.load(str(tokenizer_dir))
+  recons = to_uint8(np.asarray(tok.reconstruct(from_uint8(originals))))
+  want = image_metrics.reconstruction_metrics(originals, recons)
+  assert got["num_images"] == NUM
+  for key in ("psnr", "ssim", "ssim_reference_dr2"):
+    np.testing.assert_allclose(got[key], want[key], rtol=1e-5, err_msg=key)
+  assert got["ssim_reference_dr2"] > got["ssim"]  # the reference's quirk inflates SSIM
+  from softvq_jax.eval.lpips import load_lpips
+  lpips = float(np.mean(load_lpips()(from_uint8(originals), from_uint8(recons))))
+  np.testing.assert_allclose(got["lpips"], lpips, rtol=1e-4)
+  a, b = features(originals), features(recons)
+  rfid = fid.frechet_distance(a["pool"].mean(0), np.cov(a["pool"], rowvar=False),
+                              b["pool"].mean(0), np.cov(b["pool"], rowvar=False))
+  assert rfid > 1.0  # a random tokenizer's reconstructions are far from the photos
+  np.testing.assert_allclose(got["rfid"], rfid, rtol=1e-3)
+  rsfid = fid.frechet_distance(a["spatial"].mean(0), np.cov(a["spatial"], rowvar=False),
+                               b["spatial"].mean(0), np.cov(b["spatial"], rowvar=False))
+  np.testing.assert_allclose(got["rsfid"], rsfid, rtol=1e-3)
+
+
+def test_fid_stats_then_eval_gen_of_a_set_against_itself(tmp_path, features):
+  refdir = tmp_path / "ref"
+  proc = run_job(f"configs/fid_stats.py:source=skimage,image_size={SIZE},max_images={NUM},"
+                 "images,batch_size=4", refdir, "--config.inception_batch_size=8")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  ref_path = refdir / "fid_stats.npz"
+  images = skimage_images()
+  feats = features(images)
+  with np.load(ref_path) as ref:
+    assert sorted(ref.files) == ["arr_0", "mu", "mu_s", "sigma", "sigma_s"]
+    np.testing.assert_array_equal(ref["arr_0"], images)
+    np.testing.assert_allclose(ref["mu"], np.mean(feats["pool"], axis=0), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(ref["sigma"], np.cov(feats["pool"], rowvar=False), rtol=1e-3,
+                               atol=1e-5)
+    np.testing.assert_allclose(ref["mu_s"], np.mean(feats["spatial"], axis=0), rtol=1e-4,
+                               atol=1e-5)
+    np.testing.assert_allclose(ref["sigma_s"], np.cov(feats["spatial"], rowvar=False), rtol=1e-3,
+                               atol=1e-5)
+  assert json.loads((refdir / "fid_stats.json").read_text())["num_images"] == NUM
+
+  samples = tmp_path / "samples.npz"
+  np.savez(samples, arr_0=images, arr_1=np.arange(NUM))
+  weight = np.random.default_rng(0).normal(0, 0.05, (2048, 1008)).astype(np.float32)
+  np.savez(tmp_path / "logits.npz", weight)
+  gendir = tmp_path / "gen"
+  proc = run_job(f"configs/eval_gen.py:samples={samples},ref={ref_path},"
+                 f"logits_weight={tmp_path / 'logits.npz'}", gendir,
+                 "--config.inception_batch_size=8", "--config.split_size=3")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  got = json.loads((gendir / "metrics.json").read_text())
+  assert got["num_samples"] == NUM and got["num_ref"] == NUM
+  assert got["fid"] < 1e-3 and got["sfid"] < 1e-3
+  assert got["precision"] == 1.0 and got["recall"] == 1.0
+  want_is = fid.inception_score(feats["pool"].astype(np.float64) @ weight, split_size=3)
+  np.testing.assert_allclose(got["inception_score"], want_is, rtol=1e-3)
+
+
+def test_heldout_rfid_hook(tokenizer_dir, features):
+  from softvq_jax.eval.hooks import HeldoutRFID
+  from softvq_jax.train.state import split_model
+
+  tok = Tokenizer.load(str(tokenizer_dir))
+  graphdef, params, rest = split_model(tok.model())
+  state = types.SimpleNamespace(ema=params, rest=rest)
+  originals = skimage_images(4)
+
+  class Writer:
+    def __init__(self):
+      self.scalars = {}
+
+    def write_scalars(self, step, scalars):
+      self.scalars[step] = scalars
+
+  writer = Writer()
+  hook = HeldoutRFID(graphdef, from_uint8(originals), every=10, total_steps=25, writer=writer,
+                     features=features, batch_size=3)
+  hook(5, state)
+  assert hook.last is None  # not an evaluation step
+  hook(10, state)
+  recons = to_uint8(np.asarray(tok.reconstruct(from_uint8(originals))))
+  want = image_metrics.reconstruction_metrics(originals, recons)
+  np.testing.assert_allclose(hook.last["psnr"], want["psnr"], rtol=1e-5)
+  np.testing.assert_allclose(hook.last["ssim"], want["ssim"], rtol=1e-5)
+  a, b = features(originals)["pool"], features(recons)["pool"]
+  want_rfid = fid.frechet_distance(a.mean(0), np.cov(a, rowvar=False), b.mean(0),
+                                   np.cov(b, rowvar=False))
+  np.testing.assert_allclose(hook.last["rfid"], want_rfid, rtol=1e-4)
+  assert writer.scalars[10]["heldout_rfid"] == hook.last["rfid"]
+  hook(25, state)  # the last step always evaluates; same weights, same numbers
+  assert [s for s, _ in hook.history] == [10, 25]
+  assert hook.history[1][1]["rfid"] == pytest.approx(hook.last["rfid"])
+
+
+def load_config(name: str):
+  spec = importlib.util.spec_from_file_location(name, ROOT / "configs" / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_jobs_name_what_is_missing(tmp_path):
+  from softvq_jax.eval import eval_gen, eval_recon, job_utils
+  eval_gen_config, eval_recon_config = load_config("eval_gen"), load_config("eval_recon")
+  with pytest.raises(ValueError, match="tokenizer_dir is required"):
+    eval_recon.run(eval_recon_config.get_config("source=skimage"), str(tmp_path))
+  with pytest.raises(ValueError, match="config.samples is required"):
+    eval_gen.run(eval_gen_config.get_config(""), str(tmp_path))
+  with pytest.raises(FileNotFoundError, match="nothere.npz"):
+    eval_gen.run(eval_gen_config.get_config(f"samples={tmp_path}/nothere.npz,ref=x"),
+                 str(tmp_path))
+  with pytest.raises(ValueError, match="max_images"):
+    job_utils.eval_source(eval_recon_config.get_config("source=skimage,max_images=-1"))
+  with pytest.raises(ValueError, match="at least 2"):
+    job_utils.eval_source(eval_recon_config.get_config("source=skimage,max_images=1"))
