@@ -17,9 +17,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from softvq_jax import checkpoint
+from softvq_jax import checkpoint, parallel
 from softvq_jax.models.sit import GeneratorConfig, SiT
 from softvq_jax.tokenizer import _resolve_dtype
+from softvq_jax.utils.nnx_utils import model_from_flat
 from softvq_jax.transport import diffusion as diffusion_lib
 from softvq_jax.transport import samplers
 
@@ -47,15 +48,7 @@ def count_params(config: GeneratorConfig, *, include_pos_embed: bool = True) -> 
 
 def build_model(config: GeneratorConfig, flat: Mapping[Path, Any]) -> SiT:
   """A ``SiT`` whose arrays are ``flat`` (paths as in ``variable_shapes``)."""
-  graphdef, state = nnx.split(abstract_model(config))
-  pure: dict = {}
-  for path, value in flat.items():
-    node = pure
-    for key in path[:-1]:
-      node = node.setdefault(key, {})
-    node[path[-1]] = value if isinstance(value, jax.Array) else jnp.asarray(value)
-  nnx.replace_by_pure_dict(state, pure)
-  return nnx.merge(graphdef, state)
+  return model_from_flat(abstract_model(config), flat)
 
 
 def _forward_fn(graphdef, state, x, t, y):
@@ -281,21 +274,6 @@ class Generator:
 
   def _shard(self, *arrays, axes=None):
     """Pads the batch to a multiple of the data shards and places it on the mesh."""
-    axes = axes or [0] * len(arrays)
-    n = arrays[0].shape[0]
     if self.mesh is None:
-      return (list(arrays) if len(arrays) > 1 else arrays), n
-    names = self.data_axis if isinstance(self.data_axis, tuple) else (self.data_axis,)
-    shards = int(np.prod([self.mesh.shape[a] for a in names]))
-    pad = (-n) % shards
-    out = []
-    for a, axis in zip(arrays, axes):
-      a = jnp.asarray(a)
-      if pad:
-        edge = jax.lax.slice_in_dim(a, n - 1, n, axis=axis)
-        a = jnp.concatenate([a, jnp.repeat(edge, pad, axis=axis)], axis=axis)
-      spec = [None] * a.ndim
-      spec[axis] = self.data_axis
-      out.append(jax.device_put(a, jax.sharding.NamedSharding(
-          self.mesh, jax.sharding.PartitionSpec(*spec))))
-    return out, n
+      return (list(arrays) if len(arrays) > 1 else arrays), arrays[0].shape[0]
+    return parallel.pad_and_shard(arrays, self.mesh, self.data_axis, axes)

@@ -87,3 +87,27 @@ def global_batch(local_batch, mesh: Mesh):
   """Host-local numpy arrays -> global arrays split over the batch axes of ``mesh``."""
   sharding = batch_sharding(auto_mesh(mesh))
   return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), local_batch)
+
+
+def pad_and_shard(arrays, mesh: Mesh, data_axis, axes=None):
+  """Pads each array's batch axis to a multiple of the data shards and splits it over the mesh.
+
+  Inference APIs accept any batch size: the padding repeats the last example and
+  callers trim the outputs back to the returned original size.
+  """
+  axes = list(axes or [0] * len(arrays))
+  n = arrays[0].shape[axes[0]]
+  names = data_axis if isinstance(data_axis, tuple) else (data_axis,)
+  shards = int(np.prod([mesh.shape[a] for a in names]))
+  pad = (-n) % shards
+  out = []
+  for a, axis in zip(arrays, axes):
+    a = jax.numpy.asarray(a)
+    if pad:
+      edge = jax.lax.slice_in_dim(a, n - 1, n, axis=axis)
+      a = jax.numpy.concatenate([a, jax.numpy.repeat(edge, pad, axis=axis)], axis=axis)
+    spec = [None] * a.ndim
+    spec[axis] = data_axis
+    out.append(jax.device_put(a, jax.sharding.NamedSharding(mesh,
+                                                            jax.sharding.PartitionSpec(*spec))))
+  return out, n

@@ -21,6 +21,7 @@ from flax import nnx
 from softvq_jax import checkpoint, parallel
 from softvq_jax.models.config import TokenizerConfig
 from softvq_jax.models.tokenizer import TokenizerModel
+from softvq_jax.utils.nnx_utils import model_from_flat
 
 Path = tuple
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -223,27 +224,12 @@ class Tokenizer:
     return latents
 
   def _shard_batch(self, batch) -> tuple[jax.Array, int]:
-    n = batch.shape[0]
     if self.mesh is None:
-      return jnp.asarray(batch), n
-    axes = self.data_axis if isinstance(self.data_axis, tuple) else (self.data_axis,)
-    shards = int(np.prod([self.mesh.shape[a] for a in axes]))
-    pad = (-n) % shards
-    if pad:
-      batch = jnp.concatenate([jnp.asarray(batch), jnp.repeat(jnp.asarray(batch)[-1:], pad, 0)], 0)
-    sharding = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(self.data_axis))
-    return jax.device_put(batch, sharding), n
+      return jnp.asarray(batch), batch.shape[0]
+    (batch,), n = parallel.pad_and_shard([batch], self.mesh, self.data_axis)
+    return batch, n
 
 
 def build_model(config: TokenizerConfig, flat: Mapping[Path, Any]) -> TokenizerModel:
   """A ``TokenizerModel`` whose parameters are ``flat`` (paths as in ``param_shapes``)."""
-  model = abstract_model(config)
-  graphdef, state = nnx.split(model)
-  pure = {}
-  for path, value in flat.items():
-    node = pure
-    for key in path[:-1]:
-      node = node.setdefault(key, {})
-    node[path[-1]] = jnp.asarray(value) if not isinstance(value, jax.Array) else value
-  nnx.replace_by_pure_dict(state, pure)
-  return nnx.merge(graphdef, state)
+  return model_from_flat(abstract_model(config), flat)

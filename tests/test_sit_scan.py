@@ -10,6 +10,7 @@ from flax import nnx
 from softvq_jax.generator import build_model
 from softvq_jax.models.config import ConfigError
 from softvq_jax.models.sit import GeneratorConfig, SiT, stack_layers, unstack_layers
+from softvq_jax.utils.nnx_utils import model_from_flat
 
 CFG = GeneratorConfig(kind="sit", input_size=8, in_channels=4, hidden_size=32, depth=3,
                       num_heads=2, num_classes=4)
@@ -20,15 +21,7 @@ def _flat(model):
 
 
 def _load(model, flat):
-  graphdef, state = nnx.split(model)
-  pure = {}
-  for path, value in flat.items():
-    node = pure
-    for key in path[:-1]:
-      node = node.setdefault(key, {})
-    node[path[-1]] = jnp.asarray(value)
-  nnx.replace_by_pure_dict(state, pure)
-  return nnx.merge(graphdef, state)
+  return model_from_flat(model, flat)
 
 
 @pytest.fixture(scope="module")
