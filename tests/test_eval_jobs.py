@@ -174,6 +174,11 @@ def test_jobs_name_what_is_missing(tmp_path):
   with pytest.raises(FileNotFoundError, match="nothere.npz"):
     eval_gen.run(eval_gen_config.get_config(f"samples={tmp_path}/nothere.npz,ref=x"),
                  str(tmp_path))
+  stats_only = tmp_path / "stats.npz"
+  np.savez(stats_only, mu=np.zeros(3))
+  with pytest.raises(ValueError, match="holds no images"):
+    eval_gen.run(eval_gen_config.get_config(f"samples={stats_only},ref={stats_only}"),
+                 str(tmp_path))
   with pytest.raises(ValueError, match="max_images"):
     job_utils.eval_source(eval_recon_config.get_config("source=skimage,max_images=-1"))
   with pytest.raises(ValueError, match="at least 2"):

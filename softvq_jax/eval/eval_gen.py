@@ -29,6 +29,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       raise FileNotFoundError(f"config.{key}={path!r} does not exist")
   if jax.process_count() > 1:
     logging.warning("eval_gen runs the whole evaluation on every process; run it on one host")
+  for key in ("samples", "ref"):
+    try:
+      npz.array_shape(config[key])
+    except KeyError as e:
+      # ADM's evaluator needs the reference images too: precision/recall compare features.
+      raise ValueError(f"config.{key}={config[key]!r} holds no images (arr_0); for a reference "
+                       "batch made by configs/fid_stats.py pass its `images` argument") from e
   ref_stats = npz.read_reference_stats(config.ref)
   if "mu" not in ref_stats:
     logging.info("%s stores no statistics: computing them from its images", config.ref)
