@@ -66,6 +66,21 @@ def test_recipe_matches_reference():
   assert local.total_steps < 100 and local.global_batch_size == 8
 
 
+def test_config_file_and_job_registration():
+  import importlib
+  import importlib.util
+  import pathlib
+  path = pathlib.Path(__file__).resolve().parents[1] / "configs" / "dit_xl_softvq_l64.py"
+  spec = importlib.util.spec_from_file_location("dit_xl_softvq_l64", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  assert "configs/dit_xl_softvq_l64.py:runlocal" in module.__doc__
+  assert module.get_config().tokenizer.num_latent_tokens == 64
+  assert module.get_config("runlocal").trainer == "dit"
+  from softvq_jax import main
+  assert importlib.import_module(main._JOBS["dit"]) is dit_trainer
+
+
 def test_step_loss_equals_training_losses_for_fixed_t_and_noise():
   mesh = parallel.create_mesh([("data", 1)], devices=jax.devices()[:1])
   tx = optax.adamw(1e-4, b1=0.9, b2=0.999, weight_decay=0.0)
