@@ -170,7 +170,7 @@ def cache(tmp_path_factory):
   return str(config_path)
 
 
-# 120 s measured on 2 shared cores (load average ~6): three runs, each importing JAX and
+# 91 s (load average ~4) to 120 s (~6) measured on 2 shared cores: three runs, each importing JAX and
 # TensorFlow (clu), building its tokenizer and compiling its train step; two processes
 # compile side by side. Above the 90 s CI budget, hence slow.
 @pytest.mark.slow
