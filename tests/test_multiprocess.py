@@ -170,9 +170,9 @@ def cache(tmp_path_factory):
   return str(config_path)
 
 
-# 91 s (load average ~4) to 120 s (~6) measured on 2 shared cores: three runs, each importing JAX and
-# TensorFlow (clu), building its tokenizer and compiling its train step; two processes
-# compile side by side. Above the 90 s CI budget, hence slow.
+# 91 s (load average ~4) to 120 s (~6) measured on 2 shared cores: three runs, each
+# importing JAX and TensorFlow (clu), building its tokenizer and compiling its train step;
+# two processes compile side by side. At or above the 90 s CI budget, hence slow.
 @pytest.mark.slow
 def test_two_processes_kill_resume_equals_one_process(cache, tmp_path):
   logs = tmp_path / "logs"
