@@ -32,9 +32,8 @@ _JOBS = {
 
 def _maybe_initialize_distributed() -> None:
   """Joins a multi-process run when the launcher set the coordinator up."""
-  import jax  # pylint: disable=g-import-not-at-top
-  if os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("SLURM_NTASKS", "1") != "1":
-    jax.distributed.initialize()
+  from softvq_jax import distributed  # pylint: disable=g-import-not-at-top
+  distributed.maybe_initialize()
 
 
 class _QuietLibraries:
@@ -66,7 +65,11 @@ def main(argv) -> None:
   logging.info("JAX %s: %d process(es), %d device(s): %s", jax.__version__, jax.process_count(),
                jax.device_count(), jax.devices()[0].device_kind)
   logging.info("Config:\n%s", config)
-  importlib.import_module(_JOBS[trainer]).run(config, _WORKDIR.value)
+  workdir = _WORKDIR.value
+  if "://" not in workdir:
+    # Orbax (and every path a job hands on) wants absolute paths; users type relative ones.
+    workdir = os.path.abspath(workdir)
+  importlib.import_module(_JOBS[trainer]).run(config, workdir)
 
 
 if __name__ == "__main__":

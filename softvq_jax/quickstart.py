@@ -86,6 +86,7 @@ def sample_classes(sit_workdir: str, tok: Tokenizer, out_dir: str, *, per_class:
   from softvq_jax.generator import Generator, build_model  # pylint: disable=g-import-not-at-top
   from softvq_jax.models.sit import GeneratorConfig  # pylint: disable=g-import-not-at-top
 
+  sit_workdir = os.path.abspath(sit_workdir)
   ckpt = TrainCheckpointer(os.path.join(sit_workdir, "checkpoints"))
   step = ckpt.latest_step()
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
@@ -131,6 +132,7 @@ def sample_classes(sit_workdir: str, tok: Tokenizer, out_dir: str, *, per_class:
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   from softvq_jax.train import sit_trainer, tokenizer_trainer  # pylint: disable=g-import-not-at-top
+  workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
   summary: dict = {}
   start = time.time()

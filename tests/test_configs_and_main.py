@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import os
 import pathlib
 import subprocess
 import sys
@@ -104,14 +105,16 @@ def test_maetok_configs(name, release):
 def test_quickstart_pipeline_end_to_end(tmp_path):
   """README command one, shrunk: every stage runs and leaves its files; a rerun resumes."""
   workdir = tmp_path / "quickstart"
+  # A relative workdir, as in the README's command.
   cmd = [sys.executable, "-m", "softvq_jax.main",
-         "--config=configs/quickstart.py:tokenizer_steps=4,sit_steps=4", f"--workdir={workdir}",
+         f"--config={ROOT}/configs/quickstart.py:tokenizer_steps=4,sit_steps=4", "--workdir=quickstart",
          "--config.cache_examples=128", "--config.heldout_images=32",
          "--config.sample.per_class=1", "--config.sample.num_steps=2",
          "--config.tokenizer.vis_every=2", "--config.tokenizer.log_every=2",
          "--config.tokenizer.ckpt_every=2", "--config.sit.log_every=2", "--config.sit.ckpt_every=2",
          "--config.sit.sample_every=2", "--config.sit.global_batch_size=16"]
-  proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+  env = dict(os.environ, PYTHONPATH=str(ROOT))
+  proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-4000:]
   summary = json.loads((workdir / "summary.json").read_text())
   assert set(summary) >= {"1_tokenizer", "2_reconstruct", "3_latents", "4_sit", "5_samples"}
@@ -127,7 +130,7 @@ def test_quickstart_pipeline_end_to_end(tmp_path):
   assert list((workdir / "1_tokenizer").glob("events.out.tfevents.*"))
   from softvq_jax import Tokenizer
   assert Tokenizer.load(str(workdir / "1_tokenizer" / "tokenizer")).latent_shape == (16, 8)
-  again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+  again = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
   assert again.returncode == 0, again.stderr[-4000:]
   assert again.stderr.count("already done") == 5
 
