@@ -15,7 +15,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import logging
 from flax import nnx
 
 from softvq_jax import parallel
@@ -23,19 +22,15 @@ from softvq_jax.models.sit import GeneratorConfig, SiT
 from softvq_jax.tokenizer import Tokenizer
 from softvq_jax.train import common
 from softvq_jax.train import state as state_lib
-from softvq_jax.train.inputs import ArrayIterator
 from softvq_jax.train.loop import train_loop
-from softvq_jax.train.sit_trainer import (_cache_iterator, encode_dataset, load_images,
-                                          load_tokenizer, pick_flip)
+from softvq_jax.train import sit_trainer
+from softvq_jax.train.sit_trainer import graph_options, latent_data, load_tokenizer
 from softvq_jax.transport import diffusion as diffusion_lib
 from softvq_jax.utils.images import make_grid, save_png, to_uint8
 
 
 def generator_config(config: ml_collections.ConfigDict, tok: Tokenizer) -> GeneratorConfig:
-  fields = dict(config.model.to_dict(), input_size=tok.latent_shape[0],
-                in_channels=tok.latent_shape[1], vae_1d=True)
-  fields.setdefault("learn_sigma", True)
-  return GeneratorConfig.from_json_dict(fields, kind="dit")
+  return sit_trainer.generator_config(config, tok, kind="dit")
 
 
 def make_diffusion(diffusion: ml_collections.ConfigDict, *, learn_sigma: bool,
@@ -117,19 +112,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   common.check_batch(config.global_batch_size, mesh)
   tok = load_tokenizer(config, mesh)
   gen_config = generator_config(config, tok)
-  if config.data.source == "latent_cache":
-    data = _cache_iterator(config, tok)
-  else:
-    images, labels = load_images(config.data, tok.image_size)
-    latents = encode_dataset(tok, images, config.get("encode_batch_size", 16))
-    logging.info("Encoded %d images into latents %s (and their mirror images)", len(images),
-                 latents.shape[2:])
-    data = ArrayIterator({"latent": latents, "label": labels}, config.global_batch_size,
-                         seed=config.seed, process_index=jax.process_index(),
-                         process_count=jax.process_count(), transform=pick_flip)
+  data = latent_data(config, tok)
   diff = make_diffusion(config.diffusion, learn_sigma=gen_config.learn_sigma)
   dtype = {"float32": None, "bfloat16": jnp.bfloat16}[config.get("dtype", "float32")]
-  model_fn = functools.partial(SiT, gen_config, dtype=dtype)
+  model_fn = functools.partial(SiT, gen_config, dtype=dtype, **graph_options(config))
   model_fn = lambda rngs, _f=model_fn: _f(rngs=rngs)
   tx, lr_fn = common.make_optimizer(config.optim, config.total_steps)
   graphdef, state, shardings, ckpt = common.init_or_restore(

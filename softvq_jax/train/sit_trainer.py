@@ -86,6 +86,19 @@ def _cache_iterator(config: ml_collections.ConfigDict, tok: Tokenizer):
                               train=True, seed=config.seed, normalize=True))
 
 
+def latent_data(config: ml_collections.ConfigDict, tok: Tokenizer):
+  """Checkpointable iterator of normalised latent batches: a latent cache, or images encoded now."""
+  if config.data.source == "latent_cache":
+    return _cache_iterator(config, tok)
+  images, labels = load_images(config.data, tok.image_size)
+  latents = encode_dataset(tok, images, config.get("encode_batch_size", 16))
+  logging.info("Encoded %d images into latents %s (and their mirror images)", len(images),
+               latents.shape[2:])
+  return ArrayIterator({"latent": latents, "label": labels}, config.global_batch_size,
+                       seed=config.seed, process_index=jax.process_index(),
+                       process_count=jax.process_count(), transform=pick_flip)
+
+
 def pick_flip(batch, rng):
   choice = rng.integers(0, 2, len(batch["latent"]))
   return {"latent": batch["latent"][np.arange(len(choice)), choice], "label": batch["label"]}
@@ -100,6 +113,8 @@ def generator_config(config: ml_collections.ConfigDict, tok: Tokenizer,
                      kind: str = "sit") -> GeneratorConfig:
   fields = {k: v for k, v in config.model.to_dict().items() if k not in _GRAPH_OPTIONS}
   fields.update(input_size=tok.latent_shape[0], in_channels=tok.latent_shape[1], vae_1d=True)
+  if kind == "dit":
+    fields.setdefault("learn_sigma", True)
   return GeneratorConfig.from_json_dict(fields, kind=kind)
 
 
@@ -155,16 +170,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   common.check_batch(config.global_batch_size, mesh)
   tok = load_tokenizer(config, mesh)
   gen_config = generator_config(config, tok)
-  if config.data.source == "latent_cache":
-    data = _cache_iterator(config, tok)
-  else:
-    images, labels = load_images(config.data, tok.image_size)
-    latents = encode_dataset(tok, images, config.get("encode_batch_size", 16))
-    logging.info("Encoded %d images into latents %s (and their mirror images)", len(images),
-                 latents.shape[2:])
-    data = ArrayIterator({"latent": latents, "label": labels}, config.global_batch_size,
-                         seed=config.seed, process_index=jax.process_index(),
-                         process_count=jax.process_count(), transform=pick_flip)
+  data = latent_data(config, tok)
   dtype = {"float32": None, "bfloat16": jnp.bfloat16}[config.get("dtype", "float32")]
   model_fn = functools.partial(SiT, gen_config, dtype=dtype, **graph_options(config))
   model_fn = lambda rngs, _f=model_fn: _f(rngs=rngs)
