@@ -14,7 +14,6 @@ import os
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 from flax import nnx
 
 from softvq_jax import parallel
@@ -26,7 +25,6 @@ from softvq_jax.train.loop import train_loop
 from softvq_jax.train import sit_trainer
 from softvq_jax.train.sit_trainer import graph_options, latent_data, load_tokenizer
 from softvq_jax.transport import diffusion as diffusion_lib
-from softvq_jax.utils.images import make_grid, save_png, to_uint8
 
 
 def generator_config(config: ml_collections.ConfigDict, tok: Tokenizer) -> GeneratorConfig:
@@ -61,12 +59,14 @@ def make_loss_fn(diff: diffusion_lib.GaussianDiffusion):
   return loss_fn
 
 
-class SampleGrid:
+class SampleGrid(sit_trainer.SampleGrid):
   """Every ``every`` steps: DDPM samples (few respaced steps) of the EMA model, decoded, as PNGs."""
 
   def __init__(self, graphdef, tok: Tokenizer, gen_config: GeneratorConfig,
                diffusion: ml_collections.ConfigDict, *, workdir: str, every: int, total_steps: int,
                num: int, num_steps: int, cfg_scale: float, seed: int, writer=None):
+    # The parent's decode/grid/write path is reused; only the sampler differs, so the
+    # parent's (ODE-building) constructor is not called.
     self.tok, self.every, self.total, self.writer = tok, every, total_steps, writer
     self.dir = os.path.join(workdir, "samples")
     noise_key, self.key = jax.random.split(jax.random.key(seed))
@@ -94,16 +94,8 @@ class SampleGrid:
 
     self._sample = jax.jit(sample)
 
-  def __call__(self, step: int, state) -> None:
-    if step % self.every and step != self.total:
-      return
-    z = self._sample(state.ema, state.rest, self.noise, self.labels, self.key)
-    images = np.asarray(self.tok.decode(self.tok.denormalize(np.asarray(z, np.float32))))
-    grid = make_grid([to_uint8(images)])
-    if jax.process_index() == 0:
-      save_png(os.path.join(self.dir, f"step_{step:08d}.png"), grid)
-    if self.writer is not None:
-      self.writer.write_images(step, {"samples": grid[None]})
+  def _draw(self, state):
+    return self._sample(state.ema, state.rest, self.noise, self.labels, self.key)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:

@@ -152,10 +152,13 @@ class SampleGrid:
 
     self._sample = jax.jit(sample)
 
+  def _draw(self, state):
+    return self._sample(state.ema, state.rest, self.noise, self.labels)
+
   def __call__(self, step: int, state) -> None:
     if step % self.every and step != self.total:
       return
-    z = self._sample(state.ema, state.rest, self.noise, self.labels)
+    z = self._draw(state)
     images = np.asarray(self.tok.decode(self.tok.denormalize(np.asarray(z, np.float32))))
     grid = make_grid([to_uint8(images)])
     if jax.process_index() == 0:
