@@ -1,0 +1,1 @@
+"""Training objectives of the tokenizer: DiffAugment, the DINO discriminator and the GAN losses."""
