@@ -8,6 +8,8 @@ start several processes by hand (one machine, a test, a bare VM cluster) set
   JAX_COORDINATOR_ADDRESS=host:port JAX_NUM_PROCESSES=n JAX_PROCESS_ID=i
 
 on each; without ``JAX_NUM_PROCESSES`` JAX's own cluster detection decides.
+Where that detection needs no variables at all (Cloud TPU pod slices, GKE), set
+``SOFTVQ_JAX_DISTRIBUTED=1`` to ask for it (``launch/tpu/`` does).
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ def maybe_initialize() -> bool:
   """Calls ``jax.distributed.initialize`` when a launcher asked for it. Returns whether it did."""
   import jax  # pylint: disable=g-import-not-at-top
   env = os.environ
-  if not (env.get("JAX_COORDINATOR_ADDRESS") or env.get("SLURM_NTASKS", "1") != "1"):
+  if not (env.get("JAX_COORDINATOR_ADDRESS") or env.get("SLURM_NTASKS", "1") != "1"
+          or env.get("SOFTVQ_JAX_DISTRIBUTED") == "1"):
     return False
   if _already_initialized():
     return False
