@@ -1,4 +1,5 @@
-"""DiffAugment: each op against NumPy written from the reference's NCHW formulas, and the policy/probability logic."""
+"""DiffAugment: each op against NumPy written from the reference's NCHW formulas, and the
+policy / probability logic."""
 
 import jax
 import jax.numpy as jnp
@@ -8,6 +9,15 @@ import pytest
 from softvq_jax.losses import diffaug
 
 B, H, W, C = 4, 16, 12, 3
+
+
+@pytest.fixture(scope="module", autouse=True)
+def few_xla_optimisations():
+  """These programs are tiny: XLA's optimisation passes cost more than they save."""
+  before = jax.config.read("jax_disable_most_optimizations")
+  jax.config.update("jax_disable_most_optimizations", True)
+  yield
+  jax.config.update("jax_disable_most_optimizations", before)
 
 
 @pytest.fixture(scope="module")
@@ -164,11 +174,13 @@ def test_full_policy_shapes_dtypes_and_keys(images, augment):
 
 
 def test_gradient_flows_through_applied_ops(images):
-  g = jax.grad(lambda x: jnp.sum(diffaug.diff_augment(x, jax.random.key(0), "color", 1.0)))(images)
+  g = jax.jit(jax.grad(lambda x: jnp.sum(diffaug.diff_augment(x, jax.random.key(0), "color",
+                                                              1.0))))(images)
   # Brightness adds a constant; saturation keeps each pixel's channel sum and
   # contrast each image's sum, so the sum of the output is sum(x) + const.
   np.testing.assert_allclose(np.asarray(g), 1.0, rtol=1e-5)
-  g = jax.grad(lambda x: jnp.sum(diffaug.diff_augment(x, jax.random.key(0), "cutout_0.5", 1.0)))(images)
+  g = jax.jit(jax.grad(lambda x: jnp.sum(diffaug.diff_augment(x, jax.random.key(0), "cutout_0.5",
+                                                              1.0))))(images)
   assert 0 < (np.asarray(g) == 0).sum() < g.size  # cut pixels get no gradient
 
 

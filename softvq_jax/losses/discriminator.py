@@ -388,5 +388,10 @@ def discriminator(heads: DiscriminatorHeads, backbone: DinoBackbone, x: jax.Arra
   discriminator step (its loss module is in train mode): batch statistics,
   running-stat updates and one power iteration per call. ``key`` picks the
   backbone's random crop of inputs larger than its image size.
+
+  The reference calls D on real and on fake images separately (and again on
+  their strong augmentations for consistency regularisation), so each batch
+  is normalised with its own statistics and every call moves the running
+  statistics and ``u``: do not concatenate real and fake into one call.
   """
   return heads(backbone(x, key), train=train)
