@@ -363,6 +363,14 @@ def test_resize_matches_torch_interpolate(in_size, mode):
   np.testing.assert_allclose(got, _torch_resize(x, IMG, mode), rtol=1e-5, atol=1e-5)
 
 
+def test_resize_matrices_rows_sum_to_one_and_same_size_is_identity():
+  for make, n_in in ((D.bicubic_matrix, 20), (D.area_matrix, 40), (D.area_matrix, 64)):
+    np.testing.assert_allclose(make(n_in, IMG).sum(1), 1.0, rtol=1e-6)
+  np.testing.assert_allclose(D.bicubic_matrix(IMG, IMG), np.eye(IMG), atol=1e-7)
+  # 64 -> 32 area is a 2x2 box average.
+  np.testing.assert_array_equal(D.area_matrix(64, IMG), np.kron(np.eye(IMG), [[0.5, 0.5]]))
+
+
 @needs_torch
 def test_preprocess_normalises_then_crops_or_resizes():
   x = np.random.default_rng(4).uniform(-1, 1, (3, 40, 40, 3)).astype(np.float32)

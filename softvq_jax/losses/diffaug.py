@@ -17,7 +17,8 @@ Semantics of the reference (``utils/diff_aug.py`` of the PyTorch code):
 
 The reference augments real and fake images with separate calls (independent
 draws), so there is no paired variant here: call ``diff_augment`` twice with
-different keys.
+different keys. Under ``jit`` the coins are drawn once for the global batch;
+each DDP rank of the reference tosses its own for its local batch.
 
 Everything is computed in float32 and cast back to the input dtype, so
 bfloat16 images keep their dtype without bfloat16 means.

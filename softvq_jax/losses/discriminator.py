@@ -87,6 +87,8 @@ def resize_like_reference(x: jax.Array, size: int) -> jax.Array:
   Both are separable, so they run as two small matmuls.
   """
   _, h, w, _ = x.shape
+  if h == w == size:
+    return x  # PyTorch's same-size bicubic is exactly the identity
   make = area_matrix if h > size else bicubic_matrix
   mh, mw = jnp.asarray(make(h, size)), jnp.asarray(make(w, size))
   x = jnp.einsum("oh,bhwc->bowc", mh, x, precision=_HIGHEST)
@@ -106,7 +108,9 @@ def preprocess(x: jax.Array, key: jax.Array | None, img_size: int) -> jax.Array:
   Inputs larger than ``img_size`` on both sides get, with probability 0.5, one
   random ``img_size`` crop shared by the whole batch (torchvision RandomCrop on
   a batch tensor), and otherwise the area resize. ``key=None`` always resizes:
-  a deterministic view for evaluation and tests.
+  a deterministic view for evaluation and tests. Under ``jit`` the batch is
+  the global one, so one crop serves every device, where each DDP rank of the
+  reference draws its own.
   """
   x = imagenet_normalize(x)
   _, h, w, c = x.shape
