@@ -9,6 +9,7 @@ sensitive parts exact enough to train.
 from __future__ import annotations
 
 import math
+import os
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -93,18 +94,64 @@ class LayerNorm(nnx.Module):
     return y.astype(x.dtype)
 
 
-def dot_product_attention(q: Array, k: Array, v: Array, *, precision=None) -> Array:
-  """softmax((q * hd^-0.5) k^T) v on ``(B, N, H, hd)`` inputs, softmax in float32.
+# How attention runs when compute is not float32 (float32 always takes the explicit
+# einsum path below: it rounds like the reference, which parity depends on).
+#   "auto":  fused kernels where the backend has them (cuDNN flash attention on NVIDIA
+#            GPUs), XLA's fused softmax(QK^T)V elsewhere;
+#   "cudnn" / "xla": force one of jax.nn.dot_product_attention's implementations;
+#   "einsum": the explicit two-einsum form, for comparisons.
+ATTENTION_IMPLEMENTATIONS = ("auto", "cudnn", "xla", "einsum")
+_attention_implementation = os.environ.get("SOFTVQ_ATTENTION", "auto")
 
-  The scale is applied to q before the product, as timm does, so float32 runs
-  round the same way as the reference.
+
+def set_attention_implementation(name: str) -> None:
+  """Selects the low-precision attention kernel (see ``ATTENTION_IMPLEMENTATIONS``).
+
+  Read when a function is traced: call it before the first ``jit`` of a model.
   """
+  global _attention_implementation
+  if name not in ATTENTION_IMPLEMENTATIONS:
+    raise ValueError(f"attention implementation must be one of {ATTENTION_IMPLEMENTATIONS}, "
+                     f"got {name!r}")
+  _attention_implementation = name
+
+
+def attention_implementation() -> str:
+  return _attention_implementation
+
+
+def _einsum_attention(q: Array, k: Array, v: Array, precision) -> Array:
   head_dim = q.shape[-1]
   q = q * jnp.asarray(head_dim**-0.5, q.dtype)
   logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, precision=precision,
                       preferred_element_type=jnp.float32)
   weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
   return jnp.einsum("bhqk,bkhd->bqhd", weights, v, precision=precision)
+
+
+def _cudnn_supported(q: Array) -> bool:
+  return (jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
+          and q.shape[-1] <= 128 and q.shape[-1] % 8 == 0)
+
+
+def dot_product_attention(q: Array, k: Array, v: Array, *, precision=None) -> Array:
+  """softmax((q * hd^-0.5) k^T) v on ``(B, N, H, hd)`` inputs, softmax in float32.
+
+  The scale is applied to q before the product, as timm does, so float32 runs
+  round the same way as the reference. Lower precisions go through
+  ``jax.nn.dot_product_attention`` (fused; its softmax also runs in float32).
+  """
+  impl = _attention_implementation
+  if q.dtype == jnp.float32 or impl == "einsum":
+    return _einsum_attention(q, k, v, precision)
+  if impl == "auto":
+    if _cudnn_supported(q):
+      try:
+        return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
+      except (RuntimeError, ValueError, NotImplementedError):
+        pass  # a shape or build cuDNN does not take: XLA's kernel below
+    impl = "xla"
+  return jax.nn.dot_product_attention(q, k, v, implementation=impl)
 
 
 class Attention(nnx.Module):

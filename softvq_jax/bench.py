@@ -1,0 +1,672 @@
+"""Throughput benchmarks: one JSON line per measurement, on whatever devices JAX sees.
+
+  python -m softvq_jax.bench --what tokenizer --model softvq_b64 --batch 1,8,64 --dtype bfloat16
+  python -m softvq_jax.bench --what sit --model SiT-XL --tokens 64 --channels 32 --batch 64
+  python -m softvq_jax.bench --what pipeline --model softvq_b64 --steps 50 --cfg 1.5
+  python -m softvq_jax.bench --what pipeline --model sdvae_f8 --steps 50 --cfg 1.5
+  python -m softvq_jax.bench --what train --model SiT-XL --batch 32 --dtype bfloat16
+  python -m softvq_jax.bench --what train --model softvq_b64 --batch 16 --dtype bfloat16
+  python -m softvq_jax.bench --what memory --model SiT-XL --devices 256 --mesh fsdp=-1 --batch 256
+
+Protocol (the same for every measurement):
+- Weights are random (no download); shapes are the released architectures'.
+- The function is compiled ahead of time (``jit(...).lower(...).compile()``); its
+  compile time is reported separately and the timed calls use that executable,
+  so nothing recompiles. ``--warmup`` untimed calls, then ``--repeats`` timed
+  calls, each ended by ``block_until_ready``; the median and spread are reported.
+- FLOPs per item are counted twice: analytically from the layer shapes (matmuls
+  and attention, 2 FLOPs per multiply-add; what MFU conventionally counts) and by
+  XLA's cost analysis of the compiled program (which counts a loop body once,
+  so it is omitted for sampling loops).
+- The dense-matmul rate is measured in the same process, in the benchmark's
+  dtype (``--matmul_size`` square operands), and every line reports achieved
+  FLOP/s and its ratio to that rate; ``mfu_nominal`` uses the chip's published
+  dense peak where we know it.
+- Generation pipeline: ``--steps`` Euler steps of the probability-flow ODE, all
+  inside one compiled program, CFG (batch doubled) when ``--cfg`` > 1, then the
+  tokenizer decoder (``--no-decode`` excludes it). The 256-token baseline
+  ``sdvae_f8`` is SiT-XL/2 on a 32x32x4 latent (the same matmuls as SiT-XL/1 on
+  256 tokens of width 16) followed by a decoder with the SD-VAE layer shapes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import statistics
+import sys
+import time
+from typing import Any, Callable, Sequence
+
+# Published dense bf16 (and f32 non-tensor-core) peaks, FLOP/s, for mfu_nominal.
+NOMINAL_PEAK = {
+    ("NVIDIA H100 80GB HBM3", "bfloat16"): 989e12,
+    ("NVIDIA H200", "bfloat16"): 989e12,
+    ("NVIDIA A100-SXM4-80GB", "bfloat16"): 312e12,
+    ("NVIDIA A100-SXM4-40GB", "bfloat16"): 312e12,
+    ("TPU v4", "bfloat16"): 275e12,
+    ("TPU v5 lite", "bfloat16"): 197e12,
+    ("TPU v5e", "bfloat16"): 197e12,
+    ("TPU v5p", "bfloat16"): 459e12,
+    ("TPU v6 lite", "bfloat16"): 918e12,
+}
+
+TOKENIZER_ALIASES = {
+    "softvq_b64": "softvq-b-64", "softvq_bl64": "softvq-bl-64", "softvq_l64": "softvq-l-64",
+    "softvq_b32": "softvq-b-32", "softvq_bl32": "softvq-bl-32", "softvq_l32": "softvq-l-32",
+    "softvq_bl64_512": "softvq-bl-64-512", "softvq_l32_512": "softvq-l-32-512",
+    "maetok_b128": "maetok-b-128", "maetok_b128_512": "maetok-b-128-512",
+}
+WHATS = ("tokenizer", "sit", "pipeline", "train", "memory", "matmul")
+
+# ``--suite NAME``: the measurements behind the README table, most important first
+# (a suite that runs out of time has still written its first lines to --out).
+SUITES = {
+    "accelerator": [
+        "--what tokenizer --model softvq_b64 --batch 1,8,64 --dtype bfloat16",
+        "--what train --model SiT-XL --batch 64 --dtype bfloat16 --repeats 5",
+        "--what pipeline --model softvq_b64 --batch 64 --steps 50 --cfg 1.5 --dtype bfloat16 --repeats 3",
+        "--what pipeline --model sdvae_f8 --batch 64 --steps 50 --cfg 1.5 --dtype bfloat16 --repeats 3",
+        "--what sit --model SiT-XL --batch 64 --dtype bfloat16",
+        "--what sit --model SiT-XL --tokens 256 --channels 16 --batch 64 --dtype bfloat16",
+        "--what train --model softvq_b64 --batch 32 --dtype bfloat16 --repeats 5",
+        "--what pipeline --model softvq_b64 --batch 64 --steps 50 --cfg 1.5 --dtype bfloat16 --repeats 3 --no-decode",
+        "--what pipeline --model sdvae_f8 --batch 64 --steps 50 --cfg 1.5 --dtype bfloat16 --repeats 3 --no-decode",
+        "--what tokenizer --model softvq_b64 --batch 64 --dtype bfloat16 --attention xla",
+        "--what tokenizer --model softvq_b64 --batch 64 --dtype bfloat16 --attention einsum",
+        "--what tokenizer --model softvq_l64 --batch 64 --dtype bfloat16",
+        "--what tokenizer --model softvq_bl64_512 --batch 8,64 --dtype bfloat16",
+        "--what tokenizer --model softvq_b64 --batch 8 --dtype float32 --repeats 5",
+    ],
+    "cpu": [
+        "--what tokenizer --model softvq_b64 --batch 8 --dtype float32 --repeats 3 --warmup 1",
+        "--what sit --model SiT-XL --batch 8 --dtype float32 --repeats 3 --warmup 1",
+    ],
+}
+
+
+def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
+  p = argparse.ArgumentParser(prog="python -m softvq_jax.bench", description=__doc__.split("\n")[0])
+  p.add_argument("--what", choices=WHATS)
+  p.add_argument("--suite", choices=sorted(SUITES), help="run a declared list of measurements")
+  p.add_argument("--model", default=None,
+                 help="tokenizer (softvq_b64, softvq-l-32-512, tiny, ...), generator preset "
+                      "(SiT-XL, DiT-XL, ...) or sdvae_f8 for the 256-token pipeline baseline")
+  p.add_argument("--batch", default="8", help="comma-separated batch sizes")
+  p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+  p.add_argument("--size", type=int, default=0, help="image size override (tokenizer/pipeline)")
+  p.add_argument("--tokens", type=int, default=64, help="SiT tokens (--what sit/train)")
+  p.add_argument("--channels", type=int, default=32, help="SiT token width (--what sit/train)")
+  p.add_argument("--generator", default="SiT-XL", help="generator of the pipeline/train")
+  p.add_argument("--steps", type=int, default=50, help="sampler steps (pipeline)")
+  p.add_argument("--cfg", type=float, default=1.0, help="CFG scale (pipeline); > 1 doubles the batch")
+  p.add_argument("--no-decode", dest="decode", action="store_false",
+                 help="pipeline without the tokenizer decoder")
+  p.add_argument("--attention", default=None, help="auto | cudnn | xla | einsum (bf16 only)")
+  p.add_argument("--mesh", default="data=-1", help="train/memory: e.g. data=-1 or data=2,fsdp=-1")
+  p.add_argument("--sharding", default="", help="train/memory: dp | fsdp (default: fsdp if the "
+                 "mesh has an fsdp axis)")
+  p.add_argument("--scan", action="store_true", help="SiT train/memory: scan over layers")
+  p.add_argument("--remat", default="none", help="SiT train/memory: remat policy")
+  p.add_argument("--devices", type=int, default=0,
+                 help="memory: compile for this many fake CPU devices (ahead of time, nothing runs)")
+  p.add_argument("--hbm_gib", type=float, default=16.0, help="memory: the chip's HBM to compare with")
+  p.add_argument("--repeats", type=int, default=10)
+  p.add_argument("--warmup", type=int, default=2)
+  p.add_argument("--matmul_size", type=int, default=0, help="0: 2048 on CPU, 8192 on accelerators")
+  p.add_argument("--out", default="", help="also append the JSON lines to this file")
+  p.add_argument("--tiny", action="store_true", help="tiny models (tests of the benchmark itself)")
+  args = p.parse_args(argv)
+  if (args.what is None) == (args.suite is None):
+    p.error("give exactly one of --what and --suite")
+  if args.model is None:
+    args.model = "SiT-XL" if args.what == "sit" else "softvq_b64"
+  try:
+    args.batches = [int(b) for b in args.batch.split(",")]
+  except ValueError:
+    p.error(f"--batch must be comma-separated integers, got {args.batch!r}")
+  if any(b <= 0 for b in args.batches):
+    p.error("--batch sizes must be positive")
+  if args.what == "memory" and args.devices <= 0:
+    p.error("--what memory needs --devices N (the fake device count to compile for)")
+  if args.what != "memory" and args.devices:
+    p.error("--devices is only for --what memory")
+  return args
+
+
+# ----------------------------------------------------------------------------- timing
+@dataclasses.dataclass
+class Timing:
+  compile_s: float
+  times: list[float]
+  xla_flops: float | None
+  memory: dict[str, int]
+
+  @property
+  def median_s(self) -> float:
+    return statistics.median(self.times)
+
+  def summary(self) -> dict[str, Any]:
+    ts = sorted(self.times)
+    q1, q3 = ts[len(ts) // 4], ts[(3 * len(ts)) // 4]
+    return dict(compile_s=round(self.compile_s, 3), median_s=self.median_s, min_s=ts[0],
+                max_s=ts[-1], iqr_s=q3 - q1, repeats=len(ts),
+                program_memory_bytes=self.memory.get("per_device_total_bytes"))
+
+
+def _cost_flops(compiled) -> float | None:
+  try:
+    cost = compiled.cost_analysis()
+  except Exception:  # pylint: disable=broad-except  (not every backend implements it)
+    return None
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else None
+  if not cost or "flops" not in cost:
+    return None
+  return float(cost["flops"])
+
+
+def _memory(compiled) -> dict[str, int]:
+  try:
+    m = compiled.memory_analysis()
+  except Exception:  # pylint: disable=broad-except
+    return {}
+  if m is None:
+    return {}
+  out = {}
+  for name in ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes",
+               "temp_size_in_bytes", "generated_code_size_in_bytes"):
+    if hasattr(m, name):
+      out[name.replace("_in_bytes", "_bytes")] = int(getattr(m, name))
+  if out:
+    out["per_device_total_bytes"] = (out.get("argument_size_bytes", 0)
+                                     + out.get("output_size_bytes", 0)
+                                     - out.get("alias_size_bytes", 0)
+                                     + out.get("temp_size_bytes", 0)
+                                     + out.get("generated_code_size_bytes", 0))
+  return out
+
+
+def measure(fn: Callable, args: tuple, *, repeats: int, warmup: int, carry: bool = False,
+            donate: tuple[int, ...] = ()) -> Timing:
+  """Compiles ``fn`` for ``args`` once, then times ``repeats`` calls.
+
+  ``carry``: ``fn`` returns ``(new_args[0], ...)`` to feed the next call (a train
+  step with a donated state).
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  jitted = jax.jit(fn, donate_argnums=donate)
+  t0 = time.perf_counter()
+  compiled = jitted.lower(*args).compile()
+  compile_s = time.perf_counter() - t0
+  times = []
+  for i in range(warmup + repeats):
+    t0 = time.perf_counter()
+    out = compiled(*args)
+    jax.block_until_ready(out)
+    if i >= warmup:
+      times.append(time.perf_counter() - t0)
+    if carry:
+      args = (out[0],) + tuple(args[1:])
+  return Timing(compile_s, times, _cost_flops(compiled), _memory(compiled))
+
+
+def _jnp_dtype(name: str):
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
+
+
+def matmul_rate(dtype: str, size: int, repeats: int) -> dict[str, Any]:
+  """Dense square matmul FLOP/s in ``dtype`` (float32 at HIGHEST precision: no TF32)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  dt = _jnp_dtype(dtype)
+  ka, kb = jax.random.split(jax.random.PRNGKey(0))
+  a = jax.random.normal(ka, (size, size), dt)
+  b = jax.random.normal(kb, (size, size), dt)
+  precision = jax.lax.Precision.HIGHEST if dtype == "float32" else None
+  timing = measure(lambda x, y: jnp.dot(x, y, precision=precision), (a, b),
+                   repeats=max(repeats, 5), warmup=2)
+  flops = 2.0 * size**3
+  return dict(matmul_size=size, matmul_flops_per_s=flops / timing.median_s,
+              matmul_best_flops_per_s=flops / min(timing.times))
+
+
+# ------------------------------------------------------------------- analytic FLOPs
+def transformer_flops(width: int, depth: int, tokens: int, mlp_ratio: float = 4.0) -> float:
+  """Forward FLOPs of ``depth`` pre-norm blocks on ``tokens`` tokens (qkv, proj, MLP, attention)."""
+  per_token = 2 * (4 + 2 * mlp_ratio) * width**2
+  attention = 4 * tokens**2 * width
+  return depth * (tokens * per_token + attention)
+
+
+def tokenizer_flops(cfg) -> dict[str, float]:
+  """Encode/decode forward FLOPs per image of a ``TokenizerConfig`` (matmuls + attention)."""
+  enc, dec = cfg.encoder, cfg.decoder
+  n_enc = (cfg.image_size // enc.patch_size) ** 2
+  n_dec = (cfg.image_size // dec.patch_size) ** 2
+  latents, dim = cfg.num_latent_tokens, cfg.codebook_embed_dim
+  enc_tokens = n_enc + latents + 1
+  dec_tokens = n_dec + latents + (1 if cfg.decoder_cls_token else 0)
+  encode = (2 * n_enc * 3 * enc.patch_size**2 * enc.embed_dim
+            + transformer_flops(enc.embed_dim, enc.depth, enc_tokens, enc.mlp_ratio)
+            + 2 * latents * enc.embed_dim * dim)
+  if cfg.bottleneck == "softvq":
+    # logits against every code, then the soft mixture of the codes
+    encode += 4 * latents * cfg.codebook_size * dim
+  decode = (2 * latents * dim * dec.embed_dim
+            + transformer_flops(dec.embed_dim, dec.depth, dec_tokens, dec.mlp_ratio)
+            + 2 * n_dec * dec.embed_dim * 3 * dec.patch_size**2)
+  return dict(encode=float(encode), decode=float(decode))
+
+
+def generator_flops(cfg) -> float:
+  """One SiT/DiT forward per item: embeddings, blocks, adaLN, final layer."""
+  d, t = cfg.hidden_size, cfg.input_size
+  blocks = transformer_flops(d, cfg.depth, t, cfg.mlp_ratio)
+  adaln = cfg.depth * 2 * d * 6 * d + 2 * d * 2 * d
+  embed = 2 * t * cfg.in_channels * d + 2 * (256 * d + d * d)
+  final = 2 * t * d * cfg.out_channels
+  return float(blocks + adaln + embed + final)
+
+
+# ------------------------------------------------------------------------- models
+def _tokenizer_config(name: str, size: int = 0):
+  from softvq_jax.models.config import TokenizerConfig  # pylint: disable=g-import-not-at-top
+  from softvq_jax.models.released import (  # pylint: disable=g-import-not-at-top
+      RELEASED_MAETOK, RELEASED_TOKENIZERS)
+  table = {**RELEASED_TOKENIZERS, **RELEASED_MAETOK}
+  if name == "tiny":
+    from softvq_jax.config_lib import TINY_VIT  # pylint: disable=g-import-not-at-top
+    entry = dict(RELEASED_TOKENIZERS["softvq-b-64"], image_size=32, num_latent_tokens=8,
+                 codebook_size=64, codebook_embed_dim=8,
+                 encoder_kwargs=dict(TINY_VIT), decoder_kwargs=dict(TINY_VIT))
+  else:
+    key = TOKENIZER_ALIASES.get(name, name)
+    if key not in table:
+      raise SystemExit(f"unknown tokenizer {name!r}; known: {sorted(TOKENIZER_ALIASES)} "
+                       f"or {sorted(table)} or 'tiny'")
+    entry = dict(table[key])
+  if size:
+    entry["image_size"] = size
+  return TokenizerConfig.from_json_dict(entry)
+
+
+def _generator_config(name: str, tokens: int, channels: int, tiny: bool):
+  from softvq_jax.models.sit import GeneratorConfig  # pylint: disable=g-import-not-at-top
+  preset = name if "/" in name else name + "/1"
+  overrides = dict(input_size=tokens, in_channels=channels)
+  if tiny:
+    overrides.update(hidden_size=32, depth=2, num_heads=2)
+  return GeneratorConfig.preset(preset, **overrides)
+
+
+def _split(module):
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  return nnx.split(module)
+
+
+def _device_info() -> dict[str, Any]:
+  import jax  # pylint: disable=g-import-not-at-top
+  dev = jax.devices()[0]
+  return dict(device_kind=dev.device_kind, platform=dev.platform, device_count=jax.device_count(),
+              process_count=jax.process_count(), jax_version=jax.__version__)
+
+
+def _peak_memory() -> int | None:
+  import jax  # pylint: disable=g-import-not-at-top
+  try:
+    stats = jax.devices()[0].memory_stats()
+  except Exception:  # pylint: disable=broad-except
+    return None
+  return int(stats["peak_bytes_in_use"]) if stats and "peak_bytes_in_use" in stats else None
+
+
+def _rates(line: dict[str, Any], flops_per_item: float, items: int, seconds: float,
+           matmul: dict[str, Any], dtype: str, prefix: str = "") -> None:
+  achieved = flops_per_item * items / seconds
+  line[prefix + "achieved_flops_per_s"] = achieved
+  line[prefix + "fraction_of_matmul_rate"] = achieved / matmul["matmul_flops_per_s"]
+  peak = NOMINAL_PEAK.get((line["device_kind"], dtype))
+  if peak:
+    line[prefix + "mfu_nominal"] = achieved / (peak * line["device_count"])
+
+
+# -------------------------------------------------------------------- benchmarks
+def bench_tokenizer(args, matmul) -> list[dict[str, Any]]:
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from softvq_jax.models.tokenizer import TokenizerModel  # pylint: disable=g-import-not-at-top
+  cfg = _tokenizer_config("tiny" if args.tiny else args.model, args.size)
+  dtype = _jnp_dtype(args.dtype)
+  graphdef, state = _split(TokenizerModel(cfg, rngs=nnx.Rngs(0),
+                                          dtype=None if args.dtype == "float32" else dtype))
+  flops = tokenizer_flops(cfg)
+  lines = []
+  for batch in args.batches:
+    images = jax.random.uniform(jax.random.PRNGKey(1), (batch, cfg.image_size, cfg.image_size, 3),
+                                jnp.float32, -1, 1)
+    encode = lambda s, x: nnx.merge(graphdef, s).encode(x).quant
+    enc = measure(encode, (state, images), repeats=args.repeats, warmup=args.warmup)
+    latents = jax.jit(encode)(state, images)
+    decode = lambda s, z: nnx.merge(graphdef, s).decode(z)
+    dec = measure(decode, (state, latents), repeats=args.repeats, warmup=args.warmup)
+    line = dict(what="tokenizer", model=args.model if not args.tiny else "tiny",
+                dtype=args.dtype, batch=batch, image_size=cfg.image_size,
+                latent_shape=[cfg.num_latent_tokens, cfg.codebook_embed_dim], **_device_info(),
+                **matmul)
+    line["encode_img_per_s"] = batch / enc.median_s
+    line["decode_img_per_s"] = batch / dec.median_s
+    line["encode_flops_per_img"] = flops["encode"]
+    line["decode_flops_per_img"] = flops["decode"]
+    line["encode_xla_flops_per_img"] = enc.xla_flops / batch if enc.xla_flops else None
+    line["decode_xla_flops_per_img"] = dec.xla_flops / batch if dec.xla_flops else None
+    line["encode"] = enc.summary()
+    line["decode"] = dec.summary()
+    _rates(line, flops["encode"], batch, enc.median_s, matmul, args.dtype, "encode_")
+    _rates(line, flops["decode"], batch, dec.median_s, matmul, args.dtype, "decode_")
+    line["peak_memory_bytes"] = _peak_memory()
+    lines.append(line)
+  return lines
+
+
+def bench_sit(args, matmul) -> list[dict[str, Any]]:
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from softvq_jax.models.sit import SiT  # pylint: disable=g-import-not-at-top
+  cfg = _generator_config(args.model, args.tokens, args.channels, args.tiny)
+  dtype = None if args.dtype == "float32" else _jnp_dtype(args.dtype)
+  graphdef, state = _split(SiT(cfg, rngs=nnx.Rngs(0), dtype=dtype))
+  flops = generator_flops(cfg)
+  lines = []
+  for batch in args.batches:
+    x = jax.random.normal(jax.random.PRNGKey(1), (batch, cfg.input_size, cfg.in_channels))
+    t = jnp.full((batch,), 0.5, jnp.float32)
+    y = jnp.zeros((batch,), jnp.int32)
+    forward = lambda s, x, t, y: nnx.merge(graphdef, s)(x, t, y)
+    timing = measure(forward, (state, x, t, y), repeats=args.repeats, warmup=args.warmup)
+    line = dict(what="sit", model=args.model, dtype=args.dtype, batch=batch,
+                latent_shape=list(cfg.latent_shape), **_device_info(), **matmul)
+    line["forward_items_per_s"] = batch / timing.median_s
+    line["flops_per_item"] = flops
+    line["xla_flops_per_item"] = timing.xla_flops / batch if timing.xla_flops else None
+    line.update(timing.summary())
+    _rates(line, flops, batch, timing.median_s, matmul, args.dtype)
+    line["peak_memory_bytes"] = _peak_memory()
+    lines.append(line)
+  return lines
+
+
+def _pipeline_parts(args):
+  """``(gen_cfg, decoder_fn(state, latents) -> images, decoder_state, decode_flops, name)``."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  dtype = None if args.dtype == "float32" else _jnp_dtype(args.dtype)
+  if args.model == "sdvae_f8":
+    from softvq_jax.models.sdvae_decoder import SDVAEDecoder  # pylint: disable=g-import-not-at-top
+    size = args.size or 256
+    grid = size // 8
+    # SiT-XL/2 on (grid, grid, 4): 2x2 patches -> grid^2/4 tokens of width 16.
+    tokens, width = (grid // 2) ** 2, 16
+    gen_cfg = _generator_config(args.generator, tokens, width, args.tiny)
+    decoder = (SDVAEDecoder(rngs=nnx.Rngs(1), dtype=dtype, ch=32, ch_mult=(1, 1, 1, 1))
+               if args.tiny else SDVAEDecoder(rngs=nnx.Rngs(1), dtype=dtype))
+    dgraph, dstate = nnx.split(decoder)
+
+    def decode(s, z):
+      b = z.shape[0]
+      half = grid // 2
+      z = z.reshape(b, half, half, 2, 2, 4).transpose(0, 1, 3, 2, 4, 5).reshape(b, grid, grid, 4)
+      return nnx.merge(dgraph, s)(z)
+    return gen_cfg, decode, dstate, None, dict(image_size=size, latent_shape=[grid, grid, 4])
+  from softvq_jax.models.tokenizer import TokenizerModel  # pylint: disable=g-import-not-at-top
+  tok_cfg = _tokenizer_config("tiny" if args.tiny else args.model, args.size)
+  gen_cfg = _generator_config(args.generator, tok_cfg.num_latent_tokens,
+                              tok_cfg.codebook_embed_dim, args.tiny)
+  tgraph, tstate = nnx.split(TokenizerModel(tok_cfg, rngs=nnx.Rngs(1), dtype=dtype))
+  decode = lambda s, z: nnx.merge(tgraph, s).decode(z.astype(jnp.float32))
+  return gen_cfg, decode, tstate, tokenizer_flops(tok_cfg)["decode"], dict(
+      image_size=tok_cfg.image_size, latent_shape=[tok_cfg.num_latent_tokens,
+                                                   tok_cfg.codebook_embed_dim])
+
+
+def bench_pipeline(args, matmul) -> list[dict[str, Any]]:
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from softvq_jax.models.sit import SiT  # pylint: disable=g-import-not-at-top
+  from softvq_jax.transport import samplers  # pylint: disable=g-import-not-at-top
+  gen_cfg, decode, dec_state, decode_flops, shapes = _pipeline_parts(args)
+  dtype = None if args.dtype == "float32" else _jnp_dtype(args.dtype)
+  ggraph, gstate = nnx.split(SiT(gen_cfg, rngs=nnx.Rngs(0), dtype=dtype))
+  guided = args.cfg > 1.0
+
+  def generate(gs, ds, noise, labels):
+    model = nnx.merge(ggraph, gs)
+    latents = samplers.euler_sampler(lambda x, t, y: model(x, t, y), noise, labels,
+                                     num_steps=args.steps, cfg_scale=args.cfg, guided=guided,
+                                     null_label=gen_cfg.null_label)
+    return decode(ds, latents) if args.decode else latents
+
+  if decode_flops is None and args.decode:
+    # The SD-VAE-shaped decoder is convolutional: take XLA's count of it alone.
+    z = jnp.zeros((1, gen_cfg.input_size, gen_cfg.in_channels))
+    decode_flops = measure(decode, (dec_state, z), repeats=1, warmup=0).xla_flops
+  per_step = generator_flops(gen_cfg) * (2 if guided else 1)
+  flops = args.steps * per_step + ((decode_flops or 0.0) if args.decode else 0.0)
+  lines = []
+  for batch in args.batches:
+    noise = jax.random.normal(jax.random.PRNGKey(1), (batch,) + gen_cfg.latent_shape)
+    labels = jnp.arange(batch, dtype=jnp.int32) % gen_cfg.num_classes
+    timing = measure(generate, (gstate, dec_state, noise, labels), repeats=args.repeats,
+                     warmup=args.warmup)
+    line = dict(what="pipeline", model=args.model, generator=args.generator, dtype=args.dtype,
+                batch=batch, steps=args.steps, cfg=args.cfg, decode=args.decode,
+                tokens=gen_cfg.input_size, **shapes, **_device_info(), **matmul)
+    line["img_per_s"] = batch / timing.median_s
+    line["flops_per_img"] = flops
+    line["decode_flops_per_img"] = decode_flops if args.decode else 0.0
+    line.update(timing.summary())
+    _rates(line, flops, batch, timing.median_s, matmul, args.dtype)
+    line["peak_memory_bytes"] = _peak_memory()
+    lines.append(line)
+  return lines
+
+
+def _train_setup(args, batch: int, mesh):
+  """``(step_fn, state, batch_arrays, flops_per_item)`` for the train/memory benchmarks.
+
+  The step is the trainers' own: ``make_train_step`` with the SiT flow-matching
+  loss, or, for a tokenizer, the stage-1 generator objective (MSE + entropy;
+  LPIPS and the GAN terms need their frozen networks and are left out here).
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import optax  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from softvq_jax import parallel  # pylint: disable=g-import-not-at-top
+  from softvq_jax.train import state as state_lib  # pylint: disable=g-import-not-at-top
+  dtype = None if args.dtype == "float32" else _jnp_dtype(args.dtype)
+  strategy = args.sharding or ("fsdp" if "fsdp" in mesh.axis_names else "dp")
+  tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-4, b1=0.9, b2=0.95))
+  abstract = args.what == "memory"
+  if args.model.startswith(("SiT", "DiT")):
+    from softvq_jax.models.sit import SiT  # pylint: disable=g-import-not-at-top
+    from softvq_jax.transport.loss import sit_loss  # pylint: disable=g-import-not-at-top
+    cfg = _generator_config(args.model, args.tokens, args.channels, args.tiny)
+    model_fn = lambda rngs: SiT(cfg, rngs=rngs, dtype=dtype, scan_layers=args.scan,
+                                remat_policy=args.remat)
+
+    def loss_fn(model, b, key, step):
+      del step
+      out = sit_loss(lambda x, t, y, k: model(x, t, y, drop_key=k), b["latent"], b["label"], key)
+      return jnp.mean(out["loss"]), {}
+    data = {"latent": jax.ShapeDtypeStruct((batch,) + cfg.latent_shape, jnp.float32),
+            "label": jax.ShapeDtypeStruct((batch,), jnp.int32)}
+    flops = 3 * generator_flops(cfg)
+  else:
+    from softvq_jax.models.quantizers import entropy_loss  # pylint: disable=g-import-not-at-top
+    from softvq_jax.models.tokenizer import TokenizerModel  # pylint: disable=g-import-not-at-top
+    cfg = _tokenizer_config("tiny" if args.tiny else args.model, args.size)
+    model_fn = lambda rngs: TokenizerModel(cfg, rngs=rngs, dtype=dtype)
+
+    def loss_fn(model, b, key, step):
+      del key, step
+      recon, enc = model(b["image"])
+      loss = jnp.mean(jnp.square(recon - b["image"]))
+      if enc.softvq is not None:
+        loss = loss + 0.01 * entropy_loss(enc.softvq.logits, 0.01)
+      return loss, {}
+    size = cfg.image_size
+    data = {"image": jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32)}
+    f = tokenizer_flops(cfg)
+    flops = 3 * (f["encode"] + f["decode"])
+  shards = int(np.prod([mesh.shape[a] for a in parallel.batch_axes(mesh)]))
+  if batch % shards:
+    raise SystemExit(f"--batch {batch} does not split over the {shards} batch shards of mesh "
+                     f"{dict(mesh.shape)}")
+  batch_sharding = parallel.batch_sharding(mesh)
+  if abstract:
+    state, shardings = state_lib.abstract_train_state(model_fn, tx, mesh, seed=0,
+                                                      strategy=strategy)
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: model_fn(nnx.Rngs(0))))
+    arrays = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=batch_sharding),
+                          data)
+  else:
+    graphdef, state, shardings = state_lib.create_train_state(model_fn, tx, mesh, seed=0,
+                                                              strategy=strategy)
+    keys = jax.random.split(jax.random.PRNGKey(2), len(data))
+    arrays = {}
+    for k, (name, s) in zip(keys, sorted(data.items())):
+      value = (jax.random.randint(k, s.shape, 0, 1000, s.dtype) if s.dtype == jnp.int32
+               else jax.random.uniform(k, s.shape, s.dtype, -1, 1))
+      arrays[name] = jax.device_put(value, batch_sharding)
+  step = state_lib.make_train_step(graphdef, tx, loss_fn, ema_decay=0.9999,
+                                   state_shardings=shardings, batch_sharding=batch_sharding)
+  return step, state, arrays, flops, strategy
+
+
+def _mesh(spec: str):
+  from softvq_jax import parallel  # pylint: disable=g-import-not-at-top
+  axes = []
+  for part in spec.split(","):
+    name, _, size = part.partition("=")
+    if name not in ("data", "fsdp") or not size.lstrip("-").isdigit():
+      raise SystemExit(f"--mesh entries look like data=-1 or fsdp=4, got {part!r}")
+    axes.append((name, int(size)))
+  return parallel.create_mesh(axes)
+
+
+def bench_train(args, matmul) -> list[dict[str, Any]]:
+  import jax  # pylint: disable=g-import-not-at-top
+  mesh = _mesh(args.mesh)
+  lines = []
+  for batch in args.batches:
+    step, state, arrays, flops, strategy = _train_setup(args, batch, mesh)
+    t0 = time.perf_counter()
+    compiled = step.lower(state, arrays).compile()
+    compile_s = time.perf_counter() - t0
+    times = []
+    for i in range(args.warmup + args.repeats):
+      t0 = time.perf_counter()
+      state, metrics = compiled(state, arrays)
+      jax.block_until_ready((state, metrics))
+      if i >= args.warmup:
+        times.append(time.perf_counter() - t0)
+    timing = Timing(compile_s, times, _cost_flops(compiled), _memory(compiled))
+    line = dict(what="train", model=args.model if not args.tiny else f"tiny-{args.model}",
+                dtype=args.dtype, batch=batch, mesh=dict(mesh.shape), sharding=strategy,
+                scan=args.scan, remat=args.remat, **_device_info(), **matmul)
+    line["steps_per_s"] = 1.0 / timing.median_s
+    line["items_per_s"] = batch / timing.median_s
+    line["model_flops_per_item"] = flops
+    line["xla_flops_per_item"] = (timing.xla_flops * jax.device_count() / batch
+                                  if timing.xla_flops else None)
+    line.update(timing.summary())
+    _rates(line, flops, batch, timing.median_s, matmul, args.dtype)
+    line["loss"] = float(metrics["loss"])
+    line["peak_memory_bytes"] = _peak_memory()
+    lines.append(line)
+  return lines
+
+
+def bench_memory(args) -> list[dict[str, Any]]:
+  """Ahead-of-time compile of the train step for ``--devices`` fake devices: memory per device."""
+  mesh = _mesh(args.mesh)
+  lines = []
+  for batch in args.batches:
+    step, state, arrays, flops, strategy = _train_setup(args, batch, mesh)
+    t0 = time.perf_counter()
+    compiled = step.lower(state, arrays).compile()
+    compile_s = time.perf_counter() - t0
+    mem = _memory(compiled)
+    line = dict(what="memory", model=args.model if not args.tiny else f"tiny-{args.model}",
+                dtype=args.dtype, batch=batch, mesh=dict(mesh.shape), sharding=strategy,
+                scan=args.scan, remat=args.remat, devices=args.devices, compile_s=compile_s,
+                hbm_gib=args.hbm_gib, **mem)
+    total = mem.get("per_device_total_bytes")
+    line["per_device_gib"] = total / 2**30 if total is not None else None
+    line["fits"] = bool(total is not None and total < args.hbm_gib * 2**30)
+    lines.append(line)
+  return lines
+
+
+def run_suite(args) -> list[dict[str, Any]]:
+  """Each entry of the suite in this process; a failing entry prints an error line and the rest go on."""
+  lines = []
+  extra = (["--out", args.out] if args.out else []) + (["--tiny"] if args.tiny else [])
+  for entry in SUITES[args.suite]:
+    try:
+      lines += main(entry.split() + extra)
+    except Exception as e:  # pylint: disable=broad-except
+      error = dict(what="error", entry=entry, error=f"{type(e).__name__}: {e}"[:2000])
+      print(json.dumps(error), flush=True)
+      if args.out:
+        with open(args.out, "a") as f:
+          f.write(json.dumps(error) + "\n")
+  return lines
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
+  args = _parse_args(sys.argv[1:] if argv is None else argv)
+  if args.suite:
+    return run_suite(args)
+  if args.what == "memory":
+    # Must precede the first use of the CPU backend.
+    flags = os.environ.get("XLA_FLAGS", "")
+    os.environ["XLA_FLAGS"] = (flags + f" --xla_force_host_platform_device_count={args.devices}")
+    os.environ["JAX_PLATFORMS"] = "cpu"
+  import jax  # pylint: disable=g-import-not-at-top
+  if args.what == "memory" and jax.device_count() != args.devices:
+    raise SystemExit(f"--devices {args.devices} needs a fresh process (JAX already has "
+                     f"{jax.device_count()} devices)")
+  from softvq_jax.models import layers  # pylint: disable=g-import-not-at-top
+  layers.set_attention_implementation(args.attention or os.environ.get("SOFTVQ_ATTENTION", "auto"))
+  if args.what == "memory":
+    lines = bench_memory(args)
+  else:
+    on_cpu = jax.devices()[0].platform == "cpu"
+    size = args.matmul_size or (2048 if on_cpu else 8192)
+    matmul = matmul_rate(args.dtype, size, args.repeats)
+    if args.what == "matmul":
+      lines = [dict(what="matmul", dtype=args.dtype, **_device_info(), **matmul)]
+    else:
+      lines = {"tokenizer": bench_tokenizer, "sit": bench_sit, "pipeline": bench_pipeline,
+               "train": bench_train}[args.what](args, matmul)
+  for line in lines:
+    line.setdefault("attention", layers.attention_implementation())
+    text = json.dumps(line, sort_keys=True)
+    print(text, flush=True)
+    if args.out:
+      with open(args.out, "a") as f:
+        f.write(text + "\n")
+  return lines
+
+
+if __name__ == "__main__":
+  main()

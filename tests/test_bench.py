@@ -1,0 +1,138 @@
+"""The throughput benchmark: its FLOP counts, its JSON lines and its ahead-of-time memory check."""
+
+import json
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from softvq_jax import bench
+from softvq_jax.models.layers import Block
+from softvq_jax.models.sdvae_decoder import SDVAEDecoder
+
+
+def _xla_flops(fn, *args):
+  cost = jax.jit(fn).lower(*args).compile().cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float(cost["flops"])
+
+
+@pytest.mark.parametrize("width,tokens,heads", [(256, 64, 4), (192, 100, 3)])
+def test_transformer_flops_match_xla_count(width, tokens, heads):
+  # At these widths the matmuls dominate; XLA also counts the elementwise work
+  # (norms, softmax, GELU), so its count is a little larger, never smaller.
+  block = Block(width, heads, layerscale_init=None, rngs=nnx.Rngs(0))
+  graphdef, state = nnx.split(block)
+  x = jnp.ones((1, tokens, width))
+  xla = _xla_flops(lambda s, x: nnx.merge(graphdef, s)(x), state, x)
+  analytic = bench.transformer_flops(width, 1, tokens)
+  assert analytic == 2 * tokens * 12 * width**2 + 4 * tokens**2 * width
+  assert 0.9 < analytic / xla <= 1.0, (analytic, xla)
+
+
+def test_generator_flops_match_xla_count():
+  from softvq_jax.models.sit import GeneratorConfig, SiT
+  cfg = GeneratorConfig(input_size=64, in_channels=32, hidden_size=256, depth=2, num_heads=4)
+  graphdef, state = nnx.split(SiT(cfg, rngs=nnx.Rngs(0)))
+  args = (jnp.ones((1, 64, 32)), jnp.full((1,), 0.5), jnp.zeros((1,), jnp.int32))
+  xla = _xla_flops(lambda s, x, t, y: nnx.merge(graphdef, s)(x, t, y), state, *args)
+  assert 0.9 < bench.generator_flops(cfg) / xla <= 1.0
+
+
+def test_sdvae_decoder_has_the_sd_vae_layer_shapes():
+  # Parameter count of the LDM KL-f8 decoder recomputed from its layer table:
+  # 3x3 convs k*k*cin*cout + cout, GroupNorm 2c, 1x1 attention projections.
+  def conv(cin, cout, k=3):
+    return k * k * cin * cout + cout
+
+  def res(cin, cout):
+    return 2 * cin + conv(cin, cout) + 2 * cout + conv(cout, cout) + (
+        conv(cin, cout, 1) if cin != cout else 0)
+
+  expected = conv(4, 4, 1) + conv(4, 512) + 2 * res(512, 512) + 2 * 512 + 4 * conv(512, 512, 1)
+  c = 512
+  for out in (512, 512, 256, 128):
+    for _ in range(3):
+      expected += res(c, out)
+      c = out
+    if out != 128:
+      expected += conv(c, c)
+  expected += 2 * 128 + conv(128, 3)
+  model = nnx.eval_shape(lambda: SDVAEDecoder(rngs=nnx.Rngs(0)))
+  count = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
+  assert count == expected == 49_490_199
+  small = SDVAEDecoder(rngs=nnx.Rngs(0), ch=32, ch_mult=(1, 1))
+  assert small(jnp.zeros((2, 4, 4, 4))).shape == (2, 8, 8, 3)
+
+
+@pytest.fixture(scope="module")
+def tokenizer_lines():
+  return bench.main(["--what", "tokenizer", "--tiny", "--batch", "2,4", "--repeats", "2",
+                     "--warmup", "1", "--matmul_size", "256"])
+
+
+def test_tokenizer_line_fields(tokenizer_lines, capsys):
+  assert [line["batch"] for line in tokenizer_lines] == [2, 4]
+  for line in tokenizer_lines:
+    for key in ("encode_img_per_s", "decode_img_per_s", "encode_flops_per_img",
+                "decode_xla_flops_per_img", "matmul_flops_per_s", "device_kind",
+                "encode_fraction_of_matmul_rate"):
+      assert key in line and line[key] is not None, key
+    assert line["encode"]["median_s"] > 0 and line["encode"]["compile_s"] > 0
+    assert line["encode_img_per_s"] == pytest.approx(line["batch"] / line["encode"]["median_s"])
+    rate = line["encode_flops_per_img"] * line["encode_img_per_s"]
+    assert line["encode_fraction_of_matmul_rate"] == pytest.approx(
+        rate / line["matmul_flops_per_s"])
+  # one JSON object per line on stdout
+  printed = [json.loads(l) for l in capsys.readouterr().out.splitlines() if l.startswith("{")]
+  assert all("what" in p for p in printed)
+
+
+def test_pipeline_and_train_lines(tmp_path):
+  out = tmp_path / "lines.jsonl"
+  lines = bench.main(["--what", "pipeline", "--tiny", "--generator", "SiT-S", "--batch", "2",
+                      "--steps", "3", "--cfg", "2.0", "--repeats", "1", "--warmup", "0",
+                      "--matmul_size", "256", "--out", str(out)])
+  lines += bench.main(["--what", "train", "--model", "SiT-S", "--tiny", "--tokens", "8",
+                       "--channels", "4", "--batch", "8", "--repeats", "2", "--warmup", "1",
+                       "--matmul_size", "256", "--out", str(out)])
+  written = [json.loads(l) for l in out.read_text().splitlines()]
+  assert [l["what"] for l in written] == ["pipeline", "train"]
+  pipe, train = written
+  from softvq_jax.models.sit import GeneratorConfig
+  gen = GeneratorConfig.preset("SiT-S/1", input_size=8, in_channels=8, hidden_size=32, depth=2,
+                               num_heads=2)
+  # CFG doubles every network evaluation; the decoder is counted once.
+  assert pipe["flops_per_img"] == pytest.approx(
+      3 * 2 * bench.generator_flops(gen) + pipe["decode_flops_per_img"])
+  assert np.isfinite(train["loss"]) and train["steps_per_s"] > 0
+  assert train["model_flops_per_item"] > 0
+
+
+def test_bad_arguments_are_named():
+  with pytest.raises(SystemExit):
+    bench.main(["--what", "tokenizer", "--batch", "x"])
+  with pytest.raises(SystemExit, match="unknown tokenizer"):
+    bench.main(["--what", "tokenizer", "--model", "softvq_q99", "--matmul_size", "64",
+                "--repeats", "1"])
+
+
+@pytest.mark.slow
+def test_ahead_of_time_memory_on_fake_devices():
+  """FSDP must cut the per-device argument bytes of the state well below data parallelism's."""
+  def run(mesh):
+    cmd = [sys.executable, "-m", "softvq_jax.bench", "--what", "memory", "--model", "SiT-S",
+           "--tiny", "--tokens", "8", "--channels", "4", "--devices", "8", "--mesh", mesh,
+           "--batch", "8"]
+    env = {k: v for k, v in __import__("os").environ.items() if k != "XLA_FLAGS"}
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env, timeout=300)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+  dp, fsdp = run("data=-1"), run("fsdp=-1")
+  assert dp["devices"] == fsdp["devices"] == 8 and dp["fits"] and fsdp["fits"]
+  assert fsdp["sharding"] == "fsdp" and dp["sharding"] == "dp"
+  assert fsdp["argument_size_bytes"] < 0.5 * dp["argument_size_bytes"]
