@@ -180,8 +180,8 @@ def test_tpu_worker_start_stop(tmp_path, stubs):
   second start is refused while it runs, stop sends SIGTERM and waits."""
   bin_dir, _ = stubs
   fake_python = bin_dir / "python"
-  fake_python.write_text("#!/usr/bin/env bash\necho \"SOFTVQ_JAX_DISTRIBUTED=$SOFTVQ_JAX_DISTRIBUTED"
-                         " args: $*\"\ntrap 'echo terminated; exit 0' TERM\n"
+  fake_python.write_text("#!/usr/bin/env bash\ntrap 'echo terminated; exit 0' TERM\n"
+                         "echo \"SOFTVQ_JAX_DISTRIBUTED=$SOFTVQ_JAX_DISTRIBUTED args: $*\"\n"
                          "while true; do sleep 0.1; done\n")
   fake_python.chmod(0o755)
   env = dict(VENV=str(tmp_path / "no-venv"), LOG_DIR=str(tmp_path / "logs"))
@@ -348,8 +348,8 @@ def test_local_multiprocess_dry_run(stubs, tmp_path):
 def test_local_multiprocess_stops_the_others_when_one_fails(stubs, tmp_path):
   bin_dir, _ = stubs
   fake_python = bin_dir / "python"
-  # Process 1 fails at once; process 0 would run for a minute unless stopped.
-  fake_python.write_text("#!/usr/bin/env bash\nif [[ $JAX_PROCESS_ID == 1 ]]; then exit 3; fi\n"
+  # Process 1 fails after a second; process 0 would run for a minute unless stopped.
+  fake_python.write_text("#!/usr/bin/env bash\nif [[ $JAX_PROCESS_ID == 1 ]]; then sleep 1; exit 3; fi\n"
                          "trap 'echo process 0 stopped; exit 0' TERM\n"
                          "for _ in $(seq 600); do sleep 0.1; done\n")
   fake_python.chmod(0o755)
