@@ -79,10 +79,7 @@ def test_launch_scripts_found():
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
-def test_shellcheck(script, request):
-  if script == "launch/setup.sh":
-    request.applymarker(pytest.mark.xfail(
-        reason="SC2100 on requirements=requirements-dev.txt (quote the value)", strict=False))
+def test_shellcheck(script):
   shellcheck = shutil.which("shellcheck")
   assert shellcheck, "shellcheck is not installed (pip install -r requirements-dev.txt)"
   proc = subprocess.run([shellcheck, "--shell=bash", "--severity=style", script], cwd=REPO,

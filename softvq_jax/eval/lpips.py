@@ -9,7 +9,8 @@ package's own code is used by the tests as the reference, not here.
 The network, as in LPIPS: inputs in [-1, 1] NHWC; scaling layer ``(x - shift) / scale``;
 VGG16 features after relu1_2, relu2_2, relu3_3, relu4_3, relu5_3; each feature map unit-
 normalised over channels (``x / (|x| + 1e-10)``); squared difference; 1x1 linear head
-without bias (dropout off); spatial mean; sum over the five layers.
+without bias (dropout off unless a ``dropout_key`` asks for the training-mode quirk);
+spatial mean; sum over the five layers.
 """
 
 from __future__ import annotations
@@ -95,17 +96,25 @@ class LPIPS(nnx.Module):
       i += 1
     return taps
 
-  def __call__(self, x: jax.Array, y: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, y: jax.Array, *, dropout_key: jax.Array | None = None,
+               dropout_rate: float = 0.5) -> jax.Array:
+    """``dropout_key``: apply the heads' Dropout(0.5) as in train mode (what the reference's
+    tokenizer training does: its loss module is never put in eval mode)."""
     x, y = jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.float32)
     if x.shape != y.shape or x.ndim != 4 or x.shape[-1] != 3:
       raise ValueError(f"expected two NHWC RGB batches of one shape, got {x.shape}, {y.shape}")
     feats = self.features(jnp.concatenate([x, y], axis=0))
     total = 0.0
-    for f, w in zip(feats, self.lins):
+    keys = (jax.random.split(dropout_key, len(feats)) if dropout_key is not None
+            else [None] * len(feats))
+    for f, w, key in zip(feats, self.lins, keys):
       f = f / (jnp.sqrt(jnp.sum(f * f, axis=-1, keepdims=True)) + 1e-10)
       fx, fy = jnp.split(f, 2, axis=0)
-      total = total + jnp.mean(jnp.dot(jnp.square(fx - fy), w[...], precision=self.precision),
-                               axis=(1, 2))
+      diff = jnp.square(fx - fy)
+      if key is not None:
+        keep = jax.random.bernoulli(key, 1.0 - dropout_rate, diff.shape)
+        diff = jnp.where(keep, diff / (1.0 - dropout_rate), 0.0)
+      total = total + jnp.mean(jnp.dot(diff, w[...], precision=self.precision), axis=(1, 2))
     return total
 
 
