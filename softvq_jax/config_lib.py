@@ -201,12 +201,24 @@ def sit_recipe(tokenizer: str, arg: str | None, *, size: str = "XL") -> ml_colle
   c.ema_decay = 0.9999
   c.dtype = "bfloat16"
   c.mesh = [("data", -1)]
-  c.sharding = "dp"
+  c.sharding = "dp"                    # preset: "dp" | "fsdp" (softvq_jax.parallel.PRESETS)
+  c.sharding_rules = ()                # [(regex over param path, logical axes)], before the preset's
+  c.logical_axis_rules = ()            # [(logical axis, mesh axes)], before the preset's
+  c.init_from = ""                     # a Generator.save / converter directory (step 0 only)
   c.log_every = 100
   c.ckpt_every = 10_000
   c.keep_checkpoints = 3
+  c.profile_steps = 0                  # > 0: a profiler trace of that many steps under workdir
+  c.profile_first_step = 10
   c.sample_every = 10_000
   c.sample = ml_collections.ConfigDict(dict(num=16, num_steps=50, cfg_scale=1.0))
+  # FID of EMA samples (decoded, FID Inception) every eval_every steps; 0 = off. Reference:
+  # eval_ref (ADM reference batch .npz), else real images (eval_data, or held-out data).
+  c.eval_every = 0
+  c.eval_num_samples = 1000
+  c.eval_batch_size = 32
+  c.eval_ref = ""
+  c.eval_inception_batch_size = 50
   if args.runlocal:
     c.tokenizer.update(image_size=64, num_latent_tokens=16, codebook_size=256,
                        encoder_kwargs=dict(TINY_VIT), decoder_kwargs=dict(TINY_VIT))

@@ -28,6 +28,7 @@ from absl import logging
 from flax import nnx
 
 from softvq_jax.models.config import ConfigError
+from softvq_jax.parallel import constrain
 from softvq_jax.models.layers import Attention, Dtype, LayerNorm, Mlp, linear
 
 Array = jax.Array
@@ -354,6 +355,10 @@ def unstack_layers(flat: Mapping[tuple, Any]) -> dict[tuple, Any]:
   return out
 
 
+# Logical axes of the residual stream (B, T, hidden) between blocks.
+_ACT = ("batch", "length", "act_embed")
+
+
 def modulate(x: Array, shift: Array, scale: Array) -> Array:
   return x * (1 + scale[:, None]) + shift[:, None]
 
@@ -456,7 +461,9 @@ class SiT(nnx.Module):
     c = t_emb.astype(jnp.float32) + y_emb.astype(jnp.float32)
     if return_intermediates:
       taps.update(x_embedder=emb, tokens_in=tokens, t_freq=t_freq, t_emb=t_emb, y_emb=y_emb, c=c)
-    h = tokens
+    # Block boundaries: the batch over the data-parallel mesh axes (a no-op without an
+    # active mesh; see parallel.activation_sharding).
+    h = constrain(tokens, _ACT)
     if self.scan_layers:
       if return_intermediates:
         raise ValueError("return_intermediates needs the unscanned model (scan_layers=False)")
@@ -464,6 +471,7 @@ class SiT(nnx.Module):
     else:
       for i, block in enumerate(self.blocks):
         h = _maybe_remat(block, self.remat_policy)(h, c) if self.remat_policy != "none" else block(h, c)
+        h = constrain(h, _ACT)
         if return_intermediates:
           taps[f"block{i}"] = h
     out = self.final_layer(h, c).astype(jnp.float32)
@@ -475,8 +483,8 @@ class SiT(nnx.Module):
     @nnx.scan(in_axes=(nnx.Carry, 0, None), out_axes=nnx.Carry)
     def run(x, block, cond):
       if policy == "none":
-        return block(x, cond)
-      return _maybe_remat(block, policy)(x, cond)
+        return constrain(block(x, cond), _ACT)
+      return constrain(_maybe_remat(block, policy)(x, cond), _ACT)
 
     return run(h, self.blocks, c)
 

@@ -95,3 +95,74 @@ def log_parameter_overview(state) -> None:
   leaves = jax.tree.leaves(state.params)
   total = sum(int(np.prod(l.shape)) for l in leaves)
   logging.info("Parameters: %d arrays, %s elements", len(leaves), f"{total:,}")
+
+
+def sharding_rules(config: ml_collections.ConfigDict) -> parallel.ShardingRules:
+  """The preset ``config.sharding`` with ``config.sharding_rules``/``logical_axis_rules`` first."""
+  return parallel.rules_from_config(config)
+
+
+def profile_options(config: ml_collections.ConfigDict) -> dict:
+  """``train_loop`` keyword arguments of ``config.profile_steps`` (0 = off) and
+  ``config.profile_first_step``."""
+  return dict(profile_steps=int(config.get("profile_steps", 0) or 0),
+              profile_first_step=int(config.get("profile_first_step", 10)))
+
+
+def init_generator_from(state: state_lib.TrainState, directory: str, gen_config, *,
+                        scan_layers: bool = False) -> state_lib.TrainState:
+  """Parameters (and the fixed tables) of a generator directory in a fresh train state.
+
+  ``directory``: written by ``Generator.save`` or the converter (loop layout); stacked
+  when the model is scanned. The optimizer state stays fresh and the EMA starts at the
+  loaded parameters. A tensor whose name or shape differs from the model's is an error
+  that names it.
+  """
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  from softvq_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  from softvq_jax import generator as generator_lib  # pylint: disable=g-import-not-at-top
+  from softvq_jax.models import sit as sit_lib  # pylint: disable=g-import-not-at-top
+
+  stored = checkpoint.read_config(directory)
+  kind = stored.get("kind", gen_config.kind)
+  if kind != gen_config.kind:
+    raise ValueError(f"init_from={directory!r} holds a {kind}, this trainer trains a "
+                     f"{gen_config.kind}")
+  try:
+    flat = checkpoint.read_param_dir(directory, generator_lib.variable_shapes(gen_config))
+  except checkpoint.CheckpointError as e:
+    raise checkpoint.CheckpointError(
+        f"init_from={directory!r} does not fit the configured {gen_config.kind} "
+        f"(hidden {gen_config.hidden_size}, depth {gen_config.depth}, tokens "
+        f"{gen_config.latent_shape}): {e}") from e
+  flat = {p: np.asarray(v) for p, v in flat.items()}
+  if scan_layers:
+    flat = sit_lib.stack_layers(flat, gen_config.depth)
+  by_name = {tuple(str(k) for k in p): v for p, v in flat.items()}
+  used = set()
+
+  def load(kp, old):
+    name = parallel.path_parts(kp)
+    if name not in by_name:
+      raise checkpoint.CheckpointError(f"init_from={directory!r} has no tensor "
+                                       f"{'.'.join(name)} {tuple(old.shape)}")
+    value = by_name[name]
+    if tuple(value.shape) != tuple(old.shape):
+      raise checkpoint.CheckpointError(
+          f"init_from={directory!r}: tensor {'.'.join(name)} has shape {tuple(value.shape)}, "
+          f"the model needs {tuple(old.shape)}")
+    used.add(name)
+    return jax.device_put(jnp.asarray(value, old.dtype), old.sharding)
+
+  params = jax.tree_util.tree_map_with_path(load, state.params)
+  rest = jax.tree_util.tree_map_with_path(load, state.rest)
+  ema = jax.tree_util.tree_map_with_path(load, state.ema)  # fresh buffers, same values
+  unused = sorted(set(by_name) - used)
+  if unused:
+    raise checkpoint.CheckpointError(f"init_from={directory!r}: tensors the model does not "
+                                     f"have: {['.'.join(n) for n in unused]}")
+  logging.info("Initialised the %s parameters from %s (optimizer fresh, EMA = parameters)",
+               gen_config.kind, directory)
+  return state.replace(params=params, rest=rest, ema=ema)

@@ -59,6 +59,34 @@ def make_loss_fn(diff: diffusion_lib.GaussianDiffusion):
   return loss_fn
 
 
+def ema_sampler(graphdef, gen_config: GeneratorConfig, diffusion: ml_collections.ConfigDict, *,
+                num_steps: int, cfg_scale: float, key: jax.Array):
+  """``(state, noise, labels) -> latents``: DDPM samples (``num_steps`` respaced steps) of the
+  EMA model with the fixed ``key``, compiled once per batch shape."""
+  diff = make_diffusion(diffusion, learn_sigma=gen_config.learn_sigma, respacing=str(num_steps))
+  guided = cfg_scale != 1.0 and gen_config.has_null_label
+  c = gen_config.in_channels
+  null = gen_config.null_label
+
+  def sample(ema, rest, noise, labels, key):
+    model = nnx.merge(graphdef, ema, rest)
+
+    def model_fn(x, t):
+      if not guided:
+        return model(x, t, labels)
+      # The reference's forward_with_cfg: guided eps, the conditional half's variance.
+      out = model(jnp.concatenate([x, x]), jnp.concatenate([t, t]),
+                  jnp.concatenate([labels, jnp.full_like(labels, null)]))
+      cond, uncond = jnp.split(out, 2, axis=0)
+      eps = uncond[..., :c] + cfg_scale * (cond[..., :c] - uncond[..., :c])
+      return jnp.concatenate([eps, cond[..., c:]], axis=-1)
+
+    return diff.p_sample_loop(model_fn, noise, key=key)
+
+  jitted = jax.jit(sample)
+  return lambda state, noise, labels: jitted(state.ema, state.rest, noise, labels, key)
+
+
 class SampleGrid(sit_trainer.SampleGrid):
   """Every ``every`` steps: DDPM samples (few respaced steps) of the EMA model, decoded, as PNGs."""
 
@@ -72,30 +100,8 @@ class SampleGrid(sit_trainer.SampleGrid):
     noise_key, self.key = jax.random.split(jax.random.key(seed))
     self.noise = jax.random.normal(noise_key, (num,) + gen_config.latent_shape)
     self.labels = jnp.arange(num) % gen_config.num_classes  # class-balanced
-    diff = make_diffusion(diffusion, learn_sigma=gen_config.learn_sigma, respacing=str(num_steps))
-    guided = cfg_scale != 1.0 and gen_config.has_null_label
-    c = gen_config.in_channels
-    null = gen_config.null_label
-
-    def sample(ema, rest, noise, labels, key):
-      model = nnx.merge(graphdef, ema, rest)
-
-      def model_fn(x, t):
-        if not guided:
-          return model(x, t, labels)
-        # The reference's forward_with_cfg: guided eps, the conditional half's variance.
-        out = model(jnp.concatenate([x, x]), jnp.concatenate([t, t]),
-                    jnp.concatenate([labels, jnp.full_like(labels, null)]))
-        cond, uncond = jnp.split(out, 2, axis=0)
-        eps = uncond[..., :c] + cfg_scale * (cond[..., :c] - uncond[..., :c])
-        return jnp.concatenate([eps, cond[..., c:]], axis=-1)
-
-      return diff.p_sample_loop(model_fn, noise, key=key)
-
-    self._sample = jax.jit(sample)
-
-  def _draw(self, state):
-    return self._sample(state.ema, state.rest, self.noise, self.labels, self.key)
+    self._sample = ema_sampler(graphdef, gen_config, diffusion, num_steps=num_steps,
+                               cfg_scale=cfg_scale, key=self.key)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -110,14 +116,19 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   model_fn = functools.partial(SiT, gen_config, dtype=dtype, **graph_options(config))
   model_fn = lambda rngs, _f=model_fn: _f(rngs=rngs)
   tx, lr_fn = common.make_optimizer(config.optim, config.total_steps)
+  rules = common.sharding_rules(config)
   graphdef, state, shardings, ckpt = common.init_or_restore(
-      model_fn, tx, mesh, seed=config.seed, strategy=config.get("sharding", "dp"),
+      model_fn, tx, mesh, seed=config.seed, strategy=rules,
       workdir=workdir, keep=config.get("keep_checkpoints", 3), data=data)
+  if config.get("init_from") and ckpt.latest_step() is None:
+    state = common.init_generator_from(state, config.init_from, gen_config,
+                                       scan_layers=graph_options(config).get("scan_layers", False))
   common.log_parameter_overview(state)
   step_fn = state_lib.make_train_step(
       graphdef, tx, make_loss_fn(diff), ema_decay=config.ema_decay,
       state_shardings=shardings, batch_sharding=parallel.batch_sharding(parallel.auto_mesh(mesh)),
       learning_rate_fn=lr_fn)
+  step_fn = parallel.with_activation_sharding(step_fn, mesh, rules)
   writer = common.make_writer(workdir)
   hooks = []
   if config.get("sample_every"):
@@ -125,12 +136,19 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                             every=config.sample_every, total_steps=config.total_steps,
                             num=config.sample.num, num_steps=config.sample.num_steps,
                             cfg_scale=config.sample.cfg_scale, seed=config.seed, writer=writer))
+  if config.get("eval_every"):
+    sampler = ema_sampler(graphdef, gen_config, config.diffusion,
+                          num_steps=config.sample.num_steps, cfg_scale=config.sample.cfg_scale,
+                          key=jax.random.key(config.seed + 2))
+    hooks.append(sit_trainer.sample_fid_hook(config, sampler, tok, gen_config, workdir=workdir,
+                                             writer=writer))
   meta = {"tokenizer_dir": config.get("tokenizer_dir", ""), "vq_mean": tok.config.vq_mean,
           "vq_std": tok.config.vq_std, "generator": gen_config.to_json_dict(),
           "diffusion": config.diffusion.to_dict()}
   state, last = train_loop(state=state, train_step=step_fn, data=data, mesh=mesh, workdir=workdir,
                            total_steps=config.total_steps, checkpointer=ckpt,
                            log_every=config.log_every, ckpt_every=config.ckpt_every,
-                           hooks=tuple(hooks), writer=writer, meta=meta)
+                           hooks=tuple(hooks), writer=writer, meta=meta,
+                           **common.profile_options(config))
   ckpt.close()
   return last

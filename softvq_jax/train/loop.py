@@ -61,19 +61,31 @@ def _to_scalars(metrics) -> dict[str, float]:
 def train_loop(*, state, train_step, data: Iterator, mesh, workdir: str, total_steps: int,
                checkpointer: TrainCheckpointer, log_every: int, ckpt_every: int,
                hooks: tuple[Hook, ...] = (), writer=None, meta: dict | None = None,
-               step_args: tuple = ()):
+               step_args: tuple = (), profile_steps: int = 0, profile_first_step: int = 10,
+               profile_dir: str | None = None):
   """Runs ``train_step`` until ``total_steps`` (or preemption). Returns ``(state, last metrics)``.
 
   Metrics are fetched from the devices only every ``log_every`` steps and at
   checkpoints, so the loop never waits on the host otherwise. A non-finite
   loss at one of those points stops the run before anything is saved: the
   last good checkpoint stays the latest.
+
+  ``profile_steps > 0`` records a profiler trace of that many steps, starting
+  after step ``profile_first_step`` (clu ``periodic_actions.Profile``, process 0
+  only), under ``profile_dir`` (default ``workdir``): ``plugins/profile/<run>/``,
+  which TensorBoard's profile plugin (or XProf) reads.
   """
   from clu import periodic_actions  # pylint: disable=g-import-not-at-top
 
   step = int(jax.device_get(state.step))
   report = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer,
                                            every_steps=log_every, every_secs=None)
+  profile = None
+  if profile_steps > 0 and jax.process_index() == 0:
+    profile = periodic_actions.Profile(logdir=profile_dir or workdir,
+                                       num_profile_steps=profile_steps, profile_duration_ms=None,
+                                       first_profile=profile_first_step, every_steps=None,
+                                       every_secs=None)
   jsonl = JsonlWriter(os.path.join(workdir, "metrics.jsonl"))
   preempt = PreemptionFlag()
   last = {}
@@ -84,6 +96,8 @@ def train_loop(*, state, train_step, data: Iterator, mesh, workdir: str, total_s
         state, metrics = train_step(state, batch, *step_args)
       step += 1
       report(step)
+      if profile is not None:
+        profile(step)
       for hook in hooks:
         hook(step, state)
       stopping = preempt.requested or checkpointer.reached_preemption(step)
@@ -109,6 +123,10 @@ def train_loop(*, state, train_step, data: Iterator, mesh, workdir: str, total_s
         logging.warning("Stopped at step %d after a preemption signal; rerun to resume.", step)
         break
   finally:
+    if profile is not None and getattr(profile, "_session_running", False):
+      # The run ended inside the profiled window: close the trace so it is written.
+      jax.profiler.stop_trace()
+      profile._session_running = False  # pylint: disable=protected-access
     checkpointer.wait()
     preempt.restore()
     if writer is not None:

@@ -131,6 +131,21 @@ def make_loss_fn(transport: ml_collections.ConfigDict):
   return loss_fn
 
 
+def ema_sampler(graphdef, gen_config: GeneratorConfig, *, num_steps: int, cfg_scale: float):
+  """``(state, noise, labels) -> latents``: Euler ODE samples of the EMA model, compiled once
+  per batch shape (the sample grid's and the FID hook's sampler)."""
+  null = gen_config.null_label
+
+  def sample(ema, rest, noise, labels):
+    model = nnx.merge(graphdef, ema, rest)
+    velocity = lambda x, t, y, k=None: model(x, t, y)
+    return euler_sampler(velocity, noise, labels, num_steps=num_steps, cfg_scale=cfg_scale,
+                         null_label=null)
+
+  jitted = jax.jit(sample)
+  return lambda state, noise, labels: jitted(state.ema, state.rest, noise, labels)
+
+
 class SampleGrid:
   """Every ``every`` steps: Euler ODE samples of the EMA model, decoded, as a PNG grid."""
 
@@ -142,18 +157,10 @@ class SampleGrid:
     key = jax.random.key(seed)
     self.noise = jax.random.normal(key, (num,) + gen_config.latent_shape)
     self.labels = jnp.arange(num) % gen_config.num_classes  # class-balanced
-    null = gen_config.null_label
-
-    def sample(ema, rest, noise, labels):
-      model = nnx.merge(graphdef, ema, rest)
-      velocity = lambda x, t, y, k=None: model(x, t, y)
-      return euler_sampler(velocity, noise, labels, num_steps=num_steps, cfg_scale=cfg_scale,
-                           null_label=null)
-
-    self._sample = jax.jit(sample)
+    self._sample = ema_sampler(graphdef, gen_config, num_steps=num_steps, cfg_scale=cfg_scale)
 
   def _draw(self, state):
-    return self._sample(state.ema, state.rest, self.noise, self.labels)
+    return self._sample(state, self.noise, self.labels)
 
   def __call__(self, step: int, state) -> None:
     if step % self.every and step != self.total:
@@ -167,6 +174,50 @@ class SampleGrid:
       self.writer.write_images(step, {"samples": grid[None]})
 
 
+def reference_images(config: ml_collections.ConfigDict, image_size: int, num: int) -> np.ndarray:
+  """Real images for the FID hook's reference when ``config.eval_ref`` is not set.
+
+  ``config.eval_data`` (a tokenizer-style data config: source, kwargs, eval_split) gives its
+  eval split; otherwise the training data's held-out counterpart: ``synthetic`` with the next
+  seed, ``skimage`` (no split: the training photos, with a warning).
+  """
+  if config.get("eval_data"):
+    from softvq_jax.data.pipeline import image_pipeline  # pylint: disable=g-import-not-at-top
+    from softvq_jax.train.tokenizer_trainer import resolve_source  # pylint: disable=g-import-not-at-top
+    source = resolve_source(config.eval_data, "eval")
+    batch = next(iter(image_pipeline(source, batch_size=min(num, len(source)),
+                                     image_size=image_size, train=False, shard_index=0,
+                                     shard_count=1)))
+    return to_uint8(batch["image"])
+  data = config.data
+  if data.source == "synthetic":
+    held_out = ml_collections.ConfigDict(dict(data.to_dict(), seed=data.get("seed", 0) + 1,
+                                              num_examples=num))
+    return to_uint8(load_images(held_out, image_size)[0])
+  if data.source == "skimage":
+    logging.warning("FID reference: data.source=skimage has no held-out split; using the "
+                    "training photos (set eval_ref or eval_data for a real reference)")
+    return to_uint8(load_images(data, image_size)[0][:num])
+  raise ValueError(f"eval_every needs a reference: set eval_ref (an ADM reference batch .npz) "
+                   f"or eval_data (an image data config); data.source={data.source!r} has no "
+                   "images")
+
+
+def sample_fid_hook(config: ml_collections.ConfigDict, sample, tok: Tokenizer,
+                    gen_config: GeneratorConfig, *, workdir: str, writer=None):
+  """The :class:`~softvq_jax.eval.hooks.SampleFID` of ``config.eval_every``/``eval_num_samples``."""
+  from softvq_jax.eval.hooks import SampleFID  # pylint: disable=g-import-not-at-top
+  num = int(config.get("eval_num_samples", 1000))
+  reference = config.get("eval_ref", "") or reference_images(config, tok.image_size, num)
+  return SampleFID(sample, lambda z: tok.decode(tok.denormalize(z)),
+                   latent_shape=gen_config.latent_shape, num_classes=gen_config.num_classes,
+                   reference=reference, every=config.eval_every, total_steps=config.total_steps,
+                   num_samples=num, batch_size=int(config.get("eval_batch_size", 32)),
+                   seed=config.seed + 1, writer=writer,
+                   jsonl_path=os.path.join(workdir, "metrics.jsonl"),
+                   inception_batch_size=int(config.get("eval_inception_batch_size", 50)))
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   os.makedirs(workdir, exist_ok=True)
   mesh = common.make_mesh(config)
@@ -178,14 +229,19 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   model_fn = functools.partial(SiT, gen_config, dtype=dtype, **graph_options(config))
   model_fn = lambda rngs, _f=model_fn: _f(rngs=rngs)
   tx, lr_fn = common.make_optimizer(config.optim, config.total_steps)
+  rules = common.sharding_rules(config)
   graphdef, state, shardings, ckpt = common.init_or_restore(
-      model_fn, tx, mesh, seed=config.seed, strategy=config.get("sharding", "dp"),
+      model_fn, tx, mesh, seed=config.seed, strategy=rules,
       workdir=workdir, keep=config.get("keep_checkpoints", 3), data=data)
+  if config.get("init_from") and ckpt.latest_step() is None:
+    state = common.init_generator_from(state, config.init_from, gen_config,
+                                       scan_layers=graph_options(config).get("scan_layers", False))
   common.log_parameter_overview(state)
   step_fn = state_lib.make_train_step(
       graphdef, tx, make_loss_fn(config.transport), ema_decay=config.ema_decay,
       state_shardings=shardings, batch_sharding=parallel.batch_sharding(parallel.auto_mesh(mesh)),
       learning_rate_fn=lr_fn)
+  step_fn = parallel.with_activation_sharding(step_fn, mesh, rules)
   writer = common.make_writer(workdir)
   hooks = []
   if config.get("sample_every"):
@@ -193,11 +249,17 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                             total_steps=config.total_steps, num=config.sample.num,
                             num_steps=config.sample.num_steps, cfg_scale=config.sample.cfg_scale,
                             seed=config.seed, writer=writer))
+  if config.get("eval_every"):
+    sampler = ema_sampler(graphdef, gen_config, num_steps=config.sample.num_steps,
+                          cfg_scale=config.sample.cfg_scale)
+    hooks.append(sample_fid_hook(config, sampler, tok, gen_config, workdir=workdir,
+                                 writer=writer))
   meta = {"tokenizer_dir": config.get("tokenizer_dir", ""), "vq_mean": tok.config.vq_mean,
           "vq_std": tok.config.vq_std, "generator": gen_config.to_json_dict()}
   state, last = train_loop(state=state, train_step=step_fn, data=data, mesh=mesh, workdir=workdir,
                            total_steps=config.total_steps, checkpointer=ckpt,
                            log_every=config.log_every, ckpt_every=config.ckpt_every,
-                           hooks=tuple(hooks), writer=writer, meta=meta)
+                           hooks=tuple(hooks), writer=writer, meta=meta,
+                           **common.profile_options(config))
   ckpt.close()
   return last
