@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +16,8 @@ from softvq_jax import parallel
 from softvq_jax.models.sit import GeneratorConfig, SiT
 from softvq_jax.train import state as state_lib
 from softvq_jax.transport.loss import sit_loss
+
+sys.path.insert(0, os.path.dirname(__file__))
 
 P = jax.sharding.PartitionSpec
 GEN = GeneratorConfig(kind="sit", input_size=8, in_channels=4, hidden_size=32, depth=2,
@@ -179,3 +183,21 @@ def test_constrain_lowers_to_a_sharding_constraint():
   with parallel.activation_sharding(mesh, "dp"):
     text = h.lower(st, x).as_text()
   assert text.count("sharding_constraint") >= GEN.depth + 1
+  # Under jax.set_mesh (no rules given) the dp preset's rules apply; a batch the data axes
+  # do not divide stays replicated.
+  with jax.set_mesh(mesh):
+    assert jax.jit(lambda x: parallel.constrain(x + 1, ("batch", None, None)))(
+        x).sharding.spec == P(("data", "fsdp"))
+    assert jax.jit(lambda x: parallel.constrain(x + 1, ("batch",)))(
+        jnp.zeros(6)).sharding.spec == P()
+
+
+def test_rules_from_a_trainer_config(mesh):
+  from test_train_engine import tiny_config  # pylint: disable=g-import-not-at-top
+  config = tiny_config(1, sharding="fsdp", logical_axis_rules=[("embed", "data")],
+                       sharding_rules=[(r"x_embedder/kernel", (None, "embed"))])
+  rules = parallel.rules_from_config(config)
+  specs = flat_specs(parallel.state_specs(abstract_state(), mesh, rules))
+  assert specs["params/blocks/0/mlp/fc1/kernel"] == P("data", "fsdp")
+  assert specs["params/x_embedder/kernel"] == P(None, "data")
+  assert parallel.rules_from_config(tiny_config(1)) is parallel.PRESETS["dp"]
