@@ -85,8 +85,9 @@ def tokenizer_recipe(name: str, arg: str | None) -> ml_collections.ConfigDict:
   c.optim.schedule = "cosine"
   c.optim.warmup_epochs = 1
   c.optim.warmup_lr = 1e-5
-  c.optim.min_lr = 1e-5
+  c.optim.min_lr_ratio = 0.1         # the reference: min_lr = 0.1 * (scaled) lr
   c.optim.grad_clip = 1.0
+  c.disc_optim = ml_collections.ConfigDict()   # overrides of `optim` for the discriminator
 
   c.loss = ml_collections.ConfigDict()
   c.loss.reconstruction = "l2"
@@ -97,17 +98,30 @@ def tokenizer_recipe(name: str, arg: str | None) -> ml_collections.ConfigDict:
   c.loss.disc_type = "dino"
   c.loss.disc_weight = 0.2
   c.loss.disc_start = 20_000
-  c.loss.disc_adaptive_weight = False
+  c.loss.disc_adaptive_weight = False  # the author advises turning it on (issue 13)
   c.loss.diff_aug = True
   c.loss.disc_cr_weight = 4.0
   c.loss.lecam_weight = 0.001
+  c.loss.gen_loss = "hinge"
+  c.loss.disc_loss = "hinge"
+  # Local DINO v1 ViT-S/16 weights (dino_deitsmall16_pretrain.pth); empty: random, with a warning.
+  c.loss.disc_checkpoint = ""
+  c.loss.disc_backbone = ml_collections.ConfigDict()  # DinoBackbone overrides (tests, tiny runs)
   c.loss.entropy_temperature = 0.01
   c.loss.repa = True
   c.loss.repa_model = "vit_large_patch14_dinov2.lvd142m"
+  c.loss.repa_checkpoint = ""         # local timm DINOv2 weights; empty: random, with a warning
+  c.loss.repa_model_kwargs = ml_collections.ConfigDict()  # size overrides (tests, tiny runs)
+  c.loss.repa_patch_size = 16
   c.loss.repa_proj_dim = 1024
   c.loss.repa_weight = 0.1
   c.loss.repa_align = "repeat"
   c.ema_decay = 0.9999
+  c.dtype = "float32"                 # "bfloat16": matmuls in bf16, norms/softmax/losses f32
+  c.sharding = "dp"
+  c.eval_every = 0                    # > 0: rFID/PSNR/SSIM of held-out images every N steps
+  c.eval_num_images = 1000
+  c.eval_lpips = False
 
   c.mesh = [("data", -1)]
   c.log_every = 50
@@ -130,7 +144,12 @@ def tokenizer_recipe(name: str, arg: str | None) -> ml_collections.ConfigDict:
     c.total_epochs = 1
     c.total_steps = 60
     c.encoder_init = "random"
-    c.loss.repa = False
+    # The whole objective on tiny random frozen networks (no weights exist offline).
+    c.loss.disc_backbone = ml_collections.ConfigDict(dict(
+        img_size=64, patch_size=16, embed_dim=32, depth=3, num_heads=2))
+    c.loss.repa_model_kwargs = ml_collections.ConfigDict(dict(
+        embed_dim=32, depth=1, num_heads=2))
+    c.loss.repa_proj_dim = 32
     c.loss.disc_start = 10
     c.loss.perceptual_warmup = 10
     c.log_every = 5

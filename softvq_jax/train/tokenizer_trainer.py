@@ -1,16 +1,24 @@
-"""Stage 1: train a tokenizer on images.
+"""Stage 1: train a tokenizer on images with the reference's full objective (SPEC §3).
 
-This version optimises the reconstruction terms of the reference objective:
-``w_rec * MSE + w_p(step) * LPIPS + entropy_loss_ratio * (H(q) - H(E q))``
-with the reference's Adam, cosine schedule and EMA. The DINO-discriminator GAN
-term and REPA alignment are not implemented yet; a config that asks for them
-is trained without them and the run says so.
+Generator: MSE + LPIPS (linear warm-up, dropout on as in the reference) + hinge GAN
+through the DINO discriminator after ``disc_start`` (optional adaptive weight) + SoftVQ
+entropy + REPA alignment to a frozen DINOv2 teacher. Discriminator: frozen DINO ViT-S/16
+features, spectral-norm/BatchNorm heads, hinge + LeCAM, consistency regularisation,
+DiffAugment. Two Adam optimizers with the reference's cosine schedule, stepped in one
+jitted step (``softvq_jax.train.stage1``); EMA of the generator; everything checkpointed.
+
+Frozen backbones come from local files named in the config (``loss.disc_checkpoint``:
+DINO ``dino_deitsmall16_pretrain.pth``; ``loss.repa_checkpoint`` and ``dinov2_checkpoint``:
+timm DINOv2 weights); without one they are random and the run says so loudly.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import math
 import os
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -19,13 +27,14 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
+import optax
+
 from softvq_jax import checkpoint, parallel
+from softvq_jax.checkpoint import TrainCheckpointer
 from softvq_jax.models.config import TokenizerConfig
-from softvq_jax.models.quantizers import code_usage, entropy_loss
-from softvq_jax.models.tokenizer import TokenizerModel
 from softvq_jax.tokenizer import Tokenizer, param_shapes
 from softvq_jax.train import common
-from softvq_jax.train import state as state_lib
+from softvq_jax.train import stage1
 from softvq_jax.train.loop import train_loop
 from softvq_jax.utils.images import make_grid, save_png, to_uint8
 
@@ -52,41 +61,6 @@ def resolve_source(data: ml_collections.ConfigDict, split: str):
   if kind == "synthetic" and split != "train":
     kwargs["seed"] = kwargs.get("seed", 0) + 1
   return sources.make_source(kind, **kwargs)
-
-
-def make_loss_fn(config: ml_collections.ConfigDict, lpips_graphdef, tok_config: TokenizerConfig):
-  loss_cfg = config.loss
-  ratio = float(config.model.get("entropy_loss_ratio", 0.0))
-  temperature = float(loss_cfg.get("entropy_temperature", 0.01))
-  warmup = max(int(loss_cfg.perceptual_warmup), 1)
-
-  def loss_fn(model: TokenizerModel, batch, key, step, lpips_state):
-    images = batch["image"]
-    recon, enc = model(images, sample_key=key if tok_config.bottleneck == "kl" else None)
-    mse = jnp.mean(jnp.square(recon - images))
-    # The reference ramps LPIPS in linearly over `perceptual_warmup` steps (step counted from 1).
-    p_weight = loss_cfg.perceptual_weight * jnp.minimum(1.0, (step + 1) / warmup)
-    metrics = {"mse": mse, "perceptual_weight": p_weight}
-    total = loss_cfg.reconstruction_weight * mse
-    if loss_cfg.perceptual_weight > 0:
-      lp = jnp.mean(nnx.merge(lpips_graphdef, lpips_state)(images, recon))
-      total = total + p_weight * lp
-      metrics["lpips"] = lp
-    if enc.softvq is not None:
-      if ratio > 0:
-        ent = entropy_loss(enc.softvq.logits, temperature)
-        total = total + ratio * ent
-        metrics["entropy"] = ent
-      stats = code_usage(enc.softvq, tok_config.num_codebooks)
-      metrics.update(code_usage=jnp.mean(stats["usage"]),
-                     perplexity=jnp.mean(stats["perplexity"]), max_probs=stats["max_probs"])
-    if enc.posterior is not None:
-      kl = jnp.mean(enc.posterior.kl())
-      total = total + tok_config.kl_loss_weight * kl
-      metrics["kl"] = kl
-    return total, metrics
-
-  return loss_fn
 
 
 class ReconstructionGrid:
@@ -118,61 +92,272 @@ class ReconstructionGrid:
       self.writer.write_scalars(step, {"heldout_psnr": self.psnr})
 
 
-def _warn_unimplemented(config: ml_collections.ConfigDict) -> None:
-  missing = []
-  if config.loss.get("disc_weight", 0) > 0:
-    missing.append(f"the DINO-discriminator GAN term (disc_weight={config.loss.disc_weight})")
-  if config.loss.get("repa", False):
-    missing.append("REPA alignment")
-  if missing:
-    logging.warning("NOT IMPLEMENTED in this version, trained without: %s. The objective is "
-                    "MSE + LPIPS + entropy.", "; ".join(missing))
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  from softvq_jax.data.pipeline import image_pipeline  # pylint: disable=g-import-not-at-top
+# ------------------------------------------------------------------ optimizers
+def timm_cosine_schedule(lr: float, *, total_steps: int, warmup_steps: int, warmup_lr: float,
+                         min_lr: float):
+  """timm's ``cosine`` scheduler stepped per update with ``warmup_prefix=False``.
+
+  Linear warm-up from ``warmup_lr`` to ``lr`` over ``warmup_steps``, then
+  ``min_lr + (lr - min_lr) (1 + cos(pi t / T)) / 2`` with t counted from step 0, not
+  from the end of the warm-up (so the curve is already slightly below ``lr`` when the
+  warm-up ends), as the reference's ``create_scheduler_v2`` does.
+  """
+  total = max(int(total_steps), 1)
+
+  def schedule(step):
+    t = jnp.asarray(step, jnp.float32)
+    cosine = min_lr + 0.5 * (lr - min_lr) * (1.0 + jnp.cos(math.pi * jnp.minimum(t, total) / total))
+    if warmup_steps <= 0:
+      return cosine
+    warm = warmup_lr + (lr - warmup_lr) * t / warmup_steps
+    return jnp.where(t < warmup_steps, warm, cosine)
+
+  return schedule
+
+
+def make_stage1_optimizer(optim: ml_collections.ConfigDict, total_steps: int):
+  """``(tx, schedule)``: Adam (the reference's default, no weight decay) or AdamW, clipped."""
+  lr = float(optim.lr)
+  if optim.get("schedule", "cosine") == "cosine":
+    schedule = timm_cosine_schedule(
+        lr, total_steps=total_steps, warmup_steps=int(optim.get("warmup_steps", 0)),
+        warmup_lr=float(optim.get("warmup_lr", 0.0)),
+        min_lr=float(optim.get("min_lr_ratio", 0.1)) * lr)
+  elif optim.schedule == "constant":
+    schedule = optax.constant_schedule(lr)
+  else:
+    raise ValueError(f"optim.schedule must be 'cosine' or 'constant', got {optim.schedule!r}")
+  name = optim.get("name", "adam")
+  if name == "adam":
+    base = optax.adam(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps)
+  elif name == "adamw":
+    base = optax.adamw(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps,
+                       weight_decay=optim.get("weight_decay", 0.0))
+  else:
+    raise ValueError(f"optim.name must be 'adam' or 'adamw', got {name!r}")
+  parts = [optax.clip_by_global_norm(optim.grad_clip)] if optim.get("grad_clip") else []
+  return optax.chain(*parts, base), schedule
+
+
+# -------------------------------------------------------------- frozen networks
+def build_backbone(config: ml_collections.ConfigDict, dtype):
+  """The discriminator's frozen DINO ViT-S/16 (or the size ``loss.disc_backbone`` gives)."""
+  from softvq_jax.convert.timm_vit import load_timm_vit, warn_random_weights  # pylint: disable=g-import-not-at-top
+  from softvq_jax.losses.discriminator import DinoBackbone  # pylint: disable=g-import-not-at-top
+  kwargs = dict(config.loss.get("disc_backbone", {}) or {})
+  backbone = DinoBackbone(rngs=nnx.Rngs(config.seed + 101), dtype=dtype, **kwargs)
+  path = config.loss.get("disc_checkpoint", "")
+  if path:
+    load_timm_vit(backbone, path, zero_k_bias=True)
+    logging.info("Discriminator backbone: DINO weights from %s", path)
+  else:
+    warn_random_weights("discriminator backbone", "dino_deitsmall16 (loss.disc_checkpoint)")
+  return backbone
+
+
+def build_teacher(config: ml_collections.ConfigDict, image_size: int, dtype):
+  from softvq_jax.convert.timm_vit import repa_teacher  # pylint: disable=g-import-not-at-top
+  return repa_teacher(config.loss.repa_model, config.loss.get("repa_checkpoint", "") or None,
+                      image_size=image_size, patch_size=int(config.loss.get("repa_patch_size", 16)),
+                      overrides=dict(config.loss.get("repa_model_kwargs", {}) or {}) or None,
+                      dtype=dtype, seed=config.seed + 202)
+
+
+def check_loss_config(config: ml_collections.ConfigDict, tok_config: TokenizerConfig) -> None:
+  loss = config.loss
+  if loss.get("disc_weight", 0) > 0 and loss.get("disc_type", "dino") != "dino":
+    raise ValueError(f"loss.disc_type={loss.disc_type!r}: only the DINO discriminator ('dino') "
+                     "of the reference is implemented")
+  for name in ("gen_loss", "disc_loss"):
+    value = loss.get(name, "hinge")
+    from softvq_jax.losses import gan  # pylint: disable=g-import-not-at-top
+    table = gan.G_LOSSES if name == "gen_loss" else gan.D_LOSSES
+    if value not in table:
+      raise ValueError(f"loss.{name}={value!r}; known: {sorted(table)}")
+  if loss.get("repa", False):
+    from softvq_jax.losses.repa import ALIGN_MODES  # pylint: disable=g-import-not-at-top
+    if loss.repa_align not in ALIGN_MODES:
+      raise ValueError(f"loss.repa_align={loss.repa_align!r}; known: {ALIGN_MODES}")
+    if tok_config.bottleneck != "softvq" and tok_config.bottleneck != "kl":
+      raise ValueError("REPA aligns the soft latents of a softvq/kl bottleneck")
+
+
+# ------------------------------------------------------------------- the state
+def stage1_shardings(abstract: stage1.Stage1State, mesh, strategy):
+  """Generator leaves by the sharding strategy; the small discriminator replicated."""
+  gen = parallel.state_shardings(abstract.generator(), mesh, strategy)
+  replicated = jax.sharding.NamedSharding(parallel.auto_mesh(mesh), jax.sharding.PartitionSpec())
+  rep = lambda tree: jax.tree.map(lambda _: replicated, tree)
+  return stage1.Stage1State(step=gen.step, params=gen.params, rest=gen.rest,
+                            opt_state=gen.opt_state, ema=gen.ema, rng=gen.rng,
+                            disc_params=rep(abstract.disc_params),
+                            disc_rest=rep(abstract.disc_rest),
+                            disc_opt_state=rep(abstract.disc_opt_state),
+                            lecam=rep(abstract.lecam))
+
+
+def _replace_params(state, params):
+  params = jax.tree.map(lambda new, old: jax.device_put(new, old.sharding), params, state.params)
+  return state.replace(params=params, ema=jax.tree.map(jnp.copy, params))
+
+
+def _init_from(state, directory: str, tok_config: TokenizerConfig):
+  """Starts from converted weights (parameters only; optimizer and EMA start fresh)."""
+  flat = checkpoint.read_param_dir(directory, param_shapes(tok_config))
+  params = jax.tree.map(lambda x: x, state.params)
+  for path, value in flat.items():
+    node = params["tokenizer"]
+    for key in path[:-1]:
+      node = node[key]
+    node[path[-1]] = nnx.Param(jnp.asarray(value).astype(node[path[-1]].dtype))
+  logging.info("Initialised the tokenizer parameters from %s", directory)
+  return _replace_params(state, params)
+
+
+def _init_encoder_from_dinov2(state, graphdef, path: str):
+  """The reference starts its encoder from DINOv2 (resampled to 16-pixel patches)."""
+  from softvq_jax.convert.timm_vit import load_timm_vit  # pylint: disable=g-import-not-at-top
+  model = nnx.merge(graphdef, jax.device_get(state.params), jax.device_get(state.rest))
+  ignored = load_timm_vit(model.tokenizer.encoder.model, path)
+  logging.info("Encoder initialised from DINOv2 weights %s (ignored: %s)", path, ignored)
+  return _replace_params(state, nnx.state(model, nnx.Param))
+
+
+# ---------------------------------------------------------------------- set-up
+@dataclasses.dataclass
+class Stage1Setup:
+  """Everything a stage-1 step needs, built from a config (shared by ``run``, tests, AOT)."""
+
+  tok_config: TokenizerConfig
+  objective: stage1.Objective
+  model_fn: Any
+  disc_fn: Any
+  tx: Any
+  disc_tx: Any
+  lr_fn: Any
+  frozen_graphs: stage1.FrozenGraphs
+  frozen_states: dict
+  init: Any                # () -> Stage1State
+  graphdef: Any
+  disc_graphdef: Any
+
+  def shardings(self, mesh, strategy: str = "dp"):
+    return stage1_shardings(jax.eval_shape(self.init), mesh, strategy)
+
+  def make_step(self, config, mesh, shardings):
+    replicated = jax.sharding.NamedSharding(parallel.auto_mesh(mesh), jax.sharding.PartitionSpec())
+    return stage1.make_stage1_step(
+        self.graphdef, self.disc_graphdef, self.frozen_graphs, self.objective, tx=self.tx,
+        disc_tx=self.disc_tx, ema_decay=config.ema_decay,
+        num_codebooks=self.tok_config.num_codebooks, state_shardings=shardings,
+        batch_sharding=parallel.batch_sharding(parallel.auto_mesh(mesh)),
+        frozen_shardings=jax.tree.map(lambda _: replicated, self.frozen_states),
+        learning_rate_fn=self.lr_fn, kl_bottleneck=self.tok_config.bottleneck == "kl")
+
+
+def build_stage1(config: ml_collections.ConfigDict, *, total_steps: int,
+                 steps_per_epoch: int = 1) -> Stage1Setup:
   from softvq_jax.eval.lpips import load_lpips  # pylint: disable=g-import-not-at-top
-
-  os.makedirs(workdir, exist_ok=True)
-  _warn_unimplemented(config)
-  mesh = common.make_mesh(config)
-  common.check_batch(config.global_batch_size, mesh)
+  from softvq_jax.losses.discriminator import DiscriminatorHeads  # pylint: disable=g-import-not-at-top
   tok_config = TokenizerConfig.from_json_dict(config.model.to_dict())
-  size = tok_config.image_size
-  train_source = resolve_source(config.data, "train")
-  local_batch = config.global_batch_size // jax.process_count()
-  steps_per_epoch = max(len(train_source) // config.global_batch_size, 1)
-  total_steps = int(config.get("total_steps", 0) or config.total_epochs * steps_per_epoch)
+  check_loss_config(config, tok_config)
+  objective = stage1.Objective.from_config(config)
+  dtype = {"float32": None, "bfloat16": jnp.bfloat16}[config.get("dtype", "float32")]
   optim = ml_collections.ConfigDict(config.optim.to_dict())
   optim.lr = config.optim.lr * config.global_batch_size / 256  # the reference's scaling rule
   optim.warmup_steps = int(config.optim.get("warmup_epochs", 0) * steps_per_epoch)
-  logging.info("Training %s tokenizer on %s (%d images): %d steps", tok_config.bottleneck,
-               getattr(train_source, "name", config.data.source), len(train_source), total_steps)
+  frozen_graphs, frozen_states = {}, {}
+  if objective.perceptual_weight > 0:
+    frozen_graphs["lpips"], frozen_states["lpips"] = nnx.split(load_lpips())
+  backbone = None
+  if objective.gan:
+    backbone = build_backbone(config, dtype)
+    frozen_graphs["backbone"], frozen_states["backbone"] = nnx.split(backbone)
+  repa_dims = None
+  if objective.repa:
+    teacher = build_teacher(config, tok_config.image_size, dtype)
+    repa_dims = (int(config.loss.repa_proj_dim), teacher.embed_dim)
+    frozen_graphs["teacher"], frozen_states["teacher"] = nnx.split(teacher)
+  model_fn = lambda rngs: stage1.TrainableTokenizer(tok_config, repa_dims=repa_dims, rngs=rngs,
+                                                    dtype=dtype)
+  if objective.gan:
+    channels, taps = backbone.embed_dim, backbone.num_features
+    disc_fn = lambda rngs: DiscriminatorHeads(channels, taps, rngs=rngs, dtype=dtype)
+  else:
+    disc_fn = lambda rngs: None
+  tx, lr_fn = make_stage1_optimizer(optim, total_steps)
+  disc_optim = ml_collections.ConfigDict(optim.to_dict())
+  disc_optim.update(dict(config.get("disc_optim", {}) or {}))
+  disc_tx, _ = make_stage1_optimizer(disc_optim, total_steps)
+  init = functools.partial(stage1.init_stage1_state, model_fn, disc_fn, tx, disc_tx, config.seed)
+  graphdef = nnx.graphdef(nnx.eval_shape(lambda: model_fn(nnx.Rngs(0))))
+  disc_graphdef = (nnx.graphdef(nnx.eval_shape(lambda: disc_fn(nnx.Rngs(0))))
+                   if objective.gan else None)
+  return Stage1Setup(tok_config, objective, model_fn, disc_fn, tx, disc_tx, lr_fn,
+                     stage1.FrozenGraphs(**frozen_graphs), frozen_states, init, graphdef,
+                     disc_graphdef)
+
+
+def init_or_restore(setup: Stage1Setup, mesh, *, strategy: str, workdir: str, keep: int,
+                    data=None):
+  """Restores the latest checkpoint of ``workdir`` or initialises; ``(state, shardings, ckpt)``."""
+  abstract = jax.eval_shape(setup.init)
+  shardings = stage1_shardings(abstract, mesh, strategy)
+  ckpt = TrainCheckpointer(os.path.join(os.path.abspath(workdir), "checkpoints"), keep=keep)
+  latest = ckpt.latest_step()
+  if latest is None:
+    state = jax.jit(setup.init, out_shardings=shardings)()
+    logging.info("Initialised a new stage-1 state")
+  else:
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          abstract, shardings)
+    state, data_state, _ = ckpt.restore(target, latest)
+    if data is not None and data_state:
+      data.set_state(data_state)
+    logging.info("Resumed stage 1 from step %d of %s", latest, ckpt.directory)
+  return state, shardings, ckpt
+
+
+# ------------------------------------------------------------------------- run
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  from softvq_jax.data.pipeline import image_pipeline  # pylint: disable=g-import-not-at-top
+
+  os.makedirs(workdir, exist_ok=True)
+  mesh = common.make_mesh(config)
+  common.check_batch(config.global_batch_size, mesh)
+  train_source = resolve_source(config.data, "train")
+  steps_per_epoch = max(len(train_source) // config.global_batch_size, 1)
+  total_steps = int(config.get("total_steps", 0) or config.total_epochs * steps_per_epoch)
+  setup = build_stage1(config, total_steps=total_steps, steps_per_epoch=steps_per_epoch)
+  tok_config = setup.tok_config
+  size = tok_config.image_size
+  logging.info("Training %s tokenizer on %s (%d images): %d steps; objective %s",
+               tok_config.bottleneck, getattr(train_source, "name", config.data.source),
+               len(train_source), total_steps, setup.objective)
+  local_batch = config.global_batch_size // jax.process_count()
   data = iter(image_pipeline(train_source, batch_size=local_batch, image_size=size, train=True,
                              seed=config.seed, min_resize=config.data.get("min_resize"),
                              max_resize=config.data.get("max_resize"),
                              flip=config.data.get("horizontal_flip", True)))
-  dtype = {"float32": None, "bfloat16": jnp.bfloat16}[config.get("dtype", "float32")]
-  model_fn = functools.partial(TokenizerModel, tok_config, dtype=dtype)
-  model_fn = lambda rngs, _f=model_fn: _f(rngs=rngs)
-  tx, lr_fn = common.make_optimizer(optim, total_steps)
-  graphdef, state, shardings, ckpt = common.init_or_restore(
-      model_fn, tx, mesh, seed=config.seed, strategy=config.get("sharding", "dp"),
-      workdir=workdir, keep=config.get("keep_checkpoints", 3), data=data)
-  if config.get("init_from") and int(state.step) == 0:
-    state = _init_from(state, config.init_from, tok_config)
-  common.log_parameter_overview(state)
-
   replicated = jax.sharding.NamedSharding(parallel.auto_mesh(mesh), jax.sharding.PartitionSpec())
-  if config.loss.perceptual_weight > 0:
-    lpips_graphdef, lpips_state = nnx.split(load_lpips())
-    lpips_state = jax.device_put(lpips_state, replicated)
-  else:
-    lpips_graphdef, lpips_state = None, {}
-  step_fn = state_lib.make_train_step(
-      graphdef, tx, make_loss_fn(config, lpips_graphdef, tok_config), ema_decay=config.ema_decay,
-      state_shardings=shardings, batch_sharding=parallel.batch_sharding(parallel.auto_mesh(mesh)),
-      learning_rate_fn=lr_fn, frozen_shardings=jax.tree.map(lambda _: replicated, lpips_state))
+  frozen_states = jax.device_put(setup.frozen_states, replicated)
+  state, shardings, ckpt = init_or_restore(setup, mesh, strategy=config.get("sharding", "dp"),
+                                           workdir=workdir,
+                                           keep=config.get("keep_checkpoints", 3), data=data)
+  graphdef = setup.graphdef
+  if int(state.step) == 0:
+    if config.get("init_from"):
+      state = _init_from(state, config.init_from, tok_config)
+    elif config.get("encoder_init", "random") == "dinov2":
+      if config.get("dinov2_checkpoint"):
+        state = _init_encoder_from_dinov2(state, graphdef, config.dinov2_checkpoint)
+      else:
+        logging.warning("encoder_init='dinov2' but no dinov2_checkpoint is given: the encoder "
+                        "starts from RANDOM weights (the reference starts it from DINOv2)")
+  common.log_parameter_overview(state)
+  step_fn = setup.make_step(config, mesh, shardings)
 
   writer = common.make_writer(workdir)
   eval_source = resolve_source(config.data, "eval")
@@ -180,30 +365,29 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                      image_size=size, train=False)))["image"]
   grid = ReconstructionGrid(graphdef, heldout, workdir=workdir, every=config.vis_every,
                             total_steps=total_steps, writer=writer)
+  hooks = [grid]
+  rfid = None
+  if config.get("eval_every", 0):
+    from softvq_jax.eval.hooks import HeldoutRFID  # pylint: disable=g-import-not-at-top
+    count = min(int(config.get("eval_num_images", 256)), len(eval_source))
+    images = next(iter(image_pipeline(eval_source, batch_size=count, image_size=size,
+                                      train=False, shard_index=0, shard_count=1)))["image"]
+    rfid = HeldoutRFID(graphdef, images, every=config.eval_every, total_steps=total_steps,
+                       writer=writer, lpips=bool(config.get("eval_lpips", False)))
+    hooks.append(rfid)
   state, last = train_loop(state=state, train_step=step_fn, data=data, mesh=mesh, workdir=workdir,
                            total_steps=total_steps, checkpointer=ckpt, log_every=config.log_every,
-                           ckpt_every=config.ckpt_every, hooks=(grid,), writer=writer,
-                           meta={"tokenizer": tok_config.to_json_dict()}, step_args=(lpips_state,))
+                           ckpt_every=config.ckpt_every, hooks=tuple(hooks), writer=writer,
+                           meta={"tokenizer": tok_config.to_json_dict()},
+                           step_args=(frozen_states,))
   ckpt.close()
   if grid.psnr is not None:
     last["heldout_psnr"] = grid.psnr
+  if rfid is not None and rfid.last:
+    last.update({f"heldout_{k}": v for k, v in rfid.last.items()})
   export_dir = os.path.join(workdir, "tokenizer")
   if jax.process_index() == 0 and int(state.step) >= total_steps:
     ema_model = nnx.merge(graphdef, jax.device_get(state.ema), jax.device_get(state.rest))
-    Tokenizer(ema_model).save(export_dir, overwrite=True)
+    Tokenizer(ema_model.tokenizer).save(export_dir, overwrite=True)
     logging.info("Exported the EMA tokenizer to %s (load with Tokenizer.load)", export_dir)
   return last
-
-
-def _init_from(state, directory: str, tok_config: TokenizerConfig):
-  """Starts from converted weights (parameters only; optimizer and EMA start fresh)."""
-  flat = checkpoint.read_param_dir(directory, param_shapes(tok_config))
-  params = state.params
-  for path, value in flat.items():
-    node = params
-    for key in path[:-1]:
-      node = node[key]
-    node[path[-1]] = nnx.Param(jnp.asarray(value).astype(node[path[-1]].dtype))
-  params = jax.tree.map(lambda new, old: jax.device_put(new, old.sharding), params, state.params)
-  logging.info("Initialised the parameters from %s", directory)
-  return state.replace(params=params, ema=jax.tree.map(jnp.copy, params))

@@ -1,0 +1,240 @@
+"""Stage 1 with the whole objective: each term and weight, both optimizers, sharding, resume."""
+
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from flax import nnx
+
+from softvq_jax import parallel
+from softvq_jax.config_lib import tokenizer_recipe
+from softvq_jax.losses.discriminator import discriminator
+from softvq_jax.losses.repa import teacher_features
+from softvq_jax.models.quantizers import entropy_loss
+from softvq_jax.train import tokenizer_trainer
+
+TINY = dict(image_size=32, enc_patch_size=8, dec_patch_size=8, num_latent_tokens=8,
+            codebook_embed_dim=4, codebook_size=32,
+            encoder_kwargs=dict(embed_dim=32, depth=1, num_heads=2, init_values=1.0),
+            decoder_kwargs=dict(embed_dim=32, depth=1, num_heads=2, init_values=1.0))
+
+
+def gan_config(**loss):
+  c = tokenizer_recipe("softvq-b-64", "runlocal")
+  c.model.update(TINY)
+  c.data = ml_collections.ConfigDict(dict(
+      source="synthetic", kwargs=dict(num_examples=64, image_shape=(32, 32), num_classes=4),
+      min_resize=32, max_resize=36, horizontal_flip=True))
+  c.global_batch_size = 8
+  c.optim.lr = 1e-3 * 256 / 8
+  c.optim.warmup_epochs = 0
+  c.optim.schedule = "constant"
+  c.loss.update(dict(
+      perceptual_weight=1.0, perceptual_warmup=10, lpips_dropout=False, disc_start=2,
+      disc_backbone=dict(img_size=32, patch_size=8, embed_dim=16, depth=3, num_heads=2),
+      repa=True, repa_model_kwargs=dict(embed_dim=16, depth=1, num_heads=2), repa_proj_dim=16,
+      repa_patch_size=8, diff_aug=False, disc_cr_weight=0.0))
+  c.loss.update(loss)
+  c.ema_decay = 0.9
+  return c
+
+
+@pytest.fixture(scope="module", autouse=True)
+def few_xla_optimisations():
+  before = jax.config.read("jax_disable_most_optimizations")
+  jax.config.update("jax_disable_most_optimizations", True)
+  yield
+  jax.config.update("jax_disable_most_optimizations", before)
+
+
+@pytest.fixture(scope="module")
+def images():
+  return jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (8, 32, 32, 3)), jnp.float32)
+
+
+def _setup(config, devices):
+  mesh = parallel.create_mesh([("data", len(devices))], devices=devices)
+  setup = tokenizer_trainer.build_stage1(config, total_steps=10)
+  shardings = setup.shardings(mesh)
+  state = jax.jit(setup.init, out_shardings=shardings)()
+  step = setup.make_step(config, mesh, shardings)
+  return setup, mesh, state, step
+
+
+@pytest.fixture(scope="module")
+def single():
+  config = gan_config()
+  return (config,) + _setup(config, jax.devices()[:1])
+
+
+def _host(tree):
+  # single-device copies (modules merged from them may update their statistics in place)
+  return jax.tree.map(lambda x: jnp.array(np.asarray(jax.device_get(x))), tree)
+
+
+def _run(step, state, images, setup, at_step):
+  # the step donates its input: work on a copy so the fixture's state survives
+  state = jax.tree.map(lambda x: x.copy(), state).replace(step=jnp.asarray(at_step, jnp.int32))
+  before = _host(state)
+  new_state, metrics = step(state, {"image": images}, setup.frozen_states)
+  return before, _host(new_state), _host(metrics)
+
+
+def test_generator_and_discriminator_losses_equal_their_terms(single, images):
+  """Every term recomputed here from the modules, weighted as SPEC §3.1 / §3.3 say."""
+  config, setup, _, state, step = single
+  before, _, metrics = _run(step, state, images, setup, at_step=4)   # global step 5 >= start
+  model = nnx.merge(setup.graphdef, before.params, before.rest)
+  recon, enc = model.tokenizer(images)
+  x, r = np.asarray(images, np.float64), np.asarray(recon, np.float64)
+  mse = np.mean((r - x) ** 2)
+  lpips = nnx.merge(setup.frozen_graphs.lpips, setup.frozen_states["lpips"])
+  lp = float(np.mean(lpips(images, recon)))
+  ent = float(entropy_loss(enc.softvq.logits, 0.01))
+  # REPA: project each latent, repeat it over its N/L patch tokens, negative cosine.
+  teacher = nnx.merge(setup.frozen_graphs.teacher, setup.frozen_states["teacher"])
+  target = np.asarray(teacher_features(teacher, images), np.float64)
+  proj = np.asarray(model.projection(enc.quant), np.float64)
+  proj = np.repeat(proj, target.shape[1] // proj.shape[1], axis=1)
+  cos = np.sum(proj * target, -1) / (np.linalg.norm(proj, axis=-1) *
+                                     np.linalg.norm(target, axis=-1))
+  repa = float(np.mean(-cos))
+  # The discriminator runs in train mode in both passes: the G pass moves its statistics first.
+  backbone = nnx.merge(setup.frozen_graphs.backbone, setup.frozen_states["backbone"])
+  heads = nnx.merge(setup.disc_graphdef, before.disc_params, before.disc_rest, copy=True)
+  g_adv = -float(np.mean(np.asarray(discriminator(heads, backbone, recon, None, train=True))))
+  real = np.asarray(discriminator(heads, backbone, images, None, train=True), np.float64)
+  fake = np.asarray(discriminator(heads, backbone, recon, None, train=True), np.float64)
+
+  w_p = min(1.0, 5 / 10)
+  expected = mse + w_p * lp + 0.01 * ent + 0.1 * repa + 0.2 * g_adv
+  np.testing.assert_allclose(metrics["loss"], expected, rtol=2e-5)
+  for name, value in (("mse", mse), ("lpips", lp), ("entropy", ent), ("repa", repa),
+                      ("g_adv_loss", g_adv)):
+    np.testing.assert_allclose(metrics[name], value, rtol=2e-5, atol=1e-7, err_msg=name)
+  hinge = 0.5 * (np.mean(np.maximum(0, 1 - real)) + np.mean(np.maximum(0, 1 + fake)))
+  ema_r, ema_f = 0.001 * real.mean(), 0.001 * fake.mean()   # EMAs start at 0, updated first
+  lecam = (np.mean(np.maximum(0, real - ema_f) ** 2) + np.mean(np.maximum(0, ema_r - fake) ** 2))
+  np.testing.assert_allclose(metrics["d_loss"], 0.2 * (hinge + 0.001 * lecam), rtol=2e-5)
+  np.testing.assert_allclose(metrics["lecam_real_ema"], ema_r, rtol=1e-4)
+
+
+def test_both_optimizers_ema_and_disc_start(single, images):
+  _, setup, _, state, step = single
+  before, after, metrics = _run(step, state, images, setup, at_step=0)   # global step 1 < 2
+  flat = lambda t: [np.asarray(x) for x in jax.tree.leaves(t)]
+  # Before disc_start the D loss is weighted 0: Adam leaves the heads where they are...
+  assert metrics["disc_weight"] == 0 and metrics["d_loss"] == 0
+  for a, b in zip(flat(before.disc_params), flat(after.disc_params)):
+    np.testing.assert_array_equal(a, b)
+  # ...but every train-mode call still moves BatchNorm statistics and spectral vectors.
+  assert any(not np.array_equal(a, b) for a, b in zip(flat(before.disc_rest),
+                                                       flat(after.disc_rest)))
+  assert any(not np.array_equal(a, b) for a, b in zip(flat(before.params), flat(after.params)))
+  for e0, p1, e1 in zip(flat(before.ema), flat(after.params), flat(after.ema)):
+    np.testing.assert_allclose(e1, 0.9 * e0 + 0.1 * p1, rtol=1e-6, atol=1e-7)
+  assert int(after.step) == 1
+  _, after2, metrics2 = _run(step, state, images, setup, at_step=3)
+  assert metrics2["disc_weight"] == pytest.approx(0.2)
+  assert any(not np.array_equal(a, b) for a, b in zip(flat(before.disc_params),
+                                                       flat(after2.disc_params)))
+  for i in range(4):
+    assert 0 < metrics2[f"code_usage_{i}"] <= 1 and metrics2[f"perplexity_{i}"] >= 1
+
+
+def test_adaptive_weight_is_the_gradient_norm_ratio(images):
+  config = gan_config(disc_adaptive_weight=True, perceptual_weight=0.0, repa=False)
+  setup, _, state, step = _setup(config, jax.devices()[:1])
+  before, _, metrics = _run(step, state, images, setup, at_step=4)
+  heads_state = (before.disc_params, before.disc_rest)
+  backbone = nnx.merge(setup.frozen_graphs.backbone, setup.frozen_states["backbone"])
+
+  def losses(params):
+    model = nnx.merge(setup.graphdef, params, before.rest)
+    recon, _ = model.tokenizer(images)
+    heads = nnx.merge(setup.disc_graphdef, *heads_state, copy=True)
+    return (jnp.mean(jnp.square(recon - images)),
+            -jnp.mean(discriminator(heads, backbone, recon, None, train=True)))
+
+  last = lambda g: np.asarray(g["tokenizer"]["decoder"]["to_pixel"]["model"]["kernel"])
+  g_nll = last(jax.grad(lambda p: losses(p)[0])(before.params))
+  g_adv = last(jax.grad(lambda p: losses(p)[1])(before.params))
+  expected = np.linalg.norm(g_nll) / (np.linalg.norm(g_adv) + 1e-4)
+  np.testing.assert_allclose(metrics["adaptive_weight"], min(expected, 1e4), rtol=1e-4)
+  assert metrics["adaptive_weight"] != 1.0
+
+
+def test_sharded_stage1_step_equals_single_device(images):
+  """8 data-parallel devices: same generator and discriminator updates, same BN statistics."""
+  config = gan_config()
+  # Some gradients are zero in exact arithmetic (a conv bias followed by BatchNorm) and
+  # float32 noise in practice; Adam's first step turns noise into +-lr. A large eps keeps
+  # such noise out of the update, so the comparison sees the real gradients.
+  config.optim.eps = 1e-2
+  results = []
+  for devices in (jax.devices()[:1], jax.devices()[:8]):
+    setup, _, state, step = _setup(config, devices)
+    results.append(_run(step, state, images, setup, at_step=4)[1:])
+  (one, m1), (eight, m8) = results
+  for name in ("params", "ema", "disc_params", "disc_rest", "lecam"):
+    a, b = jax.tree.leaves(getattr(one, name)), jax.tree.leaves(getattr(eight, name))
+    assert len(a) == len(b) > 0
+    for x, y in zip(a, b):
+      np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=1e-5, atol=1e-6,
+                                 err_msg=name)
+  for name in ("loss", "d_loss", "grad_norm", "disc_grad_norm"):
+    np.testing.assert_allclose(m8[name], m1[name], rtol=1e-5, err_msg=name)
+
+
+def test_timm_cosine_schedule_matches_its_closed_form():
+  fn = tokenizer_trainer.timm_cosine_schedule(1e-4, total_steps=100, warmup_steps=10,
+                                              warmup_lr=1e-5, min_lr=1e-5)
+  for t in (0, 5, 9):
+    np.testing.assert_allclose(float(fn(t)), 1e-5 + (1e-4 - 1e-5) * t / 10, rtol=1e-5)
+  for t in (10, 50, 99, 100):
+    # t is not offset by the warm-up (timm, warmup_prefix=False)
+    expected = 1e-5 + 0.5 * (1e-4 - 1e-5) * (1 + math.cos(math.pi * t / 100))
+    np.testing.assert_allclose(float(fn(t)), expected, rtol=1e-5)
+
+
+def test_bad_loss_configs_are_named():
+  for loss, needle in ((dict(disc_type="patchgan"), "disc_type"),
+                       (dict(gen_loss="wgan"), "gen_loss"),
+                       (dict(repa_align="nearest"), "repa_align")):
+    with pytest.raises(ValueError, match=needle):
+      tokenizer_trainer.build_stage1(gan_config(**loss), total_steps=1)
+
+
+def _final_state(workdir):
+  import orbax.checkpoint as ocp
+  from softvq_jax.checkpoint import TrainCheckpointer
+  ckpt = TrainCheckpointer(str(workdir / "checkpoints"))
+  step = ckpt.latest_step()
+  ckpt.close()
+  return step, ocp.StandardCheckpointer().restore(str(workdir / "checkpoints" / str(step) / "state"))
+
+
+@pytest.mark.slow
+def test_stage1_resume_is_bit_exact(tmp_path):
+  """Both optimizers, EMA, discriminator statistics and LeCAM EMAs survive a restart exactly."""
+  def config(total):
+    c = gan_config(perceptual_weight=0.0, diff_aug=True, disc_cr_weight=4.0)
+    c.total_steps = total
+    c.log_every, c.vis_every, c.ckpt_every = 2, 100, 2
+    return c
+
+  tokenizer_trainer.run(config(4), str(tmp_path / "straight"))
+  tokenizer_trainer.run(config(2), str(tmp_path / "resumed"))
+  tokenizer_trainer.run(config(4), str(tmp_path / "resumed"))
+  (s1, a), (s2, b) = _final_state(tmp_path / "straight"), _final_state(tmp_path / "resumed")
+  assert s1 == s2 == 4
+  leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
+  assert len(leaves_a) == len(leaves_b) > 0
+  for x, y in zip(leaves_a, leaves_b):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  logs = [json.loads(l) for l in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+  assert [l["step"] for l in logs] == [2, 4]
