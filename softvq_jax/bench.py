@@ -548,7 +548,21 @@ def _train_setup(args, batch: int, mesh):
       arrays[name] = jax.device_put(value, batch_sharding)
   step = state_lib.make_train_step(graphdef, tx, loss_fn, ema_decay=0.9999,
                                    state_shardings=shardings, batch_sharding=batch_sharding)
+  # Keep activations batch-sharded at block boundaries, as the trainers do.
+  step = _ActivationSharded(step, mesh, strategy)
   return step, state, arrays, flops, strategy
+
+
+class _ActivationSharded:
+  """A jitted step traced under ``parallel.activation_sharding`` (``lower`` included)."""
+
+  def __init__(self, step, mesh, strategy):
+    self.step, self.mesh, self.strategy = step, mesh, strategy
+
+  def lower(self, *args):
+    from softvq_jax import parallel  # pylint: disable=g-import-not-at-top
+    with parallel.activation_sharding(self.mesh, self.strategy):
+      return self.step.lower(*args)
 
 
 def _mesh(spec: str):

@@ -118,7 +118,11 @@ def tokenizer_recipe(name: str, arg: str | None) -> ml_collections.ConfigDict:
   c.loss.repa_align = "repeat"
   c.ema_decay = 0.9999
   c.dtype = "float32"                 # "bfloat16": matmuls in bf16, norms/softmax/losses f32
-  c.sharding = "dp"
+  c.sharding = "dp"                   # or "fsdp" with an fsdp mesh axis
+  c.sharding_rules = ()               # [(regex over param path, logical axes)], before the preset's
+  c.logical_axis_rules = ()           # [(logical axis, mesh axes)], before the preset's
+  c.profile_steps = 0                 # > 0: a profiler trace of that many steps under workdir
+  c.profile_first_step = 10
   c.eval_every = 0                    # > 0: rFID/PSNR/SSIM of held-out images every N steps
   c.eval_num_images = 1000
   c.eval_lpips = False

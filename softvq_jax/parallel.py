@@ -428,3 +428,17 @@ def pad_and_shard(arrays, mesh: Mesh, data_axis, axes=None):
     out.append(jax.device_put(a, jax.sharding.NamedSharding(mesh,
                                                             jax.sharding.PartitionSpec(*spec))))
   return out, n
+
+
+def to_host(x) -> np.ndarray:
+  """``x`` in full as a NumPy array on every process.
+
+  A global array over several processes cannot be read with ``np.asarray``: a replicated
+  one is read from a local copy, a sharded one is gathered from every process.
+  """
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    if x.is_fully_replicated:
+      return np.asarray(x.addressable_data(0))
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(x)

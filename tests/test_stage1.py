@@ -238,3 +238,31 @@ def test_stage1_resume_is_bit_exact(tmp_path):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
   logs = [json.loads(l) for l in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
   assert [l["step"] for l in logs] == [2, 4]
+
+
+@pytest.mark.slow
+def test_tiny_full_objective_run_learns_on_real_images(tmp_path):
+  """Fashion-MNIST (the bundled photos without it), every term on: reconstruction and LPIPS fall.
+
+  The discriminator starts at step 50; its backbone and the REPA teacher are tiny random
+  networks (no DINO weights offline), so the point is the mechanics, not GAN quality.
+  Measured: MSE 0.47 -> 0.28, LPIPS 0.60 -> 0.49 over 100 steps; code usage 0.13-0.23.
+  """
+  c = gan_config(diff_aug=True, disc_cr_weight=4.0, lpips_dropout=True, disc_start=50,
+                 perceptual_warmup=25)
+  c.data = ml_collections.ConfigDict(dict(source="offline", min_resize=32, max_resize=36))
+  c.optim.lr = 2e-3 * 256 / 8
+  c.total_steps = 100
+  c.log_every, c.vis_every, c.ckpt_every = 10, 50, 100
+  last = tokenizer_trainer.run(c, str(tmp_path))
+  logs = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert [l["step"] for l in logs] == list(range(10, 101, 10))
+  first = {k: np.mean([l[k] for l in logs[:2]]) for k in ("mse", "lpips")}
+  final = {k: np.mean([l[k] for l in logs[-2:]]) for k in ("mse", "lpips")}
+  assert final["mse"] < 0.85 * first["mse"], (first, final)
+  assert final["lpips"] < first["lpips"] - 0.03, (first, final)
+  assert min(l["code_usage"] for l in logs) >= 0.1          # the floor: 10% of each codebook
+  assert logs[-1]["d_loss"] > 0 and logs[0]["d_loss"] == 0  # D weighted in from disc_start
+  assert np.isfinite(last["heldout_psnr"])
+  assert (tmp_path / "reconstructions" / "step_00000050.png").exists()
+  assert (tmp_path / "tokenizer" / "config.json").exists()

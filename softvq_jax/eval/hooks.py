@@ -31,6 +31,7 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
+from softvq_jax import parallel
 from softvq_jax.eval import adm
 from softvq_jax.eval import fid as fid_lib
 from softvq_jax.eval.eval_recon import ReconstructionMetrics
@@ -91,7 +92,7 @@ class HeldoutRFID:
     recons = []
     for start in range(0, len(self.images), self.batch_size):
       chunk = self.images[start:start + self.batch_size]
-      recons.append(to_uint8(np.asarray(self._reconstruct(state, chunk))))
+      recons.append(to_uint8(parallel.to_host(self._reconstruct(state, chunk))))
     recons_u8 = np.concatenate(recons)
     metrics = ReconstructionMetrics(None, lpips=self.lpips, batch_size=self.batch_size)
     metrics.add(self.originals_u8, recons_u8)
@@ -213,7 +214,8 @@ class SampleFID:
     for start in range(0, len(self.noise), self.batch_size):
       end = start + self.batch_size
       z = self._sample(state, self.noise[start:end], self.labels[start:end])
-      out.append(to_uint8(np.asarray(self._decode(np.asarray(z, np.float32)))))
+      z = parallel.to_host(z).astype(np.float32)
+      out.append(to_uint8(parallel.to_host(self._decode(z))))
     return np.concatenate(out)[:self.num_samples]
 
   def evaluate(self, state) -> float:

@@ -19,6 +19,7 @@ from softvq_jax.models import rope as rope_lib
 from softvq_jax.models.config import ViTConfig
 from softvq_jax.models.layers import (Attention, Block, Dtype, LayerNorm, Mlp, PatchEmbed,
                                       RopeTables, linear, trunc_normal_02)
+from softvq_jax.parallel import constrain
 
 
 def modulate_last_rows(h: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
@@ -27,6 +28,9 @@ def modulate_last_rows(h: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.
   head, tail = h[:, :-num_latent], h[:, -num_latent:]
   tail = tail * scale.astype(tail.dtype) + shift.astype(tail.dtype)
   return jnp.concatenate([head, tail], axis=1)
+
+
+_ACTIVATIONS = ("batch", "length", "act_embed")  # the logical names sit.py uses
 
 
 class MoVQBlock(nnx.Module):
@@ -121,10 +125,14 @@ class VisionTransformer(nnx.Module):
                  latent: jax.Array | None = None) -> jax.Array:
     """Blocks and final norm; ``freqs`` turns on RoPE, ``latent`` feeds MoVQ modulation."""
     grid = (self.grid_size, self.grid_size)
+    # Batch-sharded activations at block boundaries: with FSDP-sharded weights, XLA would
+    # otherwise be free to replicate them (no-op outside a mesh; see parallel.constrain).
+    x = constrain(x, _ACTIVATIONS)
     for i, block in enumerate(self.blocks):
       rope = (rope_lib.layer_tables(freqs, i, grid, self.num_heads, self.num_prefix_tokens)
               if freqs is not None else None)
       x = block(x, latent, rope) if self.movq else block(x, rope)
+      x = constrain(x, _ACTIVATIONS)
     return self.norm(x, latent) if self.movq else self.norm(x)
 
 

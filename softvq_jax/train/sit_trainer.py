@@ -65,7 +65,7 @@ def encode_dataset(tok: Tokenizer, images: np.ndarray, batch_size: int) -> np.nd
     chunk = images[i:i + batch_size]
     z = tok.normalize(tok.encode(chunk))
     z_flip = tok.normalize(tok.encode(chunk[:, :, ::-1]))
-    out.append(np.stack([np.asarray(z), np.asarray(z_flip)], axis=1))
+    out.append(np.stack([parallel.to_host(z), parallel.to_host(z_flip)], axis=1))
   return np.concatenate(out)
 
 
@@ -165,8 +165,8 @@ class SampleGrid:
   def __call__(self, step: int, state) -> None:
     if step % self.every and step != self.total:
       return
-    z = self._draw(state)
-    images = np.asarray(self.tok.decode(self.tok.denormalize(np.asarray(z, np.float32))))
+    z = parallel.to_host(self._draw(state)).astype(np.float32)
+    images = parallel.to_host(self.tok.decode(self.tok.denormalize(z)))
     grid = make_grid([to_uint8(images)])
     if jax.process_index() == 0:
       save_png(os.path.join(self.dir, f"step_{step:08d}.png"), grid)

@@ -80,7 +80,7 @@ class ReconstructionGrid:
   def __call__(self, step: int, state) -> None:
     if step % self.every and step != self.total:
       return
-    recon = np.asarray(self._reconstruct(state.ema, state.rest, self.images))
+    recon = parallel.to_host(self._reconstruct(state.ema, state.rest, self.images))
     originals, recons = to_uint8(self.images), to_uint8(recon)
     mse = np.mean((originals.astype(np.float64) - recons) ** 2, axis=(1, 2, 3))
     self.psnr = float(np.mean(10 * np.log10(255.0**2 / np.maximum(mse, 1e-12))))
@@ -248,13 +248,14 @@ class Stage1Setup:
 
   def make_step(self, config, mesh, shardings):
     replicated = jax.sharding.NamedSharding(parallel.auto_mesh(mesh), jax.sharding.PartitionSpec())
-    return stage1.make_stage1_step(
+    step = stage1.make_stage1_step(
         self.graphdef, self.disc_graphdef, self.frozen_graphs, self.objective, tx=self.tx,
         disc_tx=self.disc_tx, ema_decay=config.ema_decay,
         num_codebooks=self.tok_config.num_codebooks, state_shardings=shardings,
         batch_sharding=parallel.batch_sharding(parallel.auto_mesh(mesh)),
         frozen_shardings=jax.tree.map(lambda _: replicated, self.frozen_states),
         learning_rate_fn=self.lr_fn, kl_bottleneck=self.tok_config.bottleneck == "kl")
+    return parallel.with_activation_sharding(step, mesh, common.sharding_rules(config))
 
 
 def build_stage1(config: ml_collections.ConfigDict, *, total_steps: int,
@@ -343,7 +344,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                              flip=config.data.get("horizontal_flip", True)))
   replicated = jax.sharding.NamedSharding(parallel.auto_mesh(mesh), jax.sharding.PartitionSpec())
   frozen_states = jax.device_put(setup.frozen_states, replicated)
-  state, shardings, ckpt = init_or_restore(setup, mesh, strategy=config.get("sharding", "dp"),
+  state, shardings, ckpt = init_or_restore(setup, mesh, strategy=common.sharding_rules(config),
                                            workdir=workdir,
                                            keep=config.get("keep_checkpoints", 3), data=data)
   graphdef = setup.graphdef
@@ -379,7 +380,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                            total_steps=total_steps, checkpointer=ckpt, log_every=config.log_every,
                            ckpt_every=config.ckpt_every, hooks=tuple(hooks), writer=writer,
                            meta={"tokenizer": tok_config.to_json_dict()},
-                           step_args=(frozen_states,))
+                           step_args=(frozen_states,), **common.profile_options(config))
   ckpt.close()
   if grid.psnr is not None:
     last["heldout_psnr"] = grid.psnr
