@@ -108,6 +108,9 @@ def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
   p.add_argument("--mesh", default="data=-1", help="train/memory: e.g. data=-1 or data=2,fsdp=-1")
   p.add_argument("--sharding", default="", help="train/memory: dp | fsdp (default: fsdp if the "
                  "mesh has an fsdp axis)")
+  p.add_argument("--objective", default="simple", choices=("simple", "full"),
+                 help="tokenizer train/memory: 'simple' (MSE + entropy) or 'full' (the stage-1 "
+                      "trainer's step: LPIPS, DINO discriminator, REPA)")
   p.add_argument("--scan", action="store_true", help="SiT train/memory: scan over layers")
   p.add_argument("--remat", default="none", help="SiT train/memory: remat policy")
   p.add_argument("--devices", type=int, default=0,
@@ -495,6 +498,10 @@ def _train_setup(args, batch: int, mesh):
   strategy = args.sharding or ("fsdp" if "fsdp" in mesh.axis_names else "dp")
   tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-4, b1=0.9, b2=0.95))
   abstract = args.what == "memory"
+  if args.objective == "full":
+    if args.model.startswith(("SiT", "DiT")):
+      raise SystemExit("--objective full is the tokenizer's stage-1 objective")
+    return _stage1_setup(args, batch, mesh, strategy, abstract)
   if args.model.startswith(("SiT", "DiT")):
     from softvq_jax.models.sit import SiT  # pylint: disable=g-import-not-at-top
     from softvq_jax.transport.loss import sit_loss  # pylint: disable=g-import-not-at-top
@@ -550,7 +557,51 @@ def _train_setup(args, batch: int, mesh):
                                    state_shardings=shardings, batch_sharding=batch_sharding)
   # Keep activations batch-sharded at block boundaries, as the trainers do.
   step = _ActivationSharded(step, mesh, strategy)
-  return step, state, arrays, flops, strategy
+  return step, state, arrays, flops, strategy, ()
+
+
+def _stage1_setup(args, batch: int, mesh, strategy: str, abstract: bool):
+  """The tokenizer trainer's own stage-1 step (LPIPS, DINO discriminator, REPA; random frozen
+  networks of the recipe's sizes) for ``--objective full``."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from softvq_jax import parallel  # pylint: disable=g-import-not-at-top
+  from softvq_jax.config_lib import tokenizer_recipe  # pylint: disable=g-import-not-at-top
+  from softvq_jax.train import stage1, tokenizer_trainer  # pylint: disable=g-import-not-at-top
+  name = TOKENIZER_ALIASES.get(args.model, args.model)
+  config = tokenizer_recipe(name, "runlocal" if args.tiny else None)
+  config.dtype, config.global_batch_size, config.sharding = args.dtype, batch, strategy
+  if args.tiny:
+    config.model.image_size = 32
+    config.loss.disc_backbone.img_size = 32
+    config.loss.repa_patch_size = 8
+  setup = tokenizer_trainer.build_stage1(config, total_steps=1000)
+  rules = parallel.rules_from_config(config)
+  shardings = setup.shardings(mesh, rules)
+  replicated = jax.sharding.NamedSharding(parallel.auto_mesh(mesh), jax.sharding.PartitionSpec())
+  frozen_shardings = jax.tree.map(lambda _: replicated, setup.frozen_states)
+  step = stage1.make_stage1_step(
+      setup.graphdef, setup.disc_graphdef, setup.frozen_graphs, setup.objective, tx=setup.tx,
+      disc_tx=setup.disc_tx, ema_decay=0.9999, num_codebooks=setup.tok_config.num_codebooks,
+      state_shardings=shardings, batch_sharding=parallel.batch_sharding(parallel.auto_mesh(mesh)),
+      frozen_shardings=frozen_shardings)
+  size = setup.tok_config.image_size
+  batch_sharding = parallel.batch_sharding(parallel.auto_mesh(mesh))
+  if abstract:
+    state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                         jax.eval_shape(setup.init), shardings)
+    frozen = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          setup.frozen_states, frozen_shardings)
+    arrays = {"image": jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32,
+                                            sharding=batch_sharding)}
+  else:
+    state = jax.jit(setup.init, out_shardings=shardings)()
+    frozen = jax.device_put(setup.frozen_states, replicated)
+    arrays = {"image": jax.device_put(jax.random.uniform(
+        jax.random.PRNGKey(2), (batch, size, size, 3), jnp.float32, -1, 1), batch_sharding)}
+  f = tokenizer_flops(setup.tok_config)
+  flops = 3 * (f["encode"] + f["decode"])  # the tokenizer's own FLOPs; frozen nets not counted
+  return _ActivationSharded(step, mesh, rules), state, arrays, flops, strategy, (frozen,)
 
 
 class _ActivationSharded:
@@ -581,19 +632,20 @@ def bench_train(args, matmul) -> list[dict[str, Any]]:
   mesh = _mesh(args.mesh)
   lines = []
   for batch in args.batches:
-    step, state, arrays, flops, strategy = _train_setup(args, batch, mesh)
+    step, state, arrays, flops, strategy, extra = _train_setup(args, batch, mesh)
     t0 = time.perf_counter()
-    compiled = step.lower(state, arrays).compile()
+    compiled = step.lower(state, arrays, *extra).compile()
     compile_s = time.perf_counter() - t0
     times = []
     for i in range(args.warmup + args.repeats):
       t0 = time.perf_counter()
-      state, metrics = compiled(state, arrays)
+      state, metrics = compiled(state, arrays, *extra)
       jax.block_until_ready((state, metrics))
       if i >= args.warmup:
         times.append(time.perf_counter() - t0)
     timing = Timing(compile_s, times, _cost_flops(compiled), _memory(compiled))
     line = dict(what="train", model=args.model if not args.tiny else f"tiny-{args.model}",
+                objective=args.objective,
                 dtype=args.dtype, batch=batch, mesh=dict(mesh.shape), sharding=strategy,
                 scan=args.scan, remat=args.remat, **_device_info(), **matmul)
     line["steps_per_s"] = 1.0 / timing.median_s
@@ -614,12 +666,13 @@ def bench_memory(args) -> list[dict[str, Any]]:
   mesh = _mesh(args.mesh)
   lines = []
   for batch in args.batches:
-    step, state, arrays, flops, strategy = _train_setup(args, batch, mesh)
+    step, state, arrays, flops, strategy, extra = _train_setup(args, batch, mesh)
     t0 = time.perf_counter()
-    compiled = step.lower(state, arrays).compile()
+    compiled = step.lower(state, arrays, *extra).compile()
     compile_s = time.perf_counter() - t0
     mem = _memory(compiled)
     line = dict(what="memory", model=args.model if not args.tiny else f"tiny-{args.model}",
+                objective=args.objective,
                 dtype=args.dtype, batch=batch, mesh=dict(mesh.shape), sharding=strategy,
                 scan=args.scan, remat=args.remat, devices=args.devices, compile_s=compile_s,
                 hbm_gib=args.hbm_gib, **mem)

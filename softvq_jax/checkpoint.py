@@ -103,7 +103,14 @@ def write_param_dir(out_dir: str, flat_params: Mapping[Path, np.ndarray], config
   with atomic_directory(out_dir, overwrite=overwrite) as tmp:
     tree = _nest({p: np.asarray(v) for p, v in flat_params.items()})
     params_dir = os.path.join(tmp, _PARAMS)
-    with ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_ocdbt=False)) as ckptr:
+    # Host-local arrays written by this process alone: no barrier with the other processes
+    # (in a multi-host job one process exports while the others go on or exit).
+    import jax  # pylint: disable=g-import-not-at-top
+    solo = ocp.options.MultiprocessingOptions(primary_host=jax.process_index(),
+                                              active_processes={jax.process_index()},
+                                              barrier_sync_key_prefix=f"solo{jax.process_index()}")
+    handler = ocp.PyTreeCheckpointHandler(use_ocdbt=False, multiprocessing_options=solo)
+    with ocp.Checkpointer(handler, multiprocessing_options=solo) as ckptr:
       ckptr.save(params_dir, args=ocp.args.PyTreeSave(tree))
     _make_reproducible(params_dir)
     _write_json(os.path.join(tmp, _CONFIG), config)

@@ -266,3 +266,40 @@ def test_tiny_full_objective_run_learns_on_real_images(tmp_path):
   assert np.isfinite(last["heldout_psnr"])
   assert (tmp_path / "reconstructions" / "step_00000050.png").exists()
   assert (tmp_path / "tokenizer" / "config.json").exists()
+
+
+def test_encoder_starts_from_a_dinov2_checkpoint(tmp_path):
+  """``encoder_init='dinov2'``: timm DINOv2 weights (patch 14, 518 px) land in the encoder."""
+  from safetensors.numpy import save_file
+  from softvq_jax.models.config import ViTConfig
+  from softvq_jax.models.vit import VisionTransformer
+  rng = np.random.default_rng(5)
+  source = nnx.eval_shape(lambda: VisionTransformer(
+      ViTConfig(embed_dim=32, depth=1, num_heads=2, patch_size=14), 518, rngs=nnx.Rngs(0)))
+  state_dict = {}
+  for path, var in nnx.to_flat_state(nnx.state(source, nnx.Param)):
+    value = rng.standard_normal(var.get_value().shape).astype(np.float32)
+    name = ".".join(map(str, path)).replace(".scale", ".weight").replace(".kernel", ".weight")
+    if name == "patch_embed.proj.weight":
+      value = value.transpose(3, 2, 0, 1)
+    elif value.ndim == 2:
+      value = value.T
+    state_dict[name] = np.ascontiguousarray(value)
+  path = tmp_path / "dinov2.safetensors"
+  save_file(state_dict, str(path))
+
+  config = gan_config(disc_weight=0.0, repa=False, perceptual_weight=0.0)
+  setup = tokenizer_trainer.build_stage1(config, total_steps=1)
+  state = jax.jit(setup.init)()
+  latent_before = np.asarray(state.params["tokenizer"]["encoder"]["latent_tokens"].get_value())
+  state = tokenizer_trainer._init_encoder_from_dinov2(  # pylint: disable=protected-access
+      state, setup.graphdef, str(path))
+  enc = state.params["tokenizer"]["encoder"]
+  qkv = np.asarray(enc["model"]["blocks"][0]["attn"]["qkv"]["kernel"].get_value())
+  np.testing.assert_array_equal(qkv, state_dict["blocks.0.attn.qkv.weight"].T)
+  np.testing.assert_array_equal(np.asarray(enc["model"]["cls_token"].get_value()),
+                                state_dict["cls_token"])
+  assert enc["model"]["pos_embed"].get_value().shape == (1, 1 + 16, 32)   # 37x37 -> 4x4 grid
+  np.testing.assert_array_equal(np.asarray(enc["latent_tokens"].get_value()), latent_before)
+  for p, e in zip(jax.tree.leaves(state.params), jax.tree.leaves(state.ema)):
+    np.testing.assert_array_equal(np.asarray(p), np.asarray(e))

@@ -219,7 +219,8 @@ def _init_from(state, directory: str, tok_config: TokenizerConfig):
 def _init_encoder_from_dinov2(state, graphdef, path: str):
   """The reference starts its encoder from DINOv2 (resampled to 16-pixel patches)."""
   from softvq_jax.convert.timm_vit import load_timm_vit  # pylint: disable=g-import-not-at-top
-  model = nnx.merge(graphdef, jax.device_get(state.params), jax.device_get(state.rest))
+  model = nnx.merge(graphdef, jax.tree.map(parallel.to_host, state.params),
+                    jax.tree.map(parallel.to_host, state.rest))
   ignored = load_timm_vit(model.tokenizer.encoder.model, path)
   logging.info("Encoder initialised from DINOv2 weights %s (ignored: %s)", path, ignored)
   return _replace_params(state, nnx.state(model, nnx.Param))
@@ -387,8 +388,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if rfid is not None and rfid.last:
     last.update({f"heldout_{k}": v for k, v in rfid.last.items()})
   export_dir = os.path.join(workdir, "tokenizer")
-  if jax.process_index() == 0 and int(state.step) >= total_steps:
-    ema_model = nnx.merge(graphdef, jax.device_get(state.ema), jax.device_get(state.rest))
-    Tokenizer(ema_model.tokenizer).save(export_dir, overwrite=True)
-    logging.info("Exported the EMA tokenizer to %s (load with Tokenizer.load)", export_dir)
+  if int(state.step) >= total_steps:
+    # Every process takes part in reading (sharded leaves are gathered); one writes.
+    ema, rest = (jax.tree.map(parallel.to_host, t) for t in (state.ema, state.rest))
+    if jax.process_index() == 0:
+      ema_model = nnx.merge(graphdef, ema, rest)
+      Tokenizer(ema_model.tokenizer).save(export_dir, overwrite=True)
+      logging.info("Exported the EMA tokenizer to %s (load with Tokenizer.load)", export_dir)
   return last
