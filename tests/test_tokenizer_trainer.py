@@ -44,6 +44,7 @@ def test_short_run_learns_and_exports(tmp_path):
   config = tiny_config(80)
   # Real images: Fashion-MNIST (installed by launch/setup.sh), else the bundled photos.
   config.data = ml_collections.ConfigDict(dict(source="offline", min_resize=32, max_resize=36))
+  config.eval_every, config.eval_num_images = 80, 16     # the held-out rFID hook, at the end
   last = tokenizer_trainer.run(config, str(workdir))
   logs = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
   assert logs[0]["step"] == 5 and logs[-1]["step"] == 80
@@ -51,6 +52,9 @@ def test_short_run_learns_and_exports(tmp_path):
   final = np.mean([l["mse"] for l in logs[-2:]])
   assert final < 0.8 * first, (first, final)
   assert 0 < last["code_usage"] <= 1 and np.isfinite(last["heldout_psnr"])
+  # rFID/PSNR/SSIM of 16 held-out images through the same code as the eval_recon job
+  assert last["heldout_num_images"] == 16 and last["heldout_rfid"] > 0
+  assert 5 < last["heldout_psnr"] < 60 and 0 < last["heldout_ssim"] <= 1
   assert (workdir / "reconstructions" / "step_00000040.png").exists()
   tok = Tokenizer.load(str(workdir / "tokenizer"))
   assert tok.latent_shape == (8, 4)
