@@ -13,29 +13,13 @@
 # SIGTERM (Ctrl-C too) makes the trainer checkpoint before it exits.
 set -euo pipefail
 
-# Shell words -> one line that a shell reads back as the same words.
-quote() {
-  local out=() word
-  for word in "$@"; do
-    if [[ "$word" =~ ^[A-Za-z0-9_./:=@,+%-]+$ ]]; then
-      out+=("$word")
-    else
-      out+=("'${word//\'/\'\\\'\'}'")
-    fi
-  done
-  echo "${out[*]}"
-}
+# quote, run, require: shared with the other launch scripts.
+# shellcheck source=../lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/../lib.sh"
 
 usage() {
   sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//' >&2
   exit 2
-}
-
-run() {
-  echo "+ $(quote "$@")"
-  if ((!dry_run)); then
-    "$@"
-  fi
 }
 
 dry_run=0

@@ -15,29 +15,13 @@
 # requeued (or resubmitted) job resumes from WORKDIR.
 set -euo pipefail
 
-# Shell words -> one line that a shell reads back as the same words.
-quote() {
-  local out=() word
-  for word in "$@"; do
-    if [[ "$word" =~ ^[A-Za-z0-9_./:=@,+%-]+$ ]]; then
-      out+=("$word")
-    else
-      out+=("'${word//\'/\'\\\'\'}'")
-    fi
-  done
-  echo "${out[*]}"
-}
+# quote, run, require: shared with the other launch scripts.
+# shellcheck source=../lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/../lib.sh"
 
 usage() {
   sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//' >&2
   exit 2
-}
-
-run() {
-  echo "+ $(quote "$@")"
-  if ((!dry_run)); then
-    "$@"
-  fi
 }
 
 dry_run=0

@@ -18,18 +18,9 @@
 # After a preemption, `up` again with the same WORKDIR: the job resumes from its last checkpoint.
 set -euo pipefail
 
-# Shell words -> one line that a shell reads back as the same words.
-quote() {
-  local out=() word
-  for word in "$@"; do
-    if [[ "$word" =~ ^[A-Za-z0-9_./:=@,+%-]+$ ]]; then
-      out+=("$word")
-    else
-      out+=("'${word//\'/\'\\\'\'}'")
-    fi
-  done
-  echo "${out[*]}"
-}
+# quote, run, require: shared with the other launch scripts.
+# shellcheck source=../lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/../lib.sh"
 
 usage() {
   sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//' >&2
@@ -53,23 +44,6 @@ declare -A help=(
   [ACCELERATOR_TYPE]="the slice type, e.g. export ACCELERATOR_TYPE=v4-32"
   [RUNTIME_VERSION]="the TPU software version, e.g. export RUNTIME_VERSION=tpu-ubuntu2204-base (v4) or v2-alpha-tpuv5-lite (v5e)"
 )
-require() {
-  local name
-  for name in "$@"; do
-    if [[ -z "${!name:-}" ]]; then
-      echo "error: $name is not set: ${help[$name]}" >&2
-      exit 2
-    fi
-  done
-}
-
-# Prints a command (shell-quoted, runnable as shown), then runs it unless --dry-run.
-run() {
-  echo "+ $(quote "$@")"
-  if ((!dry_run)); then
-    "$@"
-  fi
-}
 
 require TPU_NAME ZONE
 repo="$(cd "$(dirname "$0")/../.." && pwd)"

@@ -14,18 +14,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
-# Shell words -> one line that a shell reads back as the same words.
-quote() {
-  local out=() word
-  for word in "$@"; do
-    if [[ "$word" =~ ^[A-Za-z0-9_./:=@,+%-]+$ ]]; then
-      out+=("$word")
-    else
-      out+=("'${word//\'/\'\\\'\'}'")
-    fi
-  done
-  echo "${out[*]}"
-}
+# quote, run, require: shared with the other launch scripts.
+# shellcheck source=../lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/../lib.sh"
 
 venv="${VENV:-$HOME/softvq-venv}"
 log_dir="${LOG_DIR:-$HOME/softvq-jax-logs}"

@@ -13,18 +13,9 @@
 # WORKDIR must be on GCS (gs://...).
 set -euo pipefail
 
-# Shell words -> one line that a shell reads back as the same words.
-quote() {
-  local out=() word
-  for word in "$@"; do
-    if [[ "$word" =~ ^[A-Za-z0-9_./:=@,+%-]+$ ]]; then
-      out+=("$word")
-    else
-      out+=("'${word//\'/\'\\\'\'}'")
-    fi
-  done
-  echo "${out[*]}"
-}
+# quote, run, require: shared with the other launch scripts.
+# shellcheck source=../lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/../lib.sh"
 
 usage() {
   sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//' >&2
@@ -47,22 +38,6 @@ declare -A help=(
   [WORKLOAD]="the workload (job) name, e.g. export WORKLOAD=softvq-b64"
   [TPU_TYPE]="the slice type of each host group, e.g. export TPU_TYPE=v5litepod-16"
 )
-require() {
-  local name
-  for name in "$@"; do
-    if [[ -z "${!name:-}" ]]; then
-      echo "error: $name is not set: ${help[$name]}" >&2
-      exit 2
-    fi
-  done
-}
-
-run() {
-  echo "+ $(quote "$@")"
-  if ((!dry_run)); then
-    "$@"
-  fi
-}
 
 require CLUSTER WORKLOAD
 where=("--cluster=$CLUSTER")
