@@ -8,7 +8,6 @@ dropout 0.1. Data, tokenizer and latent handling are the SiT trainer's.
 
 from __future__ import annotations
 
-import functools
 import os
 
 import jax
@@ -16,14 +15,9 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from softvq_jax import parallel
 from softvq_jax.models.sit import GeneratorConfig, SiT
 from softvq_jax.tokenizer import Tokenizer
-from softvq_jax.train import common
-from softvq_jax.train import state as state_lib
-from softvq_jax.train.loop import train_loop
 from softvq_jax.train import sit_trainer
-from softvq_jax.train.sit_trainer import graph_options, latent_data, load_tokenizer
 from softvq_jax.transport import diffusion as diffusion_lib
 
 
@@ -105,50 +99,22 @@ class SampleGrid(sit_trainer.SampleGrid):
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  os.makedirs(workdir, exist_ok=True)
-  mesh = common.make_mesh(config)
-  common.check_batch(config.global_batch_size, mesh)
-  tok = load_tokenizer(config, mesh)
-  gen_config = generator_config(config, tok)
-  data = latent_data(config, tok)
-  diff = make_diffusion(config.diffusion, learn_sigma=gen_config.learn_sigma)
-  dtype = {"float32": None, "bfloat16": jnp.bfloat16}[config.get("dtype", "float32")]
-  model_fn = functools.partial(SiT, gen_config, dtype=dtype, **graph_options(config))
-  model_fn = lambda rngs, _f=model_fn: _f(rngs=rngs)
-  tx, lr_fn = common.make_optimizer(config.optim, config.total_steps)
-  rules = common.sharding_rules(config)
-  graphdef, state, shardings, ckpt = common.init_or_restore(
-      model_fn, tx, mesh, seed=config.seed, strategy=rules,
-      workdir=workdir, keep=config.get("keep_checkpoints", 3), data=data)
-  if config.get("init_from") and ckpt.latest_step() is None:
-    state = common.init_generator_from(state, config.init_from, gen_config,
-                                       scan_layers=graph_options(config).get("scan_layers", False))
-  common.log_parameter_overview(state)
-  step_fn = state_lib.make_train_step(
-      graphdef, tx, make_loss_fn(diff), ema_decay=config.ema_decay,
-      state_shardings=shardings, batch_sharding=parallel.batch_sharding(parallel.auto_mesh(mesh)),
-      learning_rate_fn=lr_fn)
-  step_fn = parallel.with_activation_sharding(step_fn, mesh, rules)
-  writer = common.make_writer(workdir)
+  make_loss = lambda g: make_loss_fn(make_diffusion(config.diffusion, learn_sigma=g.learn_sigma))
+  r = sit_trainer.prepare_training(config, workdir, make_loss, kind="dit")
+  tok, gen_config = r.tok, r.gen_config
   hooks = []
   if config.get("sample_every"):
-    hooks.append(SampleGrid(graphdef, tok, gen_config, config.diffusion, workdir=workdir,
+    hooks.append(SampleGrid(r.graphdef, tok, gen_config, config.diffusion, workdir=workdir,
                             every=config.sample_every, total_steps=config.total_steps,
                             num=config.sample.num, num_steps=config.sample.num_steps,
-                            cfg_scale=config.sample.cfg_scale, seed=config.seed, writer=writer))
+                            cfg_scale=config.sample.cfg_scale, seed=config.seed, writer=r.writer))
   if config.get("eval_every"):
-    sampler = ema_sampler(graphdef, gen_config, config.diffusion,
+    sampler = ema_sampler(r.graphdef, gen_config, config.diffusion,
                           num_steps=config.sample.num_steps, cfg_scale=config.sample.cfg_scale,
                           key=jax.random.key(config.seed + 2))
     hooks.append(sit_trainer.sample_fid_hook(config, sampler, tok, gen_config, workdir=workdir,
-                                             writer=writer))
+                                             writer=r.writer))
   meta = {"tokenizer_dir": config.get("tokenizer_dir", ""), "vq_mean": tok.config.vq_mean,
           "vq_std": tok.config.vq_std, "generator": gen_config.to_json_dict(),
           "diffusion": config.diffusion.to_dict()}
-  state, last = train_loop(state=state, train_step=step_fn, data=data, mesh=mesh, workdir=workdir,
-                           total_steps=config.total_steps, checkpointer=ckpt,
-                           log_every=config.log_every, ckpt_every=config.ckpt_every,
-                           hooks=tuple(hooks), writer=writer, meta=meta,
-                           **common.profile_options(config))
-  ckpt.close()
-  return last
+  return sit_trainer.finish_training(config, workdir, r, hooks, meta)

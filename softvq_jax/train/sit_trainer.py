@@ -8,8 +8,10 @@ the images of ``config.data`` are encoded once at start-up.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -218,12 +220,31 @@ def sample_fid_hook(config: ml_collections.ConfigDict, sample, tok: Tokenizer,
                    inception_batch_size=int(config.get("eval_inception_batch_size", 50)))
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+@dataclasses.dataclass
+class GeneratorTraining:
+  """What the SiT and DiT trainers share: tokenizer, data, sharded state, compiled step."""
+
+  mesh: jax.sharding.Mesh
+  tok: Tokenizer
+  gen_config: GeneratorConfig
+  data: Any
+  graphdef: Any
+  state: Any
+  ckpt: Any
+  step_fn: Any
+  writer: Any
+
+
+def prepare_training(config: ml_collections.ConfigDict, workdir: str,
+                     make_loss: Callable[[GeneratorConfig], Any], *,
+                     kind: str = "sit") -> GeneratorTraining:
+  """Mesh, tokenizer, latents, restored-or-new state (or ``init_from``) and the jitted step of
+  a ``kind`` ("sit" | "dit") generator; ``make_loss(gen_config)`` gives its loss function."""
   os.makedirs(workdir, exist_ok=True)
   mesh = common.make_mesh(config)
   common.check_batch(config.global_batch_size, mesh)
   tok = load_tokenizer(config, mesh)
-  gen_config = generator_config(config, tok)
+  gen_config = generator_config(config, tok, kind=kind)
   data = latent_data(config, tok)
   dtype = {"float32": None, "bfloat16": jnp.bfloat16}[config.get("dtype", "float32")]
   model_fn = functools.partial(SiT, gen_config, dtype=dtype, **graph_options(config))
@@ -238,28 +259,40 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                        scan_layers=graph_options(config).get("scan_layers", False))
   common.log_parameter_overview(state)
   step_fn = state_lib.make_train_step(
-      graphdef, tx, make_loss_fn(config.transport), ema_decay=config.ema_decay,
+      graphdef, tx, make_loss(gen_config), ema_decay=config.ema_decay,
       state_shardings=shardings, batch_sharding=parallel.batch_sharding(parallel.auto_mesh(mesh)),
       learning_rate_fn=lr_fn)
   step_fn = parallel.with_activation_sharding(step_fn, mesh, rules)
-  writer = common.make_writer(workdir)
+  return GeneratorTraining(mesh, tok, gen_config, data, graphdef, state, ckpt, step_fn,
+                           common.make_writer(workdir))
+
+
+def finish_training(config: ml_collections.ConfigDict, workdir: str, run: GeneratorTraining,
+                    hooks: list, meta: dict) -> dict:
+  """The training loop to ``config.total_steps``; returns the last logged metrics."""
+  _, last = train_loop(state=run.state, train_step=run.step_fn, data=run.data, mesh=run.mesh,
+                       workdir=workdir, total_steps=config.total_steps, checkpointer=run.ckpt,
+                       log_every=config.log_every, ckpt_every=config.ckpt_every,
+                       hooks=tuple(hooks), writer=run.writer, meta=meta,
+                       **common.profile_options(config))
+  run.ckpt.close()
+  return last
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  r = prepare_training(config, workdir, lambda _: make_loss_fn(config.transport))
+  tok, gen_config = r.tok, r.gen_config
   hooks = []
   if config.get("sample_every"):
-    hooks.append(SampleGrid(graphdef, tok, gen_config, workdir=workdir, every=config.sample_every,
-                            total_steps=config.total_steps, num=config.sample.num,
-                            num_steps=config.sample.num_steps, cfg_scale=config.sample.cfg_scale,
-                            seed=config.seed, writer=writer))
+    hooks.append(SampleGrid(r.graphdef, tok, gen_config, workdir=workdir,
+                            every=config.sample_every, total_steps=config.total_steps,
+                            num=config.sample.num, num_steps=config.sample.num_steps,
+                            cfg_scale=config.sample.cfg_scale, seed=config.seed, writer=r.writer))
   if config.get("eval_every"):
-    sampler = ema_sampler(graphdef, gen_config, num_steps=config.sample.num_steps,
+    sampler = ema_sampler(r.graphdef, gen_config, num_steps=config.sample.num_steps,
                           cfg_scale=config.sample.cfg_scale)
     hooks.append(sample_fid_hook(config, sampler, tok, gen_config, workdir=workdir,
-                                 writer=writer))
+                                 writer=r.writer))
   meta = {"tokenizer_dir": config.get("tokenizer_dir", ""), "vq_mean": tok.config.vq_mean,
           "vq_std": tok.config.vq_std, "generator": gen_config.to_json_dict()}
-  state, last = train_loop(state=state, train_step=step_fn, data=data, mesh=mesh, workdir=workdir,
-                           total_steps=config.total_steps, checkpointer=ckpt,
-                           log_every=config.log_every, ckpt_every=config.ckpt_every,
-                           hooks=tuple(hooks), writer=writer, meta=meta,
-                           **common.profile_options(config))
-  ckpt.close()
-  return last
+  return finish_training(config, workdir, r, hooks, meta)
