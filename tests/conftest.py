@@ -8,6 +8,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import pathlib  # noqa: E402
 
+import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
@@ -25,3 +26,13 @@ def rel_err(actual, expected) -> float:
 @pytest.fixture(scope="session")
 def fixtures_dir() -> pathlib.Path:
   return FIXTURES
+
+
+@pytest.fixture(scope="module")
+def few_xla_optimisations():
+  """For files of tiny programs (``pytestmark = pytest.mark.usefixtures(...)``): XLA's
+  optimisation passes cost them more than they save."""
+  before = jax.config.read("jax_disable_most_optimizations")
+  jax.config.update("jax_disable_most_optimizations", True)
+  yield
+  jax.config.update("jax_disable_most_optimizations", before)

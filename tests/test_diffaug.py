@@ -11,13 +11,7 @@ from softvq_jax.losses import diffaug
 B, H, W, C = 4, 16, 12, 3
 
 
-@pytest.fixture(scope="module", autouse=True)
-def few_xla_optimisations():
-  """These programs are tiny: XLA's optimisation passes cost more than they save."""
-  before = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", before)
+pytestmark = pytest.mark.usefixtures("few_xla_optimisations")
 
 
 @pytest.fixture(scope="module")

@@ -26,13 +26,7 @@ IMG, PATCH, DIM, HEADS, DEPTH, TAPS, KS = 32, 8, 16, 2, 3, (0, 2), 9
 TOKENS = (IMG // PATCH) ** 2
 
 
-@pytest.fixture(scope="module", autouse=True)
-def few_xla_optimisations():
-  """These programs are tiny: XLA's optimisation passes cost more than they save."""
-  before = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", before)
+pytestmark = pytest.mark.usefixtures("few_xla_optimisations")
 
 
 # Eager module construction compiles one small program per random op, which

@@ -8,13 +8,7 @@ import pytest
 from softvq_jax.losses import gan
 
 
-@pytest.fixture(scope="module", autouse=True)
-def few_xla_optimisations():
-  """These programs are tiny: XLA's optimisation passes cost more than they save."""
-  before = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", before)
+pytestmark = pytest.mark.usefixtures("few_xla_optimisations")
 
 
 def _softplus(x):

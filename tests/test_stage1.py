@@ -43,12 +43,7 @@ def gan_config(**loss):
   return c
 
 
-@pytest.fixture(scope="module", autouse=True)
-def few_xla_optimisations():
-  before = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", before)
+pytestmark = pytest.mark.usefixtures("few_xla_optimisations")
 
 
 @pytest.fixture(scope="module")

@@ -13,12 +13,7 @@ from test_stage1 import gan_config
 from softvq_jax.train import tokenizer_trainer
 
 
-@pytest.fixture(scope="module", autouse=True)
-def few_xla_optimisations():
-  before = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", before)
+pytestmark = pytest.mark.usefixtures("few_xla_optimisations")
 
 
 def _final_state(workdir):
