@@ -146,6 +146,7 @@ class Timing:
   times: list[float]
   xla_flops: float | None
   memory: dict[str, int]
+  outputs: Any = None
 
   @property
   def median_s(self) -> float:
@@ -192,19 +193,24 @@ def _memory(compiled) -> dict[str, int]:
   return out
 
 
+def _compile(lowerable, args: tuple):
+  """``(executable, seconds)``: ahead-of-time compilation of a jitted function for ``args``."""
+  t0 = time.perf_counter()
+  compiled = lowerable.lower(*args).compile()
+  return compiled, time.perf_counter() - t0
+
+
 def measure(fn: Callable, args: tuple, *, repeats: int, warmup: int, carry: bool = False,
-            donate: tuple[int, ...] = ()) -> Timing:
+            donate: tuple[int, ...] = (), jit: bool = True) -> Timing:
   """Compiles ``fn`` for ``args`` once, then times ``repeats`` calls.
 
   ``carry``: ``fn`` returns ``(new_args[0], ...)`` to feed the next call (a train
-  step with a donated state).
+  step with a donated state). ``jit=False``: ``fn`` is already jitted (its own
+  shardings and donation). ``Timing.outputs`` holds the last call's outputs.
   """
   import jax  # pylint: disable=g-import-not-at-top
-  jitted = jax.jit(fn, donate_argnums=donate)
-  t0 = time.perf_counter()
-  compiled = jitted.lower(*args).compile()
-  compile_s = time.perf_counter() - t0
-  times = []
+  compiled, compile_s = _compile(jax.jit(fn, donate_argnums=donate) if jit else fn, args)
+  times, out = [], None
   for i in range(warmup + repeats):
     t0 = time.perf_counter()
     out = compiled(*args)
@@ -213,7 +219,7 @@ def measure(fn: Callable, args: tuple, *, repeats: int, warmup: int, carry: bool
       times.append(time.perf_counter() - t0)
     if carry:
       args = (out[0],) + tuple(args[1:])
-  return Timing(compile_s, times, _cost_flops(compiled), _memory(compiled))
+  return Timing(compile_s, times, _cost_flops(compiled), _memory(compiled), out)
 
 
 def _jnp_dtype(name: str):
@@ -633,17 +639,9 @@ def bench_train(args, matmul) -> list[dict[str, Any]]:
   lines = []
   for batch in args.batches:
     step, state, arrays, flops, strategy, extra = _train_setup(args, batch, mesh)
-    t0 = time.perf_counter()
-    compiled = step.lower(state, arrays, *extra).compile()
-    compile_s = time.perf_counter() - t0
-    times = []
-    for i in range(args.warmup + args.repeats):
-      t0 = time.perf_counter()
-      state, metrics = compiled(state, arrays, *extra)
-      jax.block_until_ready((state, metrics))
-      if i >= args.warmup:
-        times.append(time.perf_counter() - t0)
-    timing = Timing(compile_s, times, _cost_flops(compiled), _memory(compiled))
+    timing = measure(step, (state, arrays, *extra), repeats=args.repeats, warmup=args.warmup,
+                     carry=True, jit=False)
+    metrics = timing.outputs[1]
     line = dict(what="train", model=args.model if not args.tiny else f"tiny-{args.model}",
                 objective=args.objective,
                 dtype=args.dtype, batch=batch, mesh=dict(mesh.shape), sharding=strategy,
@@ -666,10 +664,8 @@ def bench_memory(args) -> list[dict[str, Any]]:
   mesh = _mesh(args.mesh)
   lines = []
   for batch in args.batches:
-    step, state, arrays, flops, strategy, extra = _train_setup(args, batch, mesh)
-    t0 = time.perf_counter()
-    compiled = step.lower(state, arrays, *extra).compile()
-    compile_s = time.perf_counter() - t0
+    step, state, arrays, _, strategy, extra = _train_setup(args, batch, mesh)
+    compiled, compile_s = _compile(step, (state, arrays, *extra))
     mem = _memory(compiled)
     line = dict(what="memory", model=args.model if not args.tiny else f"tiny-{args.model}",
                 objective=args.objective,
