@@ -31,7 +31,7 @@ from softvq_jax.losses.repa import RepaProjector, repa_alignment_loss, teacher_f
 from softvq_jax.models.config import TokenizerConfig
 from softvq_jax.models.quantizers import code_usage, entropy_loss
 from softvq_jax.models.tokenizer import TokenizerModel
-from softvq_jax.train.state import TrainState, ema_update
+from softvq_jax.train.state import TrainState, ema_update, optimizer_step
 
 
 class TrainableTokenizer(nnx.Module):
@@ -233,11 +233,9 @@ def make_stage1_step(graphdef, disc_graphdef, frozen: FrozenGraphs, objective: O
       (_, ((loss_a, g_adv), aux)), grads = jax.value_and_grad(total, has_aux=True)(state.params)
     recon, metrics, disc_rest = aux
     loss = loss_a + adaptive * w_d * g_adv
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    params, opt_state, norms = optimizer_step(tx, grads, state.opt_state, state.params)
     metrics = dict(metrics)
-    metrics.update(loss=loss, grad_norm=optax.global_norm(grads),
-                   param_norm=optax.global_norm(params))
+    metrics.update(loss=loss, **norms)
     if learning_rate_fn is not None:
       metrics["learning_rate"] = learning_rate_fn(state.step)
     ema = ema_update(state.ema, params, ema_decay)
@@ -265,11 +263,11 @@ def make_stage1_step(graphdef, disc_graphdef, frozen: FrozenGraphs, objective: O
 
       (_, (lecam, d_metrics, new_disc_rest)), d_grads = jax.value_and_grad(
           disc_loss, has_aux=True)(disc_params)
-      d_updates, disc_opt_state = disc_tx.update(d_grads, disc_opt_state, disc_params)
-      disc_params = optax.apply_updates(disc_params, d_updates)
+      disc_params, disc_opt_state, d_norms = optimizer_step(disc_tx, d_grads, disc_opt_state,
+                                                            disc_params)
       disc_rest = new_disc_rest
       metrics.update(d_metrics)
-      metrics.update(disc_grad_norm=optax.global_norm(d_grads),
+      metrics.update(disc_grad_norm=d_norms["grad_norm"],
                      lecam_real_ema=lecam.logits_real_ema, lecam_fake_ema=lecam.logits_fake_ema)
 
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema=ema,

@@ -71,6 +71,14 @@ def ema_update(ema: nnx.State, params: nnx.State, decay: float) -> nnx.State:
   return jax.tree.map(lambda e, p: e * decay + p.astype(e.dtype) * (1.0 - decay), ema, params)
 
 
+def optimizer_step(tx: optax.GradientTransformation, grads, opt_state, params):
+  """One update: ``(params, opt_state, norms)``, norms of the gradients and the new parameters."""
+  updates, opt_state = tx.update(grads, opt_state, params)
+  params = optax.apply_updates(params, updates)
+  return params, opt_state, {"grad_norm": optax.global_norm(grads),
+                             "param_norm": optax.global_norm(params)}
+
+
 def make_train_step(graphdef, tx: optax.GradientTransformation, loss_fn: LossFn, *,
                     ema_decay: float, state_shardings, batch_sharding,
                     learning_rate_fn: Callable[[jax.Array], jax.Array] | None = None,
@@ -93,11 +101,9 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, loss_fn: LossFn,
       return loss_fn(model, batch, key, state.step)
 
     (loss, aux), grads = jax.value_and_grad(compute, has_aux=True)(state.params)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    params, opt_state, norms = optimizer_step(tx, grads, state.opt_state, state.params)
     metrics = dict(aux)
-    metrics.update(loss=loss, grad_norm=optax.global_norm(grads),
-                   param_norm=optax.global_norm(params))
+    metrics.update(loss=loss, **norms)
     if learning_rate_fn is not None:
       metrics["learning_rate"] = learning_rate_fn(state.step)
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
