@@ -18,6 +18,7 @@ import numpy as np
 from flax import nnx
 
 from softvq_jax import checkpoint, parallel
+from softvq_jax.models import layers
 from softvq_jax.models.sit import GeneratorConfig, SiT
 from softvq_jax.tokenizer import _resolve_dtype
 from softvq_jax.utils.nnx_utils import model_from_flat
@@ -104,6 +105,8 @@ class Generator:
     model: a ``SiT`` (``config.kind`` says SiT or DiT) holding the weights.
     dtype: compute dtype, ``"float32"`` (default) or ``"bfloat16"``; parameters,
       norms, softmax, the residual stream and the sampler state stay float32.
+      With bfloat16 the compiled programs read a bfloat16 copy of the matmul
+      weights, made once here (bit-identical results; ``state`` keeps float32).
     mesh: optional ``jax.sharding.Mesh``; batches are split over ``data_axis``
       and the weights replicated.
   """
@@ -114,12 +117,16 @@ class Generator:
     self.dtype = _resolve_dtype(dtype)
     self.mesh = mesh
     self.data_axis = data_axis
-    graphdef, _ = nnx.split(abstract_model(self.config, self.dtype))
+    compute_model = abstract_model(self.config, self.dtype)
+    graphdef, _ = nnx.split(compute_model)
     state = nnx.state(model)
     if mesh is not None:
       state = jax.device_put(state, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
     self.graphdef = graphdef
     self.state = state
+    # What the compiled programs read: the matmul weights already in the compute dtype
+    # (same results, fewer kernels per call); ``state`` keeps the float32 originals.
+    self._compute_state = layers.cast_for_compute(compute_model, state, self.dtype)
     self._forward = jax.jit(functools.partial(_forward_fn, graphdef))
     self._samplers: dict[tuple, Any] = {}
 
@@ -181,7 +188,7 @@ class Generator:
     t = jnp.broadcast_to(jnp.asarray(t), (n,))
     y = self._check_labels(y, n)
     (x, t, y), n = self._shard(x, t, y)
-    return self._trim(self._forward(self.state, x, t, y), n)
+    return self._trim(self._forward(self._compute_state, x, t, y), n)
 
   def sample(self, noise, labels, *, method: str | None = None, num_steps: int = 250,
              cfg_scale: float = 1.0, guidance_interval: tuple[float, float] = (0.0, 1.0),
@@ -234,7 +241,7 @@ class Generator:
     arrays, n = self._shard(*arrays, axes=pad_axes)
     noise, labels = arrays[0], arrays[1]
     step_noise = arrays[2] if step_noise is not None else None
-    out = self._samplers[static](self.state, noise, labels, jnp.float32(cfg_scale), key,
+    out = self._samplers[static](self._compute_state, noise, labels, jnp.float32(cfg_scale), key,
                                  step_noise)
     return self._trim(out, n)
 

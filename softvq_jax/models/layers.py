@@ -207,6 +207,23 @@ class RopeTables(NamedTuple):
     return jnp.concatenate([x[:, :self.start], rotated, x[:, self.start + n:]], axis=1)
 
 
+def gelu(x: Array, approximate: bool = False) -> Array:
+  """GELU evaluated in float32 and returned in ``x``'s dtype, as PyTorch's kernels do.
+
+  The exact form is PyTorch's ``x/2 * (1 + erf(x/sqrt(2)))``. ``jax.nn.gelu``'s
+  exact form goes through ``erfc``, which XLA expands into a long piecewise
+  polynomial with an exponential; on GPUs that one elementwise kernel cost more
+  than the matmul feeding it.
+  """
+  x32 = x.astype(jnp.float32)
+  if approximate:
+    inner = math.sqrt(2.0 / math.pi) * (x32 + 0.044715 * (x32**3))
+    cdf = 0.5 * (1.0 + jnp.tanh(inner))
+  else:
+    cdf = 0.5 * (1.0 + jax.lax.erf(x32 * (1.0 / math.sqrt(2.0))))
+  return (x32 * cdf).astype(x.dtype)
+
+
 class Mlp(nnx.Module):
   """fc1 -> GELU -> fc2. Exact (erf) GELU for the ViTs, tanh GELU for SiT/DiT."""
 
@@ -220,7 +237,7 @@ class Mlp(nnx.Module):
                       kernel_init=kernel_init, rngs=rngs)
 
   def __call__(self, x: Array) -> Array:
-    return self.fc2(jax.nn.gelu(self.fc1(x), approximate=self.approximate_gelu))
+    return self.fc2(gelu(self.fc1(x), approximate=self.approximate_gelu))
 
 
 class LayerScale(nnx.Module):
@@ -295,3 +312,50 @@ class _ConvKernel(nnx.Module):
     shape = (patch_size, patch_size, in_chans, out_chans)
     self.kernel = nnx.Param(torch_default_kernel_init(rngs.params(), shape, param_dtype))
     self.bias = nnx.Param(torch_default_bias_init(fan_in)(rngs.params(), (out_chans,), param_dtype))
+
+
+def _casts_to(module_dtype: Dtype | None, dtype: Dtype) -> bool:
+  return module_dtype is not None and jnp.dtype(module_dtype) == jnp.dtype(dtype)
+
+
+def compute_cast_paths(model: nnx.Module, dtype: Dtype) -> set[tuple]:
+  """Paths of the parameters ``model`` casts to ``dtype`` on every call.
+
+  These are the kernels and biases of the linear, convolution and patch-embedding
+  layers that compute in ``dtype``; norms, position tables and codebooks are
+  used in float32 or cast elsewhere and are left out.
+  """
+  paths = set()
+  for path, node in nnx.iter_graph(model):
+    if isinstance(node, (nnx.Linear, nnx.Conv)) and _casts_to(node.dtype, dtype):
+      paths.add(tuple(path) + ("kernel",))
+      if node.bias is not None:
+        paths.add(tuple(path) + ("bias",))
+    elif isinstance(node, PatchEmbed) and _casts_to(node.dtype, dtype):
+      paths.update({tuple(path) + ("proj", "kernel"), tuple(path) + ("proj", "bias")})
+  return paths
+
+
+def _key_path(path) -> tuple:
+  keys = []
+  for entry in path:
+    if isinstance(entry, jax.tree_util.DictKey):
+      keys.append(entry.key)
+    elif isinstance(entry, jax.tree_util.SequenceKey):
+      keys.append(entry.idx)
+  return tuple(keys)
+
+
+def cast_for_compute(model: nnx.Module, state: Any, dtype: Dtype) -> Any:
+  """A copy of ``state`` (of ``model``'s graph) with its per-call casts done once, ahead.
+
+  For inference: the program then reads ``dtype`` weights instead of casting
+  float32 ones on every call (one kernel launch and one weight read and write
+  per layer saved). The results are bit-identical, since those weights would be
+  cast to ``dtype`` before use anyway. ``state`` itself is not modified.
+  """
+  if jnp.dtype(dtype) == jnp.float32:
+    return state
+  paths = compute_cast_paths(model, dtype)
+  return jax.tree_util.tree_map_with_path(
+      lambda p, x: x.astype(dtype) if _key_path(p) in paths else x, state)

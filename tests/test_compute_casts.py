@@ -1,0 +1,120 @@
+"""The fast GELU and the ahead-of-time weight casts of bfloat16 inference.
+
+GELU is checked against PyTorch's own kernels and a float64 closed form; the
+casts must leave every output bit-identical while moving the casts out of the
+compiled programs.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+
+from softvq_jax import Generator, Tokenizer
+from softvq_jax.models import layers
+from softvq_jax.models.sit import GeneratorConfig, SiT
+from test_tokenizer_api import SMALL
+
+
+def _points():
+  # Dense over the body, plus tails where erf saturates and cancellation could show.
+  return np.concatenate([np.linspace(-6, 6, 4001), [-30.0, -9.5, 9.5, 30.0]]).astype(np.float32)
+
+
+# PyTorch's float32 GELU is off the float64 value by up to 9e-7 in absolute terms: in
+# the negative tail 1 + erf(x/sqrt 2) cancels. The same form here may not do worse.
+GELU_ATOL = 1e-6
+
+
+@pytest.mark.parametrize("approximate", [False, True])
+def test_gelu_matches_float64_closed_form_and_torch(approximate):
+  x = _points()
+  ours = np.asarray(layers.gelu(jnp.asarray(x), approximate=approximate))
+  v = x.astype(np.float64)
+  if approximate:
+    closed = 0.5 * v * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (v + 0.044715 * v**3)))
+  else:
+    closed = np.array([0.5 * a * (1.0 + math.erf(a / math.sqrt(2.0))) for a in v])
+  np.testing.assert_allclose(ours, closed, rtol=1e-6, atol=GELU_ATOL)
+  ref = torch.nn.functional.gelu(torch.from_numpy(x),
+                                 approximate="tanh" if approximate else "none").numpy()
+  np.testing.assert_allclose(ours, ref, rtol=2e-6, atol=2 * GELU_ATOL)
+
+
+@pytest.mark.parametrize("approximate", [False, True])
+def test_bfloat16_gelu_is_the_float32_value_rounded_once(approximate):
+  x = jnp.asarray(_points()).astype(jnp.bfloat16)
+  out = layers.gelu(x, approximate=approximate)
+  assert out.dtype == jnp.bfloat16
+  expected = layers.gelu(x.astype(jnp.float32), approximate=approximate).astype(jnp.bfloat16)
+  np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(expected, np.float32))
+  # PyTorch computes bf16 GELU in float32 and rounds once too.
+  mode = "tanh" if approximate else "none"
+  ref = torch.nn.functional.gelu(torch.from_numpy(np.asarray(x, np.float32)).bfloat16(),
+                                 approximate=mode).float().numpy()
+  np.testing.assert_allclose(np.asarray(out, np.float32), ref, rtol=2**-7, atol=1e-6)
+
+
+def test_exact_gelu_uses_erf_not_erfc():
+  """jax.nn.gelu's erfc form expands into a kernel slower than the matmul before it on GPUs."""
+  jaxpr = str(jax.make_jaxpr(layers.gelu)(jnp.ones((4,), jnp.bfloat16)))
+  assert " erf " in jaxpr and "erfc" not in jaxpr
+
+
+def _tiny_tokenizer():
+  from softvq_jax.models.config import TokenizerConfig
+  from softvq_jax.models.tokenizer import TokenizerModel
+  return TokenizerModel(TokenizerConfig.from_json_dict(SMALL), rngs=nnx.Rngs(0),
+                        dtype=jnp.bfloat16)
+
+
+def test_cast_paths_are_exactly_the_matmul_weights():
+  model = _tiny_tokenizer()
+  paths = layers.compute_cast_paths(model, jnp.bfloat16)
+  expected = set()
+  for path, node in nnx.iter_graph(model):
+    if isinstance(node, nnx.Linear):
+      expected |= {path + ("kernel",), path + ("bias",)}
+  expected |= {("encoder", "model", "patch_embed", "proj", "kernel"),
+               ("encoder", "model", "patch_embed", "proj", "bias")}
+  assert paths == expected
+  # What runs in float32 stays out: norms, position tables, latent tokens, codebooks.
+  assert not any("norm1" in p or "pos_embed" in p or "latent_tokens" in p for p in paths)
+  assert layers.compute_cast_paths(model, jnp.float16) == set()
+
+
+def test_cast_for_compute_is_bit_identical_and_leaves_the_state_alone():
+  model = _tiny_tokenizer()
+  graphdef, state = nnx.split(model)
+  cast = layers.cast_for_compute(model, state, jnp.bfloat16)
+  dtypes = {jnp.dtype(x.dtype) for x in jax.tree.leaves(state)}
+  assert dtypes == {jnp.dtype(jnp.float32)}
+  n_cast = sum(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(cast))
+  assert n_cast == len(layers.compute_cast_paths(model, jnp.bfloat16))
+  images = jax.random.uniform(jax.random.PRNGKey(0), (2, 32, 32, 3), minval=-1, maxval=1)
+  run = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x)[0])
+  np.testing.assert_array_equal(np.asarray(run(state, images)), np.asarray(run(cast, images)))
+  assert layers.cast_for_compute(model, state, jnp.float32) is state
+
+
+def test_tokenizer_and_generator_run_on_cast_weights_but_keep_float32_ones():
+  tok = Tokenizer.random(SMALL, seed=3, dtype="bfloat16")
+  kernels = [x for x in jax.tree.leaves(tok._compute_state) if x.dtype == jnp.bfloat16]
+  assert kernels and all(x.dtype == jnp.float32 for x in jax.tree.leaves(tok.state))
+  images = np.random.default_rng(0).uniform(-1, 1, (2, 32, 32, 3)).astype(np.float32)
+  # The same program on the float32 weights (both jitted: eager bfloat16 rounds differently).
+  direct = jax.jit(lambda s, x: nnx.merge(tok.graphdef, s).encode(x).quant)(tok.state, images)
+  np.testing.assert_array_equal(np.asarray(tok.encode(images)), np.asarray(direct))
+
+  cfg = GeneratorConfig.preset("SiT-S/1", input_size=8, in_channels=4, hidden_size=32, depth=2,
+                               num_heads=2)
+  gen = Generator(SiT(cfg, rngs=nnx.Rngs(0)), dtype="bfloat16")
+  assert any(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(gen._compute_state))
+  x = np.random.default_rng(1).normal(size=(2, 8, 4)).astype(np.float32)
+  t, y = np.full((2,), 0.3, np.float32), np.array([1, 2], np.int32)
+  direct = jax.jit(lambda s, *a: nnx.merge(gen.graphdef, s)(*a))(gen.state, x, t, y)
+  np.testing.assert_array_equal(np.asarray(gen(x, t, y)), np.asarray(direct))
