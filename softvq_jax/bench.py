@@ -80,6 +80,11 @@ SUITES = {
         "--what tokenizer --model softvq_bl64_512 --batch 8,64 --dtype bfloat16",
         "--what tokenizer --model softvq_b64 --batch 8 --dtype float32 --repeats 5",
     ],
+    # Issue deliverable 1: every released tokenizer, both dtypes, batch 1/8/64.
+    "tokenizers": [
+        f"--what tokenizer --model {name} --batch 1,8,64 --dtype {dtype} --repeats 5 --warmup 1"
+        for dtype in ("bfloat16", "float32") for name in TOKENIZER_ALIASES
+    ],
     "cpu": [
         "--what tokenizer --model softvq_b64 --batch 8 --dtype float32 --repeats 3 --warmup 1",
         "--what sit --model SiT-XL --batch 8 --dtype float32 --repeats 3 --warmup 1",
@@ -120,6 +125,8 @@ def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
   p.add_argument("--warmup", type=int, default=2)
   p.add_argument("--matmul_size", type=int, default=0, help="0: 2048 on CPU, 8192 on accelerators")
   p.add_argument("--out", default="", help="also append the JSON lines to this file")
+  p.add_argument("--profile", default="", help="trace each timed program into this folder and "
+                 "add a per-kernel table (device time by category, top kernels) to its line")
   p.add_argument("--tiny", action="store_true", help="tiny models (tests of the benchmark itself)")
   args = p.parse_args(argv)
   if (args.what is None) == (args.suite is None):
@@ -147,6 +154,7 @@ class Timing:
   xla_flops: float | None
   memory: dict[str, int]
   outputs: Any = None
+  profile: dict[str, Any] | None = None
 
   @property
   def median_s(self) -> float:
@@ -155,9 +163,12 @@ class Timing:
   def summary(self) -> dict[str, Any]:
     ts = sorted(self.times)
     q1, q3 = ts[len(ts) // 4], ts[(3 * len(ts)) // 4]
-    return dict(compile_s=round(self.compile_s, 3), median_s=self.median_s, min_s=ts[0],
-                max_s=ts[-1], iqr_s=q3 - q1, repeats=len(ts),
-                program_memory_bytes=self.memory.get("per_device_total_bytes"))
+    out = dict(compile_s=round(self.compile_s, 3), median_s=self.median_s, min_s=ts[0],
+               max_s=ts[-1], iqr_s=q3 - q1, repeats=len(ts),
+               program_memory_bytes=self.memory.get("per_device_total_bytes"))
+    if self.profile is not None:
+      out["profile"] = self.profile
+    return out
 
 
 def _cost_flops(compiled) -> float | None:
@@ -200,6 +211,11 @@ def _compile(lowerable, args: tuple):
   return compiled, time.perf_counter() - t0
 
 
+# ``--profile DIR``: every measure() also traces a few calls into its own folder under DIR.
+_profile_root: str | None = None
+_profile_count = 0
+
+
 def measure(fn: Callable, args: tuple, *, repeats: int, warmup: int, carry: bool = False,
             donate: tuple[int, ...] = (), jit: bool = True) -> Timing:
   """Compiles ``fn`` for ``args`` once, then times ``repeats`` calls.
@@ -207,19 +223,35 @@ def measure(fn: Callable, args: tuple, *, repeats: int, warmup: int, carry: bool
   ``carry``: ``fn`` returns ``(new_args[0], ...)`` to feed the next call (a train
   step with a donated state). ``jit=False``: ``fn`` is already jitted (its own
   shardings and donation). ``Timing.outputs`` holds the last call's outputs.
+  With ``--profile``, three more calls run under the profiler after the timed ones.
   """
   import jax  # pylint: disable=g-import-not-at-top
+  global _profile_count
   compiled, compile_s = _compile(jax.jit(fn, donate_argnums=donate) if jit else fn, args)
   times, out = [], None
-  for i in range(warmup + repeats):
-    t0 = time.perf_counter()
+
+  def run_once():
+    nonlocal args, out
     out = compiled(*args)
     jax.block_until_ready(out)
-    if i >= warmup:
-      times.append(time.perf_counter() - t0)
     if carry:
       args = (out[0],) + tuple(args[1:])
-  return Timing(compile_s, times, _cost_flops(compiled), _memory(compiled), out)
+    return out
+
+  for i in range(warmup + repeats):
+    t0 = time.perf_counter()
+    run_once()
+    if i >= warmup:
+      times.append(time.perf_counter() - t0)
+  timing = Timing(compile_s, times, _cost_flops(compiled), _memory(compiled), out)
+  if _profile_root is not None:
+    from softvq_jax import kernel_profile  # pylint: disable=g-import-not-at-top
+    _profile_count += 1
+    logdir = os.path.join(_profile_root, f"{_profile_count:03d}")
+    timing.profile = kernel_profile.trace_calls(run_once, logdir, calls=3,
+                                                hlo_text=compiled.as_text())
+    timing.outputs = out
+  return timing
 
 
 def _jnp_dtype(name: str):
@@ -321,7 +353,8 @@ def _device_info() -> dict[str, Any]:
   import jax  # pylint: disable=g-import-not-at-top
   dev = jax.devices()[0]
   return dict(device_kind=dev.device_kind, platform=dev.platform, device_count=jax.device_count(),
-              process_count=jax.process_count(), jax_version=jax.__version__)
+              process_count=jax.process_count(), jax_version=jax.__version__,
+              xla_flags=os.environ.get("XLA_FLAGS", ""))
 
 
 def _peak_memory() -> int | None:
@@ -345,14 +378,16 @@ def _rates(line: dict[str, Any], flops_per_item: float, items: int, seconds: flo
 
 # -------------------------------------------------------------------- benchmarks
 def bench_tokenizer(args, matmul) -> list[dict[str, Any]]:
+  from softvq_jax.models import layers  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
   from softvq_jax.models.tokenizer import TokenizerModel  # pylint: disable=g-import-not-at-top
   cfg = _tokenizer_config("tiny" if args.tiny else args.model, args.size)
   dtype = _jnp_dtype(args.dtype)
-  graphdef, state = _split(TokenizerModel(cfg, rngs=nnx.Rngs(0),
-                                          dtype=None if args.dtype == "float32" else dtype))
+  model = TokenizerModel(cfg, rngs=nnx.Rngs(0), dtype=None if args.dtype == "float32" else dtype)
+  graphdef, state = _split(model)
+  state = layers.cast_for_compute(model, state, dtype)  # what ``Tokenizer`` runs on
   flops = tokenizer_flops(cfg)
   lines = []
   for batch in args.batches:
@@ -383,13 +418,16 @@ def bench_tokenizer(args, matmul) -> list[dict[str, Any]]:
 
 
 def bench_sit(args, matmul) -> list[dict[str, Any]]:
+  from softvq_jax.models import layers  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
   from softvq_jax.models.sit import SiT  # pylint: disable=g-import-not-at-top
   cfg = _generator_config(args.model, args.tokens, args.channels, args.tiny)
   dtype = None if args.dtype == "float32" else _jnp_dtype(args.dtype)
-  graphdef, state = _split(SiT(cfg, rngs=nnx.Rngs(0), dtype=dtype))
+  model = SiT(cfg, rngs=nnx.Rngs(0), dtype=dtype)
+  graphdef, state = _split(model)
+  state = layers.cast_for_compute(model, state, dtype or jnp.float32)  # as ``Generator`` does
   flops = generator_flops(cfg)
   lines = []
   for batch in args.batches:
@@ -412,6 +450,7 @@ def bench_sit(args, matmul) -> list[dict[str, Any]]:
 
 def _pipeline_parts(args):
   """``(gen_cfg, decoder_fn(state, latents) -> images, decoder_state, decode_flops, name)``."""
+  from softvq_jax.models import layers  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
   dtype = None if args.dtype == "float32" else _jnp_dtype(args.dtype)
@@ -425,6 +464,7 @@ def _pipeline_parts(args):
     decoder = (SDVAEDecoder(rngs=nnx.Rngs(1), dtype=dtype, ch=32, ch_mult=(1, 1, 1, 1))
                if args.tiny else SDVAEDecoder(rngs=nnx.Rngs(1), dtype=dtype))
     dgraph, dstate = nnx.split(decoder)
+    dstate = layers.cast_for_compute(decoder, dstate, dtype or jnp.float32)
 
     def decode(s, z):
       b = z.shape[0]
@@ -436,7 +476,9 @@ def _pipeline_parts(args):
   tok_cfg = _tokenizer_config("tiny" if args.tiny else args.model, args.size)
   gen_cfg = _generator_config(args.generator, tok_cfg.num_latent_tokens,
                               tok_cfg.codebook_embed_dim, args.tiny)
-  tgraph, tstate = nnx.split(TokenizerModel(tok_cfg, rngs=nnx.Rngs(1), dtype=dtype))
+  tokenizer = TokenizerModel(tok_cfg, rngs=nnx.Rngs(1), dtype=dtype)
+  tgraph, tstate = nnx.split(tokenizer)
+  tstate = layers.cast_for_compute(tokenizer, tstate, dtype or jnp.float32)
   decode = lambda s, z: nnx.merge(tgraph, s).decode(z.astype(jnp.float32))
   return gen_cfg, decode, tstate, tokenizer_flops(tok_cfg)["decode"], dict(
       image_size=tok_cfg.image_size, latent_shape=[tok_cfg.num_latent_tokens,
@@ -444,6 +486,7 @@ def _pipeline_parts(args):
 
 
 def bench_pipeline(args, matmul) -> list[dict[str, Any]]:
+  from softvq_jax.models import layers  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
@@ -451,7 +494,9 @@ def bench_pipeline(args, matmul) -> list[dict[str, Any]]:
   from softvq_jax.transport import samplers  # pylint: disable=g-import-not-at-top
   gen_cfg, decode, dec_state, decode_flops, shapes = _pipeline_parts(args)
   dtype = None if args.dtype == "float32" else _jnp_dtype(args.dtype)
-  ggraph, gstate = nnx.split(SiT(gen_cfg, rngs=nnx.Rngs(0), dtype=dtype))
+  generator = SiT(gen_cfg, rngs=nnx.Rngs(0), dtype=dtype)
+  ggraph, gstate = nnx.split(generator)
+  gstate = layers.cast_for_compute(generator, gstate, dtype or jnp.float32)
   guided = args.cfg > 1.0
 
   def generate(gs, ds, noise, labels):
@@ -682,7 +727,8 @@ def bench_memory(args) -> list[dict[str, Any]]:
 def run_suite(args) -> list[dict[str, Any]]:
   """Each entry of the suite in this process; a failing entry prints an error line and the rest go on."""
   lines = []
-  extra = (["--out", args.out] if args.out else []) + (["--tiny"] if args.tiny else [])
+  extra = ((["--out", args.out] if args.out else []) + (["--tiny"] if args.tiny else [])
+           + (["--profile", args.profile] if args.profile else []))
   for entry in SUITES[args.suite]:
     try:
       lines += main(entry.split() + extra)
@@ -710,6 +756,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
                      f"{jax.device_count()} devices)")
   from softvq_jax.models import layers  # pylint: disable=g-import-not-at-top
   layers.set_attention_implementation(args.attention or os.environ.get("SOFTVQ_ATTENTION", "auto"))
+  global _profile_root
+  _profile_root = args.profile or None
   if args.what == "memory":
     lines = bench_memory(args)
   else:

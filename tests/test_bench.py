@@ -136,3 +136,60 @@ def test_ahead_of_time_memory_on_fake_devices():
   assert dp["devices"] == fsdp["devices"] == 8 and dp["fits"] and fsdp["fits"]
   assert fsdp["sharding"] == "fsdp" and dp["sharding"] == "dp"
   assert fsdp["argument_size_bytes"] < 0.5 * dp["argument_size_bytes"]
+
+
+def _xspace_text(planes):
+  """An XSpace text proto: ``planes`` maps plane name -> {line name: [(kernel, hlo_op, ps)]}."""
+  out = []
+  for plane, lines in planes.items():
+    names = sorted({k for evs in lines.values() for k, _, _ in evs})
+    ids = {n: i + 1 for i, n in enumerate(names)}
+    body = [f'name: "{plane}"']
+    for line, evs in lines.items():
+      events = "".join(
+          f'events {{ metadata_id: {ids[k]} offset_ps: {i * 10**9} duration_ps: {ps} '
+          f'stats {{ metadata_id: 1000 str_value: "{op}" }} }} ' for i, (k, op, ps) in enumerate(evs))
+      body.append(f'lines {{ name: "{line}" timestamp_ns: 0 {events}}}')
+    body += [f'event_metadata {{ key: {i} value {{ id: {i} name: "{n}" }} }}' for n, i in ids.items()]
+    body.append('stat_metadata { key: 1000 value { id: 1000 name: "hlo_op" } }')
+    out.append("planes { " + " ".join(body) + " }")
+  return "\n".join(out)
+
+
+def test_kernel_table_of_a_device_trace(tmp_path):
+  """Kernel times of a hand-made GPU trace: sums per kernel and per category, stream lines only."""
+  from jax.profiler import ProfileData
+  from softvq_jax import kernel_profile
+  text = _xspace_text({"/device:GPU:0": {
+      "Stream #7(Compute)": [("sm90_xmma_gemm_bf16", "dot.1", 3_000_000),
+                             ("loop_multiply_fusion", "multiply_fusion", 1_000_000),
+                             ("sm90_xmma_gemm_bf16", "dot.1", 3_000_000),
+                             ("cudnn_generated_fort_native_sdpa", "custom-call.2", 2_000_000)],
+      # A derived line repeating the stream's ops must not be counted twice.
+      "XLA Ops": [("dot.1", "dot.1", 6_000_000)]}})
+  (tmp_path / "t.xplane.pb").write_bytes(ProfileData.text_proto_to_serialized_xspace(text))
+  table = kernel_profile.summarize(str(tmp_path), calls=2, wall_s=20e-6)
+  assert table["source"] == "device"
+  assert table["kernel_s_per_call"] == pytest.approx(4.5e-6)  # 9 us over 2 calls
+  assert table["busy_fraction"] == pytest.approx(9e-6 / 20e-6)
+  cats = table["by_category"]
+  assert cats["matmul"]["s_per_call"] == pytest.approx(3e-6)
+  assert cats["attention"]["share"] == pytest.approx(2 / 9)
+  assert cats["elementwise"]["share"] == pytest.approx(1 / 9)
+  top = table["top"][0]
+  assert (top["kernel"], top["hlo_op"], top["launches_per_call"]) == ("sm90_xmma_gemm_bf16",
+                                                                      "dot.1", 1.0)
+
+
+def test_profile_flag_adds_a_kernel_table_to_train_lines(tmp_path):
+  """``--profile`` on a donated-state train step: traced calls carry the state like timed ones."""
+  lines = bench.main(["--what", "train", "--model", "SiT-S", "--tiny", "--tokens", "8",
+                      "--channels", "4", "--batch", "8", "--repeats", "1", "--warmup", "1",
+                      "--matmul_size", "64", "--profile", str(tmp_path)])
+  table = lines[0]["profile"]
+  assert table["kernel_s_per_call"] > 0 and table["kernels_per_call"] >= 1
+  assert 0 < sum(c["share"] for c in table["by_category"].values()) <= 1 + 1e-9
+  assert [t["s_per_call"] for t in table["top"]] == sorted(
+      (t["s_per_call"] for t in table["top"]), reverse=True)
+  assert list(tmp_path.glob("*/optimized_hlo.txt"))
+  assert np.isfinite(lines[0]["loss"])
