@@ -87,6 +87,9 @@ def test_tokenizer_line_fields(tokenizer_lines, capsys):
     rate = line["encode_flops_per_img"] * line["encode_img_per_s"]
     assert line["encode_fraction_of_matmul_rate"] == pytest.approx(
         rate / line["matmul_flops_per_s"])
+    best = line["encode_flops_per_img"] * line["batch"] / line["encode"]["min_s"]
+    assert line["encode_fraction_of_matmul_rate_best"] == pytest.approx(
+        best / line["matmul_best_flops_per_s"])
   # one JSON object per line on stdout
   printed = [json.loads(l) for l in capsys.readouterr().out.splitlines() if l.startswith("{")]
   assert all("what" in p for p in printed)
