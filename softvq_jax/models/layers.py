@@ -207,14 +207,7 @@ class RopeTables(NamedTuple):
     return jnp.concatenate([x[:, :self.start], rotated, x[:, self.start + n:]], axis=1)
 
 
-def gelu(x: Array, approximate: bool = False) -> Array:
-  """GELU evaluated in float32 and returned in ``x``'s dtype, as PyTorch's kernels do.
-
-  The exact form is PyTorch's ``x/2 * (1 + erf(x/sqrt(2)))``. ``jax.nn.gelu``'s
-  exact form goes through ``erfc``, which XLA expands into a long piecewise
-  polynomial with an exponential; on GPUs that one elementwise kernel cost more
-  than the matmul feeding it.
-  """
+def _gelu_float32(x: Array, approximate: bool) -> Array:
   x32 = x.astype(jnp.float32)
   if approximate:
     inner = math.sqrt(2.0 / math.pi) * (x32 + 0.044715 * (x32**3))
@@ -222,6 +215,22 @@ def gelu(x: Array, approximate: bool = False) -> Array:
   else:
     cdf = 0.5 * (1.0 + jax.lax.erf(x32 * (1.0 / math.sqrt(2.0))))
   return (x32 * cdf).astype(x.dtype)
+
+
+def gelu(x: Array, approximate: bool = False) -> Array:
+  """GELU evaluated in float32 and returned in ``x``'s dtype, as PyTorch's kernels do.
+
+  The exact form is PyTorch's ``x/2 * (1 + erf(x/sqrt(2)))``. ``jax.nn.gelu``'s
+  exact form goes through ``erfc``, which XLA expands into a long piecewise
+  polynomial with an exponential; on GPUs that one elementwise kernel cost more
+  than the matmul feeding it.
+
+  For gradients only ``x`` is kept and the float32 intermediates are recomputed
+  in the backward pass, as PyTorch's GELU backward does: otherwise autodiff
+  keeps several float32 copies of the MLP's widest activation per layer.
+  ``jax.checkpoint`` (unlike a custom VJP) keeps forward-mode AD working.
+  """
+  return jax.checkpoint(_gelu_float32, static_argnums=(1,))(x, approximate)
 
 
 class Mlp(nnx.Module):
