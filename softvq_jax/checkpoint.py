@@ -19,6 +19,8 @@ from typing import Any, Iterator, Mapping
 import jax
 import numpy as np
 
+from softvq_jax.utils import fs
+
 Path = tuple
 
 _PARAMS = "params"
@@ -97,7 +99,23 @@ def _make_reproducible(params_dir: str) -> None:
 
 def write_param_dir(out_dir: str, flat_params: Mapping[Path, np.ndarray], config: Mapping[str, Any],
                     *, extra_json: Mapping[str, Any] | None = None, overwrite: bool = False) -> str:
-  """Writes ``config.json`` + Orbax ``params/`` (+ extra JSON files) atomically."""
+  """Writes ``config.json`` + Orbax ``params/`` (+ extra JSON files) atomically.
+
+  A bucket URL (``gs://...``) is written to a local temporary folder first and
+  then uploaded with ``config.json`` last: readers require it, so they never load
+  a partial upload.
+  """
+  if fs.is_remote(out_dir):
+    if fs.exists(out_dir) and not overwrite:
+      raise FileExistsError(f"{out_dir} already exists; pass overwrite=True (--overwrite) to "
+                            "replace it")
+    with tempfile.TemporaryDirectory() as local:
+      staged = write_param_dir(os.path.join(local, "out"), flat_params, config,
+                               extra_json=extra_json)
+      if fs.exists(out_dir):
+        fs.rmtree(out_dir)
+      fs.upload_tree(staged, out_dir, last=_CONFIG)
+    return out_dir
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
 
   with atomic_directory(out_dir, overwrite=overwrite) as tmp:
@@ -127,9 +145,9 @@ def _write_json(path: str, payload: Any) -> None:
 
 def read_config(directory: str) -> dict[str, Any]:
   path = os.path.join(directory, _CONFIG)
-  if not os.path.isfile(path):
+  if not fs.isfile(path):
     raise CheckpointError(f"{directory} has no {_CONFIG}: not a converted checkpoint directory")
-  with open(path) as f:
+  with fs.open(path) as f:
     try:
       return json.load(f)
     except json.JSONDecodeError as e:
@@ -142,8 +160,8 @@ def read_param_dir(directory: str, target: Mapping[Path, jax.ShapeDtypeStruct],
   """Restores ``params/`` onto ``target``'s shapes (and shardings), checking names and shapes."""
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
 
-  params_dir = os.path.join(os.path.abspath(directory), _PARAMS)
-  if not os.path.isdir(params_dir):
+  params_dir = os.path.join(fs.abspath(directory), _PARAMS)
+  if not fs.isdir(params_dir):
     raise CheckpointError(f"{directory} has no {_PARAMS}/ directory")
   with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as ckptr:
     meta = ckptr.metadata(params_dir)

@@ -12,6 +12,7 @@ from absl import logging
 from softvq_jax import parallel
 from softvq_jax.checkpoint import TrainCheckpointer
 from softvq_jax.train import state as state_lib
+from softvq_jax.utils import fs
 
 
 def make_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
@@ -71,7 +72,7 @@ def init_or_restore(model_fn, tx, mesh, *, seed: int, strategy: str, workdir: st
 
   Returns ``(graphdef, state, shardings, checkpointer)``.
   """
-  checkpointer = TrainCheckpointer(os.path.join(os.path.abspath(workdir), "checkpoints"),
+  checkpointer = TrainCheckpointer(os.path.join(fs.abspath(workdir), "checkpoints"),
                                    keep=keep)
   latest = checkpointer.latest_step()
   if latest is None:

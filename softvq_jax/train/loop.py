@@ -15,6 +15,7 @@ from absl import logging
 
 from softvq_jax import parallel
 from softvq_jax.checkpoint import TrainCheckpointer
+from softvq_jax.utils import fs
 
 Hook = Callable[[int, Any], None]
 
@@ -46,8 +47,7 @@ class JsonlWriter:
 
   def write(self, step: int, scalars: dict[str, float]) -> None:
     if self.enabled:
-      with open(self.path, "a") as f:
-        f.write(json.dumps({"step": step, **scalars}, sort_keys=True) + "\n")
+      fs.append_text(self.path, json.dumps({"step": step, **scalars}, sort_keys=True) + "\n")
 
 
 def _to_scalars(metrics) -> dict[str, float]:

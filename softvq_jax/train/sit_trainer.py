@@ -29,6 +29,7 @@ from softvq_jax.train.inputs import ArrayIterator
 from softvq_jax.train.loop import train_loop
 from softvq_jax.transport.loss import sit_loss
 from softvq_jax.transport.samplers import euler_sampler
+from softvq_jax.utils import fs
 from softvq_jax.utils.images import make_grid, save_png, to_uint8
 
 
@@ -240,7 +241,7 @@ def prepare_training(config: ml_collections.ConfigDict, workdir: str,
                      kind: str = "sit") -> GeneratorTraining:
   """Mesh, tokenizer, latents, restored-or-new state (or ``init_from``) and the jitted step of
   a ``kind`` ("sit" | "dit") generator; ``make_loss(gen_config)`` gives its loss function."""
-  os.makedirs(workdir, exist_ok=True)
+  fs.makedirs(workdir)
   mesh = common.make_mesh(config)
   common.check_batch(config.global_batch_size, mesh)
   tok = load_tokenizer(config, mesh)

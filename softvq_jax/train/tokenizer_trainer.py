@@ -36,6 +36,7 @@ from softvq_jax.tokenizer import Tokenizer, param_shapes
 from softvq_jax.train import common
 from softvq_jax.train import stage1
 from softvq_jax.train.loop import train_loop
+from softvq_jax.utils import fs
 from softvq_jax.utils.images import make_grid, save_png, to_uint8
 
 
@@ -307,7 +308,7 @@ def init_or_restore(setup: Stage1Setup, mesh, *, strategy: str, workdir: str, ke
   """Restores the latest checkpoint of ``workdir`` or initialises; ``(state, shardings, ckpt)``."""
   abstract = jax.eval_shape(setup.init)
   shardings = stage1_shardings(abstract, mesh, strategy)
-  ckpt = TrainCheckpointer(os.path.join(os.path.abspath(workdir), "checkpoints"), keep=keep)
+  ckpt = TrainCheckpointer(os.path.join(fs.abspath(workdir), "checkpoints"), keep=keep)
   latest = ckpt.latest_step()
   if latest is None:
     state = jax.jit(setup.init, out_shardings=shardings)()
@@ -326,7 +327,7 @@ def init_or_restore(setup: Stage1Setup, mesh, *, strategy: str, workdir: str, ke
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   from softvq_jax.data.pipeline import image_pipeline  # pylint: disable=g-import-not-at-top
 
-  os.makedirs(workdir, exist_ok=True)
+  fs.makedirs(workdir)
   mesh = common.make_mesh(config)
   common.check_batch(config.global_batch_size, mesh)
   train_source = resolve_source(config.data, "train")

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-import os
+import io
 
 import numpy as np
 from PIL import Image
+
+from softvq_jax.utils import fs
 
 
 def to_uint8(images) -> np.ndarray:
@@ -30,9 +32,7 @@ def make_grid(rows: list[np.ndarray], pad: int = 2) -> np.ndarray:
 
 
 def save_png(path: str, image: np.ndarray) -> str:
-  """Writes a PNG atomically (temporary file, then rename)."""
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = f"{path}.tmp-{os.getpid()}"
-  Image.fromarray(np.asarray(image, np.uint8)).save(tmp, format="PNG")
-  os.replace(tmp, path)
-  return path
+  """Writes a PNG atomically (local: temporary file, then rename; ``gs://``: one upload)."""
+  buffer = io.BytesIO()
+  Image.fromarray(np.asarray(image, np.uint8)).save(buffer, format="PNG")
+  return fs.write_bytes_atomic(path, buffer.getvalue())

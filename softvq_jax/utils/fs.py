@@ -1,0 +1,108 @@
+"""Files of a workdir that is a local folder or a bucket URL such as ``gs://bucket/run``.
+
+Local paths go through ``os`` and ``open`` exactly as before. URLs go through
+``etils.epath`` (Cloud Storage through TensorFlow's file system or gcsfs). Object
+stores have no rename and no append, so:
+
+- ``write_bytes_atomic`` writes an object in one upload, which becomes visible
+  whole or not at all (local files: temporary file, then rename);
+- ``append_text`` on a URL rewrites the whole object with the new text added
+  (metrics files are small and written every few hundred steps);
+- ``upload_tree`` copies a finished local folder, ``config.json`` last, so a
+  reader that requires it never sees a partial copy.
+"""
+
+from __future__ import annotations
+
+import builtins
+import os
+from typing import IO, Any
+
+
+def is_remote(path: str | os.PathLike) -> bool:
+  return "://" in os.fspath(path)
+
+
+def _remote(path: str):
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  return epath.Path(path)
+
+
+def abspath(path: str) -> str:
+  """``os.path.abspath`` for local paths; URLs unchanged (abspath would turn one into a folder)."""
+  return path if is_remote(path) else os.path.abspath(path)
+
+
+def makedirs(path: str) -> None:
+  if is_remote(path):
+    _remote(path).mkdir(parents=True, exist_ok=True)
+  else:
+    os.makedirs(path, exist_ok=True)
+
+
+def exists(path: str) -> bool:
+  return _remote(path).exists() if is_remote(path) else os.path.exists(path)
+
+
+def isdir(path: str) -> bool:
+  return _remote(path).is_dir() if is_remote(path) else os.path.isdir(path)
+
+
+def isfile(path: str) -> bool:
+  if is_remote(path):
+    p = _remote(path)
+    return p.exists() and not p.is_dir()
+  return os.path.isfile(path)
+
+
+def rmtree(path: str) -> None:
+  if is_remote(path):
+    _remote(path).rmtree()
+  else:
+    import shutil  # pylint: disable=g-import-not-at-top
+    shutil.rmtree(path)
+
+
+def open(path: str, mode: str = "r") -> IO[Any]:  # pylint: disable=redefined-builtin
+  return _remote(path).open(mode) if is_remote(path) else builtins.open(path, mode)
+
+
+def write_bytes_atomic(path: str, data: bytes) -> str:
+  """Writes ``data`` to ``path`` so that readers see the old content or the new, never a part."""
+  if is_remote(path):
+    p = _remote(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_bytes(data)
+    return path
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = f"{path}.tmp-{os.getpid()}"
+  with builtins.open(tmp, "wb") as f:
+    f.write(data)
+  os.replace(tmp, path)
+  return path
+
+
+def append_text(path: str, text: str) -> None:
+  if not is_remote(path):
+    with builtins.open(path, "a") as f:
+      f.write(text)
+    return
+  p = _remote(path)
+  old = p.read_text() if p.exists() else ""
+  p.parent.mkdir(parents=True, exist_ok=True)
+  p.write_text(old + text)
+
+
+def upload_tree(local_dir: str, remote_dir: str, *, last: str = "config.json") -> None:
+  """Copies the files under ``local_dir`` to ``remote_dir``, the file named ``last`` last."""
+  files = []
+  for root, _, names in os.walk(local_dir):
+    for name in names:
+      files.append(os.path.relpath(os.path.join(root, name), local_dir))
+  files.sort(key=lambda rel: (rel == last, rel))
+  target = _remote(remote_dir)
+  for rel in files:
+    dst = target / rel
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with builtins.open(os.path.join(local_dir, rel), "rb") as f:
+      dst.write_bytes(f.read())

@@ -1,0 +1,113 @@
+"""Workdirs on a bucket (``gs://``): what the trainers write goes through ``utils.fs``.
+
+No bucket is reachable offline, so ``gs://bucket/...`` is mapped onto a local
+folder through ``etils.epath`` (the library the real URLs go through); the code
+under test takes its URL branch: single uploads, rewrite instead of append,
+upload with ``config.json`` last.
+"""
+
+import json
+import os
+
+import numpy as np
+import pytest
+from etils import epath
+from PIL import Image
+
+from softvq_jax import checkpoint
+from softvq_jax.train import common
+from softvq_jax.train.loop import JsonlWriter
+from softvq_jax.utils import fs
+from softvq_jax.utils.images import save_png
+
+
+@pytest.fixture
+def bucket(tmp_path, monkeypatch):
+  """``gs://bucket/x`` -> ``tmp_path/bucket/x``; returns that local root."""
+  root = tmp_path / "bucket"
+  writes = []
+
+  class RecordingPath(type(epath.Path(tmp_path))):
+    def write_bytes(self, data):
+      writes.append(os.path.relpath(str(self), root))
+      return super().write_bytes(data)
+
+  def remote(path):
+    assert path.startswith("gs://bucket"), path
+    return RecordingPath(str(root) + path[len("gs://bucket"):])
+
+  monkeypatch.setattr(fs, "_remote", remote)
+  return _Bucket(root, writes)
+
+
+class _Bucket:
+  """The local folder behind ``gs://bucket`` (``bucket / "x"``) and the uploads, in order."""
+
+  def __init__(self, root, writes):
+    self.root, self.writes, self.parent = root, writes, root.parent
+
+  def __truediv__(self, rel):
+    return self.root / rel
+
+
+def test_urls_are_not_turned_into_local_folders():
+  assert fs.abspath("gs://bucket/run") == "gs://bucket/run"
+  assert fs.abspath("run") == os.path.abspath("run")
+  assert fs.is_remote("gs://b/x") and not fs.is_remote("/tmp/x")
+
+
+def test_metrics_lines_accumulate_on_a_bucket(bucket):
+  (bucket / "run").mkdir(parents=True)
+  (bucket / "run" / "metrics.jsonl").write_text('{"step": 1}\n')  # from before a restart
+  writer = JsonlWriter("gs://bucket/run/metrics.jsonl")
+  writer.write(2, {"loss": 0.5})
+  writer.write(3, {"loss": 0.25})
+  lines = [json.loads(l) for l in (bucket / "run" / "metrics.jsonl").read_text().splitlines()]
+  assert lines == [{"step": 1}, {"step": 2, "loss": 0.5}, {"step": 3, "loss": 0.25}]
+
+
+def test_png_is_one_upload(bucket):
+  image = np.random.default_rng(0).integers(0, 255, (8, 12, 3), dtype=np.uint8)
+  assert save_png("gs://bucket/run/grids/step_10.png", image) == "gs://bucket/run/grids/step_10.png"
+  np.testing.assert_array_equal(np.asarray(Image.open(bucket / "run/grids/step_10.png")), image)
+  assert os.listdir(bucket / "run/grids") == ["step_10.png"]  # no temporary file left
+  assert bucket.writes == ["run/grids/step_10.png"]
+
+
+def test_parameter_directory_uploads_config_last_and_refuses_to_overwrite(bucket):
+  flat = {("a", "kernel"): np.ones((2, 3), np.float32), ("b",): np.arange(4, dtype=np.float32)}
+  out = checkpoint.write_param_dir("gs://bucket/run/tokenizer", flat, {"name": "x"},
+                                   extra_json={"extra.json": {"k": 1}})
+  assert out == "gs://bucket/run/tokenizer"
+  assert bucket.writes[-1] == "run/tokenizer/config.json"
+  assert "run/tokenizer/extra.json" in bucket.writes
+  assert any(w.startswith("run/tokenizer/params/") for w in bucket.writes)
+  assert checkpoint.read_config("gs://bucket/run/tokenizer") == {"name": "x"}
+  # The uploaded folder is the same as a local write of the same parameters.
+  local = checkpoint.write_param_dir(str(bucket.parent / "local"), flat, {"name": "x"},
+                                     extra_json={"extra.json": {"k": 1}})
+  listing = lambda root: sorted(os.path.relpath(os.path.join(r, n), root)
+                                for r, _, names in os.walk(root) for n in names)
+  assert listing(bucket / "run/tokenizer") == listing(local)
+  with pytest.raises(FileExistsError, match="already exists"):
+    checkpoint.write_param_dir("gs://bucket/run/tokenizer", flat, {"name": "y"})
+  checkpoint.write_param_dir("gs://bucket/run/tokenizer", flat, {"name": "y"}, overwrite=True)
+  assert checkpoint.read_config("gs://bucket/run/tokenizer") == {"name": "y"}
+  assert not (bucket / "run/tokenizer/extra.json").exists()  # the old folder was replaced
+
+
+def test_trainers_give_orbax_the_url_itself(monkeypatch):
+  seen = []
+
+  class Stop(Exception):
+    pass
+
+  def fake_checkpointer(directory, keep):
+    seen.append(directory)
+    raise Stop
+
+  monkeypatch.setattr(common, "TrainCheckpointer", fake_checkpointer)
+  with pytest.raises(Stop):
+    common.init_or_restore(None, None, None, seed=0, strategy="dp", workdir="gs://bucket/run",
+                           keep=1)
+  assert seen == ["gs://bucket/run/checkpoints"]
