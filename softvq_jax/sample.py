@@ -21,6 +21,7 @@ from tqdm import tqdm
 from softvq_jax.generator import Generator
 from softvq_jax.models.sit import GeneratorConfig
 from softvq_jax.tokenizer import Tokenizer
+from softvq_jax.utils import fs
 from softvq_jax.utils.images import make_grid, save_png, to_uint8
 
 
@@ -51,7 +52,7 @@ def balanced_labels(num_samples: int, num_classes: int) -> np.ndarray:
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  os.makedirs(os.path.join(workdir, "parts"), exist_ok=True)
+  fs.makedirs(os.path.join(workdir, "parts"))
   mesh = None
   if jax.device_count() > 1:
     from softvq_jax import parallel  # pylint: disable=g-import-not-at-top
@@ -71,21 +72,19 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       "vq_mean": tok.config.vq_mean, "vq_std": tok.config.vq_std,
   }
   settings_path = os.path.join(workdir, "sampling.json")
-  if os.path.exists(settings_path):
-    with open(settings_path) as f:
+  if fs.exists(settings_path):
+    with fs.open(settings_path) as f:
       previous = json.load(f)
     if previous != settings:
       raise ValueError(f"{workdir} holds samples made with other settings ({settings_path}); "
                        "use a new workdir")
-  with open(settings_path + ".tmp", "w") as f:
-    json.dump(settings, f, indent=2)
-  os.replace(settings_path + ".tmp", settings_path)
+  fs.write_json_atomic(settings_path, settings)
 
   batches = range(0, config.num_samples, config.batch_size)
   sit = gen.kind == "sit"
   for b, start in enumerate(tqdm(batches, desc="sample", unit="batch")):
     part = os.path.join(workdir, "parts", f"part_{b:06d}.npz")
-    if os.path.exists(part):
+    if fs.exists(part):
       continue
     y = labels[start:start + config.batch_size]
     key = jax.random.fold_in(jax.random.key(config.seed), b)
@@ -98,20 +97,21 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       kwargs.update(noise_schedule=s.get("noise_schedule", "cosine"), eta=s.get("eta", 0.0))
     z = gen.sample(noise, y, **kwargs)
     images = to_uint8(np.clip(np.asarray(tok.decode(tok.denormalize(z))), -1, 1))
-    np.savez(part + ".tmp.npz", images=images, labels=y)
-    os.replace(part + ".tmp.npz", part)
+    with fs.staged_file(part, ".npz") as tmp:
+      np.savez(tmp, images=images, labels=y)
     if config.get("save_pngs", True):
       for i, (img, label) in enumerate(zip(images, y)):
         save_png(os.path.join(workdir, "images", f"{start + i:06d}_class{label}.png"), img)
 
   images, out_labels = [], []
   for b, _ in enumerate(batches):
-    with np.load(os.path.join(workdir, "parts", f"part_{b:06d}.npz")) as part:
+    with fs.open(os.path.join(workdir, "parts", f"part_{b:06d}.npz"), "rb") as f, \
+        np.load(f) as part:
       images.append(part["images"])
       out_labels.append(part["labels"])
   images, out_labels = np.concatenate(images), np.concatenate(out_labels)
-  np.savez(os.path.join(workdir, "samples.tmp.npz"), arr_0=images, arr_1=out_labels)
-  os.replace(os.path.join(workdir, "samples.tmp.npz"), os.path.join(workdir, "samples.npz"))
+  with fs.staged_file(os.path.join(workdir, "samples.npz"), ".npz") as tmp:
+    np.savez(tmp, arr_0=images, arr_1=out_labels)
   first = images[:64]
   per_row = 8
   rows = [first[i:i + per_row] for i in range(0, len(first) - len(first) % per_row or 1, per_row)]

@@ -111,3 +111,35 @@ def test_trainers_give_orbax_the_url_itself(monkeypatch):
     common.init_or_restore(None, None, None, seed=0, strategy="dp", workdir="gs://bucket/run",
                            keep=1)
   assert seen == ["gs://bucket/run/checkpoints"]
+
+
+def test_staged_files_appear_whole_or_not_at_all(bucket, tmp_path):
+  for target in ("gs://bucket/run/a.npz", str(tmp_path / "local" / "a.npz")):
+    with pytest.raises(RuntimeError):
+      with fs.staged_file(target, ".npz") as tmp:
+        np.savez(tmp, x=np.ones(3))
+        raise RuntimeError("interrupted")
+    assert not fs.exists(target)
+    with fs.staged_file(target, ".npz") as tmp:
+      np.savez(tmp, x=np.arange(3))
+    with fs.open(target, "rb") as f, np.load(f) as data:
+      np.testing.assert_array_equal(data["x"], np.arange(3))
+  assert os.listdir(tmp_path / "local") == ["a.npz"]
+
+
+def test_eval_outputs_and_inputs_on_a_bucket(bucket):
+  from softvq_jax.eval import job_utils, npz
+  from softvq_jax.eval.fid import FeatureStats
+  import jax
+  assert jax.process_index() == 0
+  job_utils.write_metrics("gs://bucket/eval", {"fid": 2.5})
+  assert json.loads((bucket / "eval/metrics.json").read_text()) == {"fid": 2.5}
+  images = np.random.default_rng(1).integers(0, 255, (5, 4, 4, 3), dtype=np.uint8)
+  stats = FeatureStats.from_features(np.random.default_rng(2).normal(size=(6, 3)))
+  with fs.staged_file("gs://bucket/ref/ref.npz", ".npz") as tmp:
+    npz.write_reference_batch(tmp, images=images, pool=stats)
+  assert npz.array_shape("gs://bucket/ref/ref.npz") == (5, 4, 4, 3)
+  streamed = np.concatenate(list(npz.iter_images("gs://bucket/ref/ref.npz", 2)))
+  np.testing.assert_array_equal(streamed, images)
+  np.testing.assert_allclose(npz.read_reference_stats("gs://bucket/ref/ref.npz")["mu"],
+                             stats.mean)

@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 from softvq_jax.eval import adm, image_metrics, job_utils
 from softvq_jax.tokenizer import Tokenizer
+from softvq_jax.utils import fs
 from softvq_jax.utils.images import from_uint8, make_grid, save_png, to_uint8
 
 # Per-image quantities summed over the set (and the hosts); means are taken at the end.
@@ -124,7 +125,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if not config.get("tokenizer_dir"):
     raise ValueError("config.tokenizer_dir is required: a converted or trained tokenizer "
                      "directory (Tokenizer.save / python -m softvq_jax.convert)")
-  os.makedirs(workdir, exist_ok=True)
+  fs.makedirs(workdir)
   mesh = None
   if jax.local_device_count() > 1 and jax.process_count() == 1:
     from softvq_jax import parallel  # pylint: disable=g-import-not-at-top

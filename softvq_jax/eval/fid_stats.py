@@ -22,6 +22,7 @@ from absl import logging
 from tqdm import tqdm
 
 from softvq_jax.eval import adm, job_utils, npz
+from softvq_jax.utils import fs
 from softvq_jax.utils.images import to_uint8
 
 
@@ -55,11 +56,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
           "source": str(getattr(source, "name", config.data.source)),
           "with_images": keep_images, "seconds": round(time.time() - start, 1)}
   if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    tmp = path + ".tmp.npz"  # np.savez appends .npz to other names
-    npz.write_reference_batch(tmp, images=np.concatenate(kept) if keep_images else None,
-                              pool=pool, spatial=spatial)
-    os.replace(tmp, path)
+    with fs.staged_file(path, ".npz") as tmp:  # np.savez appends .npz to other names
+      npz.write_reference_batch(tmp, images=np.concatenate(kept) if keep_images else None,
+                                pool=pool, spatial=spatial)
   job_utils.write_metrics(workdir, info, name="fid_stats.json")
   logging.info("Wrote the reference batch of %d images to %s", pool.count, path)
   return info

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
 import ml_collections
 import numpy as np
 from absl import logging
+
+from softvq_jax.utils import fs
 
 
 class Subset:
@@ -69,9 +70,6 @@ def write_metrics(workdir: str, metrics: dict[str, Any], name: str = "metrics.js
   import jax  # pylint: disable=g-import-not-at-top
   path = os.path.join(workdir, name)
   if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-      json.dump(metrics, f, indent=2)
-    os.replace(path + ".tmp", path)
+    fs.write_json_atomic(path, metrics)
     logging.info("Wrote %s", path)
   return path

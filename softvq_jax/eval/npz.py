@@ -17,6 +17,7 @@ from typing import Iterator
 import numpy as np
 
 from softvq_jax.eval.fid import FeatureStats
+from softvq_jax.utils import fs
 
 
 def _check_images(images: np.ndarray) -> np.ndarray:
@@ -39,7 +40,7 @@ def write_sample_batch(path: str, images: np.ndarray, labels: np.ndarray | None 
 
 
 def read_sample_batch(path: str) -> tuple[np.ndarray, np.ndarray | None]:
-  with np.load(path) as data:
+  with fs.open(path, "rb") as raw, np.load(raw) as data:
     images = _check_images(data["arr_0"])
     labels = np.asarray(data["arr_1"]) if "arr_1" in data.files else None
   return images, labels
@@ -63,7 +64,7 @@ def write_reference_batch(path: str, *, images: np.ndarray | None = None,
 
 def read_reference_stats(path: str) -> dict[str, np.ndarray]:
   """The statistics stored in a reference batch (``mu``, ``sigma``, ``mu_s``, ``sigma_s``) that exist."""
-  with np.load(path) as data:
+  with fs.open(path, "rb") as raw, np.load(raw) as data:
     return {k: np.asarray(data[k], np.float64) for k in ("mu", "sigma", "mu_s", "sigma_s")
             if k in data.files}
 
@@ -86,14 +87,16 @@ def _read_header(f) -> tuple[tuple[int, ...], bool, np.dtype]:
 
 def array_shape(path: str, key: str = "arr_0") -> tuple[int, ...]:
   """Shape of one array of an npz, read from its header only."""
-  with zipfile.ZipFile(path) as archive, archive.open(_npy_member(archive, key)) as f:
+  with fs.open(path, "rb") as raw, zipfile.ZipFile(raw) as archive, \
+      archive.open(_npy_member(archive, key)) as f:
     shape, _, _ = _read_header(f)
   return tuple(shape)
 
 
 def iter_images(path: str, batch_size: int, key: str = "arr_0") -> Iterator[np.ndarray]:
   """Yields ``arr_0`` in consecutive batches of at most ``batch_size`` rows, streamed."""
-  with zipfile.ZipFile(path) as archive, archive.open(_npy_member(archive, key)) as f:
+  with fs.open(path, "rb") as raw, zipfile.ZipFile(raw) as archive, \
+      archive.open(_npy_member(archive, key)) as f:
     shape, fortran, dtype = _read_header(f)
     if fortran:
       raise ValueError(f"{path}:{key} is Fortran-ordered; cannot stream it")

@@ -7,7 +7,6 @@ and ``metrics.json`` (PSNR on uint8 round-tripped images, code usage).
 
 from __future__ import annotations
 
-import json
 import os
 import time
 
@@ -17,6 +16,7 @@ from absl import logging
 from tqdm import tqdm
 
 from softvq_jax.tokenizer import Tokenizer
+from softvq_jax.utils import fs
 from softvq_jax.utils.images import make_grid, save_png, to_uint8
 
 
@@ -47,7 +47,7 @@ def load_images(config: ml_collections.ConfigDict, image_size: int) -> tuple[np.
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  os.makedirs(workdir, exist_ok=True)
+  fs.makedirs(workdir)
   tok = load_tokenizer(config)
   images, names = load_images(config, tok.image_size)
   logging.info("Reconstructing %d images of %dx%d; latents %s", len(images), tok.image_size,
@@ -77,9 +77,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if usage:
     metrics["codebook_perplexity"] = [float(v) for v in np.mean(usage, axis=0)]
   save_png(os.path.join(workdir, "reconstructions.png"), make_grid([originals_u8, recons_u8]))
-  np.savez(os.path.join(workdir, "latents.npz"), latents=latents,
-           normalized=np.asarray(tok.normalize(latents)), names=np.array(names))
-  with open(os.path.join(workdir, "metrics.json"), "w") as f:
-    json.dump(metrics, f, indent=2)
+  with fs.staged_file(os.path.join(workdir, "latents.npz"), ".npz") as tmp:
+    np.savez(tmp, latents=latents, normalized=np.asarray(tok.normalize(latents)),
+             names=np.array(names))
+  fs.write_json_atomic(os.path.join(workdir, "metrics.json"), metrics)
   logging.info("PSNR %.2f dB over %d images; wrote %s", metrics["psnr_db"], len(images), workdir)
   return metrics

@@ -15,8 +15,12 @@ stores have no rename and no append, so:
 from __future__ import annotations
 
 import builtins
+import contextlib
+import json
 import os
-from typing import IO, Any
+import shutil
+import tempfile
+from typing import IO, Any, Iterator
 
 
 def is_remote(path: str | os.PathLike) -> bool:
@@ -59,7 +63,6 @@ def rmtree(path: str) -> None:
   if is_remote(path):
     _remote(path).rmtree()
   else:
-    import shutil  # pylint: disable=g-import-not-at-top
     shutil.rmtree(path)
 
 
@@ -80,6 +83,38 @@ def write_bytes_atomic(path: str, data: bytes) -> str:
     f.write(data)
   os.replace(tmp, path)
   return path
+
+
+def write_json_atomic(path: str, payload: Any) -> str:
+  return write_bytes_atomic(path, (json.dumps(payload, indent=2) + "\n").encode())
+
+
+@contextlib.contextmanager
+def staged_file(path: str, suffix: str = "") -> Iterator[str]:
+  """Yields a local file name to write; when the block succeeds it becomes ``path``.
+
+  Local: a temporary sibling renamed into place. URL: a local temporary file
+  uploaded in one go (for large outputs such as an ADM sample batch, without
+  holding them in memory). ``suffix`` keeps writers that add an extension
+  (``np.savez`` adds ``.npz``) writing to the yielded name.
+  """
+  if not is_remote(path):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}{suffix}"
+    try:
+      yield tmp
+      os.replace(tmp, path)
+    finally:
+      if os.path.exists(tmp):
+        os.remove(tmp)
+    return
+  with tempfile.TemporaryDirectory() as local:
+    tmp = os.path.join(local, "staged" + suffix)
+    yield tmp
+    target = _remote(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with builtins.open(tmp, "rb") as src, target.open("wb") as dst:
+      shutil.copyfileobj(src, dst, length=16 << 20)
 
 
 def append_text(path: str, text: str) -> None:
