@@ -1,9 +1,10 @@
 """Where the device time of a compiled program goes: a per-kernel table from a profiler trace.
 
 ``python -m softvq_jax.bench ... --profile DIR`` traces a few calls of each timed
-program and adds the table to its JSON line; the raw trace (``*.xplane.pb``,
-readable in TensorBoard's profile plugin or xprof) and the optimised HLO stay
-in ``DIR`` so a fusion named in the table can be looked up.
+program and adds the table to its JSON line; each top kernel that is an XLA
+fusion says what it computes (``computes``: its main HLO ops, read from the
+optimised HLO). The raw trace (``*.xplane.pb``, readable in TensorBoard's
+profile plugin or xprof) and the optimised HLO stay in ``DIR``.
 
 Read without TensorFlow or TensorBoard: ``jax.profiler.ProfileData`` parses the trace.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 import collections
 import glob
 import os
+import re
 import time
 from typing import Any, Callable
 
@@ -76,7 +78,48 @@ def _events(data) -> tuple[list[tuple[str, str, float]], str]:
   return out, "host"
 
 
-def summarize(logdir: str, calls: int, wall_s: float, top: int = 25) -> dict[str, Any]:
+_COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s+\(.*\)\s+->\s+.*\{\s*$")
+# "%name = <shape or (tuple shape)> opcode(" ; the opcode is what we count.
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s+=\s+(?:\([^)]*\)|\S+)\s+([a-z][\w\-]*)\(")
+_FUSION = re.compile(r"kind=(k\w+),\s+calls=%?([\w.\-]+)")
+_PLUMBING = {"parameter", "constant", "broadcast", "bitcast", "get-tuple-element", "tuple"}
+
+
+def fusion_contents(hlo_text: str, most: int = 5) -> dict[str, str]:
+  """What each fusion of an optimised HLO module computes: ``"kLoop: multiply x6, tanh x1"``.
+
+  Keys are the fusion names as written in the HLO (``fusion.12``) and as GPU kernels
+  are named after them (``fusion_12``), so a profiled kernel can be looked up.
+  """
+  ops: dict[str, collections.Counter] = {}
+  current = None
+  for line in hlo_text.splitlines():
+    m = _COMPUTATION.match(line)
+    if m:
+      current = ops.setdefault(m.group(1), collections.Counter())
+      continue
+    if line.strip() == "}":
+      current = None
+      continue
+    m = _INSTRUCTION.match(line)
+    if m and current is not None and m.group(2) not in _PLUMBING:
+      current[m.group(2)] += 1
+  out = {}
+  for line in hlo_text.splitlines():
+    m = _INSTRUCTION.match(line)
+    if not m or m.group(2) != "fusion":
+      continue
+    f = _FUSION.search(line)
+    if not f:
+      continue
+    counted = ops.get(f.group(2), collections.Counter()).most_common(most)
+    text = f"{f.group(1)}: " + ", ".join(f"{op} x{n}" for op, n in counted)
+    out[m.group(1)] = out[m.group(1).replace(".", "_")] = text
+  return out
+
+
+def summarize(logdir: str, calls: int, wall_s: float, top: int = 25,
+              hlo_text: str | None = None) -> dict[str, Any]:
   """Per-call kernel time by category and the ``top`` kernels of the newest trace in ``logdir``.
 
   ``wall_s``: the traced calls' total wall time; ``busy_fraction`` is the kernels'
@@ -97,6 +140,7 @@ def summarize(logdir: str, calls: int, wall_s: float, top: int = 25) -> dict[str
     by_category[category(name if source == "device" else op)] += seconds
   total = sum(by_category.values())
   ranked = sorted(by_kernel.items(), key=lambda kv: -kv[1][0])[:top]
+  contents = fusion_contents(hlo_text) if hlo_text else {}
   return dict(
       source=source, trace=os.path.relpath(paths[-1], logdir), calls=calls,
       kernel_s_per_call=total / calls, wall_s_per_call=wall_s / calls,
@@ -105,6 +149,7 @@ def summarize(logdir: str, calls: int, wall_s: float, top: int = 25) -> dict[str
       by_category={k: dict(s_per_call=v / calls, share=v / total if total else 0.0)
                    for k, v in sorted(by_category.items(), key=lambda kv: -kv[1])},
       top=[dict(kernel=name[:160], hlo_op=op[:120], category=category(name),
+                computes=contents.get(name) or contents.get(op),
                 s_per_call=v[0] / calls, launches_per_call=v[1] / calls,
                 share=v[0] / total if total else 0.0)
            for (name, op), v in ranked])
@@ -128,4 +173,4 @@ def trace_calls(run_once: Callable[[], Any], logdir: str, calls: int = 3,
     for _ in range(calls):
       jax.block_until_ready(run_once())
     wall = time.perf_counter() - t0
-  return summarize(logdir, calls, wall)
+  return summarize(logdir, calls, wall, hlo_text=hlo_text)

@@ -184,6 +184,46 @@ def test_kernel_table_of_a_device_trace(tmp_path):
                                                                       "dot.1", 1.0)
 
 
+HLO = """HloModule m
+
+%fused_gelu (param_0: bf16[4,8]) -> bf16[4,8] {
+  %param_0 = bf16[4,8]{1,0} parameter(0)
+  %convert.1 = f32[4,8]{1,0} convert(%param_0)
+  %erf.2 = f32[4,8]{1,0} erf(%convert.1)
+  %multiply.3 = f32[4,8]{1,0} multiply(%convert.1, %erf.2)
+  ROOT %convert.4 = bf16[4,8]{1,0} convert(%multiply.3)
+}
+
+%fused_norm (p0: f32[4,8]) -> (f32[4], f32[4,8]) {
+  %p0 = f32[4,8]{1,0} parameter(0)
+  %c = f32[] constant(0)
+  %reduce.1 = f32[4]{0} reduce(%p0, %c), dimensions={1}, to_apply=%add
+  %rsqrt.2 = f32[4]{0} rsqrt(%reduce.1)
+  %broadcast.3 = f32[4,8]{1,0} broadcast(%rsqrt.2), dimensions={0}
+  %multiply.4 = f32[4,8]{1,0} multiply(%p0, %broadcast.3)
+  ROOT %tuple.5 = (f32[4]{0}, f32[4,8]{1,0}) tuple(%reduce.1, %multiply.4)
+}
+
+ENTRY %main (x: bf16[4,8], y: f32[4,8]) -> bf16[4,8] {
+  %x = bf16[4,8]{1,0} parameter(0)
+  %y = f32[4,8]{1,0} parameter(1)
+  %loop_convert_fusion.7 = bf16[4,8]{1,0} fusion(%x), kind=kLoop, calls=%fused_gelu
+  %fusion.12 = (f32[4]{0}, f32[4,8]{1,0}) fusion(%y), kind=kCustom, calls=%fused_norm
+  ROOT %r = bf16[4,8]{1,0} copy(%loop_convert_fusion.7)
+}
+"""
+
+
+def test_fusion_contents_name_the_ops_of_each_fusion():
+  from softvq_jax.kernel_profile import fusion_contents
+  contents = fusion_contents(HLO)
+  # GPU kernels carry the fusion's name with "_" for "."; both spellings resolve.
+  assert contents["loop_convert_fusion_7"] == contents["loop_convert_fusion.7"]
+  assert contents["loop_convert_fusion_7"] == "kLoop: convert x2, erf x1, multiply x1"
+  assert contents["fusion_12"] == "kCustom: reduce x1, rsqrt x1, multiply x1"
+  assert "r" not in contents and "copy" not in str(contents)
+
+
 def test_profile_flag_adds_a_kernel_table_to_train_lines(tmp_path):
   """``--profile`` on a donated-state train step: traced calls carry the state like timed ones."""
   lines = bench.main(["--what", "train", "--model", "SiT-S", "--tiny", "--tokens", "8",
@@ -195,4 +235,6 @@ def test_profile_flag_adds_a_kernel_table_to_train_lines(tmp_path):
   assert [t["s_per_call"] for t in table["top"]] == sorted(
       (t["s_per_call"] for t in table["top"]), reverse=True)
   assert list(tmp_path.glob("*/optimized_hlo.txt"))
+  # Fusions among the top kernels say what they compute (read from that HLO).
+  assert any(t["computes"] for t in table["top"])
   assert np.isfinite(lines[0]["loss"])
