@@ -346,9 +346,13 @@ def _generator_config(name: str, tokens: int, channels: int, tiny: bool):
   return GeneratorConfig.preset(preset, **overrides)
 
 
-def _split(module):
+def _split(module, dtype):
+  """``(graphdef, state)`` with the weights cast to the compute ``dtype`` once, as the
+  ``Tokenizer``/``Generator`` inference classes run them (``dtype`` None: float32)."""
   from flax import nnx  # pylint: disable=g-import-not-at-top
-  return nnx.split(module)
+  from softvq_jax.models import layers  # pylint: disable=g-import-not-at-top
+  graphdef, state = nnx.split(module)
+  return graphdef, layers.cast_for_compute(module, state, dtype)
 
 
 def _device_info() -> dict[str, Any]:
@@ -384,16 +388,14 @@ def _rates(line: dict[str, Any], flops_per_item: float, items: int, timing: Timi
 
 # -------------------------------------------------------------------- benchmarks
 def bench_tokenizer(args, matmul) -> list[dict[str, Any]]:
-  from softvq_jax.models import layers  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
   from softvq_jax.models.tokenizer import TokenizerModel  # pylint: disable=g-import-not-at-top
   cfg = _tokenizer_config("tiny" if args.tiny else args.model, args.size)
   dtype = _jnp_dtype(args.dtype)
-  model = TokenizerModel(cfg, rngs=nnx.Rngs(0), dtype=None if args.dtype == "float32" else dtype)
-  graphdef, state = _split(model)
-  state = layers.cast_for_compute(model, state, dtype)  # what ``Tokenizer`` runs on
+  graphdef, state = _split(TokenizerModel(cfg, rngs=nnx.Rngs(0),
+                                          dtype=None if args.dtype == "float32" else dtype), dtype)
   flops = tokenizer_flops(cfg)
   lines = []
   for batch in args.batches:
@@ -424,16 +426,13 @@ def bench_tokenizer(args, matmul) -> list[dict[str, Any]]:
 
 
 def bench_sit(args, matmul) -> list[dict[str, Any]]:
-  from softvq_jax.models import layers  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
   from softvq_jax.models.sit import SiT  # pylint: disable=g-import-not-at-top
   cfg = _generator_config(args.model, args.tokens, args.channels, args.tiny)
   dtype = None if args.dtype == "float32" else _jnp_dtype(args.dtype)
-  model = SiT(cfg, rngs=nnx.Rngs(0), dtype=dtype)
-  graphdef, state = _split(model)
-  state = layers.cast_for_compute(model, state, dtype or jnp.float32)  # as ``Generator`` does
+  graphdef, state = _split(SiT(cfg, rngs=nnx.Rngs(0), dtype=dtype), dtype)
   flops = generator_flops(cfg)
   lines = []
   for batch in args.batches:
@@ -456,7 +455,6 @@ def bench_sit(args, matmul) -> list[dict[str, Any]]:
 
 def _pipeline_parts(args):
   """``(gen_cfg, decoder_fn(state, latents) -> images, decoder_state, decode_flops, name)``."""
-  from softvq_jax.models import layers  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
   dtype = None if args.dtype == "float32" else _jnp_dtype(args.dtype)
@@ -469,8 +467,7 @@ def _pipeline_parts(args):
     gen_cfg = _generator_config(args.generator, tokens, width, args.tiny)
     decoder = (SDVAEDecoder(rngs=nnx.Rngs(1), dtype=dtype, ch=32, ch_mult=(1, 1, 1, 1))
                if args.tiny else SDVAEDecoder(rngs=nnx.Rngs(1), dtype=dtype))
-    dgraph, dstate = nnx.split(decoder)
-    dstate = layers.cast_for_compute(decoder, dstate, dtype or jnp.float32)
+    dgraph, dstate = _split(decoder, dtype)
 
     def decode(s, z):
       b = z.shape[0]
@@ -482,9 +479,7 @@ def _pipeline_parts(args):
   tok_cfg = _tokenizer_config("tiny" if args.tiny else args.model, args.size)
   gen_cfg = _generator_config(args.generator, tok_cfg.num_latent_tokens,
                               tok_cfg.codebook_embed_dim, args.tiny)
-  tokenizer = TokenizerModel(tok_cfg, rngs=nnx.Rngs(1), dtype=dtype)
-  tgraph, tstate = nnx.split(tokenizer)
-  tstate = layers.cast_for_compute(tokenizer, tstate, dtype or jnp.float32)
+  tgraph, tstate = _split(TokenizerModel(tok_cfg, rngs=nnx.Rngs(1), dtype=dtype), dtype)
   decode = lambda s, z: nnx.merge(tgraph, s).decode(z.astype(jnp.float32))
   return gen_cfg, decode, tstate, tokenizer_flops(tok_cfg)["decode"], dict(
       image_size=tok_cfg.image_size, latent_shape=[tok_cfg.num_latent_tokens,
@@ -492,7 +487,6 @@ def _pipeline_parts(args):
 
 
 def bench_pipeline(args, matmul) -> list[dict[str, Any]]:
-  from softvq_jax.models import layers  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
@@ -500,9 +494,7 @@ def bench_pipeline(args, matmul) -> list[dict[str, Any]]:
   from softvq_jax.transport import samplers  # pylint: disable=g-import-not-at-top
   gen_cfg, decode, dec_state, decode_flops, shapes = _pipeline_parts(args)
   dtype = None if args.dtype == "float32" else _jnp_dtype(args.dtype)
-  generator = SiT(gen_cfg, rngs=nnx.Rngs(0), dtype=dtype)
-  ggraph, gstate = nnx.split(generator)
-  gstate = layers.cast_for_compute(generator, gstate, dtype or jnp.float32)
+  ggraph, gstate = _split(SiT(gen_cfg, rngs=nnx.Rngs(0), dtype=dtype), dtype)
   guided = args.cfg > 1.0
 
   def generate(gs, ds, noise, labels):

@@ -362,8 +362,9 @@ def cast_for_compute(model: nnx.Module, state: Any, dtype: Dtype) -> Any:
   float32 ones on every call (one kernel launch and one weight read and write
   per layer saved). The results are bit-identical, since those weights would be
   cast to ``dtype`` before use anyway. ``state`` itself is not modified.
+  ``dtype`` None (a model built for float32 compute) or float32: ``state`` as is.
   """
-  if jnp.dtype(dtype) == jnp.float32:
+  if dtype is None or jnp.dtype(dtype) == jnp.float32:
     return state
   paths = compute_cast_paths(model, dtype)
   return jax.tree_util.tree_map_with_path(

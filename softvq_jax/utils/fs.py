@@ -77,11 +77,8 @@ def write_bytes_atomic(path: str, data: bytes) -> str:
     p.parent.mkdir(parents=True, exist_ok=True)
     p.write_bytes(data)
     return path
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with builtins.open(tmp, "wb") as f:
+  with staged_file(path) as tmp, builtins.open(tmp, "wb") as f:
     f.write(data)
-  os.replace(tmp, path)
   return path
 
 
