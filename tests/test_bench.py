@@ -90,6 +90,9 @@ def test_tokenizer_line_fields(tokenizer_lines, capsys):
     best = line["encode_flops_per_img"] * line["batch"] / line["encode"]["min_s"]
     assert line["encode_fraction_of_matmul_rate_best"] == pytest.approx(
         best / line["matmul_best_flops_per_s"])
+    pipelined_s = line["decode"]["pipelined_s_per_call"]
+    assert pipelined_s > 0
+    assert line["decode_items_per_s_pipelined"] == pytest.approx(line["batch"] / pipelined_s)
   # one JSON object per line on stdout
   printed = [json.loads(l) for l in capsys.readouterr().out.splitlines() if l.startswith("{")]
   assert all("what" in p for p in printed)
@@ -113,6 +116,7 @@ def test_pipeline_and_train_lines(tmp_path):
   assert pipe["flops_per_img"] == pytest.approx(
       3 * 2 * bench.generator_flops(gen) + pipe["decode_flops_per_img"])
   assert np.isfinite(train["loss"]) and train["steps_per_s"] > 0
+  assert train["items_per_s_pipelined"] > 0
   assert train["model_flops_per_item"] > 0
 
 

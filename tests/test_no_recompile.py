@@ -140,3 +140,47 @@ def test_float32_attention_keeps_the_exact_path():
   np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   with pytest.raises(ValueError, match="attention implementation"):
     layers.set_attention_implementation("flash9")
+
+
+@pytest.mark.parametrize("batch,budget_examples", [(5, 2), (4, 1)])
+def test_float32_attention_loops_over_the_batch_on_one_cpu_device(monkeypatch, batch,
+                                                                   budget_examples):
+  """Single-device CPU attention runs in example groups whose scores fit the cache budget.
+
+  The loop must give the numbers of the whole-batch form (float64 NumPy here),
+  with its gradients, remainder group included.
+  """
+  heads, tokens, head_dim = 3, 11, 8
+  monkeypatch.setattr(layers, "CPU_SCORES_BUDGET_BYTES", budget_examples * heads * tokens**2 * 4)
+  monkeypatch.setattr(jax, "device_count", lambda *a, **k: 1)
+  rng = np.random.default_rng(2)
+  q, k, v = (rng.normal(size=(batch, tokens, heads, head_dim)) for _ in range(3))
+  logits = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(head_dim)
+  w = np.exp(logits - logits.max(-1, keepdims=True))
+  w /= w.sum(-1, keepdims=True)
+  expected = np.einsum("bhqk,bkhd->bqhd", w, v)
+  qf, kf, vf = (jnp.asarray(a, jnp.float32) for a in (q, k, v))
+  highest = jax.lax.Precision.HIGHEST
+
+  def looped(q):
+    return layers.dot_product_attention(q, kf, vf, precision=highest)
+
+  def whole(q):
+    return layers._einsum_attention(q, kf, vf, highest)  # pylint: disable=protected-access
+
+  assert layers.cpu_attention_group(qf) == budget_examples
+  assert "scan" in str(jax.make_jaxpr(looped)(qf))
+  assert "scan" not in str(jax.make_jaxpr(whole)(qf))
+  np.testing.assert_allclose(np.asarray(jax.jit(looped)(qf)), expected, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(jax.grad(lambda q: (looped(q) ** 2).sum())(qf)),
+                             np.asarray(jax.grad(lambda q: (whole(q) ** 2).sum())(qf)),
+                             rtol=1e-5, atol=1e-6)
+
+
+def test_multi_device_attention_never_loops_over_the_batch(monkeypatch):
+  monkeypatch.setattr(layers, "CPU_SCORES_BUDGET_BYTES", 1)
+  q = jnp.zeros((4, 7, 2, 8), jnp.float32)
+  assert jax.device_count() > 1  # conftest's fake devices
+  assert layers.cpu_attention_group(q) == 4
+  assert "scan" not in str(jax.make_jaxpr(
+      lambda q: layers.dot_product_attention(q, q, q))(q))

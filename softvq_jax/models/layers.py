@@ -129,6 +129,35 @@ def _einsum_attention(q: Array, k: Array, v: Array, precision) -> Array:
   return jnp.einsum("bhqk,bkhd->bqhd", weights, v, precision=precision)
 
 
+# Attention scores of this many bytes stay in a server CPU's last-level cache
+# alongside their softmax; a whole batch's (B, H, N, N) float32 scores do not
+# (40 MB at B=8, N=321), and the matmuls and softmax then run at memory speed.
+CPU_SCORES_BUDGET_BYTES = 8 << 20
+
+
+def cpu_attention_group(q: Array) -> int:
+  """Examples per step when single-device CPU attention loops over the batch (B: no loop).
+
+  Multi-device programs never loop: a loop over a sharded batch axis would
+  gather it onto every device.
+  """
+  b, n, h, _ = q.shape
+  if jax.default_backend() != "cpu" or jax.device_count() != 1:
+    return b
+  per_example = h * n * n * 4
+  return max(1, min(b, CPU_SCORES_BUDGET_BYTES // per_example))
+
+
+def _einsum_attention_batched(q: Array, k: Array, v: Array, precision) -> Array:
+  """``_einsum_attention`` over groups of examples on one CPU device (same numbers, 2x faster)."""
+  group = cpu_attention_group(q)
+  if group >= q.shape[0]:
+    return _einsum_attention(q, k, v, precision)
+  def one_example(qkv):
+    return _einsum_attention(*(t[None] for t in qkv), precision)[0]
+  return jax.lax.map(one_example, (q, k, v), batch_size=group if group > 1 else None)
+
+
 def _cudnn_supported(q: Array) -> bool:
   return (jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
           and q.shape[-1] <= 128 and q.shape[-1] % 8 == 0)
@@ -143,7 +172,7 @@ def dot_product_attention(q: Array, k: Array, v: Array, *, precision=None) -> Ar
   """
   impl = _attention_implementation
   if q.dtype == jnp.float32 or impl == "einsum":
-    return _einsum_attention(q, k, v, precision)
+    return _einsum_attention_batched(q, k, v, precision)
   if impl == "auto":
     if _cudnn_supported(q):
       try:
