@@ -117,3 +117,16 @@ def test_tokenizer_api_matches_reference(model, ref, images):
   assert rel_err(info["probs"], ref["out/quant_probs"]) < TOL
   assert rel_err(tok.decode(ref["in/random_latents"]), nhwc(ref["out/decode_random"])) < TOL
   assert isinstance(z, jax.Array)
+
+
+def test_end_to_end_with_single_device_cpu_attention_loop(model, ref, images, monkeypatch):
+  """The per-example attention loop that one CPU device takes keeps reference parity."""
+  from softvq_jax.models import layers  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(layers, "CPU_SCORES_BUDGET_BYTES", 1)
+  monkeypatch.setattr(jax, "device_count", lambda *a, **k: 1)
+  assert images.shape[0] > 1
+  assert "scan" in str(jax.make_jaxpr(lambda x: model(x)[0])(images))
+  recon, enc = model(images)
+  assert rel_err(enc.quant, ref["out/encode_quant"]) < TOL
+  assert rel_err(recon, nhwc(ref["out/recon"])) < TOL
+  assert rel_err(model.decode(ref["in/random_latents"]), nhwc(ref["out/decode_random"])) < TOL

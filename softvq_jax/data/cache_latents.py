@@ -37,6 +37,7 @@ from absl import logging
 from tqdm import tqdm
 
 from softvq_jax.data import pipeline, records, transforms
+from softvq_jax.utils import fs
 
 CACHE_INFO = "cache_info.json"
 FORMAT = "softvq_jax.latent_cache"
@@ -82,13 +83,6 @@ def read_info(cache_dir: str) -> dict[str, Any]:
     return json.load(f)
 
 
-def _write_json_atomic(path: str, data: dict[str, Any]) -> None:
-  tmp = records.temp_path(path)
-  with open(tmp, "w") as f:
-    json.dump(data, f, indent=1, sort_keys=True)
-  os.replace(tmp, path)
-
-
 def _check_resumable(cache_dir: str, info: dict[str, Any]) -> None:
   old = read_info(cache_dir)
   bad = [k for k in _MUST_MATCH if old.get(k) != info.get(k)]
@@ -129,7 +123,7 @@ def write_latent_cache(tokenizer: Any, source: Any, out_dir: str, *, batch_size:
   if os.path.exists(os.path.join(out_dir, CACHE_INFO)):
     _check_resumable(out_dir, info)
   else:
-    _write_json_atomic(os.path.join(out_dir, CACHE_INFO), info)
+    fs.write_json_atomic(os.path.join(out_dir, CACHE_INFO), info)
 
   mine = [s for s in range(num_shards) if s % count == index]
   todo = [s for s in mine if not os.path.exists(os.path.join(out_dir, shard_name(s, num_shards)))]

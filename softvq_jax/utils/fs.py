@@ -83,7 +83,8 @@ def write_bytes_atomic(path: str, data: bytes) -> str:
 
 
 def write_json_atomic(path: str, payload: Any) -> str:
-  return write_bytes_atomic(path, (json.dumps(payload, indent=2) + "\n").encode())
+  text = json.dumps(payload, indent=2, sort_keys=True) + "\n"
+  return write_bytes_atomic(path, text.encode())
 
 
 @contextlib.contextmanager
