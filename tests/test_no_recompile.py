@@ -177,6 +177,15 @@ def test_float32_attention_loops_over_the_batch_on_one_cpu_device(monkeypatch, b
                              rtol=1e-5, atol=1e-6)
 
 
+def test_cpu_attention_keeps_the_batch_when_one_example_overflows_the_budget(monkeypatch):
+  monkeypatch.setattr(jax, "device_count", lambda *a, **k: 1)
+  q = jnp.zeros((4, 7, 2, 8), jnp.float32)
+  monkeypatch.setattr(layers, "CPU_SCORES_BUDGET_BYTES", 2 * 7 * 7 * 4 - 1)
+  assert layers.cpu_attention_group(q) == 4
+  monkeypatch.setattr(layers, "CPU_SCORES_BUDGET_BYTES", 2 * 7 * 7 * 4)
+  assert layers.cpu_attention_group(q) == 1
+
+
 def test_multi_device_attention_never_loops_over_the_batch(monkeypatch):
   monkeypatch.setattr(layers, "CPU_SCORES_BUDGET_BYTES", 1)
   q = jnp.zeros((4, 7, 2, 8), jnp.float32)

@@ -139,13 +139,17 @@ def cpu_attention_group(q: Array) -> int:
   """Examples per step when single-device CPU attention loops over the batch (B: no loop).
 
   Multi-device programs never loop: a loop over a sharded batch axis would
-  gather it onto every device.
+  gather it onto every device. Nor do examples whose scores alone overflow the
+  budget (512² images): there the loop only takes parallelism from the matmuls
+  (measured 40% slower on 2 cores).
   """
   b, n, h, _ = q.shape
   if jax.default_backend() != "cpu" or jax.device_count() != 1:
     return b
   per_example = h * n * n * 4
-  return max(1, min(b, CPU_SCORES_BUDGET_BYTES // per_example))
+  if per_example > CPU_SCORES_BUDGET_BYTES:
+    return b
+  return min(b, CPU_SCORES_BUDGET_BYTES // per_example)
 
 
 def _einsum_attention_batched(q: Array, k: Array, v: Array, precision) -> Array:
