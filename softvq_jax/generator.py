@@ -17,10 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from softvq_jax import checkpoint, parallel
-from softvq_jax.models import layers
+from softvq_jax import parallel
+from softvq_jax.loaded_model import LoadedModel
 from softvq_jax.models.sit import GeneratorConfig, SiT
-from softvq_jax.tokenizer import _resolve_dtype
 from softvq_jax.utils.nnx_utils import model_from_flat
 from softvq_jax.transport import diffusion as diffusion_lib
 from softvq_jax.transport import samplers
@@ -98,7 +97,7 @@ def _sample_fn(graphdef, static, state, noise, labels, cfg_scale, key, step_nois
   return diff.ddim_sample_loop(model_fn, noise, eta=eta, key=key, noise=step_noise)
 
 
-class Generator:
+class Generator(LoadedModel):
   """A SiT or DiT with its weights, ready for inference.
 
   Args:
@@ -111,38 +110,18 @@ class Generator:
       and the weights replicated.
   """
 
-  def __init__(self, model: SiT, *, dtype: Any = "float32",
-               mesh: jax.sharding.Mesh | None = None, data_axis: str | tuple[str, ...] = "data"):
-    self.config: GeneratorConfig = model.config
-    self.dtype = _resolve_dtype(dtype)
-    self.mesh = mesh
-    self.data_axis = data_axis
-    compute_model = abstract_model(self.config, self.dtype)
-    graphdef, _ = nnx.split(compute_model)
-    state = nnx.state(model)
-    if mesh is not None:
-      state = jax.device_put(state, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
-    self.graphdef = graphdef
-    self.state = state
-    # What the compiled programs read: the matmul weights already in the compute dtype
-    # (same results, fewer kernels per call); ``state`` keeps the float32 originals.
-    self._compute_state = layers.cast_for_compute(compute_model, state, self.dtype)
-    self._forward = jax.jit(functools.partial(_forward_fn, graphdef))
-    self._samplers: dict[tuple, Any] = {}
+  config: GeneratorConfig
+  config_class = GeneratorConfig
+  module_class = SiT  # adaLN-Zero: a fresh one outputs zeros until trained
+  abstract = staticmethod(abstract_model)
+  stored_shapes = staticmethod(variable_shapes)
+  build = staticmethod(build_model)
+  saved_filter = ...  # parameters and the fixed pos_embed, as the reference's state dict
 
-  # ----------------------------------------------------------------- loading
-  @classmethod
-  def load(cls, directory: str, **kwargs) -> "Generator":
-    """Loads a directory written by ``Generator.save`` (or the converter)."""
-    config = GeneratorConfig.from_json_dict(checkpoint.read_config(directory))
-    target = variable_shapes(config)
-    shardings = None
-    mesh = kwargs.get("mesh")
-    if mesh is not None:
-      replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-      shardings = {p: replicated for p in target}
-    flat = checkpoint.read_param_dir(directory, target, shardings)
-    return cls(build_model(config, flat), **kwargs)
+  def __init__(self, model: SiT, **kwargs):
+    super().__init__(model, **kwargs)
+    self._forward = jax.jit(functools.partial(_forward_fn, self.graphdef))
+    self._samplers: dict[tuple, Any] = {}
 
   @classmethod
   def from_pytorch(cls, checkpoint_path: str, config: str | Mapping[str, Any], *,
@@ -152,29 +131,6 @@ class Generator:
     gen_config, flat, _ = convert_generator.convert(checkpoint_path, config, weights=weights,
                                                     kind=kind)
     return cls(build_model(gen_config, flat), **kwargs)
-
-  @classmethod
-  def random(cls, config: GeneratorConfig | Mapping[str, Any], *, seed: int = 0,
-             **kwargs) -> "Generator":
-    """A freshly initialised generator (adaLN-Zero: it outputs zeros until trained)."""
-    if not isinstance(config, GeneratorConfig):
-      config = GeneratorConfig.from_json_dict(config)
-    return cls(SiT(config, rngs=nnx.Rngs(seed)), **kwargs)
-
-  def save(self, directory: str, *, overwrite: bool = False) -> str:
-    """Writes ``config.json`` + ``params/`` (pos_embed included), loadable with ``load``."""
-    flat = {tuple(p): np.asarray(jax.device_get(v.get_value()))
-            for p, v in nnx.to_flat_state(self.state)}
-    return checkpoint.write_param_dir(directory, flat, self.config.to_json_dict(),
-                                      overwrite=overwrite)
-
-  def model(self) -> SiT:
-    """The NNX model (compute dtype of this generator) holding the weights."""
-    return nnx.merge(self.graphdef, self.state)
-
-  @property
-  def latent_shape(self) -> tuple[int, int]:
-    return self.config.latent_shape
 
   @property
   def kind(self) -> str:

@@ -8,9 +8,6 @@
 from __future__ import annotations
 
 import functools
-import json
-import logging
-import os
 from typing import Any, Mapping
 
 import jax
@@ -18,25 +15,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from softvq_jax import checkpoint, parallel
-from softvq_jax.models import layers
+from softvq_jax import parallel
 from softvq_jax.models.config import TokenizerConfig
+from softvq_jax.loaded_model import LoadedModel
 from softvq_jax.models.tokenizer import TokenizerModel
 from softvq_jax.utils.nnx_utils import model_from_flat
 
 Path = tuple
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-
-
-def _resolve_dtype(dtype: Any):
-  if isinstance(dtype, str):
-    if dtype not in _DTYPES:
-      raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
-    return _DTYPES[dtype]
-  dtype = jnp.dtype(dtype)
-  if dtype.name not in _DTYPES:
-    raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype.name}")
-  return _DTYPES[dtype.name]
 
 
 def abstract_model(config: TokenizerConfig, dtype=jnp.float32) -> TokenizerModel:
@@ -47,6 +32,11 @@ def abstract_model(config: TokenizerConfig, dtype=jnp.float32) -> TokenizerModel
 def param_shapes(config: TokenizerConfig) -> dict[Path, jax.ShapeDtypeStruct]:
   state = nnx.state(abstract_model(config), nnx.Param)
   return {tuple(path): var.get_value() for path, var in nnx.to_flat_state(state)}
+
+
+def build_model(config: TokenizerConfig, flat: Mapping[Path, Any]) -> TokenizerModel:
+  """A ``TokenizerModel`` whose parameters are ``flat`` (paths as in ``param_shapes``)."""
+  return model_from_flat(abstract_model(config), flat)
 
 
 def count_params(config: TokenizerConfig) -> int:
@@ -74,7 +64,7 @@ def _decode_fn(graphdef, state, latents):
   return nnx.merge(graphdef, state).decode(latents)
 
 
-class Tokenizer:
+class Tokenizer(LoadedModel):
   """A tokenizer with its weights, ready for inference.
 
   Args:
@@ -85,45 +75,22 @@ class Tokenizer:
       here (bit-identical results; ``state`` and ``save`` keep float32).
     mesh: optional ``jax.sharding.Mesh``; batches are split over ``data_axis``
       and parameters replicated.
+
+  ``load``, ``random``, ``save`` and ``model`` come from ``LoadedModel``.
   """
 
-  def __init__(self, model: TokenizerModel, *, dtype: Any = "float32",
-               mesh: jax.sharding.Mesh | None = None, data_axis: str | tuple[str, ...] = "data"):
-    self.config: TokenizerConfig = model.config
-    self.dtype = _resolve_dtype(dtype)
-    self.mesh = parallel.auto_mesh(mesh) if mesh is not None else None
-    mesh = self.mesh
-    self.data_axis = data_axis
-    # The graph of a model built for the compute dtype, with the given weights.
-    compute_model = abstract_model(self.config, self.dtype)
-    graphdef, _ = nnx.split(compute_model)
-    state = nnx.state(model)
-    if mesh is not None:
-      replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-      state = jax.device_put(state, replicated)
-    self.graphdef = graphdef
-    self.state = state
-    # What the compiled programs read: the matmul weights already in the compute dtype
-    # (same results, fewer kernels per call); ``state`` keeps the float32 originals.
-    self._compute_state = layers.cast_for_compute(compute_model, state, self.dtype)
-    self._encode = jax.jit(functools.partial(_encode_fn, graphdef))
-    self._encode_info = jax.jit(functools.partial(_encode_info_fn, graphdef))
-    self._decode = jax.jit(functools.partial(_decode_fn, graphdef))
+  config: TokenizerConfig
+  config_class = TokenizerConfig
+  module_class = TokenizerModel
+  abstract = staticmethod(abstract_model)
+  stored_shapes = staticmethod(param_shapes)
+  build = staticmethod(build_model)
 
-  # ----------------------------------------------------------------- loading
-  @classmethod
-  def load(cls, directory: str, **kwargs) -> "Tokenizer":
-    """Loads a directory written by ``python -m softvq_jax.convert`` (or ``save``)."""
-    config = TokenizerConfig.from_json_dict(checkpoint.read_config(directory))
-    target = param_shapes(config)
-    shardings = None
-    mesh = kwargs.get("mesh")
-    if mesh is not None:
-      mesh = parallel.auto_mesh(mesh)
-      replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-      shardings = {p: replicated for p in target}
-    flat = checkpoint.read_param_dir(directory, target, shardings)
-    return cls(build_model(config, flat), **kwargs)
+  def __init__(self, model: TokenizerModel, **kwargs):
+    super().__init__(model, **kwargs)
+    self._encode = jax.jit(functools.partial(_encode_fn, self.graphdef))
+    self._encode_info = jax.jit(functools.partial(_encode_info_fn, self.graphdef))
+    self._decode = jax.jit(functools.partial(_decode_fn, self.graphdef))
 
   @classmethod
   def from_pytorch(cls, checkpoint_path: str, config: str | Mapping[str, Any], *,
@@ -133,30 +100,7 @@ class Tokenizer:
     tok_config, flat, _ = convert_tokenizer.convert(checkpoint_path, config, weights=weights)
     return cls(build_model(tok_config, flat), **kwargs)
 
-  @classmethod
-  def random(cls, config: TokenizerConfig | Mapping[str, Any], *, seed: int = 0,
-             **kwargs) -> "Tokenizer":
-    """A randomly initialised tokenizer (tests, demos, training from scratch)."""
-    if not isinstance(config, TokenizerConfig):
-      config = TokenizerConfig.from_json_dict(config)
-    return cls(TokenizerModel(config, rngs=nnx.Rngs(seed)), **kwargs)
-
-  def save(self, directory: str, *, overwrite: bool = False) -> str:
-    """Writes ``config.json`` + ``params/``, loadable with ``Tokenizer.load``."""
-    flat = {tuple(p): np.asarray(jax.device_get(v.get_value()))
-            for p, v in nnx.to_flat_state(nnx.state(self.model(), nnx.Param))}
-    return checkpoint.write_param_dir(directory, flat, self.config.to_json_dict(),
-                                      overwrite=overwrite)
-
-  def model(self) -> TokenizerModel:
-    """The NNX model (compute dtype of this tokenizer) holding the weights."""
-    return nnx.merge(self.graphdef, self.state)
-
   # --------------------------------------------------------------- inference
-  @property
-  def latent_shape(self) -> tuple[int, int]:
-    return self.config.latent_shape
-
   @property
   def image_size(self) -> int:
     return self.config.image_size
@@ -236,7 +180,3 @@ class Tokenizer:
     (batch,), n = parallel.pad_and_shard([batch], self.mesh, self.data_axis)
     return batch, n
 
-
-def build_model(config: TokenizerConfig, flat: Mapping[Path, Any]) -> TokenizerModel:
-  """A ``TokenizerModel`` whose parameters are ``flat`` (paths as in ``param_shapes``)."""
-  return model_from_flat(abstract_model(config), flat)

@@ -1,0 +1,110 @@
+"""What ``Tokenizer`` and ``Generator`` share: a model's weights and config, run in a compute dtype.
+
+Subclasses name their config and module classes and the functions that build an
+abstract model and one from flat arrays; loading, saving and the cast copy of
+the weights that the compiled programs read live here once.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from softvq_jax import checkpoint, parallel
+from softvq_jax.models import layers
+
+Path = tuple
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def resolve_dtype(dtype: Any):
+  """``"bfloat16"`` or ``jnp.bfloat16`` -> ``jnp.bfloat16``; anything else is named in the error."""
+  if isinstance(dtype, str):
+    if dtype not in _DTYPES:
+      raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+    return _DTYPES[dtype]
+  dtype = jnp.dtype(dtype)
+  if dtype.name not in _DTYPES:
+    raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype.name}")
+  return _DTYPES[dtype.name]
+
+
+class LoadedModel:
+  """Weights, config, mesh and compute dtype of one model; subclasses add its programs.
+
+  Subclasses set:
+    config_class: the config dataclass (``from_json_dict``/``to_json_dict``).
+    module_class: the NNX module, built as ``module_class(config, rngs=...)``.
+    abstract: ``(config, dtype) ->`` the module with ``ShapeDtypeStruct`` leaves.
+    stored_shapes: ``config ->`` every array ``save`` writes, by NNX path.
+    build: ``(config, flat) ->`` the module whose arrays are ``flat``.
+    saved_filter: the NNX filter of the variables ``save`` writes.
+  """
+
+  config_class: type
+  module_class: type
+  abstract: Callable[[Any, Any], nnx.Module]
+  stored_shapes: Callable[[Any], dict[Path, jax.ShapeDtypeStruct]]
+  build: Callable[[Any, Mapping[Path, Any]], nnx.Module]
+  saved_filter: Any = nnx.Param
+
+  def __init__(self, model: nnx.Module, *, dtype: Any = "float32",
+               mesh: jax.sharding.Mesh | None = None, data_axis: str | tuple[str, ...] = "data"):
+    self.config = model.config
+    self.dtype = resolve_dtype(dtype)
+    # Auto axes: the programs place batches with NamedSharding and let XLA propagate.
+    self.mesh = parallel.auto_mesh(mesh) if mesh is not None else None
+    self.data_axis = data_axis
+    # The graph of a model built for the compute dtype, with the given weights.
+    compute_model = self.abstract(self.config, self.dtype)
+    self.graphdef, _ = nnx.split(compute_model)
+    state = nnx.state(model)
+    if self.mesh is not None:
+      state = jax.device_put(state, self._replicated())
+    self.state = state
+    # What the compiled programs read: the matmul weights already in the compute dtype
+    # (same results, fewer kernels per call); ``state`` keeps the float32 originals.
+    self._compute_state = layers.cast_for_compute(compute_model, state, self.dtype)
+
+  def _replicated(self) -> jax.sharding.NamedSharding:
+    return jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+
+  @classmethod
+  def load(cls, directory: str, **kwargs):
+    """Loads a directory written by ``save`` or by ``python -m softvq_jax.convert``."""
+    config = cls.config_class.from_json_dict(checkpoint.read_config(directory))
+    target = cls.stored_shapes(config)
+    shardings = None
+    if kwargs.get("mesh") is not None:
+      replicated = jax.sharding.NamedSharding(parallel.auto_mesh(kwargs["mesh"]),
+                                              jax.sharding.PartitionSpec())
+      shardings = {p: replicated for p in target}
+    flat = checkpoint.read_param_dir(directory, target, shardings)
+    return cls(cls.build(config, flat), **kwargs)
+
+  @classmethod
+  def random(cls, config, *, seed: int = 0, **kwargs):
+    """A freshly initialised model (tests, demos, training from scratch)."""
+    if not isinstance(config, cls.config_class):
+      config = cls.config_class.from_json_dict(config)
+    return cls(cls.module_class(config, rngs=nnx.Rngs(seed)), **kwargs)
+
+  def save(self, directory: str, *, overwrite: bool = False) -> str:
+    """Writes ``config.json`` + ``params/`` (float32), loadable with ``load``."""
+    flat = {tuple(p): np.asarray(jax.device_get(v.get_value()))
+            for p, v in nnx.to_flat_state(nnx.state(self.model(), self.saved_filter))}
+    return checkpoint.write_param_dir(directory, flat, self.config.to_json_dict(),
+                                      overwrite=overwrite)
+
+  def model(self) -> nnx.Module:
+    """The NNX model (compute dtype of this object) holding the float32 weights."""
+    return nnx.merge(self.graphdef, self.state)
+
+  @property
+  def latent_shape(self) -> tuple[int, int]:
+    return self.config.latent_shape
+
