@@ -2,7 +2,8 @@
 
 Each record holds the latents of the ADM-centre-cropped image and of its mirror
 image, plus the label and name. The workdir is the cache: complete shards are
-skipped on a rerun, so an interrupted extraction resumes. Stage 2 trains from it
+skipped on a rerun, so an interrupted extraction resumes. A ``gs://`` workdir works
+the same way (each shard is one upload). Stage 2 trains from it
 with ``--config.data.source=latent_cache --config.data.cache_dir=WORKDIR``.
 """
 

@@ -36,3 +36,35 @@ def few_xla_optimisations():
   jax.config.update("jax_disable_most_optimizations", True)
   yield
   jax.config.update("jax_disable_most_optimizations", before)
+
+
+@pytest.fixture
+def bucket(tmp_path, monkeypatch):
+  """``gs://bucket/x`` -> ``tmp_path/bucket/x`` through ``etils.epath``, the library real
+  URLs go through (no bucket is reachable offline); returns that local root."""
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  from softvq_jax.utils import fs  # pylint: disable=g-import-not-at-top
+  root = tmp_path / "bucket"
+  writes = []
+
+  class RecordingPath(type(epath.Path(tmp_path))):
+    def write_bytes(self, data):
+      writes.append(os.path.relpath(str(self), root))
+      return super().write_bytes(data)
+
+  def remote(path):
+    assert path.startswith("gs://bucket"), path
+    return RecordingPath(str(root) + path[len("gs://bucket"):])
+
+  monkeypatch.setattr(fs, "_remote", remote)
+  return _Bucket(root, writes)
+
+
+class _Bucket:
+  """The local folder behind ``gs://bucket`` (``bucket / "x"``) and the uploads, in order."""
+
+  def __init__(self, root, writes):
+    self.root, self.writes, self.parent = root, writes, root.parent
+
+  def __truediv__(self, rel):
+    return self.root / rel

@@ -205,3 +205,42 @@ def test_undecodable_images_are_left_out_and_counted(tok, tmp_path):
   with pytest.raises(RuntimeError, match=r"max_skipped=0.*broken\.jpg"):
     cache_latents.write_latent_cache(tok, src, str(tmp_path / "d"), max_skipped=0, **kw)
   assert not [n for n in os.listdir(tmp_path / "d") if n.endswith(".array_record")]
+
+
+def test_cache_on_a_bucket_is_written_there_and_mirrored_for_reading(tok, source, cache, bucket,
+                                                                     tmp_path, monkeypatch):
+  """``gs://`` caches: shards and info land in the bucket, not in a local folder named
+  ``gs:``; the reader copies them once to a local mirror and reads the same records."""
+  monkeypatch.chdir(tmp_path)
+  url = "gs://bucket/latents"
+  info = cache_latents.write_latent_cache(tok, source, url, batch_size=BATCH,
+                                          examples_per_shard=PER_SHARD, process_index=0,
+                                          process_count=1, progress=False)
+  assert info["written_shards"] == [0, 1, 2]
+  assert not os.path.exists(tmp_path / "gs:")
+  stored = sorted(os.listdir(bucket / "latents"))
+  assert stored == sorted([cache_latents.CACHE_INFO] +
+                          [cache_latents.shard_name(s, 3) for s in range(3)])
+  # A rerun finds the bucket's shards complete.
+  again = cache_latents.write_latent_cache(tok, source, url, batch_size=BATCH,
+                                           examples_per_shard=PER_SHARD, process_index=0,
+                                           process_count=1, progress=False)
+  assert again["written_shards"] == [] and again["existing_shards"] == 3
+
+  mirror = str(tmp_path / "mirror")
+  src = cache_latents.LatentCacheSource(url, mirror_dir=mirror, progress=False)
+  assert all(p.startswith(mirror) for p in src.paths)
+  local = read_all(cache[0])
+  got = [src[i] for i in range(len(src))]
+  assert [r["index"] for r in got] == [r["index"] for r in local]
+  for a, b in zip(got, local):
+    np.testing.assert_array_equal(a["latent"], b["latent"])
+    np.testing.assert_array_equal(a["latent_flip"], b["latent_flip"])
+  # The default mirror is keyed by URL and cache info: another tokenizer's cache gets another.
+  other = dict(src.info, tokenizer="something else")
+  assert (cache_latents.default_mirror_dir(url, src.info)
+          != cache_latents.default_mirror_dir(url, other))
+  # Shards already mirrored are not copied again.
+  (bucket / "latents" / cache_latents.shard_name(0, 3)).write_bytes(b"corrupt")
+  again_src = cache_latents.LatentCacheSource(url, mirror_dir=mirror, progress=False)
+  assert again_src[0]["index"] == 0

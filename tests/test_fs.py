@@ -11,7 +11,6 @@ import os
 
 import numpy as np
 import pytest
-from etils import epath
 from PIL import Image
 
 from softvq_jax import checkpoint
@@ -19,35 +18,6 @@ from softvq_jax.train import common
 from softvq_jax.train.loop import JsonlWriter
 from softvq_jax.utils import fs
 from softvq_jax.utils.images import save_png
-
-
-@pytest.fixture
-def bucket(tmp_path, monkeypatch):
-  """``gs://bucket/x`` -> ``tmp_path/bucket/x``; returns that local root."""
-  root = tmp_path / "bucket"
-  writes = []
-
-  class RecordingPath(type(epath.Path(tmp_path))):
-    def write_bytes(self, data):
-      writes.append(os.path.relpath(str(self), root))
-      return super().write_bytes(data)
-
-  def remote(path):
-    assert path.startswith("gs://bucket"), path
-    return RecordingPath(str(root) + path[len("gs://bucket"):])
-
-  monkeypatch.setattr(fs, "_remote", remote)
-  return _Bucket(root, writes)
-
-
-class _Bucket:
-  """The local folder behind ``gs://bucket`` (``bucket / "x"``) and the uploads, in order."""
-
-  def __init__(self, root, writes):
-    self.root, self.writes, self.parent = root, writes, root.parent
-
-  def __truediv__(self, rel):
-    return self.root / rel
 
 
 def test_urls_are_not_turned_into_local_folders():

@@ -28,6 +28,7 @@ import functools
 import hashlib
 import json
 import os
+import tempfile
 from collections.abc import Sequence
 from typing import Any
 
@@ -75,11 +76,11 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
 
 def read_info(cache_dir: str) -> dict[str, Any]:
   path = os.path.join(cache_dir, CACHE_INFO)
-  if not os.path.exists(path):
-    if not os.path.isdir(cache_dir):
+  if not fs.exists(path):
+    if not fs.isdir(cache_dir):
       raise FileNotFoundError(f"latent cache {cache_dir} does not exist")
     raise FileNotFoundError(f"{cache_dir} is not a latent cache: it has no {CACHE_INFO}")
-  with open(path) as f:
+  with fs.open(path) as f:
     return json.load(f)
 
 
@@ -119,14 +120,14 @@ def write_latent_cache(tokenizer: Any, source: Any, out_dir: str, *, batch_size:
           "image_size": size, "tokenizer": tokenizer_fingerprint(tokenizer),
           "vq_mean": float(tokenizer.config.vq_mean), "vq_std": float(tokenizer.config.vq_std),
           "source": name, "transform": "adm_center_crop"}
-  os.makedirs(out_dir, exist_ok=True)
-  if os.path.exists(os.path.join(out_dir, CACHE_INFO)):
+  fs.makedirs(out_dir)
+  if fs.exists(os.path.join(out_dir, CACHE_INFO)):
     _check_resumable(out_dir, info)
   else:
     fs.write_json_atomic(os.path.join(out_dir, CACHE_INFO), info)
 
   mine = [s for s in range(num_shards) if s % count == index]
-  todo = [s for s in mine if not os.path.exists(os.path.join(out_dir, shard_name(s, num_shards)))]
+  todo = [s for s in mine if not fs.exists(os.path.join(out_dir, shard_name(s, num_shards)))]
   logging.info("latent cache %s: %d examples in %d shards; process %d of %d writes %d, %d already "
                "complete", out_dir, n, num_shards, index, count, len(todo), len(mine) - len(todo))
   preprocess = pipeline.ImagePreprocess(size, train=False)
@@ -172,8 +173,13 @@ def write_latent_cache(tokenizer: Any, source: Any, out_dir: str, *, batch_size:
     written = []
     for shard in todo:
       path = os.path.join(out_dir, shard_name(shard, num_shards))
-      records.remove_stale_temps(path)
-      records.write_records(path, shard_records(shard))
+      if fs.is_remote(path):
+        # A bucket object appears whole when its single upload ends.
+        with fs.staged_file(path) as local:
+          records.write_records(local, shard_records(shard))
+      else:
+        records.remove_stale_temps(path)
+        records.write_records(path, shard_records(shard))
       written.append(shard)
   bar.close()
   if skipped:
@@ -197,20 +203,47 @@ def encode_with_flip(tokenizer: Any, images_u8: np.ndarray,
   return z[:b], z[len(x):len(x) + b]
 
 
-class LatentCacheSource:
-  """Random access to a complete latent cache (all shards present)."""
+def default_mirror_dir(cache_dir: str, info: dict[str, Any]) -> str:
+  """Where a bucket cache is copied: ``$SOFTVQ_JAX_LATENT_MIRROR`` or the temp folder.
 
-  def __init__(self, cache_dir: str):
+  Keyed by the URL and the cache info (which holds the tokenizer's fingerprint),
+  so a cache rewritten with another tokenizer never reuses stale copies.
+  """
+  key = hashlib.sha256((cache_dir + json.dumps(info, sort_keys=True)).encode()).hexdigest()[:16]
+  root = os.environ.get("SOFTVQ_JAX_LATENT_MIRROR") or os.path.join(tempfile.gettempdir(),
+                                                                      "softvq_jax_latents")
+  return os.path.join(root, key)
+
+
+class LatentCacheSource:
+  """Random access to a complete latent cache (all shards present).
+
+  A ``gs://`` cache is first copied shard by shard to ``mirror_dir`` (default
+  ``default_mirror_dir``; shards already there are kept), because the
+  ArrayRecord reader takes local files.
+  """
+
+  def __init__(self, cache_dir: str, *, mirror_dir: str | None = None, progress: bool = True):
     self.cache_dir = os.fspath(cache_dir)
     self.info = read_info(self.cache_dir)
     num_shards = self.info["num_shards"]
     paths = [os.path.join(self.cache_dir, shard_name(s, num_shards)) for s in range(num_shards)]
-    missing = [os.path.basename(p) for p in paths if not os.path.exists(p)]
+    missing = [os.path.basename(p) for p in paths if not fs.exists(p)]
     if missing:
       raise FileNotFoundError(
           f"latent cache {self.cache_dir} is incomplete: {len(missing)} of {num_shards} shards "
           f"missing ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}); rerun the "
           "writer to finish it")
+    if fs.is_remote(self.cache_dir):
+      mirror_dir = mirror_dir or default_mirror_dir(self.cache_dir, self.info)
+      local = [os.path.join(mirror_dir, os.path.basename(p)) for p in paths]
+      todo = [(p, q) for p, q in zip(paths, local) if not os.path.exists(q)]
+      logging.info("latent cache %s: copying %d of %d shards to %s", self.cache_dir, len(todo),
+                   num_shards, mirror_dir)
+      for remote, copy in tqdm(todo, desc="copy latent cache", unit="shard",
+                               disable=not progress or not todo):
+        fs.download(remote, copy)
+      paths = local
     self.paths = paths
     self.name = f"latent cache {self.cache_dir}"
     self._source = grain.sources.ArrayRecordDataSource(paths)

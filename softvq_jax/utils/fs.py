@@ -126,6 +126,14 @@ def append_text(path: str, text: str) -> None:
   p.write_text(old + text)
 
 
+def download(path: str, local_path: str) -> str:
+  """Copies the file at ``path`` (URL or local) to ``local_path`` atomically; returns it."""
+  os.makedirs(os.path.dirname(os.path.abspath(local_path)), exist_ok=True)
+  with staged_file(local_path) as tmp, open(path, "rb") as src, builtins.open(tmp, "wb") as dst:
+    shutil.copyfileobj(src, dst, length=16 << 20)
+  return local_path
+
+
 def upload_tree(local_dir: str, remote_dir: str, *, last: str = "config.json") -> None:
   """Copies the files under ``local_dir`` to ``remote_dir``, the file named ``last`` last."""
   files = []
