@@ -82,6 +82,18 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   batches = range(0, config.num_samples, config.batch_size)
   sit = gen.kind == "sit"
+
+  def write(start: int, y: np.ndarray, part: str, decoded: jax.Array) -> None:
+    images = to_uint8(np.clip(np.asarray(decoded), -1, 1))
+    with fs.staged_file(part, ".npz") as tmp:
+      np.savez(tmp, images=images, labels=y)
+    if config.get("save_pngs", True):
+      for i, (img, label) in enumerate(zip(images, y)):
+        save_png(os.path.join(workdir, "images", f"{start + i:06d}_class{label}.png"), img)
+
+  # One batch in flight: batch b is dispatched before batch b-1 is fetched and written,
+  # so the device samples while the host encodes PNGs.
+  pending = None
   for b, start in enumerate(tqdm(batches, desc="sample", unit="batch")):
     part = os.path.join(workdir, "parts", f"part_{b:06d}.npz")
     if fs.exists(part):
@@ -95,13 +107,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       kwargs.update(guidance_interval=tuple(s.guidance_interval), path=s.get("path", "linear"))
     else:
       kwargs.update(noise_schedule=s.get("noise_schedule", "cosine"), eta=s.get("eta", 0.0))
-    z = gen.sample(noise, y, **kwargs)
-    images = to_uint8(np.clip(np.asarray(tok.decode(tok.denormalize(z))), -1, 1))
-    with fs.staged_file(part, ".npz") as tmp:
-      np.savez(tmp, images=images, labels=y)
-    if config.get("save_pngs", True):
-      for i, (img, label) in enumerate(zip(images, y)):
-        save_png(os.path.join(workdir, "images", f"{start + i:06d}_class{label}.png"), img)
+    decoded = tok.decode(tok.denormalize(gen.sample(noise, y, **kwargs)))
+    if pending is not None:
+      write(*pending)
+    pending = (start, y, part, decoded)
+  if pending is not None:
+    write(*pending)
 
   images, out_labels = [], []
   for b, _ in enumerate(batches):

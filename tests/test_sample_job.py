@@ -52,3 +52,47 @@ def test_balanced_labels():
   assert np.all(np.bincount(labels, minlength=1000) == 50)
   assert np.all(np.diff(balanced_labels(7, 3)) >= 0)
   assert set(balanced_labels(7, 3)) == {0, 1, 2}
+
+
+def test_next_batch_is_dispatched_before_the_previous_is_written(tmp_path, monkeypatch):
+  """The device samples batch b while the host fetches and writes batch b-1."""
+  import types  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from softvq_jax import sample  # pylint: disable=g-import-not-at-top
+  events = []
+
+  class FakeGenerator:
+    config = types.SimpleNamespace(num_classes=3)
+    kind = "sit"
+    latent_shape = (2, 2)
+
+    def sample(self, noise, y, **kwargs):
+      del kwargs
+      events.append(f"sample {int(y[0])}")
+      return noise
+
+  class FakeTokenizer:
+    config = types.SimpleNamespace(vq_mean=0.0, vq_std=1.0)
+
+    def denormalize(self, z):
+      return z
+
+    def decode(self, z):
+      return jnp.zeros((z.shape[0], 8, 8, 3))
+
+  real_to_uint8 = sample.to_uint8
+
+  def to_uint8(x):
+    events.append("write")
+    return real_to_uint8(x)
+
+  monkeypatch.setattr(sample, "_load_models", lambda config, mesh: (FakeGenerator(),
+                                                                    FakeTokenizer()))
+  monkeypatch.setattr(sample, "to_uint8", to_uint8)
+  config = ml_collections.ConfigDict(dict(
+      num_samples=3, batch_size=1, seed=0, save_pngs=False,
+      sampler=dict(method="euler", num_steps=2, cfg_scale=1.0, guidance_interval=(0.0, 1.0))))
+  out = sample.run(config, str(tmp_path))
+  assert out["num_samples"] == 3
+  assert events == ["sample 0", "sample 1", "write", "sample 2", "write", "write"]
