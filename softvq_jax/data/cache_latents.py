@@ -173,13 +173,8 @@ def write_latent_cache(tokenizer: Any, source: Any, out_dir: str, *, batch_size:
     written = []
     for shard in todo:
       path = os.path.join(out_dir, shard_name(shard, num_shards))
-      if fs.is_remote(path):
-        # A bucket object appears whole when its single upload ends.
-        with fs.staged_file(path) as local:
-          records.write_records(local, shard_records(shard))
-      else:
-        records.remove_stale_temps(path)
-        records.write_records(path, shard_records(shard))
+      records.remove_stale_temps(path)
+      records.write_records(path, shard_records(shard))
       written.append(shard)
   bar.close()
   if skipped:

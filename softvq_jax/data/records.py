@@ -16,6 +16,8 @@ from typing import Any
 
 from flax import serialization
 
+from softvq_jax.utils import fs
+
 ARRAY_RECORD_OPTIONS = "group_size:1"  # one record per chunk: cheapest random access
 
 
@@ -33,13 +35,22 @@ def temp_path(path: str) -> str:
 
 
 def remove_stale_temps(path: str) -> None:
-  """Deletes temporary files a crashed writer of ``path`` left behind."""
+  """Deletes temporary files a crashed writer of ``path`` left behind (none beside a URL)."""
+  if fs.is_remote(path):
+    return
   for stale in glob.glob(glob.escape(path) + ".tmp-*"):
     os.remove(stale)
 
 
 def write_records(path: str, records: Iterable[Mapping[str, Any]]) -> int:
-  """Writes ``records`` to ``path`` atomically; returns how many were written."""
+  """Writes ``records`` to ``path`` atomically; returns how many were written.
+
+  A ``gs://`` path is written locally, then uploaded in one go: the object
+  appears whole when the upload ends.
+  """
+  if fs.is_remote(path):
+    with fs.staged_file(path) as local:
+      return write_records(local, records)
   from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   tmp = temp_path(path)
