@@ -239,13 +239,15 @@ def measure(fn: Callable, args: tuple, *, repeats: int, warmup: int, carry: bool
   compiled, compile_s = _compile(jax.jit(fn, donate_argnums=donate) if jit else fn, args)
   times, out = [], None
 
-  def run_once():
+  def dispatch():
     nonlocal args, out
     out = compiled(*args)
-    jax.block_until_ready(out)
     if carry:
       args = (out[0],) + tuple(args[1:])
     return out
+
+  def run_once():
+    return jax.block_until_ready(dispatch())
 
   for i in range(warmup + repeats):
     t0 = time.perf_counter()
@@ -254,9 +256,7 @@ def measure(fn: Callable, args: tuple, *, repeats: int, warmup: int, carry: bool
       times.append(time.perf_counter() - t0)
   t0 = time.perf_counter()
   for _ in range(repeats):
-    out = compiled(*args)
-    if carry:
-      args = (out[0],) + tuple(args[1:])
+    dispatch()
   jax.block_until_ready(out)
   pipelined_s = (time.perf_counter() - t0) / repeats
   timing = Timing(compile_s, times, _cost_flops(compiled), _memory(compiled), out,
