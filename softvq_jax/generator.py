@@ -228,12 +228,8 @@ class Generator(LoadedModel):
 
   def _trim(self, out: jax.Array, n: int) -> jax.Array:
     """Drops the padding rows added by ``_shard``."""
-    if out.shape[0] == n:
-      return out
-    if self.mesh is not None:
-      # Slicing a batch-sharded array is a gather that explicit mesh axes refuse.
-      out = jax.device_put(out, jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec()))
-    return out[:n]
+    # The mesh has Auto axes (LoadedModel), so slicing a batch-sharded array is allowed.
+    return out if out.shape[0] == n else out[:n]
 
   def _shard(self, *arrays, axes=None):
     """Pads the batch to a multiple of the data shards and places it on the mesh."""

@@ -33,6 +33,10 @@ def resolve_dtype(dtype: Any):
   return _DTYPES[dtype.name]
 
 
+def _replicated(mesh: jax.sharding.Mesh) -> jax.sharding.NamedSharding:
+  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+
 class LoadedModel:
   """Weights, config, mesh and compute dtype of one model; subclasses add its programs.
 
@@ -64,14 +68,11 @@ class LoadedModel:
     self.graphdef, _ = nnx.split(compute_model)
     state = nnx.state(model)
     if self.mesh is not None:
-      state = jax.device_put(state, self._replicated())
+      state = jax.device_put(state, _replicated(self.mesh))
     self.state = state
     # What the compiled programs read: the matmul weights already in the compute dtype
     # (same results, fewer kernels per call); ``state`` keeps the float32 originals.
     self._compute_state = layers.cast_for_compute(compute_model, state, self.dtype)
-
-  def _replicated(self) -> jax.sharding.NamedSharding:
-    return jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
 
   @classmethod
   def load(cls, directory: str, **kwargs):
@@ -80,8 +81,7 @@ class LoadedModel:
     target = cls.stored_shapes(config)
     shardings = None
     if kwargs.get("mesh") is not None:
-      replicated = jax.sharding.NamedSharding(parallel.auto_mesh(kwargs["mesh"]),
-                                              jax.sharding.PartitionSpec())
+      replicated = _replicated(parallel.auto_mesh(kwargs["mesh"]))
       shardings = {p: replicated for p in target}
     flat = checkpoint.read_param_dir(directory, target, shardings)
     return cls(cls.build(config, flat), **kwargs)
