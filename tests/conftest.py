@@ -48,9 +48,11 @@ def bucket(tmp_path, monkeypatch):
   writes = []
 
   class RecordingPath(type(epath.Path(tmp_path))):
-    def write_bytes(self, data):
-      writes.append(os.path.relpath(str(self), root))
-      return super().write_bytes(data)
+    # Every upload (write_bytes, write_text, a streamed copy) opens the object for writing.
+    def open(self, mode="r", *args, **kwargs):
+      if "w" in mode:
+        writes.append(os.path.relpath(str(self), root))
+      return super().open(mode, *args, **kwargs)
 
   def remote(path):
     assert path.startswith("gs://bucket"), path

@@ -113,3 +113,42 @@ def test_eval_outputs_and_inputs_on_a_bucket(bucket):
   np.testing.assert_array_equal(streamed, images)
   np.testing.assert_allclose(npz.read_reference_stats("gs://bucket/ref/ref.npz")["mu"],
                              stats.mean)
+
+
+def test_upload_tree_streams_each_file_in_pieces(bucket, tmp_path, monkeypatch):
+  local = tmp_path / "staged"
+  (local / "params").mkdir(parents=True)
+  payload = np.random.default_rng(1).bytes(10_000)
+  (local / "params" / "weights.bin").write_bytes(payload)
+  (local / "config.json").write_text("{}")
+  monkeypatch.setattr(fs, "_CHUNK_BYTES", 1024)
+  reads = []
+  real_open = open
+
+  class CountingReader:
+    def __init__(self, f):
+      self._f = f
+
+    def read(self, size=-1):
+      reads.append(size)
+      return self._f.read(size)
+
+    def __getattr__(self, name):
+      return getattr(self._f, name)
+
+    def __enter__(self):
+      return self
+
+    def __exit__(self, *exc):
+      self._f.close()
+
+  def spying_open(path, mode="r", *args, **kwargs):
+    f = real_open(path, mode, *args, **kwargs)
+    return CountingReader(f) if "r" in mode and str(path).startswith(str(local)) else f
+
+  monkeypatch.setattr(fs.builtins, "open", spying_open)
+  fs.upload_tree(str(local), "gs://bucket/run/export")
+  monkeypatch.undo()
+  assert (bucket / "run/export/params/weights.bin").read_bytes() == payload
+  assert bucket.writes == ["run/export/params/weights.bin", "run/export/config.json"]
+  assert reads and all(0 < size <= 1024 for size in reads), reads

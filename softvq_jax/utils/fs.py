@@ -23,6 +23,10 @@ import tempfile
 from typing import IO, Any, Iterator
 
 
+# Copies move data in pieces of this size, never a whole file at once.
+_CHUNK_BYTES = 16 << 20
+
+
 def is_remote(path: str | os.PathLike) -> bool:
   return "://" in os.fspath(path)
 
@@ -109,10 +113,7 @@ def staged_file(path: str, suffix: str = "") -> Iterator[str]:
   with tempfile.TemporaryDirectory() as local:
     tmp = os.path.join(local, "staged" + suffix)
     yield tmp
-    target = _remote(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with builtins.open(tmp, "rb") as src, target.open("wb") as dst:
-      shutil.copyfileobj(src, dst, length=16 << 20)
+    _stream_up(tmp, _remote(path))
 
 
 def append_text(path: str, text: str) -> None:
@@ -130,7 +131,7 @@ def download(path: str, local_path: str) -> str:
   """Copies the file at ``path`` (URL or local) to ``local_path`` atomically; returns it."""
   os.makedirs(os.path.dirname(os.path.abspath(local_path)), exist_ok=True)
   with staged_file(local_path) as tmp, open(path, "rb") as src, builtins.open(tmp, "wb") as dst:
-    shutil.copyfileobj(src, dst, length=16 << 20)
+    shutil.copyfileobj(src, dst, length=_CHUNK_BYTES)
   return local_path
 
 
@@ -143,7 +144,11 @@ def upload_tree(local_dir: str, remote_dir: str, *, last: str = "config.json") -
   files.sort(key=lambda rel: (rel == last, rel))
   target = _remote(remote_dir)
   for rel in files:
-    dst = target / rel
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    with builtins.open(os.path.join(local_dir, rel), "rb") as f:
-      dst.write_bytes(f.read())
+    _stream_up(os.path.join(local_dir, rel), target / rel)
+
+
+def _stream_up(local_file: str, target) -> None:
+  # Chunked, so a multi-GiB parameter file never sits in host memory whole.
+  target.parent.mkdir(parents=True, exist_ok=True)
+  with builtins.open(local_file, "rb") as src, target.open("wb") as dst:
+    shutil.copyfileobj(src, dst, length=_CHUNK_BYTES)
