@@ -48,13 +48,17 @@ def _encode_fn(graphdef, state, images):
   return model.encode(images).quant
 
 
-def _encode_info_fn(graphdef, state, images):
+def _encode_info_fn(graphdef, state, images, num_valid):
   from softvq_jax.models.quantizers import code_usage  # pylint: disable=g-import-not-at-top
   model = nnx.merge(graphdef, state)
   out = model.encode(images)
   info = {"h": out.h}
   if out.softvq is not None:
-    info.update(probs=out.softvq.probs, **code_usage(out.softvq, model.config.num_codebooks))
+    # Batch statistics over the caller's examples only, not the mesh padding; a traced
+    # count, so batches that pad to the same shape share one program.
+    valid = jnp.arange(images.shape[0]) < num_valid
+    info.update(probs=out.softvq.probs,
+                **code_usage(out.softvq, model.config.num_codebooks, valid=valid))
   if out.posterior is not None:
     info.update(mean=out.posterior.mean, logvar=out.posterior.logvar)
   return out.quant, info
@@ -114,7 +118,7 @@ class Tokenizer(LoadedModel):
     images = self._check_images(images)
     images, n = self._shard_batch(images)
     if return_info:
-      quant, info = self._encode_info(self._compute_state, images)
+      quant, info = self._encode_info(self._compute_state, images, np.int32(n))
       return quant[:n], jax.tree.map(lambda a: a[:n] if a.ndim and a.shape[0] == images.shape[0]
                                      else a, info)
     return self._encode(self._compute_state, images)[:n]

@@ -205,3 +205,29 @@ def test_plain_autoencoder_bottleneck():
 def test_config_roundtrip():
   cfg = TokenizerConfig.from_json_dict(SMALL)
   assert TokenizerConfig.from_json_dict(cfg.to_json_dict()) == cfg
+
+
+def test_code_usage_counts_only_the_valid_examples():
+  from softvq_jax.models.quantizers import SoftVQOutput  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(7)
+  logits = rng.normal(0, 3, (5, 8, 16)).astype(np.float32)
+  probs = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+  tokens, quant = rng.normal(size=(2, 5, 8, 4)).astype(np.float32)
+  full = SoftVQOutput(quant=jnp.asarray(quant), probs=jnp.asarray(probs), logits=jnp.asarray(logits),
+                      tokens_normed=jnp.asarray(tokens))
+  first3 = SoftVQOutput(*(jnp.asarray(a)[:3] for a in full))
+  masked = code_usage(full, 2, valid=jnp.arange(5) < 3)
+  expected, unmasked = code_usage(first3, 2), code_usage(full, 2)
+  for name in expected:
+    np.testing.assert_allclose(masked[name], expected[name], rtol=1e-6, err_msg=name)
+  assert not np.allclose(unmasked["perplexity"], expected["perplexity"], rtol=1e-3)
+
+
+def test_sharded_info_statistics_ignore_the_padding(tok, images):
+  sharded = Tokenizer(tok.model(), mesh=jax.make_mesh((8,), ("data",)))
+  batch = images[:3]  # padded to 8 by repeating the last image
+  _, info = sharded.encode(batch, return_info=True)
+  _, single = tok.encode(batch, return_info=True)
+  for name in ("usage", "perplexity", "avg_probs", "max_probs", "zq_z_cos"):
+    np.testing.assert_allclose(info[name], single[name], rtol=1e-5, err_msg=name)
+  assert info["probs"].shape[0] == 3

@@ -87,27 +87,34 @@ def entropy_loss(logits: jax.Array, temperature: float = 0.01) -> jax.Array:
   return sample_entropy - avg_entropy
 
 
-def code_usage(out: SoftVQOutput, num_codebooks: int) -> dict[str, jax.Array]:
+def code_usage(out: SoftVQOutput, num_codebooks: int,
+               valid: jax.Array | None = None) -> dict[str, jax.Array]:
   """Per-codebook statistics of a batch, for logging.
 
   ``usage``: fraction of codes that are the argmax of at least one token;
   ``perplexity``: exp of the entropy of the mean assignment; plus the
   reference's ``avg_probs``, ``max_probs`` and ``zq_z_cos`` scalars.
+  ``valid``: optional ``(B,)`` mask of the examples to count, so that the rows a
+  sharded batch was padded with do not weigh in.
   """
   b, length, k = out.probs.shape
   seg = length // num_codebooks
+  weight = jnp.ones((b,), jnp.float32) if valid is None else valid.astype(jnp.float32)
+  count = jnp.sum(weight)
   probs = out.probs.reshape(b, num_codebooks, seg, k)
   hits = jax.nn.one_hot(jnp.argmax(probs, axis=-1), k, dtype=jnp.float32)  # (B, G, S, K)
+  hits = hits * weight[:, None, None, None]
   usage = jnp.mean(jnp.max(hits, axis=(0, 2)) > 0, axis=-1)  # (G,)
-  mean_probs = jnp.mean(probs, axis=(0, 2))  # (G, K)
+  mean_probs = jnp.einsum("bgsk,b->gk", probs, weight) / (count * seg)  # (G, K)
   perplexity = jnp.exp(-jnp.sum(mean_probs * jnp.log(mean_probs + 1e-10), axis=-1))
-  cos = jnp.sum(l2_normalize(out.tokens_normed) * l2_normalize(out.quant), axis=-1)
+  cos = jnp.sum(l2_normalize(out.tokens_normed) * l2_normalize(out.quant), axis=-1)  # (B, L)
+  per_example = lambda x: jnp.sum(jnp.mean(x, axis=1) * weight) / count
   return {
       "usage": usage,
       "perplexity": perplexity,
-      "avg_probs": jnp.mean(out.probs),
-      "max_probs": jnp.mean(jnp.max(out.probs, axis=-1)),
-      "zq_z_cos": jnp.mean(cos),
+      "avg_probs": per_example(jnp.mean(out.probs, axis=-1)),
+      "max_probs": per_example(jnp.max(out.probs, axis=-1)),
+      "zq_z_cos": per_example(cos),
   }
 
 
