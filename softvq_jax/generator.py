@@ -149,7 +149,8 @@ class Generator(LoadedModel):
   def sample(self, noise, labels, *, method: str | None = None, num_steps: int = 250,
              cfg_scale: float = 1.0, guidance_interval: tuple[float, float] = (0.0, 1.0),
              key: jax.Array | None = None, step_noise=None, path: str = "linear",
-             eta: float = 0.0, noise_schedule: str = "cosine", rtol: float = 1e-3) -> jax.Array:
+             eta: float = 0.0, noise_schedule: str = "cosine", rtol: float = 1e-3,
+             timestep_respacing: str | None = None) -> jax.Array:
     """Generates normalised latents ``(B, T, C)`` from ``noise`` (x at t = 1 / step T).
 
     Args:
@@ -167,6 +168,9 @@ class Generator(LoadedModel):
       path: SDE interpolant (``linear`` | ``cosine``) for the velocity-to-score conversion.
       eta: DDIM noise level.
       noise_schedule: DiT diffusion schedule the model was trained with (``cosine`` | ``linear``).
+      timestep_respacing: DiT only: the reference's respacing string in place of
+        ``num_steps`` (``"ddim25"`` = integer stride, ``"10,15,20"`` = per-section counts);
+        ``num_steps=N`` is ``"N"``.
     """
     sit = self.config.kind == "sit"
     methods = SIT_METHODS if sit else DIT_METHODS
@@ -182,10 +186,17 @@ class Generator(LoadedModel):
                        "cannot be sampled with classifier-free guidance")
     if not sit and tuple(guidance_interval) != (0.0, 1.0):
       raise ValueError("guidance_interval is a SiT sampler option; DiT guides every step")
+    if sit and timestep_respacing is not None:
+      raise ValueError("timestep_respacing is a DiT sampler option; SiT samplers take num_steps")
+    steps: int | str = int(num_steps)
+    if not sit:
+      # The DiT loop runs on the respaced process; "N" is what num_steps=N means.
+      steps = str(timestep_respacing) if timestep_respacing is not None else str(steps)
+      diffusion_lib.space_timesteps(1000, steps)  # a bad string fails here, not under jit
     stochastic = method in ("euler_maruyama", "ddpm") or (method == "ddim" and eta != 0.0)
     if stochastic and key is None and step_noise is None:
       raise ValueError(f"method {method!r} is stochastic: pass key= (or step_noise=)")
-    static = (method, int(num_steps), guided, tuple(float(g) for g in guidance_interval), path,
+    static = (method, steps, guided, tuple(float(g) for g in guidance_interval), path,
               float(eta), noise_schedule, float(rtol))
     if static not in self._samplers:
       self._samplers[static] = jax.jit(functools.partial(_sample_fn, self.graphdef, static))

@@ -166,8 +166,6 @@ class GeneratorConfig:
       # The reference builds its final layer with decoder_hidden_size but feeds it
       # hidden_size features, so such a model cannot run there either.
       problems.append(f"decoder_hidden_size={dec_hidden!r} differs from hidden_size={hidden!r}")
-    if kind == "sit" and cfg.get("learn_sigma", False):
-      problems.append("learn_sigma=true on a SiT")
     missing = [k for k in ("input_size", "in_channels", "hidden_size", "depth", "num_heads")
                if k not in cfg]
     if missing:
@@ -178,6 +176,11 @@ class GeneratorConfig:
       # With vae_1d the reference forces patch size 1 whatever the field says.
       logging.warning("patch_size=%r is ignored for 1-D tokens (the reference uses 1)",
                       cfg["patch_size"])
+    if kind == "sit" and cfg.get("learn_sigma", False):
+      # The reference SiT has no such argument: it lands in the blocks' unused
+      # keyword arguments and the network still outputs in_channels velocities.
+      logging.info("learn_sigma=%r is ignored for a SiT (the reference ignores it too)",
+                   cfg["learn_sigma"])
     unknown = sorted(set(cfg) - _KNOWN_FIELDS - _IGNORED_FIELDS)
     if unknown:
       logging.warning("ignoring unknown generator config fields %s", unknown)
@@ -199,9 +202,10 @@ class GeneratorConfig:
 _KNOWN_FIELDS = {"kind", "input_size", "in_channels", "hidden_size", "decoder_hidden_size", "depth",
                  "num_heads", "mlp_ratio", "num_classes", "class_dropout_prob", "learn_sigma",
                  "patch_size", "vae_1d", "qk_norm"}
-# Recorded by PyTorchModelHubMixin or used only outside the network.
+# Recorded by PyTorchModelHubMixin or used only outside the network (the REPA
+# projector sizes are passed to the reference SiT, which never reads them).
 _IGNORED_FIELDS = {"license", "repo_url", "tags", "path_type", "use_cfg", "fused_attn",
-                   "flash_attn"}
+                   "flash_attn", "z_dims", "encoder_depth"}
 
 
 def infer_kind(cfg: Mapping[str, Any]) -> str:
@@ -211,10 +215,12 @@ def infer_kind(cfg: Mapping[str, Any]) -> str:
     return "dit"
   if "sit" in tags and "dit" not in tags:
     return "sit"
-  if "learn_sigma" in cfg:
-    return "dit"
+  # The reference DiT takes no extra keyword arguments, so SiT-only fields are
+  # decisive; learn_sigma is not, since the SiT silently accepts it.
   if {"decoder_hidden_size", "path_type", "use_cfg", "qk_norm"} & set(cfg):
     return "sit"
+  if "learn_sigma" in cfg:
+    return "dit"
   raise ConfigError("cannot tell whether this config is a SiT or a DiT; pass kind='sit' or 'dit'")
 
 

@@ -15,6 +15,7 @@ whose ``t_cur`` lies in ``[guidance_low, guidance_high]``.
 
 from __future__ import annotations
 
+from fractions import Fraction
 from typing import Callable
 
 import jax
@@ -30,17 +31,26 @@ SDE_T_MIN = 0.04  # the reference stops the stochastic steps here, then takes on
 
 
 def torch_linspace(start: float, end: float, steps: int) -> np.ndarray:
-  """``torch.linspace`` in float64, bit for bit: the second half is counted from ``end``.
+  """``torch.linspace`` in float64, bit for bit.
 
-  NumPy's linspace differs in the last bits, which can flip a step's
-  guidance decision when ``t`` sits on an interval boundary.
+  torch computes ``start + step * i`` for the first half and
+  ``end - step * (steps - 1 - i)`` for the second as one fused multiply-add
+  (a single rounding). Rounding the product first, as plain float64
+  arithmetic does, is off by one ulp at some points, and a point that sits on
+  a guidance-interval boundary (``t = 0.55`` with 20 steps) then flips that
+  step's guidance decision. The products are formed exactly with fractions,
+  so the grid does not depend on the host's FMA support.
   """
   if steps == 1:
     return np.array([start], np.float64)
+  start, end = float(start), float(end)
   step = (end - start) / (steps - 1)
-  i = np.arange(steps)
   halfway = steps // 2
-  return np.where(i < halfway, start + step * i, end - step * (steps - 1 - i)).astype(np.float64)
+  exact_step, exact_start, exact_end = Fraction(step), Fraction(start), Fraction(end)
+  # Fraction -> float is correctly rounded (int / int true division).
+  return np.array([float(exact_start + exact_step * i) if i < halfway
+                   else float(exact_end - exact_step * (steps - 1 - i)) for i in range(steps)],
+                  np.float64)
 
 
 def ode_time_grid(num_steps: int) -> np.ndarray:
