@@ -17,7 +17,7 @@ TOKENIZER_RULES: list[Rule] = [
     (_BLOCK + r"\.(ls[12])\.gamma", r"\1.model.blocks.\2.\3.gamma", ID),
     (_VIT + r"\.norm\.weight", r"\1.model.norm.scale", ID),
     (_VIT + r"\.norm\.bias", r"\1.model.norm.bias", ID),
-    (_VIT + r"\.(cls_token|pos_embed)", r"\1.model.\2", ID),
+    (_VIT + r"\.(cls_token|reg_token|pos_embed)", r"\1.model.\2", ID),
     (r"encoder\.model\.patch_embed\.proj\.weight", "encoder.model.patch_embed.proj.kernel", CONV),
     (r"encoder\.model\.patch_embed\.proj\.bias", "encoder.model.patch_embed.proj.bias", ID),
     (r"encoder\.(latent_tokens|latent_pos_embed)", r"encoder.\1", ID),

@@ -31,6 +31,10 @@ def infer_bottleneck(state: Mapping[str, np.ndarray], cfg: Mapping[str, Any]) ->
   """Released configs do not name their bottleneck; the weights do."""
   if "bottleneck" in cfg:
     return cfg["bottleneck"]
+  if "quantize.embedding.weight" in state:
+    # VQModel's nn.Embedding codebook: hard nearest-code quantisation.
+    raise ConfigError("this checkpoint is a hard-VQ tokenizer (quantize.embedding.weight), which "
+                      "this version does not support; supported: SoftVQ, KL and plain AE")
   if "quantize.embedding" in state:
     return "softvq"
   quant = state.get("quant_conv.weight")

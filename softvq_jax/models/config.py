@@ -17,7 +17,10 @@ VIT_SIZES: dict[str, dict[str, int]] = {
     "base": dict(embed_dim=768, depth=12, num_heads=12),
     "large": dict(embed_dim=1024, depth=24, num_heads=16),
 }
-_VIT_NAME = re.compile(r"^vit_(small|base|large)_patch14_dinov2(_movqv2)?(\.lvd142m)?$")
+_VIT_NAME = re.compile(r"^vit_(small|base|large)_patch14_(reg4_)?dinov2(_movqv2)?(\.lvd142m)?$")
+# The reference registers MoVQ variants of these sizes only.
+_MOVQ_SIZES = ("small", "base")
+_SIZE_OVERRIDES = ("embed_dim", "depth", "num_heads", "mlp_ratio", "init_values")
 BOTTLENECKS = ("softvq", "kl", "ae")
 
 
@@ -36,12 +39,22 @@ class ViTConfig:
   # MoVQ blocks (MAETok decoder): non-affine norms, no LayerScale, latent rows
   # modulated by the raw latent, modulated final norm.
   movq: bool = False
+  # DINOv2 "reg4" entry points: register tokens after the class token, and a
+  # position table for the patches only (timm's no_embed_class), added before
+  # the prefix tokens are prepended.
+  reg_tokens: int = 0
+  no_embed_class: bool = False
 
   def __post_init__(self):
     for name in ("embed_dim", "depth", "num_heads", "patch_size"):
       value = getattr(self, name)
       if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         raise ConfigError(f"ViT {name} must be a positive integer, got {value!r}")
+    if not isinstance(self.reg_tokens, int) or isinstance(self.reg_tokens, bool) or self.reg_tokens < 0:
+      raise ConfigError(f"ViT reg_tokens must be a non-negative integer, got {self.reg_tokens!r}")
+    if (isinstance(self.mlp_ratio, bool) or not isinstance(self.mlp_ratio, (int, float))
+        or not self.mlp_ratio > 0 or int(self.embed_dim * self.mlp_ratio) <= 0):
+      raise ConfigError(f"ViT mlp_ratio must be a positive number, got {self.mlp_ratio!r}")
     if self.embed_dim % self.num_heads:
       raise ConfigError(f"ViT embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
 
@@ -51,26 +64,42 @@ def vit_config_from_name(model_name: str, patch_size: int,
   """Sizes implied by a timm model name, optionally overridden by ``*_kwargs``."""
   if not isinstance(model_name, str):
     raise ConfigError(f"{field} must be a string, got {model_name!r}")
+  if re.match(r"^vit_giant_patch14(_reg4)?_dinov2", model_name):
+    raise ConfigError(f"{field}={model_name!r}: DINOv2-giant has a SwiGLU MLP, which this version "
+                      "does not implement; use small, base or large")
   match = _VIT_NAME.match(model_name)
   if match is None:
-    known = ", ".join([f"vit_{s}_patch14_dinov2.lvd142m" for s in VIT_SIZES]
-                      + ["vit_base_patch14_dinov2_movqv2"])
+    known = ", ".join([f"vit_{s}_patch14[_reg4]_dinov2.lvd142m" for s in VIT_SIZES]
+                      + [f"vit_{s}_patch14_dinov2_movqv2" for s in _MOVQ_SIZES])
     raise ConfigError(f"unknown {field} {model_name!r}; supported: {known}")
-  movq = match.group(2) is not None
+  size, reg, movq = match.group(1), match.group(2) is not None, match.group(3) is not None
   if movq and field != "decoder_model":
     raise ConfigError(f"{field}={model_name!r}: MoVQ blocks exist only in decoders")
-  sizes = dict(VIT_SIZES[match.group(1)])
+  if movq and (reg or size not in _MOVQ_SIZES):
+    raise ConfigError(f"{field}={model_name!r}: the reference registers no such model; MoVQ "
+                      f"decoders are vit_{{{','.join(_MOVQ_SIZES)}}}_patch14_dinov2_movqv2")
+  sizes: dict[str, Any] = dict(VIT_SIZES[size])
   overrides = dict(overrides or {})
-  # timm's name for the LayerScale init (1e-5 in DINOv2); only matters when training from scratch.
-  layerscale_init = overrides.pop("init_values", 1e-5)
-  unknown = set(overrides) - set(sizes)
+  unknown = set(overrides) - set(_SIZE_OVERRIDES)
   if unknown:
     raise ConfigError(f"{field.replace('_model', '')}_kwargs has unsupported keys {sorted(unknown)}; "
-                      f"allowed: {sorted(sizes) + ['init_values']}")
+                      f"allowed: {sorted(_SIZE_OVERRIDES)}")
+  # timm's name for the LayerScale init (1e-5 in DINOv2). timm's create_model
+  # drops None-valued kwargs, so null keeps the default; 0 builds blocks without
+  # LayerScale (and checkpoints without ls*.gamma).
+  layerscale_init = overrides.pop("init_values", None)
+  if layerscale_init is None:
+    layerscale_init = 1e-5
   sizes.update(overrides)
+  extra: dict[str, Any] = dict(reg_tokens=4, no_embed_class=True) if reg else {}
   if movq:
+    # MoVQ blocks have no LayerScale whatever init_values says.
     return ViTConfig(patch_size=patch_size, layerscale_init=None, movq=True, **sizes)
-  return ViTConfig(patch_size=patch_size, layerscale_init=float(layerscale_init), **sizes)
+  if isinstance(layerscale_init, bool) or not isinstance(layerscale_init, (int, float)):
+    raise ConfigError(f"init_values must be a number or null, got {layerscale_init!r}")
+  return ViTConfig(patch_size=patch_size,
+                   layerscale_init=float(layerscale_init) if layerscale_init else None,
+                   **extra, **sizes)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,6 +151,10 @@ class TokenizerConfig:
         raise ConfigError(f"tau must be positive, got {self.tau!r}")
     if not self.vq_std > 0:
       raise ConfigError(f"vq_std must be positive, got {self.vq_std!r}")
+    if self.bottleneck == "kl" and self.decoder.movq:
+      # The reference's KL model decodes without the raw latent a MoVQ decoder needs.
+      raise ConfigError("a KL tokenizer cannot have a MoVQ decoder (the reference's KLModel "
+                        "does not pass the latent that modulates MoVQ blocks)")
     if self.use_rope:
       for side, vit in (("encoder", self.encoder), ("decoder", self.decoder)):
         head_dim = vit.embed_dim // vit.num_heads
@@ -185,6 +218,16 @@ class TokenizerConfig:
                                    cfg.get("encoder_kwargs"), field="encoder_model")
     decoder = vit_config_from_name(cfg["decoder_model"], _int(cfg, "dec_patch_size", 16),
                                    cfg.get("decoder_kwargs"), field="decoder_model")
+    use_rope = bool(cfg.get("use_rope", False))
+    # The reference turns absolute positions off whenever RoPE is on.
+    decoder_use_ape = bool(cfg.get("use_ape", True)) and not use_rope
+    decoder_cls_token = bool(cfg.get("dec_cls_token", True))
+    if decoder_use_ape and not decoder_cls_token and not decoder.no_embed_class:
+      # timm built the table with a class-token row; the reference drops only the
+      # token, so adding the table to the mask tokens fails on a length mismatch.
+      raise ConfigError("dec_cls_token=False with absolute positions (use_ape=True, use_rope="
+                        "False) cannot run in the reference: its decoder position table keeps "
+                        "the class-token row")
     return cls(
         bottleneck=bottleneck,
         image_size=cfg["image_size"],
@@ -200,11 +243,10 @@ class TokenizerConfig:
         kl_loss_weight=float(cfg.get("kl_loss_weight", 1e-6)),
         vq_mean=float(cfg.get("vq_mean", 0.0)),
         vq_std=float(cfg.get("vq_std", 1.0)),
-        use_rope=bool(cfg.get("use_rope", False)),
+        use_rope=use_rope,
         rope_theta=float(cfg.get("rope_theta", 10.0)),
-        # The reference switches absolute positions off whenever RoPE is on.
-        decoder_use_ape=bool(cfg.get("use_ape", True)) and not cfg.get("use_rope", False),
-        decoder_cls_token=bool(cfg.get("dec_cls_token", True)),
+        decoder_use_ape=decoder_use_ape,
+        decoder_cls_token=decoder_cls_token,
         encoder_model=cfg["encoder_model"],
         decoder_model=cfg["decoder_model"],
     )
@@ -241,6 +283,12 @@ def _reject_unsupported(cfg: Mapping[str, Any]) -> None:
   if cfg.get("use_rope") and not cfg.get("rope_mixed", False):
     problems.append("use_rope=True with rope_mixed=False would need axial RoPE, which this version "
                     "does not support (supported: the learnable mixed RoPE of MAETok)")
+  if not cfg.get("use_ape", True) and not cfg.get("use_rope", False):
+    # Without APE or mixed RoPE the reference encoder takes its axial-RoPE path,
+    # which fails, and its decoder has no rotary tables: no such model runs.
+    problems.append("use_ape=False without use_rope=True leaves the reference's ViTs without "
+                    "position information and its forward fails; set use_ape=True, or "
+                    "use_rope=True with rope_mixed=True")
   if problems:
     raise ConfigError("unsupported tokenizer config: " + "; ".join(problems))
 
@@ -248,14 +296,18 @@ def _reject_unsupported(cfg: Mapping[str, Any]) -> None:
 def _name_for(vit: ViTConfig) -> str:
   if vit.movq:
     return "vit_base_patch14_dinov2_movqv2"
+  reg = "reg4_" if vit.reg_tokens else ""
   for size, dims in VIT_SIZES.items():
     if dims == dict(embed_dim=vit.embed_dim, depth=vit.depth, num_heads=vit.num_heads):
-      return f"vit_{size}_patch14_dinov2.lvd142m"
-  return "vit_base_patch14_dinov2.lvd142m"
+      return f"vit_{size}_patch14_{reg}dinov2.lvd142m"
+  return f"vit_base_patch14_{reg}dinov2.lvd142m"
 
 
 def _kwargs_for(vit: ViTConfig) -> dict[str, Any]:
   kwargs: dict[str, Any] = dict(embed_dim=vit.embed_dim, depth=vit.depth, num_heads=vit.num_heads)
-  if vit.layerscale_init is not None and vit.layerscale_init != 1e-5:
-    kwargs["init_values"] = vit.layerscale_init
+  if vit.mlp_ratio != 4.0:
+    kwargs["mlp_ratio"] = vit.mlp_ratio
+  if not vit.movq and vit.layerscale_init != 1e-5:
+    # 0.0, not None, for blocks without LayerScale: timm reads None as "default".
+    kwargs["init_values"] = vit.layerscale_init or 0.0
   return kwargs

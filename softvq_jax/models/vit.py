@@ -86,15 +86,20 @@ class VisionTransformer(nnx.Module):
     self.grid_size = image_size // cfg.patch_size
     self.movq = cfg.movq
     num_patches = self.grid_size**2
-    self.num_prefix_tokens = 1 if with_cls_token else 0
+    self.no_embed_class = cfg.no_embed_class
+    self.num_prefix_tokens = (1 if with_cls_token else 0) + cfg.reg_tokens
     self.patch_embed = (PatchEmbed(cfg.patch_size, in_chans, cfg.embed_dim, dtype=dtype,
                                    param_dtype=param_dtype, rngs=rngs)
                         if with_patch_embed else None)
     self.cls_token = (nnx.Param(1e-6 * jax.random.normal(rngs.params(), (1, 1, cfg.embed_dim),
                                                          param_dtype))
                       if with_cls_token else None)
-    self.pos_embed = (nnx.Param(trunc_normal_02(
-        rngs.params(), (1, self.num_prefix_tokens + num_patches, cfg.embed_dim), param_dtype))
+    # timm leaves register tokens at zero.
+    self.reg_token = (nnx.Param(jnp.zeros((1, cfg.reg_tokens, cfg.embed_dim), param_dtype))
+                      if cfg.reg_tokens else None)
+    table_rows = num_patches if cfg.no_embed_class else self.num_prefix_tokens + num_patches
+    self.pos_embed = (nnx.Param(trunc_normal_02(rngs.params(), (1, table_rows, cfg.embed_dim),
+                                                param_dtype))
                       if with_pos_embed else None)
     if cfg.movq:
       if latent_dim is None:
@@ -112,13 +117,21 @@ class VisionTransformer(nnx.Module):
       self.norm = LayerNorm(cfg.embed_dim, param_dtype=param_dtype)
 
   def add_cls_and_positions(self, tokens: jax.Array) -> jax.Array:
-    """Prepends the class token and adds the position table (timm ``_pos_embed``)."""
-    if self.cls_token is not None:
-      b = tokens.shape[0]
-      cls = jnp.broadcast_to(self.cls_token[...], (b, 1, self.embed_dim)).astype(tokens.dtype)
-      tokens = jnp.concatenate([cls, tokens], axis=1)
-    if self.pos_embed is not None:
-      tokens = tokens + self.pos_embed[...].astype(tokens.dtype)
+    """Prepends the class (and register) tokens and adds the position table (timm ``_pos_embed``).
+
+    A table with a class row is added after prepending; a patches-only table
+    (``no_embed_class``) before, so the prefix tokens get no position.
+    """
+    b = tokens.shape[0]
+    prefix = [jnp.broadcast_to(p[...], (b,) + p.shape[1:]).astype(tokens.dtype)
+              for p in (self.cls_token, self.reg_token) if p is not None]
+    pos = self.pos_embed[...].astype(tokens.dtype) if self.pos_embed is not None else None
+    if self.no_embed_class and pos is not None:
+      tokens = tokens + pos
+    if prefix:
+      tokens = jnp.concatenate(prefix + [tokens], axis=1)
+    if not self.no_embed_class and pos is not None:
+      tokens = tokens + pos
     return tokens
 
   def run_blocks(self, x: jax.Array, *, freqs: jax.Array | None = None,
