@@ -212,6 +212,7 @@ def sit_recipe(tokenizer: str, arg: str | None, *, size: str = "XL") -> ml_colle
   c.model = ml_collections.ConfigDict(dict(
       hidden_size=hidden, depth=depth, num_heads=heads, mlp_ratio=4.0, num_classes=1000,
       class_dropout_prob=0.1,
+      qk_norm=False,                   # the reference SiT's per-head q/k LayerNorms
       # Scanned, rematerialised blocks: compile time independent of depth, activations
       # of one block at a time. Checkpoints convert to the loop layout (unstack_layers).
       scan_layers=True, remat_policy="dots_with_no_batch_dims_saveable"))

@@ -82,6 +82,9 @@ BLOCK_SHARDING_RULES = _block_rules([
     (r"mlp/fc2/bias", ("embed",)),
     (r"adaLN_modulation/1/kernel", ("embed", "modulation")),
     (r"adaLN_modulation/1/bias", ("modulation",)),
+    # Per-head q/k LayerNorms (head_dim wide): too small to be worth splitting, and the
+    # fsdp shape fallback would otherwise split them.
+    (r"attn/[qk]_norm/(?:scale|bias)", (None,)),
 ])
 
 _DP_AXES = (("batch", ("data", "fsdp")), ("length", None), ("act_embed", None),

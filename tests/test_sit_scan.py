@@ -89,3 +89,32 @@ def test_scanned_weights_load_into_the_inference_model(looped, inputs):
 def test_unknown_remat_policy():
   with pytest.raises(ConfigError, match="remat_policy"):
     SiT(CFG, rngs=nnx.Rngs(0), remat_policy="everything")
+
+
+def test_qk_norm_scanned_equals_the_loop(inputs):
+  cfg = GeneratorConfig(kind="sit", input_size=8, in_channels=4, hidden_size=32, depth=3,
+                        num_heads=2, num_classes=4, qk_norm=True)
+  rng = np.random.default_rng(1)
+  flat = {p: (v if p[0] == "pos_embed" else rng.normal(0, 0.2, v.shape).astype(np.float32) +
+              (1.0 if p[-1] == "scale" else 0.0))
+          for p, v in _flat(SiT(cfg, rngs=nnx.Rngs(0))).items()}
+  assert flat[("blocks", 2, "attn", "k_norm", "scale")].shape == (16,)
+  looped = _load(SiT(cfg, rngs=nnx.Rngs(0)), flat)
+  stacked = stack_layers(flat, cfg.depth)
+  assert stacked[("blocks", "attn", "q_norm", "bias")].shape == (3, 16)
+  scanned = _load(SiT(cfg, rngs=nnx.Rngs(1), scan_layers=True, remat_policy="nothing_saveable"),
+                  stacked)
+  x, t, y = inputs
+  np.testing.assert_allclose(scanned(x, t, y), looped(x, t, y), rtol=1e-5, atol=1e-6)
+
+  def loss(m):
+    return jnp.sum(jnp.square(m(x, t, y)))
+
+  g_loop = _flat_grads(nnx.grad(loss)(looped))
+  g_scan = unstack_layers(_flat_grads(nnx.grad(loss)(scanned)))
+  assert set(g_loop) == set(g_scan) and ("blocks", 1, "attn", "q_norm", "scale") in g_loop
+  for path in g_loop:
+    assert rel_err(g_scan[path], g_loop[path]) < 1e-5, path
+  assert np.abs(g_loop[("blocks", 0, "attn", "k_norm", "bias")]).max() > 0
+  back = unstack_layers(stacked)
+  assert set(back) == set(flat)

@@ -20,6 +20,10 @@ GENERATOR_RULES: list[Rule] = [
     (rf"({_LINEARS})\.weight", r"\1.kernel", LIN),
     (rf"({_LINEARS})\.bias", r"\1.bias", ID),
     (r"y_embedder\.embedding_table\.weight", "y_embedder.embedding_table.embedding", ID),
+    # qk_norm SiTs only: the model has these paths only then, so a qk_norm=false config
+    # reports such tensors as unexpected and a qk_norm=true one reports them as missing.
+    (r"(blocks\.\d+\.attn\.[qk]_norm)\.weight", r"\1.scale", ID),
+    (r"(blocks\.\d+\.attn\.[qk]_norm)\.bias", r"\1.bias", ID),
     (r"pos_embed", "pos_embed", ID),
 ]
 GENERATOR_IGNORED: list[str] = []

@@ -188,11 +188,16 @@ def dot_product_attention(q: Array, k: Array, v: Array, *, precision=None) -> Ar
 
 
 class Attention(nnx.Module):
-  """Multi-head self-attention with a fused ``qkv`` projection (rows q | k | v, head-major)."""
+  """Multi-head self-attention with a fused ``qkv`` projection (rows q | k | v, head-major).
+
+  ``qk_norm``: an affine LayerNorm over each head's channels of q and of k (``q_norm`` /
+  ``k_norm``, PyTorch's default eps 1e-5), applied before the scaling and any rotation.
+  """
 
   def __init__(self, dim: int, num_heads: int, *, qkv_bias: bool = True, rngs: nnx.Rngs,
                dtype: Dtype | None = None, param_dtype: Dtype = jnp.float32,
-               kernel_init: Callable = trunc_normal_02):
+               kernel_init: Callable = trunc_normal_02, qk_norm: bool = False,
+               qk_norm_eps: float = 1e-5):
     if dim % num_heads:
       raise ValueError(f"width {dim} is not divisible by num_heads {num_heads}")
     self.num_heads = num_heads
@@ -200,6 +205,11 @@ class Attention(nnx.Module):
     self.precision = matmul_precision(dtype)
     self.qkv = linear(dim, 3 * dim, use_bias=qkv_bias, dtype=dtype, param_dtype=param_dtype,
                       kernel_init=kernel_init, rngs=rngs)
+    if qk_norm:
+      self.q_norm = LayerNorm(self.head_dim, eps=qk_norm_eps, param_dtype=param_dtype)
+      self.k_norm = LayerNorm(self.head_dim, eps=qk_norm_eps, param_dtype=param_dtype)
+    else:
+      self.q_norm = self.k_norm = None
     self.proj = linear(dim, dim, dtype=dtype, param_dtype=param_dtype,
                        kernel_init=kernel_init, rngs=rngs)
 
@@ -212,6 +222,11 @@ class Attention(nnx.Module):
   def __call__(self, x: Array, rope: "RopeTables | None" = None) -> Array:
     b, n, d = x.shape
     q, k, v = self.split_heads(x)
+    if self.q_norm is not None:
+      # In float32 (LayerNorm's own rule) whatever the compute dtype, and at every
+      # precision: the reference's half-precision flash-attention branch skips these
+      # norms, which would make a qk_norm model a different network under autocast.
+      q, k = self.q_norm(q), self.k_norm(k)
     if rope is not None:
       q, k = rope.rotate(q), rope.rotate(k)
     out = dot_product_attention(q, k, v, precision=self.precision)

@@ -51,6 +51,8 @@ class GeneratorConfig:
 
   ``input_size`` is the number of latent tokens T and ``in_channels`` their
   width C (the tokenizer's ``num_latent_tokens`` / ``codebook_embed_dim``).
+  ``qk_norm`` (SiT only, as in the reference) adds an affine LayerNorm on each
+  head's q and k in every block (``blocks.N.attn.q_norm`` / ``k_norm``).
   """
 
   kind: str = "sit"
@@ -63,6 +65,7 @@ class GeneratorConfig:
   num_classes: int = 1000
   class_dropout_prob: float = 0.1
   learn_sigma: bool = False
+  qk_norm: bool = False
 
   def __post_init__(self):
     if self.kind not in KINDS:
@@ -83,6 +86,11 @@ class GeneratorConfig:
       raise ConfigError(f"mlp_ratio must be positive, got {self.mlp_ratio!r}")
     if self.kind == "sit" and self.learn_sigma:
       raise ConfigError("SiT predicts a velocity; learn_sigma is a DiT option")
+    if not isinstance(self.qk_norm, bool):
+      raise ConfigError(f"qk_norm must be true or false, got {self.qk_norm!r}")
+    if self.kind == "dit" and self.qk_norm:
+      # The reference DiT's constructor has no such argument, so no DiT checkpoint has them.
+      raise ConfigError("qk_norm is a SiT option; the reference DiT has no q/k norms")
 
   @classmethod
   def preset(cls, name: str, **overrides) -> "GeneratorConfig":
@@ -137,7 +145,7 @@ class GeneratorConfig:
     if self.kind == "dit":
       out["learn_sigma"] = self.learn_sigma
     else:
-      out.update(decoder_hidden_size=self.hidden_size, qk_norm=False)
+      out.update(decoder_hidden_size=self.hidden_size, qk_norm=self.qk_norm)
     return out
 
   @classmethod
@@ -157,9 +165,6 @@ class GeneratorConfig:
     if cfg.get("vae_1d") is not True:
       problems.append(f"vae_1d={cfg.get('vae_1d')!r}: only generators on 1-D latent tokens "
                       "(vae_1d=true) are supported; 2-D patch inputs are not")
-    if cfg.get("qk_norm", False):
-      problems.append("qk_norm=true would need q/k LayerNorms, which the released models do not "
-                      "use and this port does not implement")
     hidden = cfg.get("hidden_size")
     dec_hidden = cfg.get("decoder_hidden_size", hidden)
     if dec_hidden != hidden:
@@ -196,6 +201,7 @@ class GeneratorConfig:
         num_classes=cfg.get("num_classes", 1000),
         class_dropout_prob=float(cfg.get("class_dropout_prob", 0.1)),
         learn_sigma=learn_sigma,
+        qk_norm=cfg.get("qk_norm", False),
     )
 
 
@@ -373,10 +379,13 @@ class AdaLNBlock(nnx.Module):
   """adaLN-Zero block: x += gate * attn(mod(LN(x))); x += gate * mlp(mod(LN(x)))."""
 
   def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, *,
-               rngs: nnx.Rngs, dtype: Dtype | None = None, param_dtype: Dtype = jnp.float32):
+               rngs: nnx.Rngs, dtype: Dtype | None = None, param_dtype: Dtype = jnp.float32,
+               qk_norm: bool = False):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.norm1 = LayerNorm(hidden_size, use_affine=False)
-    self.attn = Attention(hidden_size, num_heads, qkv_bias=True, kernel_init=_xavier, **kw)
+    # q_norm / k_norm: nn.LayerNorm(head_dim) of the reference, default eps and affine.
+    self.attn = Attention(hidden_size, num_heads, qkv_bias=True, kernel_init=_xavier,
+                          qk_norm=qk_norm, qk_norm_eps=1e-5, **kw)
     self.norm2 = LayerNorm(hidden_size, use_affine=False)
     self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio), approximate_gelu=True,
                    kernel_init=_xavier, **kw)
@@ -439,10 +448,11 @@ class SiT(nnx.Module):
       @nnx.vmap(in_axes=(0,), out_axes=0)
       def stacked(rngs):
         return AdaLNBlock(d, config.num_heads, config.mlp_ratio, dtype=dtype,
-                          param_dtype=param_dtype, rngs=rngs)
+                          param_dtype=param_dtype, rngs=rngs, qk_norm=config.qk_norm)
       self.blocks = stacked(rngs)
     else:
-      self.blocks = nnx.List([AdaLNBlock(d, config.num_heads, config.mlp_ratio, **kw)
+      self.blocks = nnx.List([AdaLNBlock(d, config.num_heads, config.mlp_ratio,
+                                         qk_norm=config.qk_norm, **kw)
                               for _ in range(config.depth)])
     self.final_layer = FinalLayer(d, config.out_channels, **kw)
 
