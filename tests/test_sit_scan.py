@@ -45,19 +45,25 @@ def test_scanned_forward_and_gradients_equal_the_loop(looped, inputs, policy):
   model, flat = looped
   scanned = _load(SiT(CFG, rngs=nnx.Rngs(1), scan_layers=True, remat_policy=policy),
                   stack_layers(flat, CFG.depth))
+  _assert_scan_equals_loop(scanned, model, inputs)
+
+
+def _assert_scan_equals_loop(scanned, looped, inputs):
+  """Same outputs and per-layer gradients; returns the loop's gradients."""
   x, t, y = inputs
-  np.testing.assert_allclose(scanned(x, t, y), model(x, t, y), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(scanned(x, t, y), looped(x, t, y), rtol=1e-5, atol=1e-6)
 
   def loss(m):
     return jnp.sum(jnp.square(m(x, t, y)))
 
-  g_loop = _flat_grads(nnx.grad(loss)(model))
+  g_loop = _flat_grads(nnx.grad(loss)(looped))
   g_scan = unstack_layers(_flat_grads(nnx.grad(loss)(scanned)))
   assert set(g_loop) == set(g_scan)
   for path in g_loop:
     # Summation order differs between the loop and the scan: compare at float32 rounding
     # relative to the gradient's scale.
     assert rel_err(g_scan[path], g_loop[path]) < 1e-5, path
+  return g_loop
 
 
 def _flat_grads(grads):
@@ -104,17 +110,8 @@ def test_qk_norm_scanned_equals_the_loop(inputs):
   assert stacked[("blocks", "attn", "q_norm", "bias")].shape == (3, 16)
   scanned = _load(SiT(cfg, rngs=nnx.Rngs(1), scan_layers=True, remat_policy="nothing_saveable"),
                   stacked)
-  x, t, y = inputs
-  np.testing.assert_allclose(scanned(x, t, y), looped(x, t, y), rtol=1e-5, atol=1e-6)
-
-  def loss(m):
-    return jnp.sum(jnp.square(m(x, t, y)))
-
-  g_loop = _flat_grads(nnx.grad(loss)(looped))
-  g_scan = unstack_layers(_flat_grads(nnx.grad(loss)(scanned)))
-  assert set(g_loop) == set(g_scan) and ("blocks", 1, "attn", "q_norm", "scale") in g_loop
-  for path in g_loop:
-    assert rel_err(g_scan[path], g_loop[path]) < 1e-5, path
+  g_loop = _assert_scan_equals_loop(scanned, looped, inputs)
+  assert ("blocks", 1, "attn", "q_norm", "scale") in g_loop
   assert np.abs(g_loop[("blocks", 0, "attn", "k_norm", "bias")]).max() > 0
   back = unstack_layers(stacked)
   assert set(back) == set(flat)
