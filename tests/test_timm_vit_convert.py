@@ -232,6 +232,55 @@ def test_refusals(teacher_state):
     timm_vit.dinov2_config("vit_huge_patch14_clip_224")
 
 
+@pytest.mark.parametrize("layout", ["meta", "timm"])
+def test_register_token_dinov2_at_patch16(tmp_path, layout):
+  # DINOv2 reg4 at its native 518 px / patch 14. Meta's file has register_tokens and a
+  # class row in pos_embed; timm's has reg_token and a patches-only table.
+  rng = np.random.default_rng(5)
+  dim, overrides = 24, dict(embed_dim=24, depth=1, num_heads=2)
+  name = "vit_small_patch14_reg4_dinov2.lvd142m"
+  source = nnx.eval_shape(lambda: VisionTransformer(timm_vit.dinov2_config(
+      name, patch_size=14, overrides=overrides), 518, rngs=nnx.Rngs(0)))
+  state = {}
+  for path, var in nnx.to_flat_state(nnx.state(source, nnx.Param)):
+    value = rng.standard_normal(var.get_value().shape).astype(np.float32)
+    key = ".".join(map(str, path)).replace(".scale", ".weight").replace(".kernel", ".weight")
+    state[key] = value.transpose(3, 2, 0, 1) if value.ndim == 4 else (value.T if value.ndim == 2 else value)
+  assert state["pos_embed"].shape == (1, 37 * 37, dim) and state["reg_token"].shape == (1, 4, dim)
+  cls_row = rng.standard_normal((1, 1, dim)).astype(np.float32)
+  if layout == "meta":
+    file_state = {k: v for k, v in state.items() if k not in ("reg_token", "pos_embed")}
+    file_state.update(register_tokens=state["reg_token"], mask_token=np.zeros((1, dim), np.float32),
+                      pos_embed=np.concatenate([cls_row, state["pos_embed"]], axis=1),
+                      cls_token=state["cls_token"] - cls_row)
+  else:
+    file_state = state
+  path = tmp_path / "dinov2_reg4.safetensors"
+  save_file(file_state, str(path))
+
+  teacher = timm_vit.repa_teacher(name, str(path), image_size=64, patch_size=16, overrides=overrides)
+  assert teacher.num_prefix_tokens == 5 and teacher.pos_embed.get_value().shape == (1, 16, dim)
+  np.testing.assert_array_equal(teacher.reg_token.get_value(), state["reg_token"])
+  # Meta's class position row is folded into the class token, which then gets no position.
+  np.testing.assert_allclose(teacher.cls_token.get_value(), state["cls_token"], atol=1e-6)
+  grid = state["pos_embed"].reshape(1, 37, 37, dim).transpose(0, 3, 1, 2)
+  expected = _torch_resize(grid, (4, 4)).transpose(0, 2, 3, 1).reshape(1, 16, dim)
+  np.testing.assert_allclose(teacher.pos_embed.get_value(), expected,
+                             atol=2e-6 * np.abs(expected).max())
+
+  plain = nnx.eval_shape(lambda: VisionTransformer(timm_vit.dinov2_config(
+      "vit_small_patch14_dinov2.lvd142m", overrides=overrides), 64, rngs=nnx.Rngs(0)))
+  with pytest.raises(ConversionError, match="checkpoint has register tokens"):
+    timm_vit.load_timm_vit(plain, str(path))
+
+
+def test_register_model_needs_register_checkpoint(teacher_state):
+  reg = nnx.eval_shape(lambda: VisionTransformer(timm_vit.dinov2_config(
+      "vit_large_patch14_reg4_dinov2.lvd142m", overrides=TINY_TEACHER), 64, rngs=nnx.Rngs(0)))
+  with pytest.raises(ConversionError, match="the model has register tokens"):
+    timm_vit.load_timm_vit(reg, teacher_state)
+
+
 def test_random_teacher_warns_loudly(monkeypatch):
   messages = []
   monkeypatch.setattr(timm_vit.logging, "warning", lambda msg, *args: messages.append(msg % args))

@@ -54,7 +54,7 @@ TIMM_VIT_RULES: list[Rule] = [
     (r"blocks\.(\d+)\.(ls[12])\.gamma", r"blocks.\1.\2.gamma", ID),
     (r"norm\.weight", "norm.scale", ID),
     (r"norm\.bias", "norm.bias", ID),
-    (r"(cls_token|pos_embed)", r"\1", ID),
+    (r"(cls_token|reg_token|pos_embed)", r"\1", ID),
     (r"patch_embed\.proj\.weight", "patch_embed.proj.kernel", CONV),
     (r"patch_embed\.proj\.bias", "patch_embed.proj.bias", ID),
 ]
@@ -198,9 +198,26 @@ def fill_module(module: nnx.Module, flat: Mapping[tuple, np.ndarray]) -> None:
 
 
 def _num_prefix_tokens(module: nnx.Module) -> int:
+  """Rows of the module's position table that belong to prefix tokens (none when they get none)."""
+  if getattr(module, "no_embed_class", False):
+    return 0
   if hasattr(module, "num_prefix_tokens"):
     return int(module.num_prefix_tokens)
   return 1 if getattr(module, "cls_token", None) is not None else 0
+
+
+def _meta_registers_to_timm(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """Meta's register-token DINOv2 layout -> timm's (as timm's DINOv2 filter converts it).
+
+  Meta's table has a class row and no register rows; timm's reg4 models add a
+  patches-only table, so the class row is folded into the class token.
+  """
+  state = dict(state)
+  state["reg_token"] = state.pop("register_tokens")
+  pos = np.asarray(state.pop("pos_embed"))
+  state["cls_token"] = np.asarray(state["cls_token"]) + pos[:, :1]
+  state["pos_embed"] = pos[:, 1:]
+  return state
 
 
 def adapt_timm_state(state: Mapping[str, np.ndarray], targets: Mapping[tuple, Any], *,
@@ -214,10 +231,13 @@ def adapt_timm_state(state: Mapping[str, np.ndarray], targets: Mapping[tuple, An
   key third of every ``attn.qkv.bias`` as the reference's DINO discriminator
   does (softmax over keys is invariant to it, so this changes only rounding).
   """
-  if "register_tokens" in state or "reg_token" in state:
-    raise ConversionError("checkpoint has register tokens (a DINOv2 '_reg4' model); only ViTs "
-                          "with a class token and no register tokens are supported")
-  out = dict(state)
+  has_registers = "register_tokens" in state or "reg_token" in state
+  if has_registers != (("reg_token",) in targets):
+    raise ConversionError(
+        "checkpoint has register tokens (a DINOv2 '_reg4' model) but the model has none"
+        if has_registers else
+        "the model has register tokens (a DINOv2 '_reg4' model) but the checkpoint has none")
+  out = _meta_registers_to_timm(state) if "register_tokens" in state else dict(state)
   kernel = targets.get(("patch_embed", "proj", "kernel"))
   weight = out.get("patch_embed.proj.weight")
   if kernel is not None and weight is not None and np.ndim(weight) == 4:
@@ -315,8 +335,6 @@ def dinov2_config(model_name: str = DINOV2_NAMES["large"], *, patch_size: int = 
   if isinstance(name, str) and re.match(r"^vit_giant_patch14(_reg4)?_dinov2", name):
     raise NotImplementedError(f"{name}: DINOv2-giant has a SwiGLU MLP, which this ViT does not "
                               "implement; use small, base or large")
-  if isinstance(name, str) and "_reg4_" in name:
-    raise NotImplementedError(f"{name}: register-token DINOv2 models are not supported")
   return vit_config_from_name(name, patch_size, overrides, field="repa_model")
 
 
