@@ -10,7 +10,7 @@ trained on it, and 8 samples of each class decoded to PNG (plus an ADM-format np
 
 Measured on 2 CPU cores: tokenizer MSE 0.083 after 2000 steps, held-out PSNR 18.1 dB and
 SSIM 0.57 on 512 test images, SiT loss from about 2.6 (step 100) to 1.12 (step 1000), samples
-that look like garments (rows are classes); 3.5 to 6 minutes in all (3 min 58 s on the last run).
+that look like garments (rows are classes); 3.5 to 6 minutes in all (4 min 29 s on the last run).
 `summary.json` in the workdir has every number and each stage's wall time.
 """
 
