@@ -90,7 +90,7 @@ def _sample_fn(graphdef, static, state, noise, labels, cfg_scale, key, step_nois
                                            **common)
     return samplers.euler_sampler(_velocity_fn(model), noise, labels, heun=method == "heun",
                                   **common)
-  diff = diffusion_lib.create_diffusion(str(num_steps), schedule, learn_sigma=model.config.learn_sigma)
+  diff = diffusion_lib.create_diffusion(num_steps, schedule, learn_sigma=model.config.learn_sigma)
   model_fn = _dit_model_fn(model, labels, cfg_scale, guided)
   if method == "ddpm":
     return diff.p_sample_loop(model_fn, noise, key=key, noise=step_noise)
@@ -192,13 +192,16 @@ class Generator(LoadedModel):
     if not sit:
       # The DiT loop runs on the respaced process; "N" is what num_steps=N means.
       steps = str(timestep_respacing) if timestep_respacing is not None else str(steps)
-      diffusion_lib.space_timesteps(1000, steps)  # a bad string fails here, not under jit
     stochastic = method in ("euler_maruyama", "ddpm") or (method == "ddim" and eta != 0.0)
     if stochastic and key is None and step_noise is None:
       raise ValueError(f"method {method!r} is stochastic: pass key= (or step_noise=)")
     static = (method, steps, guided, tuple(float(g) for g in guidance_interval), path,
               float(eta), noise_schedule, float(rtol))
     if static not in self._samplers:
+      if not sit:
+        # The process _sample_fn will trace, built once here so that a bad respacing
+        # string or schedule fails with its own message rather than under jit.
+        diffusion_lib.create_diffusion(steps, noise_schedule, learn_sigma=self.config.learn_sigma)
       self._samplers[static] = jax.jit(functools.partial(_sample_fn, self.graphdef, static))
     pad_axes = [0, 0]
     arrays = [noise, labels]

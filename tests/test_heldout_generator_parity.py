@@ -134,3 +134,15 @@ def test_time_grid_is_torch_linspace_bit_for_bit():
   assert samplers.ode_time_grid(20)[9] == float.fromhex("0x1.1999999999999p-1") < 0.55
   assert samplers.sde_time_grid(25)[15] == 0.4
   assert samplers.torch_linspace(1.0, 0.04, 10)[6] == 0.36
+
+
+def test_bad_dit_respacing_or_schedule_fails_before_compiling(gens):
+  gen = gens["dit_fixed"]
+  noise = np.zeros((1,) + gen.latent_shape, np.float32)
+  labels = np.zeros((1,), np.int32)
+  compiled = len(gen._samplers)  # pylint: disable=protected-access
+  with pytest.raises(ValueError, match="exactly 7000 steps"):
+    gen.sample(noise, labels, method="ddim", timestep_respacing="ddim7000")
+  with pytest.raises(ValueError, match="noise_schedule"):
+    gen.sample(noise, labels, method="ddim", num_steps=5, noise_schedule="cosinee")
+  assert len(gen._samplers) == compiled  # pylint: disable=protected-access
