@@ -115,6 +115,9 @@ def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
   p.add_argument("--no-decode", dest="decode", action="store_false",
                  help="pipeline without the tokenizer decoder")
   p.add_argument("--attention", default=None, help="auto | cudnn | xla | einsum (bf16 only)")
+  p.add_argument("--gelu", default=None, choices=("auto", "epilogue", "float32"),
+                 help="how the bf16 tanh GELU of SiT/DiT runs (epilogue: fused into the matmul "
+                      "by cuBLASLt on GPUs)")
   p.add_argument("--mesh", default="data=-1", help="train/memory: e.g. data=-1 or data=2,fsdp=-1")
   p.add_argument("--sharding", default="", help="train/memory: dp | fsdp (default: fsdp if the "
                  "mesh has an fsdp axis)")
@@ -749,8 +752,10 @@ def run_suite(args) -> list[dict[str, Any]]:
   extra = ((["--out", args.out] if args.out else []) + (["--tiny"] if args.tiny else [])
            + (["--profile", args.profile] if args.profile else []))
   for entry in SUITES[args.suite]:
+    kernels = [a for name in ("attention", "gelu") if getattr(args, name)
+               and f"--{name}" not in entry for a in (f"--{name}", getattr(args, name))]
     try:
-      lines += main(entry.split() + extra)
+      lines += main(entry.split() + extra + kernels)
     except Exception as e:  # pylint: disable=broad-except
       error = dict(what="error", entry=entry, error=f"{type(e).__name__}: {e}"[:2000])
       print(json.dumps(error), flush=True)
@@ -775,6 +780,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
                      f"{jax.device_count()} devices)")
   from softvq_jax.models import layers  # pylint: disable=g-import-not-at-top
   layers.set_attention_implementation(args.attention or os.environ.get("SOFTVQ_ATTENTION", "auto"))
+  layers.set_gelu_implementation(args.gelu or os.environ.get("SOFTVQ_GELU", "auto"))
   global _profile_root
   _profile_root = args.profile or None
   if args.what == "memory":
@@ -790,6 +796,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
                "train": bench_train}[args.what](args, matmul)
   for line in lines:
     line.setdefault("attention", layers.attention_implementation())
+    line.setdefault("gelu", layers.gelu_implementation())
     text = json.dumps(line, sort_keys=True)
     print(text, flush=True)
     if args.out:

@@ -103,9 +103,15 @@ def test_pipeline_and_train_lines(tmp_path):
   lines = bench.main(["--what", "pipeline", "--tiny", "--generator", "SiT-S", "--batch", "2",
                       "--steps", "3", "--cfg", "2.0", "--repeats", "1", "--warmup", "0",
                       "--matmul_size", "256", "--out", str(out)])
-  lines += bench.main(["--what", "train", "--model", "SiT-S", "--tiny", "--tokens", "8",
-                       "--channels", "4", "--batch", "8", "--repeats", "2", "--warmup", "1",
-                       "--matmul_size", "256", "--out", str(out)])
+  from softvq_jax.models import layers
+  try:
+    # bfloat16 training through the GELU form cuBLASLt fuses (unfused here).
+    lines += bench.main(["--what", "train", "--model", "SiT-S", "--tiny", "--tokens", "8",
+                         "--channels", "4", "--batch", "8", "--repeats", "2", "--warmup", "1",
+                         "--matmul_size", "256", "--dtype", "bfloat16", "--gelu", "epilogue",
+                         "--out", str(out)])
+  finally:
+    layers.set_gelu_implementation("auto")
   written = [json.loads(l) for l in out.read_text().splitlines()]
   assert [l["what"] for l in written] == ["pipeline", "train"]
   pipe, train = written
@@ -115,6 +121,7 @@ def test_pipeline_and_train_lines(tmp_path):
   # CFG doubles every network evaluation; the decoder is counted once.
   assert pipe["flops_per_img"] == pytest.approx(
       3 * 2 * bench.generator_flops(gen) + pipe["decode_flops_per_img"])
+  assert (pipe["gelu"], train["gelu"], train["dtype"]) == ("auto", "epilogue", "bfloat16")
   assert np.isfinite(train["loss"]) and train["steps_per_s"] > 0
   assert train["items_per_s_pipelined"] > 0
   assert train["model_flops_per_item"] > 0

@@ -59,6 +59,86 @@ def test_bfloat16_gelu_is_the_float32_value_rounded_once(approximate):
   np.testing.assert_allclose(np.asarray(out, np.float32), ref, rtol=2**-7, atol=1e-6)
 
 
+@pytest.fixture
+def gelu_mode():
+  previous = layers.gelu_implementation()
+  yield layers.set_gelu_implementation
+  layers.set_gelu_implementation(previous)
+
+
+def _all_bfloat16_values(limit=20.0):
+  bits = np.arange(2**16, dtype=np.uint32).astype(np.uint16)
+  x = np.asarray(jnp.asarray(bits).view(jnp.bfloat16).astype(jnp.float32))
+  return x[np.isfinite(x) & (np.abs(x) < limit)]
+
+
+def test_gelu_implementation_choice(gelu_mode):
+  bf16 = jnp.ones((4,), jnp.bfloat16)
+  uses_epilogue = lambda x, approximate=True: "_tanh_gelu_epilogue" in str(
+      jax.make_jaxpr(lambda v: layers.gelu(v, approximate))(x))
+  gelu_mode("auto")
+  assert not uses_epilogue(bf16)  # no cuBLASLt to fold it into off GPUs
+  gelu_mode("epilogue")
+  assert uses_epilogue(bf16) and uses_epilogue(bf16.astype(jnp.float16))
+  # float32 compute (parity) and the exact GELU never take it.
+  assert not uses_epilogue(bf16.astype(jnp.float32))
+  assert not uses_epilogue(bf16, approximate=False)
+  gelu_mode("float32")
+  assert not uses_epilogue(bf16)
+  with pytest.raises(ValueError, match="GELU implementation must be one of"):
+    layers.set_gelu_implementation("fast")
+  with pytest.raises(ValueError, match="GELU implementation must be one of"):
+    layers.gelu(bf16, True, implementation="fast")
+
+
+def test_epilogue_gelu_forward_error_is_bounded_even_unfused():
+  """Fused, cuBLASLt evaluates GELU in float32 on the accumulator and rounds once. Unfused
+  (as here on CPU) the bfloat16 ops round one by one: measured over every bfloat16 input
+  with |x| < 20, its error stays within 2 bfloat16 steps at the input's scale, against 1
+  for the float32 form."""
+  x = _all_bfloat16_values()
+  v = x.astype(np.float64)
+  closed = 0.5 * v * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (v + 0.044715 * v**3)))
+  xb = jnp.asarray(x, jnp.bfloat16)
+  step = np.maximum(np.abs(v), 1.0) * 2.0**-8
+  for fn, bound in ((layers._tanh_gelu_epilogue, 2.0),
+                    (lambda a: layers._gelu_float32(a, True), 1.0)):
+    out = jax.jit(fn)(xb)
+    assert out.dtype == jnp.bfloat16
+    err = np.abs(np.asarray(out, np.float64) - closed) / step
+    assert err.max() <= bound, err.max()
+
+
+def test_differentiated_epilogue_gelu_is_the_float32_path(gelu_mode):
+  """Training gets no fused epilogue, so it must not pay the unfused form's rounding."""
+  x = jnp.asarray(_points()).astype(jnp.bfloat16)
+  loss = lambda v: jnp.sum(layers.gelu(v, True).astype(jnp.float32) ** 2)
+  gelu_mode("float32")
+  plain = jax.jit(jax.value_and_grad(loss))(x)
+  gelu_mode("epilogue")
+  fused = jax.jit(jax.value_and_grad(loss))(x)
+  # The forward values are the float32 path's bit for bit; the gradients are the same
+  # float32 formula differentiated in another order, so they may differ by one bfloat16
+  # step (and in the negative tail, where 1 + tanh cancels).
+  np.testing.assert_array_equal(np.asarray(plain[0]), np.asarray(fused[0]))
+  np.testing.assert_allclose(np.asarray(fused[1], np.float32), np.asarray(plain[1], np.float32),
+                             rtol=2**-7, atol=4e-6)
+  x64 = np.asarray(x, np.float64)
+  c = math.sqrt(2.0 / math.pi)
+  th = np.tanh(c * (x64 + 0.044715 * x64**3))
+  slope = 0.5 * (1 + th) + 0.5 * x64 * (1 - th**2) * c * (1 + 3 * 0.044715 * x64**2)
+  _, grad = jax.vjp(lambda v: layers.gelu(v, True), x)
+  g = grad(jnp.ones_like(x))[0]
+  np.testing.assert_allclose(np.asarray(g, np.float64), slope, rtol=2**-7, atol=4e-6)
+  # Forward mode works, and the backward pass keeps only x (bfloat16), no float32 copies.
+  _, tangent = jax.jvp(lambda v: layers.gelu(v, True), (x,), (jnp.ones_like(x),))
+  np.testing.assert_allclose(np.asarray(tangent, np.float32), np.asarray(g, np.float32),
+                             rtol=2**-7, atol=4e-6)
+  _, backward = jax.vjp(lambda v: layers.gelu(v, True), x)
+  kept = [leaf for leaf in jax.tree.leaves(backward) if getattr(leaf, "size", 0) >= x.size]
+  assert kept and all(leaf.dtype == jnp.bfloat16 for leaf in kept)
+
+
 def test_exact_gelu_uses_erf_not_erfc():
   """jax.nn.gelu's erfc form expands into a kernel slower than the matmul before it on GPUs."""
   jaxpr = str(jax.make_jaxpr(layers.gelu)(jnp.ones((4,), jnp.bfloat16)))

@@ -265,7 +265,59 @@ def _gelu_float32(x: Array, approximate: bool) -> Array:
   return (x32 * cdf).astype(x.dtype)
 
 
-def gelu(x: Array, approximate: bool = False) -> Array:
+# How the tanh GELU (SiT/DiT) runs when compute is bfloat16/float16:
+#   "auto":    "epilogue" on NVIDIA GPUs, "float32" elsewhere;
+#   "epilogue": written in the input dtype, in the form XLA's GEMM rewriter folds into
+#              cuBLASLt's bias+GELU epilogue, so the widest activation is written once,
+#              by the matmul, instead of being re-read by a separate elementwise kernel.
+#              The epilogue evaluates GELU in float32 on the float32 accumulator.
+#              Inference only: differentiated, it is the "float32" path (cuBLASLt's
+#              epilogue would have to keep its input for the backward pass, which XLA
+#              does not fold);
+#   "float32": the explicit float32 formula (a separate kernel on GPUs).
+# The exact (erf) GELU of the ViTs has no cuBLASLt epilogue and always takes "float32".
+GELU_IMPLEMENTATIONS = ("auto", "epilogue", "float32")
+_gelu_implementation = os.environ.get("SOFTVQ_GELU", "auto")
+
+
+def set_gelu_implementation(name: str) -> None:
+  """Selects the low-precision tanh-GELU form (see ``GELU_IMPLEMENTATIONS``).
+
+  Read when a function is traced: call it before the first ``jit`` of a model.
+  """
+  global _gelu_implementation
+  if name not in GELU_IMPLEMENTATIONS:
+    raise ValueError(f"GELU implementation must be one of {GELU_IMPLEMENTATIONS}, got {name!r}")
+  _gelu_implementation = name
+
+
+def gelu_implementation() -> str:
+  return _gelu_implementation
+
+
+@jax.custom_jvp
+def _tanh_gelu_epilogue(x: Array) -> Array:
+  # jax.nn.gelu's tanh form on x's own dtype is the HLO pattern the rewriter matches;
+  # upcasting first (as the float32 path does) hides it.
+  return jax.nn.gelu(x, approximate=True)
+
+
+@_tanh_gelu_epilogue.defjvp
+def _tanh_gelu_epilogue_jvp(primals, tangents):
+  # Differentiated (training), where cuBLASLt has no epilogue to fold it into, it is
+  # exactly the float32 path: same values, and a backward pass that keeps only x.
+  return jax.jvp(lambda v: gelu(v, approximate=True, implementation="float32"), primals, tangents)
+
+
+def _use_gelu_epilogue(x: Array, approximate: bool, implementation: str) -> bool:
+  if not approximate or x.dtype not in (jnp.bfloat16, jnp.float16):
+    return False
+  if implementation == "auto":
+    return jax.default_backend() == "gpu"
+  return implementation == "epilogue"
+
+
+def gelu(x: Array, approximate: bool = False, *, implementation: str | None = None) -> Array:
   """GELU evaluated in float32 and returned in ``x``'s dtype, as PyTorch's kernels do.
 
   The exact form is PyTorch's ``x/2 * (1 + erf(x/sqrt(2)))``. ``jax.nn.gelu``'s
@@ -277,7 +329,17 @@ def gelu(x: Array, approximate: bool = False) -> Array:
   in the backward pass, as PyTorch's GELU backward does: otherwise autodiff
   keeps several float32 copies of the MLP's widest activation per layer.
   ``jax.checkpoint`` (unlike a custom VJP) keeps forward-mode AD working.
+
+  The bfloat16 tanh form may instead run fused into the preceding matmul when it is not
+  differentiated (``implementation``, default: the global choice, see
+  ``GELU_IMPLEMENTATIONS``); float32 compute always takes the formula above.
   """
+  implementation = implementation or _gelu_implementation
+  if implementation not in GELU_IMPLEMENTATIONS:
+    raise ValueError(f"GELU implementation must be one of {GELU_IMPLEMENTATIONS}, "
+                     f"got {implementation!r}")
+  if _use_gelu_epilogue(x, approximate, implementation):
+    return _tanh_gelu_epilogue(x)
   return jax.checkpoint(_gelu_float32, static_argnums=(1,))(x, approximate)
 
 
