@@ -229,7 +229,8 @@ _profile_count = 0
 
 
 def measure(fn: Callable, args: tuple, *, repeats: int, warmup: int, carry: bool = False,
-            donate: tuple[int, ...] = (), jit: bool = True) -> Timing:
+            donate: tuple[int, ...] = (), jit: bool = True,
+            compiler_options: dict[str, str] | None = None) -> Timing:
   """Compiles ``fn`` for ``args`` once, then times ``repeats`` calls.
 
   ``carry``: ``fn`` returns ``(new_args[0], ...)`` to feed the next call (a train
@@ -239,7 +240,8 @@ def measure(fn: Callable, args: tuple, *, repeats: int, warmup: int, carry: bool
   """
   import jax  # pylint: disable=g-import-not-at-top
   global _profile_count
-  compiled, compile_s = _compile(jax.jit(fn, donate_argnums=donate) if jit else fn, args)
+  compiled, compile_s = _compile(jax.jit(fn, donate_argnums=donate,
+                                         compiler_options=compiler_options) if jit else fn, args)
   times, out = [], None
 
   def dispatch():
@@ -453,7 +455,7 @@ def bench_sit(args, matmul) -> list[dict[str, Any]]:
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
-  from softvq_jax.models.sit import SiT  # pylint: disable=g-import-not-at-top
+  from softvq_jax.models.sit import SiT, inference_compiler_options  # pylint: disable=g-import-not-at-top
   cfg = _generator_config(args.model, args.tokens, args.channels, args.tiny)
   dtype = None if args.dtype == "float32" else _jnp_dtype(args.dtype)
   graphdef, state = _split(SiT(cfg, rngs=nnx.Rngs(0), dtype=dtype), dtype)
@@ -464,9 +466,11 @@ def bench_sit(args, matmul) -> list[dict[str, Any]]:
     t = jnp.full((batch,), 0.5, jnp.float32)
     y = jnp.zeros((batch,), jnp.int32)
     forward = lambda s, x, t, y: nnx.merge(graphdef, s)(x, t, y)
-    timing = measure(forward, (state, x, t, y), repeats=args.repeats, warmup=args.warmup)
+    timing = measure(forward, (state, x, t, y), repeats=args.repeats, warmup=args.warmup,
+                     compiler_options=inference_compiler_options())
     line = dict(what="sit", model=args.model, dtype=args.dtype, batch=batch,
                 latent_shape=list(cfg.latent_shape), **_device_info(), **matmul)
+    line["compiler_options"] = inference_compiler_options()
     line["forward_items_per_s"] = batch / timing.median_s
     line["flops_per_item"] = flops
     line["xla_flops_per_item"] = timing.xla_flops / batch if timing.xla_flops else None
@@ -514,7 +518,7 @@ def bench_pipeline(args, matmul) -> list[dict[str, Any]]:
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
-  from softvq_jax.models.sit import SiT  # pylint: disable=g-import-not-at-top
+  from softvq_jax.models.sit import SiT, inference_compiler_options  # pylint: disable=g-import-not-at-top
   from softvq_jax.transport import samplers  # pylint: disable=g-import-not-at-top
   gen_cfg, decode, dec_state, decode_flops, shapes = _pipeline_parts(args)
   dtype = None if args.dtype == "float32" else _jnp_dtype(args.dtype)
@@ -539,10 +543,11 @@ def bench_pipeline(args, matmul) -> list[dict[str, Any]]:
     noise = jax.random.normal(jax.random.PRNGKey(1), (batch,) + gen_cfg.latent_shape)
     labels = jnp.arange(batch, dtype=jnp.int32) % gen_cfg.num_classes
     timing = measure(generate, (gstate, dec_state, noise, labels), repeats=args.repeats,
-                     warmup=args.warmup)
+                     warmup=args.warmup, compiler_options=inference_compiler_options())
     line = dict(what="pipeline", model=args.model, generator=args.generator, dtype=args.dtype,
                 batch=batch, steps=args.steps, cfg=args.cfg, decode=args.decode,
                 tokens=gen_cfg.input_size, **shapes, **_device_info(), **matmul)
+    line["compiler_options"] = inference_compiler_options()
     line["img_per_s"] = batch / timing.median_s
     line["flops_per_img"] = flops
     line["decode_flops_per_img"] = decode_flops if args.decode else 0.0

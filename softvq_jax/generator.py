@@ -19,7 +19,7 @@ from flax import nnx
 
 from softvq_jax import parallel
 from softvq_jax.loaded_model import LoadedModel
-from softvq_jax.models.sit import GeneratorConfig, SiT
+from softvq_jax.models.sit import GeneratorConfig, SiT, inference_compiler_options
 from softvq_jax.utils.nnx_utils import model_from_flat
 from softvq_jax.transport import diffusion as diffusion_lib
 from softvq_jax.transport import samplers
@@ -120,7 +120,8 @@ class Generator(LoadedModel):
 
   def __init__(self, model: SiT, **kwargs):
     super().__init__(model, **kwargs)
-    self._forward = jax.jit(functools.partial(_forward_fn, self.graphdef))
+    self._forward = jax.jit(functools.partial(_forward_fn, self.graphdef),
+                            compiler_options=inference_compiler_options())
     self._samplers: dict[tuple, Any] = {}
 
   @classmethod
@@ -202,7 +203,8 @@ class Generator(LoadedModel):
         # The process _sample_fn will trace, built once here so that a bad respacing
         # string or schedule fails with its own message rather than under jit.
         diffusion_lib.create_diffusion(steps, noise_schedule, learn_sigma=self.config.learn_sigma)
-      self._samplers[static] = jax.jit(functools.partial(_sample_fn, self.graphdef, static))
+      self._samplers[static] = jax.jit(functools.partial(_sample_fn, self.graphdef, static),
+                                       compiler_options=inference_compiler_options())
     pad_axes = [0, 0]
     arrays = [noise, labels]
     if step_noise is not None:

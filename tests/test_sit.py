@@ -290,3 +290,22 @@ def test_guidance_scale_does_not_recompile(model, ref):
   b = gen.sample(z, y, method="euler", num_steps=8, cfg_scale=3.0, guidance_interval=(0.0, 0.7))
   assert len(gen._samplers) == 1  # pylint: disable=protected-access
   assert rel_err(a, ref["out/ode_euler_cfg"]) < TOL and not np.allclose(a, b)
+
+
+def test_inference_compiler_options_are_gpu_only_and_valid(monkeypatch):
+  from softvq_jax.models import sit as sit_lib
+  assert sit_lib.inference_compiler_options() is None  # nothing to undo off GPUs
+  monkeypatch.setattr(sit_lib.jax, "default_backend", lambda: "gpu")
+  options = sit_lib.inference_compiler_options()
+  assert options == {"xla_disable_hlo_passes": "dot-merger"}
+  monkeypatch.setenv("SOFTVQ_DOT_MERGER", "1")
+  assert sit_lib.inference_compiler_options() is None
+  # XLA refuses unknown option names and malformed values at compile time: these compile.
+  cfg = GeneratorConfig.preset("SiT-S/1", input_size=4, in_channels=2, hidden_size=16,
+                               depth=2, num_heads=2)
+  graphdef, state = nnx.split(SiT(cfg, rngs=nnx.Rngs(0)))
+  forward = jax.jit(lambda s, x, t, y: nnx.merge(graphdef, s)(x, t, y), compiler_options=options)
+  out = forward(state, jnp.ones((2, 4, 2)), jnp.full((2,), 0.5), jnp.zeros((2,), jnp.int32))
+  assert out.shape == (2, 4, 2)
+  with pytest.raises(Exception, match="xla_no_such_option"):
+    jax.jit(lambda x: x + 1, compiler_options={"xla_no_such_option": "dot-merger"})(1.0)

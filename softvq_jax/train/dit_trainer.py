@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from softvq_jax.models.sit import GeneratorConfig, SiT
+from softvq_jax.models.sit import GeneratorConfig, SiT, inference_compiler_options
 from softvq_jax.tokenizer import Tokenizer
 from softvq_jax.train import sit_trainer
 from softvq_jax.transport import diffusion as diffusion_lib
@@ -77,7 +77,7 @@ def ema_sampler(graphdef, gen_config: GeneratorConfig, diffusion: ml_collections
 
     return diff.p_sample_loop(model_fn, noise, key=key)
 
-  jitted = jax.jit(sample)
+  jitted = jax.jit(sample, compiler_options=inference_compiler_options())
   return lambda state, noise, labels: jitted(state.ema, state.rest, noise, labels, key)
 
 

@@ -21,7 +21,7 @@ from absl import logging
 from flax import nnx
 
 from softvq_jax import parallel
-from softvq_jax.models.sit import GeneratorConfig, SiT
+from softvq_jax.models.sit import GeneratorConfig, SiT, inference_compiler_options
 from softvq_jax.tokenizer import Tokenizer
 from softvq_jax.train import common
 from softvq_jax.train import state as state_lib
@@ -145,7 +145,7 @@ def ema_sampler(graphdef, gen_config: GeneratorConfig, *, num_steps: int, cfg_sc
     return euler_sampler(velocity, noise, labels, num_steps=num_steps, cfg_scale=cfg_scale,
                          null_label=null)
 
-  jitted = jax.jit(sample)
+  jitted = jax.jit(sample, compiler_options=inference_compiler_options())
   return lambda state, noise, labels: jitted(state.ema, state.rest, noise, labels)
 
 
