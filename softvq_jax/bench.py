@@ -29,7 +29,9 @@ Protocol (the same for every measurement):
   where we know it.
 - Generation pipeline: ``--steps`` Euler steps of the probability-flow ODE, all
   inside one compiled program, CFG (batch doubled) when ``--cfg`` > 1, then the
-  tokenizer decoder (``--no-decode`` excludes it). The 256-token baseline
+  tokenizer decoder (``--no-decode`` excludes it). A DiT ``--generator`` takes
+  ``--steps`` deterministic DDIM steps instead, guided as the reference's
+  ``forward_with_cfg``, and trains on the diffusion loss. The 256-token baseline
   ``sdvae_f8`` is SiT-XL/2 on a 32x32x4 latent (the same matmuls as SiT-XL/1 on
   256 tokens of width 16) followed by a decoder with the SD-VAE layer shapes.
 """
@@ -527,9 +529,12 @@ def bench_pipeline(args, matmul) -> list[dict[str, Any]]:
 
   def generate(gs, ds, noise, labels):
     model = nnx.merge(ggraph, gs)
-    latents = samplers.euler_sampler(lambda x, t, y: model(x, t, y), noise, labels,
-                                     num_steps=args.steps, cfg_scale=args.cfg, guided=guided,
-                                     null_label=gen_cfg.null_label)
+    if gen_cfg.kind == "dit":
+      latents = _dit_ddim(model, gen_cfg, noise, labels, args.steps, args.cfg)
+    else:
+      latents = samplers.euler_sampler(lambda x, t, y: model(x, t, y), noise, labels,
+                                       num_steps=args.steps, cfg_scale=args.cfg, guided=guided,
+                                       null_label=gen_cfg.null_label)
     return decode(ds, latents) if args.decode else latents
 
   if decode_flops is None and args.decode:
@@ -547,6 +552,7 @@ def bench_pipeline(args, matmul) -> list[dict[str, Any]]:
     line = dict(what="pipeline", model=args.model, generator=args.generator, dtype=args.dtype,
                 batch=batch, steps=args.steps, cfg=args.cfg, decode=args.decode,
                 tokens=gen_cfg.input_size, **shapes, **_device_info(), **matmul)
+    line["sampler"] = "ddim" if gen_cfg.kind == "dit" else "euler"
     line["compiler_options"] = inference_compiler_options()
     line["img_per_s"] = batch / timing.median_s
     line["flops_per_img"] = flops
@@ -556,6 +562,26 @@ def bench_pipeline(args, matmul) -> list[dict[str, Any]]:
     line["peak_memory_bytes"] = _peak_memory()
     lines.append(line)
   return lines
+
+
+def _dit_ddim(model, cfg, noise, labels, steps: int, cfg_scale: float):
+  """DiT's deterministic DDIM on ``steps`` respaced steps of the recipe's cosine process, with
+  the reference's forward_with_cfg guidance (guided eps, the conditional half's variance)."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from softvq_jax.transport import diffusion as diffusion_lib  # pylint: disable=g-import-not-at-top
+  diff = diffusion_lib.create_diffusion(f"ddim{steps}", "cosine", learn_sigma=cfg.learn_sigma)
+  c = cfg.in_channels
+
+  def model_fn(x, t):
+    if cfg_scale <= 1.0:
+      return model(x, t, labels)
+    out = model(jnp.concatenate([x, x]), jnp.concatenate([t, t]),
+                jnp.concatenate([labels, jnp.full_like(labels, cfg.null_label)]))
+    cond, uncond = jnp.split(out, 2, axis=0)
+    eps = uncond[..., :c] + cfg_scale * (cond[..., :c] - uncond[..., :c])
+    return jnp.concatenate([eps, cond[..., c:]], axis=-1)
+
+  return diff.ddim_sample_loop(model_fn, noise)
 
 
 def _train_setup(args, batch: int, mesh):
@@ -587,10 +613,17 @@ def _train_setup(args, batch: int, mesh):
     model_fn = lambda rngs: SiT(cfg, rngs=rngs, dtype=dtype, scan_layers=args.scan,
                                 remat_policy=args.remat)
 
-    def loss_fn(model, b, key, step):
-      del step
-      out = sit_loss(lambda x, t, y, k: model(x, t, y, drop_key=k), b["latent"], b["label"], key)
-      return jnp.mean(out["loss"]), {}
+    if cfg.kind == "dit":
+      from softvq_jax.train import dit_trainer  # pylint: disable=g-import-not-at-top
+      from softvq_jax.transport import diffusion as diffusion_lib  # pylint: disable=g-import-not-at-top
+      loss_fn = dit_trainer.make_loss_fn(
+          diffusion_lib.create_diffusion("", "cosine", learn_sigma=cfg.learn_sigma))
+    else:
+      def loss_fn(model, b, key, step):
+        del step
+        out = sit_loss(lambda x, t, y, k: model(x, t, y, drop_key=k), b["latent"], b["label"],
+                       key)
+        return jnp.mean(out["loss"]), {}
     data = {"latent": jax.ShapeDtypeStruct((batch,) + cfg.latent_shape, jnp.float32),
             "label": jax.ShapeDtypeStruct((batch,), jnp.int32)}
     flops = 3 * generator_flops(cfg)

@@ -127,6 +127,25 @@ def test_pipeline_and_train_lines(tmp_path):
   assert train["model_flops_per_item"] > 0
 
 
+def test_dit_pipeline_and_train_lines():
+  """DiT generates with DDIM (its output carries the variance channels) and trains on the
+  diffusion loss, not on SiT's velocity objective."""
+  from softvq_jax.models.sit import GeneratorConfig
+  pipe, = bench.main(["--what", "pipeline", "--tiny", "--generator", "DiT-XL", "--batch", "2",
+                      "--steps", "3", "--cfg", "1.5", "--repeats", "1", "--warmup", "0",
+                      "--matmul_size", "128"])
+  train, = bench.main(["--what", "train", "--model", "DiT-XL", "--tiny", "--tokens", "8",
+                       "--channels", "4", "--batch", "8", "--repeats", "1", "--warmup", "0",
+                       "--matmul_size", "128"])
+  assert pipe["sampler"] == "ddim" and pipe["img_per_s"] > 0
+  gen = GeneratorConfig.preset("DiT-XL/1", input_size=8, in_channels=8, hidden_size=32, depth=2,
+                               num_heads=2)
+  assert gen.out_channels == 16
+  assert pipe["flops_per_img"] == pytest.approx(
+      3 * 2 * bench.generator_flops(gen) + pipe["decode_flops_per_img"])
+  assert np.isfinite(train["loss"]) and train["items_per_s"] > 0
+
+
 def test_bad_arguments_are_named():
   with pytest.raises(SystemExit):
     bench.main(["--what", "tokenizer", "--batch", "x"])
