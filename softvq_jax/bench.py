@@ -361,11 +361,15 @@ def _tokenizer_config(name: str, size: int = 0):
 
 def _generator_config(name: str, tokens: int, channels: int, tiny: bool):
   from softvq_jax.models.sit import GeneratorConfig  # pylint: disable=g-import-not-at-top
+  from softvq_jax.models.config import ConfigError  # pylint: disable=g-import-not-at-top
   preset = name if "/" in name else name + "/1"
   overrides = dict(input_size=tokens, in_channels=channels)
   if tiny:
     overrides.update(hidden_size=32, depth=2, num_heads=2)
-  return GeneratorConfig.preset(preset, **overrides)
+  try:
+    return GeneratorConfig.preset(preset, **overrides)
+  except ConfigError as e:
+    raise SystemExit(f"--model/--generator {name!r}: {e}") from e
 
 
 def _split(module, dtype):

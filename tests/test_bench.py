@@ -149,6 +149,8 @@ def test_dit_pipeline_and_train_lines():
 def test_bad_arguments_are_named():
   with pytest.raises(SystemExit):
     bench.main(["--what", "tokenizer", "--batch", "x"])
+  with pytest.raises(SystemExit, match="'SiT-XL/2'.*patch size 1"):
+    bench.main(["--what", "sit", "--model", "SiT-XL/2", "--matmul_size", "64", "--repeats", "1"])
   with pytest.raises(SystemExit, match="unknown tokenizer"):
     bench.main(["--what", "tokenizer", "--model", "softvq_q99", "--matmul_size", "64",
                 "--repeats", "1"])
