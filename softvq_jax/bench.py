@@ -7,6 +7,7 @@
   python -m softvq_jax.bench --what train --model SiT-XL --batch 32 --dtype bfloat16
   python -m softvq_jax.bench --what train --model softvq_b64 --batch 16 --dtype bfloat16
   python -m softvq_jax.bench --what memory --model SiT-XL --devices 256 --mesh fsdp=-1 --batch 256
+  python -m softvq_jax.bench --what memory --model SiT-XL --topology v5e:16x16 --mesh fsdp=-1 --batch 256
 
 Protocol (the same for every measurement):
 - Weights are random (no download); shapes are the released architectures'.
@@ -130,7 +131,11 @@ def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
   p.add_argument("--remat", default="none", help="SiT train/memory: remat policy")
   p.add_argument("--devices", type=int, default=0,
                  help="memory: compile for this many fake CPU devices (ahead of time, nothing runs)")
-  p.add_argument("--hbm_gib", type=float, default=16.0, help="memory: the chip's HBM to compare with")
+  p.add_argument("--topology", default="",
+                 help="memory: compile for this TPU topology instead (libtpu's names, e.g. "
+                      "v5e:16x16 or v4:4x4x4; needs the libtpu package, not a TPU)")
+  p.add_argument("--hbm_gib", type=float, default=None, help="memory: the chip's HBM to compare "
+                 "with (default: the topology's chip, else 16)")
   p.add_argument("--repeats", type=int, default=10)
   p.add_argument("--warmup", type=int, default=2)
   p.add_argument("--matmul_size", type=int, default=0, help="0: 2048 on CPU, 8192 on accelerators")
@@ -149,10 +154,13 @@ def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.error(f"--batch must be comma-separated integers, got {args.batch!r}")
   if any(b <= 0 for b in args.batches):
     p.error("--batch sizes must be positive")
-  if args.what == "memory" and args.devices <= 0:
-    p.error("--what memory needs --devices N (the fake device count to compile for)")
-  if args.what != "memory" and args.devices:
-    p.error("--devices is only for --what memory")
+  if args.what == "memory" and args.devices <= 0 and not args.topology:
+    p.error("--what memory needs --devices N (the fake device count to compile for) or "
+            "--topology NAME")
+  if args.what != "memory" and (args.devices or args.topology):
+    p.error("--devices and --topology are only for --what memory")
+  if args.topology and args.devices:
+    p.error("give one of --devices (fake CPU devices) and --topology (a TPU topology)")
   return args
 
 
@@ -731,7 +739,7 @@ class _ActivationSharded:
       return self.step.lower(*args)
 
 
-def _mesh(spec: str):
+def _mesh(spec: str, devices=None):
   from softvq_jax import parallel  # pylint: disable=g-import-not-at-top
   axes = []
   for part in spec.split(","):
@@ -739,7 +747,29 @@ def _mesh(spec: str):
     if name not in ("data", "fsdp") or not size.lstrip("-").isdigit():
       raise SystemExit(f"--mesh entries look like data=-1 or fsdp=4, got {part!r}")
     axes.append((name, int(size)))
-  return parallel.create_mesh(axes)
+  try:
+    return parallel.create_mesh(axes, devices)
+  except ValueError as e:
+    raise SystemExit(f"--mesh {spec}: {e}") from e
+
+
+# HBM per chip, GiB, by the device_kind JAX reports for each TPU generation.
+TPU_HBM_GIB = {"TPU v4": 32.0, "TPU v5 lite": 16.0, "TPU v5": 95.0, "TPU v5p": 95.0,
+               "TPU v6 lite": 32.0}
+
+
+def _tpu_topology_devices(name: str) -> list:
+  """Compile-only devices of a TPU topology, from libtpu on any machine (no TPU attached)."""
+  try:
+    import libtpu  # pylint: disable=g-import-not-at-top,unused-import
+  except ImportError as e:
+    raise SystemExit("--topology needs the libtpu package (the version jax[tpu] pins; no TPU is "
+                     "needed to compile for one)") from e
+  from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+  try:
+    return list(topologies.get_topology_desc(name, "tpu").devices)
+  except Exception as e:  # pylint: disable=broad-except
+    raise SystemExit(f"--topology {name!r}: {e}") from e
 
 
 def bench_train(args, matmul) -> list[dict[str, Any]]:
@@ -769,8 +799,13 @@ def bench_train(args, matmul) -> list[dict[str, Any]]:
 
 
 def bench_memory(args) -> list[dict[str, Any]]:
-  """Ahead-of-time compile of the train step for ``--devices`` fake devices: memory per device."""
-  mesh = _mesh(args.mesh)
+  """Ahead-of-time compile of the train step for ``--devices`` fake CPU devices, or for the
+  chips of a TPU ``--topology`` (libtpu's own compiler and memory accounting): memory per
+  device."""
+  devices = _tpu_topology_devices(args.topology) if args.topology else None
+  mesh = _mesh(args.mesh, devices)
+  kind = devices[0].device_kind if devices else "cpu (fake devices)"
+  hbm_gib = args.hbm_gib or TPU_HBM_GIB.get(kind) or 16.0
   lines = []
   for batch in args.batches:
     step, state, arrays, _, strategy, extra = _train_setup(args, batch, mesh)
@@ -779,11 +814,12 @@ def bench_memory(args) -> list[dict[str, Any]]:
     line = dict(what="memory", model=args.model if not args.tiny else f"tiny-{args.model}",
                 objective=args.objective,
                 dtype=args.dtype, batch=batch, mesh=dict(mesh.shape), sharding=strategy,
-                scan=args.scan, remat=args.remat, devices=args.devices, compile_s=compile_s,
-                hbm_gib=args.hbm_gib, **mem)
+                scan=args.scan, remat=args.remat, devices=len(devices) if devices else args.devices,
+                topology=args.topology or None, device_kind=kind, compile_s=compile_s,
+                hbm_gib=hbm_gib, **mem)
     total = mem.get("per_device_total_bytes")
     line["per_device_gib"] = total / 2**30 if total is not None else None
-    line["fits"] = bool(total is not None and total < args.hbm_gib * 2**30)
+    line["fits"] = bool(total is not None and total < hbm_gib * 2**30)
     lines.append(line)
   return lines
 
@@ -812,12 +848,14 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
   if args.suite:
     return run_suite(args)
   if args.what == "memory":
-    # Must precede the first use of the CPU backend.
-    flags = os.environ.get("XLA_FLAGS", "")
-    os.environ["XLA_FLAGS"] = (flags + f" --xla_force_host_platform_device_count={args.devices}")
+    # Must precede the first use of the CPU backend. A TPU topology compiles through libtpu
+    # without a TPU backend (none need be attached).
+    if args.devices:
+      flags = os.environ.get("XLA_FLAGS", "")
+      os.environ["XLA_FLAGS"] = (flags + f" --xla_force_host_platform_device_count={args.devices}")
     os.environ["JAX_PLATFORMS"] = "cpu"
   import jax  # pylint: disable=g-import-not-at-top
-  if args.what == "memory" and jax.device_count() != args.devices:
+  if args.what == "memory" and args.devices and jax.device_count() != args.devices:
     raise SystemExit(f"--devices {args.devices} needs a fresh process (JAX already has "
                      f"{jax.device_count()} devices)")
   from softvq_jax.models import layers  # pylint: disable=g-import-not-at-top

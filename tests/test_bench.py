@@ -149,6 +149,10 @@ def test_dit_pipeline_and_train_lines():
 def test_bad_arguments_are_named():
   with pytest.raises(SystemExit):
     bench.main(["--what", "tokenizer", "--batch", "x"])
+  with pytest.raises(SystemExit):  # fake CPU devices or a TPU topology, not both
+    bench.main(["--what", "memory", "--topology", "v5e:2x2", "--devices", "4"])
+  with pytest.raises(SystemExit):
+    bench.main(["--what", "train", "--topology", "v5e:2x2"])
   with pytest.raises(SystemExit, match="'SiT-XL/2'.*patch size 1"):
     bench.main(["--what", "sit", "--model", "SiT-XL/2", "--matmul_size", "64", "--repeats", "1"])
   with pytest.raises(SystemExit, match="unknown tokenizer"):
@@ -171,6 +175,32 @@ def test_ahead_of_time_memory_on_fake_devices():
   assert dp["devices"] == fsdp["devices"] == 8 and dp["fits"] and fsdp["fits"]
   assert fsdp["sharding"] == "fsdp" and dp["sharding"] == "dp"
   assert fsdp["argument_size_bytes"] < 0.5 * dp["argument_size_bytes"]
+
+
+def test_ahead_of_time_memory_for_a_tpu_topology_without_a_tpu():
+  """libtpu compiles for a v5e 2x2 slice on this CPU machine: its own memory accounting."""
+  import os  # pylint: disable=g-import-not-at-top
+  import pathlib  # pylint: disable=g-import-not-at-top
+  site = pathlib.Path(__file__).resolve().parents[1] / ".deps" / "libtpu"
+  assert (site / "libtpu").is_dir(), "run bash launch/setup.sh --dev (it installs libtpu there)"
+
+  def run(mesh, with_libtpu=True):
+    cmd = [sys.executable, "-m", "softvq_jax.bench", "--what", "memory", "--model", "SiT-S",
+           "--tiny", "--tokens", "8", "--channels", "4", "--topology", "v5e:2x2", "--mesh", mesh,
+           "--batch", "8"]
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+    if with_libtpu:
+      env["PYTHONPATH"] = os.pathsep.join([str(site)] + env.get("PYTHONPATH", "").split(os.pathsep))
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+
+  dp, fsdp = (json.loads(run(m).stdout.strip().splitlines()[-1]) for m in ("data=-1", "fsdp=-1"))
+  for line in (dp, fsdp):
+    assert (line["device_kind"], line["devices"], line["hbm_gib"]) == ("TPU v5 lite", 4, 16.0)
+    assert line["topology"] == "v5e:2x2" and line["fits"]
+    assert 0 < line["per_device_total_bytes"] < 2**30
+  assert fsdp["argument_size_bytes"] < 0.6 * dp["argument_size_bytes"]
+  missing = run("data=-1", with_libtpu=False)
+  assert missing.returncode != 0 and "needs the libtpu package" in missing.stderr
 
 
 def _xspace_text(planes):
