@@ -78,6 +78,9 @@ def test_gelu_implementation_choice(gelu_mode):
       jax.make_jaxpr(lambda v: layers.gelu(v, approximate))(x))
   gelu_mode("auto")
   assert not uses_epilogue(bf16)  # no cuBLASLt to fold it into off GPUs
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(layers.jax, "default_backend", lambda: "gpu")
+    assert uses_epilogue(bf16)
   gelu_mode("epilogue")
   assert uses_epilogue(bf16) and uses_epilogue(bf16.astype(jnp.float16))
   # float32 compute (parity) and the exact GELU never take it.
