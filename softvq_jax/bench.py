@@ -578,22 +578,11 @@ def bench_pipeline(args, matmul) -> list[dict[str, Any]]:
 
 def _dit_ddim(model, cfg, noise, labels, steps: int, cfg_scale: float):
   """DiT's deterministic DDIM on ``steps`` respaced steps of the recipe's cosine process, with
-  the reference's forward_with_cfg guidance (guided eps, the conditional half's variance)."""
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  the reference's forward_with_cfg guidance."""
+  from softvq_jax.generator import dit_model_fn  # pylint: disable=g-import-not-at-top
   from softvq_jax.transport import diffusion as diffusion_lib  # pylint: disable=g-import-not-at-top
   diff = diffusion_lib.create_diffusion(f"ddim{steps}", "cosine", learn_sigma=cfg.learn_sigma)
-  c = cfg.in_channels
-
-  def model_fn(x, t):
-    if cfg_scale <= 1.0:
-      return model(x, t, labels)
-    out = model(jnp.concatenate([x, x]), jnp.concatenate([t, t]),
-                jnp.concatenate([labels, jnp.full_like(labels, cfg.null_label)]))
-    cond, uncond = jnp.split(out, 2, axis=0)
-    eps = uncond[..., :c] + cfg_scale * (cond[..., :c] - uncond[..., :c])
-    return jnp.concatenate([eps, cond[..., c:]], axis=-1)
-
-  return diff.ddim_sample_loop(model_fn, noise)
+  return diff.ddim_sample_loop(dit_model_fn(model, labels, cfg_scale, cfg_scale > 1.0), noise)
 
 
 def _train_setup(args, batch: int, mesh):

@@ -59,8 +59,9 @@ def _velocity_fn(model: SiT):
   return lambda x, t, y: model(x, t, y)
 
 
-def _dit_model_fn(model: SiT, labels, cfg_scale, guided: bool):
-  """``(x, t) -> [eps | v]`` for the diffusion, guided like the reference's first half."""
+def dit_model_fn(model: SiT, labels, cfg_scale, guided: bool):
+  """``(x, t) -> [eps | v]`` for the diffusion; guided, it is the reference's forward_with_cfg
+  (guided eps, the conditional half's variance)."""
   if not guided:
     return lambda x, t: model(x, t, labels)
   null = jnp.full_like(labels, model.config.null_label)
@@ -91,7 +92,7 @@ def _sample_fn(graphdef, static, state, noise, labels, cfg_scale, key, step_nois
     return samplers.euler_sampler(_velocity_fn(model), noise, labels, heun=method == "heun",
                                   **common)
   diff = diffusion_lib.create_diffusion(num_steps, schedule, learn_sigma=model.config.learn_sigma)
-  model_fn = _dit_model_fn(model, labels, cfg_scale, guided)
+  model_fn = dit_model_fn(model, labels, cfg_scale, guided)
   if method == "ddpm":
     return diff.p_sample_loop(model_fn, noise, key=key, noise=step_noise)
   return diff.ddim_sample_loop(model_fn, noise, eta=eta, key=key, noise=step_noise)

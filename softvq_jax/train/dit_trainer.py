@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
+from softvq_jax.generator import dit_model_fn
 from softvq_jax.models.sit import GeneratorConfig, SiT, inference_compiler_options
 from softvq_jax.tokenizer import Tokenizer
 from softvq_jax.train import sit_trainer
@@ -59,23 +60,10 @@ def ema_sampler(graphdef, gen_config: GeneratorConfig, diffusion: ml_collections
   EMA model with the fixed ``key``, compiled once per batch shape."""
   diff = make_diffusion(diffusion, learn_sigma=gen_config.learn_sigma, respacing=str(num_steps))
   guided = cfg_scale != 1.0 and gen_config.has_null_label
-  c = gen_config.in_channels
-  null = gen_config.null_label
 
   def sample(ema, rest, noise, labels, key):
     model = nnx.merge(graphdef, ema, rest)
-
-    def model_fn(x, t):
-      if not guided:
-        return model(x, t, labels)
-      # The reference's forward_with_cfg: guided eps, the conditional half's variance.
-      out = model(jnp.concatenate([x, x]), jnp.concatenate([t, t]),
-                  jnp.concatenate([labels, jnp.full_like(labels, null)]))
-      cond, uncond = jnp.split(out, 2, axis=0)
-      eps = uncond[..., :c] + cfg_scale * (cond[..., :c] - uncond[..., :c])
-      return jnp.concatenate([eps, cond[..., c:]], axis=-1)
-
-    return diff.p_sample_loop(model_fn, noise, key=key)
+    return diff.p_sample_loop(dit_model_fn(model, labels, cfg_scale, guided), noise, key=key)
 
   jitted = jax.jit(sample, compiler_options=inference_compiler_options())
   return lambda state, noise, labels: jitted(state.ema, state.rest, noise, labels, key)
