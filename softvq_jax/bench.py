@@ -474,6 +474,7 @@ def bench_sit(args, matmul) -> list[dict[str, Any]]:
   dtype = None if args.dtype == "float32" else _jnp_dtype(args.dtype)
   graphdef, state = _split(SiT(cfg, rngs=nnx.Rngs(0), dtype=dtype), dtype)
   flops = generator_flops(cfg)
+  options = inference_compiler_options()
   lines = []
   for batch in args.batches:
     x = jax.random.normal(jax.random.PRNGKey(1), (batch, cfg.input_size, cfg.in_channels))
@@ -481,10 +482,10 @@ def bench_sit(args, matmul) -> list[dict[str, Any]]:
     y = jnp.zeros((batch,), jnp.int32)
     forward = lambda s, x, t, y: nnx.merge(graphdef, s)(x, t, y)
     timing = measure(forward, (state, x, t, y), repeats=args.repeats, warmup=args.warmup,
-                     compiler_options=inference_compiler_options())
+                     compiler_options=options)
     line = dict(what="sit", model=args.model, dtype=args.dtype, batch=batch,
                 latent_shape=list(cfg.latent_shape), **_device_info(), **matmul)
-    line["compiler_options"] = inference_compiler_options()
+    line["compiler_options"] = options
     line["forward_items_per_s"] = batch / timing.median_s
     line["flops_per_item"] = flops
     line["xla_flops_per_item"] = timing.xla_flops / batch if timing.xla_flops else None
@@ -555,17 +556,18 @@ def bench_pipeline(args, matmul) -> list[dict[str, Any]]:
     decode_flops = measure(decode, (dec_state, z), repeats=1, warmup=0).xla_flops
   per_step = generator_flops(gen_cfg) * (2 if guided else 1)
   flops = args.steps * per_step + ((decode_flops or 0.0) if args.decode else 0.0)
+  options = inference_compiler_options()
   lines = []
   for batch in args.batches:
     noise = jax.random.normal(jax.random.PRNGKey(1), (batch,) + gen_cfg.latent_shape)
     labels = jnp.arange(batch, dtype=jnp.int32) % gen_cfg.num_classes
     timing = measure(generate, (gstate, dec_state, noise, labels), repeats=args.repeats,
-                     warmup=args.warmup, compiler_options=inference_compiler_options())
+                     warmup=args.warmup, compiler_options=options)
     line = dict(what="pipeline", model=args.model, generator=args.generator, dtype=args.dtype,
                 batch=batch, steps=args.steps, cfg=args.cfg, decode=args.decode,
                 tokens=gen_cfg.input_size, **shapes, **_device_info(), **matmul)
     line["sampler"] = "ddim" if gen_cfg.kind == "dit" else "euler"
-    line["compiler_options"] = inference_compiler_options()
+    line["compiler_options"] = options
     line["img_per_s"] = batch / timing.median_s
     line["flops_per_img"] = flops
     line["decode_flops_per_img"] = decode_flops if args.decode else 0.0
