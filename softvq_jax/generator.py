@@ -19,7 +19,8 @@ from flax import nnx
 
 from softvq_jax import parallel
 from softvq_jax.loaded_model import LoadedModel
-from softvq_jax.models.sit import GeneratorConfig, SiT, inference_compiler_options
+from softvq_jax.models.layers import inference_compiler_options
+from softvq_jax.models.sit import GeneratorConfig, SiT
 from softvq_jax.utils.nnx_utils import model_from_flat
 from softvq_jax.transport import diffusion as diffusion_lib
 from softvq_jax.transport import samplers

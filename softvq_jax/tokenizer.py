@@ -16,6 +16,7 @@ import numpy as np
 from flax import nnx
 
 from softvq_jax import parallel
+from softvq_jax.models import layers
 from softvq_jax.models.config import TokenizerConfig
 from softvq_jax.loaded_model import LoadedModel
 from softvq_jax.models.tokenizer import TokenizerModel
@@ -92,9 +93,11 @@ class Tokenizer(LoadedModel):
 
   def __init__(self, model: TokenizerModel, **kwargs):
     super().__init__(model, **kwargs)
-    self._encode = jax.jit(functools.partial(_encode_fn, self.graphdef))
-    self._encode_info = jax.jit(functools.partial(_encode_info_fn, self.graphdef))
-    self._decode = jax.jit(functools.partial(_decode_fn, self.graphdef))
+    options = layers.inference_compiler_options()
+    self._encode = jax.jit(functools.partial(_encode_fn, self.graphdef), compiler_options=options)
+    self._encode_info = jax.jit(functools.partial(_encode_info_fn, self.graphdef),
+                                compiler_options=options)
+    self._decode = jax.jit(functools.partial(_decode_fn, self.graphdef), compiler_options=options)
 
   @classmethod
   def from_pytorch(cls, checkpoint_path: str, config: str | Mapping[str, Any], *,

@@ -293,13 +293,13 @@ def test_guidance_scale_does_not_recompile(model, ref):
 
 
 def test_inference_compiler_options_are_gpu_only_and_valid(monkeypatch):
-  from softvq_jax.models import sit as sit_lib
-  assert sit_lib.inference_compiler_options() is None  # nothing to undo off GPUs
-  monkeypatch.setattr(sit_lib.jax, "default_backend", lambda: "gpu")
-  options = sit_lib.inference_compiler_options()
+  from softvq_jax.models import layers
+  assert layers.inference_compiler_options() is None  # nothing to undo off GPUs
+  monkeypatch.setattr(layers.jax, "default_backend", lambda: "gpu")
+  options = layers.inference_compiler_options()
   assert options == {"xla_disable_hlo_passes": "dot-merger"}
   monkeypatch.setenv("SOFTVQ_DOT_MERGER", "1")
-  assert sit_lib.inference_compiler_options() is None
+  assert layers.inference_compiler_options() is None
   # XLA refuses unknown option names and malformed values at compile time: these compile.
   cfg = GeneratorConfig.preset("SiT-S/1", input_size=4, in_channels=2, hidden_size=16,
                                depth=2, num_heads=2)

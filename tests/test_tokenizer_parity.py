@@ -129,3 +129,16 @@ def test_end_to_end_with_single_device_cpu_attention_loop(model, ref, images, mo
   assert rel_err(enc.quant, ref["out/encode_quant"]) < TOL
   assert rel_err(recon, nhwc(ref["out/recon"])) < TOL
   assert rel_err(model.decode(ref["in/random_latents"]), nhwc(ref["out/decode_random"])) < TOL
+
+
+def test_end_to_end_with_the_gpu_inference_forms(model, ref, images, monkeypatch):
+  """Separate q/k/v matmuls and LayerScale folded into the matmuls (what bfloat16 inference
+  on GPUs takes) keep float32 reference parity too."""
+  from softvq_jax.models import layers  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(layers, "_inference_forms", "always")
+  jaxpr = str(jax.make_jaxpr(lambda x: model(x)[0])(images))
+  assert "_separate_qkv" in jaxpr and "_layerscale_folded" in jaxpr
+  recon, enc = model(images)
+  assert rel_err(enc.quant, ref["out/encode_quant"]) < TOL
+  assert rel_err(recon, nhwc(ref["out/recon"])) < TOL
+  assert rel_err(model.decode(ref["in/random_latents"]), nhwc(ref["out/decode_random"])) < TOL

@@ -8,6 +8,7 @@ sensitive parts exact enough to train.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from typing import Any, Callable, NamedTuple
@@ -187,6 +188,154 @@ def dot_product_attention(q: Array, k: Array, v: Array, *, precision=None) -> Ar
   return jax.nn.dot_product_attention(q, k, v, implementation=impl)
 
 
+# Inference-only rewrites of two matmuls. They change which GPU kernels XLA emits,
+# not the maths, and only when a function is evaluated: differentiated (training),
+# custom JVPs make them the plain forms, so training programs do not change.
+#   separate q/k/v: q, k and v come from three matmuls on column blocks of ``qkv``
+#     instead of one wide matmul. cuDNN attention reads each operand as a whole array,
+#     so the slices of the wide output are copied first: three extra passes over
+#     q, k and v per layer. The dot merger would merge the three matmuls back; the
+#     programs that use this form compile with ``inference_compiler_options()``.
+#   folded LayerScale: ``(h @ W + b) * gamma`` as ``h @ (W * gamma) + b * gamma``
+#     (folded in float32). Without the multiply between them, XLA's GEMM rewriter
+#     makes the residual add the matmul's C operand (cuBLASLt beta=1) instead of a
+#     separate kernel that re-reads the branch output and the residual stream.
+# INFERENCE_FORMS chooses where they apply:
+#   "auto":   on NVIDIA GPUs with bfloat16/float16 compute, to matmuls with more rows
+#             than their kernel (the q/k/v form only where attention takes cuDNN);
+#   "always": everywhere, float32 included (tests and A/B measurements);
+#   "never":  nowhere.
+INFERENCE_FORMS = ("auto", "always", "never")
+_inference_forms = os.environ.get("SOFTVQ_INFERENCE_FORMS", "auto")
+
+
+def set_inference_forms(name: str) -> None:
+  """Selects where the inference-only matmul forms apply (see ``INFERENCE_FORMS``).
+
+  Read when a function is traced: call it before the first ``jit`` of a model.
+  """
+  global _inference_forms
+  if name not in INFERENCE_FORMS:
+    raise ValueError(f"inference forms must be one of {INFERENCE_FORMS}, got {name!r}")
+  _inference_forms = name
+
+
+def inference_forms() -> str:
+  return _inference_forms
+
+
+def _inference_forms_apply(x: Array, kernel: Array) -> bool:
+  """Whether the forms apply to the matmul of ``x`` by ``kernel`` (``[in, out]``)."""
+  if _inference_forms not in INFERENCE_FORMS:
+    raise ValueError(f"SOFTVQ_INFERENCE_FORMS must be one of {INFERENCE_FORMS}, "
+                     f"got {_inference_forms!r}")
+  if _inference_forms != "auto":
+    return _inference_forms == "always"
+  # Both forms trade an activation-sized pass for a weight-sized one (the kernel's column
+  # blocks and the scaled kernel are fresh arrays, made on every call and, in samplers,
+  # on every step): a gain only when the matmul has more rows than the kernel.
+  rows = math.prod(x.shape[:-1])
+  return (jax.default_backend() == "gpu" and x.dtype in (jnp.bfloat16, jnp.float16)
+          and rows > kernel.shape[0])
+
+
+def _separate_qkv_applies(x: Array, kernel: Array, head_dim: int) -> bool:
+  if not _inference_forms_apply(x, kernel):
+    return False
+  if _inference_forms == "always":
+    return True
+  return (_attention_implementation in ("auto", "cudnn") and head_dim <= 128
+          and head_dim % 8 == 0)
+
+
+def inference_compiler_options() -> dict[str, str] | None:
+  """``jax.jit(..., compiler_options=...)`` for programs that only run models forward
+  (tokenizer encode/decode, SiT/DiT forwards and samplers) on GPUs.
+
+  XLA's dot merger is disabled there:
+  - It would merge the separate q/k/v matmuls (see ``INFERENCE_FORMS``) back into one.
+  - In SiT/DiT it merges the depth-many adaLN modulation matmuls, which all read
+    silu(c), into one matmul whose weight is a fresh concatenation of all of theirs,
+    rebuilt on every call because weights are arguments: one extra read and write of
+    every modulation weight (0.9 GB for SiT-XL in bfloat16) per sampler step.
+    Unmerged, each matmul reads its own weight once.
+  Training keeps the merger: there the concatenation happens once per step, and the
+  merged weight gradient is one matmul. ``SOFTVQ_DOT_MERGER=1`` keeps the merger here
+  too (for A/B measurements).
+  """
+  if jax.default_backend() == "gpu" and os.environ.get("SOFTVQ_DOT_MERGER") != "1":
+    return {"xla_disable_hlo_passes": "dot-merger"}
+  return None
+
+
+def _promoted_operands(layer: nnx.Linear, x: Array) -> tuple[Array, Array, Array | None]:
+  """``x``, kernel and bias of ``layer`` in its compute dtype, as ``nnx.Linear`` uses them."""
+  bias = layer.bias[...] if layer.bias is not None else None
+  return layer.promote_dtype((x, layer.kernel[...], bias), dtype=layer.dtype)
+
+
+def _dense(x: Array, kernel: Array, bias: Array | None, precision) -> Array:
+  # The operations of nnx.Linear.__call__, so the plain forms round exactly as it does.
+  y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())), precision=precision)
+  return y if bias is None else y + bias
+
+
+def _fused_qkv(x: Array, kernel: Array, bias: Array | None, precision,
+               num_heads: int) -> tuple[Array, Array, Array]:
+  b, n, _ = x.shape
+  qkv = _dense(x, kernel, bias, precision).reshape(b, n, 3, num_heads, -1)
+  return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(3, 4))
+def _separate_qkv(x: Array, kernel: Array, bias: Array | None, precision,
+                  num_heads: int) -> tuple[Array, Array, Array]:
+  b, n, _ = x.shape
+  width = kernel.shape[1] // 3
+  cols = [slice(i * width, (i + 1) * width) for i in range(3)]
+  return tuple(_dense(x, kernel[:, c], None if bias is None else bias[c], precision)
+               .reshape(b, n, num_heads, -1) for c in cols)
+
+
+@_separate_qkv.defjvp
+def _separate_qkv_jvp(precision, num_heads, primals, tangents):
+  # Differentiated, the fused form: the very operations of the plain path.
+  return jax.jvp(lambda *a: _fused_qkv(*a, precision, num_heads), primals, tangents)
+
+
+def _layerscale_unfolded(x: Array, kernel: Array, bias: Array | None, gamma: Array,
+                         precision) -> Array:
+  y = _dense(x, kernel, bias, precision)
+  return y * gamma.astype(y.dtype)  # as LayerScale.__call__
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(4,))
+def _layerscale_folded(x: Array, kernel: Array, bias: Array | None, gamma: Array,
+                       precision) -> Array:
+  gamma32 = gamma.astype(jnp.float32)
+  kernel = (kernel.astype(jnp.float32) * gamma32).astype(kernel.dtype)
+  if bias is not None:
+    bias = (bias.astype(jnp.float32) * gamma32).astype(bias.dtype)
+  return _dense(x, kernel, bias, precision)
+
+
+@_layerscale_folded.defjvp
+def _layerscale_folded_jvp(precision, primals, tangents):
+  return jax.jvp(lambda *a: _layerscale_unfolded(*a, precision), primals, tangents)
+
+
+def linear_then_layerscale(layer: nnx.Linear, x: Array, layerscale: "LayerScale | None") -> Array:
+  """``layerscale(layer(x))``; where ``INFERENCE_FORMS`` apply, with gamma folded into
+  the kernel and bias (same values up to rounding; differentiated, the plain form)."""
+  if layerscale is None:
+    return layer(x)
+  x, kernel, bias = _promoted_operands(layer, x)
+  gamma = layerscale.gamma[...]
+  if _inference_forms_apply(x, kernel):
+    return _layerscale_folded(x, kernel, bias, gamma, layer.precision)
+  return _layerscale_unfolded(x, kernel, bias, gamma, layer.precision)
+
+
 class Attention(nnx.Module):
   """Multi-head self-attention with a fused ``qkv`` projection (rows q | k | v, head-major).
 
@@ -215,11 +364,14 @@ class Attention(nnx.Module):
 
   def split_heads(self, x: Array) -> tuple[Array, Array, Array]:
     """``(B, N, D)`` -> q, k, v each ``(B, N, H, hd)``."""
-    b, n, _ = x.shape
-    qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim)
-    return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    x, kernel, bias = _promoted_operands(self.qkv, x)
+    if _separate_qkv_applies(x, kernel, self.head_dim):
+      return _separate_qkv(x, kernel, bias, self.qkv.precision, self.num_heads)
+    return _fused_qkv(x, kernel, bias, self.qkv.precision, self.num_heads)
 
-  def __call__(self, x: Array, rope: "RopeTables | None" = None) -> Array:
+  def __call__(self, x: Array, rope: "RopeTables | None" = None, *,
+               layerscale: "LayerScale | None" = None) -> Array:
+    """``layerscale``: a ``LayerScale`` applied to the output (see ``linear_then_layerscale``)."""
     b, n, d = x.shape
     q, k, v = self.split_heads(x)
     if self.q_norm is not None:
@@ -230,7 +382,7 @@ class Attention(nnx.Module):
     if rope is not None:
       q, k = rope.rotate(q), rope.rotate(k)
     out = dot_product_attention(q, k, v, precision=self.precision)
-    return self.proj(out.reshape(b, n, d))
+    return linear_then_layerscale(self.proj, out.reshape(b, n, d), layerscale)
 
 
 class RopeTables(NamedTuple):
@@ -355,8 +507,10 @@ class Mlp(nnx.Module):
     self.fc2 = linear(hidden_dim, dim, dtype=dtype, param_dtype=param_dtype,
                       kernel_init=kernel_init, rngs=rngs)
 
-  def __call__(self, x: Array) -> Array:
-    return self.fc2(gelu(self.fc1(x), approximate=self.approximate_gelu))
+  def __call__(self, x: Array, *, layerscale: "LayerScale | None" = None) -> Array:
+    """``layerscale``: a ``LayerScale`` applied to the output (see ``linear_then_layerscale``)."""
+    h = gelu(self.fc1(x), approximate=self.approximate_gelu)
+    return linear_then_layerscale(self.fc2, h, layerscale)
 
 
 class LayerScale(nnx.Module):
@@ -385,13 +539,9 @@ class Block(nnx.Module):
   def __call__(self, x: Array, rope: RopeTables | None = None) -> Array:
     # The residual stream stays in the input dtype (float32 by default): branch
     # outputs are promoted, as under PyTorch autocast.
-    h = self.attn(self.norm1(x), rope)
-    if self.ls1 is not None:
-      h = self.ls1(h)
+    h = self.attn(self.norm1(x), rope, layerscale=self.ls1)
     x = x + h.astype(x.dtype)
-    h = self.mlp(self.norm2(x))
-    if self.ls2 is not None:
-      h = self.ls2(h)
+    h = self.mlp(self.norm2(x), layerscale=self.ls2)
     return x + h.astype(x.dtype)
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from typing import Any, Mapping
 
 import jax
@@ -523,23 +522,6 @@ class SiT(nnx.Module):
 
 
 DiT = SiT  # One network; ``config.kind`` and ``learn_sigma`` say which it is.
-
-
-def inference_compiler_options() -> dict[str, str] | None:
-  """``jax.jit(..., compiler_options=...)`` for programs that run a SiT/DiT forward only
-  (samplers, inference forwards).
-
-  The depth-many adaLN modulation matmuls all read silu(c); XLA's dot merger fuses them
-  into one matmul whose weight is a fresh concatenation of all of theirs, rebuilt on
-  every call because weights are arguments: on GPUs one extra read and write of every
-  modulation weight (0.9 GB for SiT-XL in bfloat16) per sampler step. Unmerged, each
-  matmul reads its own weight once. Training keeps the merger: there the concatenation
-  happens once per step, and the merged weight gradient is one matmul.
-  ``SOFTVQ_DOT_MERGER=1`` keeps the merger here too (for A/B measurements).
-  """
-  if jax.default_backend() == "gpu" and os.environ.get("SOFTVQ_DOT_MERGER") != "1":
-    return {"xla_disable_hlo_passes": "dot-merger"}
-  return None
 
 
 def build_generator(config: GeneratorConfig, *, rngs: nnx.Rngs, dtype: Dtype | None = None,

@@ -16,7 +16,8 @@ import ml_collections
 from flax import nnx
 
 from softvq_jax.generator import dit_model_fn
-from softvq_jax.models.sit import GeneratorConfig, SiT, inference_compiler_options
+from softvq_jax.models.layers import inference_compiler_options
+from softvq_jax.models.sit import GeneratorConfig, SiT
 from softvq_jax.tokenizer import Tokenizer
 from softvq_jax.train import sit_trainer
 from softvq_jax.transport import diffusion as diffusion_lib

@@ -21,7 +21,8 @@ from absl import logging
 from flax import nnx
 
 from softvq_jax import parallel
-from softvq_jax.models.sit import GeneratorConfig, SiT, inference_compiler_options
+from softvq_jax.models.layers import inference_compiler_options
+from softvq_jax.models.sit import GeneratorConfig, SiT
 from softvq_jax.tokenizer import Tokenizer
 from softvq_jax.train import common
 from softvq_jax.train import state as state_lib
