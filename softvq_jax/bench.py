@@ -121,6 +121,9 @@ def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
   p.add_argument("--gelu", default=None, choices=("auto", "epilogue", "float32"),
                  help="how the bf16 tanh GELU of SiT/DiT runs (epilogue: fused into the matmul "
                       "by cuBLASLt on GPUs)")
+  p.add_argument("--inference_forms", default=None, choices=("auto", "always", "never"),
+                 help="where the inference-only matmul forms apply (separate q/k/v matmuls, "
+                      "LayerScale folded into the matmul; auto: bf16 on GPUs)")
   p.add_argument("--mesh", default="data=-1", help="train/memory: e.g. data=-1 or data=2,fsdp=-1")
   p.add_argument("--sharding", default="", help="train/memory: dp | fsdp (default: fsdp if the "
                  "mesh has an fsdp axis)")
@@ -431,25 +434,30 @@ def bench_tokenizer(args, matmul) -> list[dict[str, Any]]:
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
+  from softvq_jax.models.layers import inference_compiler_options  # pylint: disable=g-import-not-at-top
   from softvq_jax.models.tokenizer import TokenizerModel  # pylint: disable=g-import-not-at-top
   cfg = _tokenizer_config("tiny" if args.tiny else args.model, args.size)
   dtype = _jnp_dtype(args.dtype)
   graphdef, state = _split(TokenizerModel(cfg, rngs=nnx.Rngs(0),
                                           dtype=None if args.dtype == "float32" else dtype), dtype)
   flops = tokenizer_flops(cfg)
+  options = inference_compiler_options()  # as the Tokenizer class compiles them
   lines = []
   for batch in args.batches:
     images = jax.random.uniform(jax.random.PRNGKey(1), (batch, cfg.image_size, cfg.image_size, 3),
                                 jnp.float32, -1, 1)
     encode = lambda s, x: nnx.merge(graphdef, s).encode(x).quant
-    enc = measure(encode, (state, images), repeats=args.repeats, warmup=args.warmup)
-    latents = jax.jit(encode)(state, images)
+    enc = measure(encode, (state, images), repeats=args.repeats, warmup=args.warmup,
+                  compiler_options=options)
+    latents = enc.outputs
     decode = lambda s, z: nnx.merge(graphdef, s).decode(z)
-    dec = measure(decode, (state, latents), repeats=args.repeats, warmup=args.warmup)
+    dec = measure(decode, (state, latents), repeats=args.repeats, warmup=args.warmup,
+                  compiler_options=options)
     line = dict(what="tokenizer", model=args.model if not args.tiny else "tiny",
                 dtype=args.dtype, batch=batch, image_size=cfg.image_size,
                 latent_shape=[cfg.num_latent_tokens, cfg.codebook_embed_dim], **_device_info(),
                 **matmul)
+    line["compiler_options"] = options
     line["encode_img_per_s"] = batch / enc.median_s
     line["decode_img_per_s"] = batch / dec.median_s
     line["encode_flops_per_img"] = flops["encode"]
@@ -469,7 +477,8 @@ def bench_sit(args, matmul) -> list[dict[str, Any]]:
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
-  from softvq_jax.models.sit import SiT, inference_compiler_options  # pylint: disable=g-import-not-at-top
+  from softvq_jax.models.layers import inference_compiler_options  # pylint: disable=g-import-not-at-top
+  from softvq_jax.models.sit import SiT  # pylint: disable=g-import-not-at-top
   cfg = _generator_config(args.model, args.tokens, args.channels, args.tiny)
   dtype = None if args.dtype == "float32" else _jnp_dtype(args.dtype)
   graphdef, state = _split(SiT(cfg, rngs=nnx.Rngs(0), dtype=dtype), dtype)
@@ -533,7 +542,8 @@ def bench_pipeline(args, matmul) -> list[dict[str, Any]]:
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
-  from softvq_jax.models.sit import SiT, inference_compiler_options  # pylint: disable=g-import-not-at-top
+  from softvq_jax.models.layers import inference_compiler_options  # pylint: disable=g-import-not-at-top
+  from softvq_jax.models.sit import SiT  # pylint: disable=g-import-not-at-top
   from softvq_jax.transport import samplers  # pylint: disable=g-import-not-at-top
   gen_cfg, decode, dec_state, decode_flops, shapes = _pipeline_parts(args)
   dtype = None if args.dtype == "float32" else _jnp_dtype(args.dtype)
@@ -821,7 +831,7 @@ def run_suite(args) -> list[dict[str, Any]]:
   extra = ((["--out", args.out] if args.out else []) + (["--tiny"] if args.tiny else [])
            + (["--profile", args.profile] if args.profile else []))
   for entry in SUITES[args.suite]:
-    kernels = [a for name in ("attention", "gelu") if getattr(args, name)
+    kernels = [a for name in ("attention", "gelu", "inference_forms") if getattr(args, name)
                and f"--{name}" not in entry for a in (f"--{name}", getattr(args, name))]
     try:
       lines += main(entry.split() + extra + kernels)
@@ -852,6 +862,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
   from softvq_jax.models import layers  # pylint: disable=g-import-not-at-top
   layers.set_attention_implementation(args.attention or os.environ.get("SOFTVQ_ATTENTION", "auto"))
   layers.set_gelu_implementation(args.gelu or os.environ.get("SOFTVQ_GELU", "auto"))
+  layers.set_inference_forms(args.inference_forms
+                             or os.environ.get("SOFTVQ_INFERENCE_FORMS", "auto"))
   global _profile_root
   _profile_root = args.profile or None
   if args.what == "memory":
@@ -868,6 +880,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
   for line in lines:
     line.setdefault("attention", layers.attention_implementation())
     line.setdefault("gelu", layers.gelu_implementation())
+    line.setdefault("inference_forms", layers.inference_forms())
     text = json.dumps(line, sort_keys=True)
     print(text, flush=True)
     if args.out:

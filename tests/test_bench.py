@@ -90,12 +90,28 @@ def test_tokenizer_line_fields(tokenizer_lines, capsys):
     best = line["encode_flops_per_img"] * line["batch"] / line["encode"]["min_s"]
     assert line["encode_fraction_of_matmul_rate_best"] == pytest.approx(
         best / line["matmul_best_flops_per_s"])
+    assert line["inference_forms"] == "auto" and line["compiler_options"] is None  # CPU
     pipelined_s = line["decode"]["pipelined_s_per_call"]
     assert pipelined_s > 0
     assert line["decode_items_per_s_pipelined"] == pytest.approx(line["batch"] / pipelined_s)
   # one JSON object per line on stdout
   printed = [json.loads(l) for l in capsys.readouterr().out.splitlines() if l.startswith("{")]
   assert all("what" in p for p in printed)
+
+
+def test_inference_forms_flag_reaches_the_traced_tokenizer(monkeypatch):
+  from softvq_jax.models import layers
+  traced = []
+  folded = layers._layerscale_folded  # pylint: disable=protected-access
+  monkeypatch.setattr(layers, "_layerscale_folded", lambda *a: traced.append(1) or folded(*a))
+  try:
+    lines = bench.main(["--what", "tokenizer", "--tiny", "--batch", "2", "--repeats", "1",
+                        "--warmup", "0", "--matmul_size", "256", "--dtype", "bfloat16",
+                        "--inference_forms", "always"])
+  finally:
+    layers.set_inference_forms("auto")
+  assert lines[0]["inference_forms"] == "always" and traced
+  assert lines[0]["encode_img_per_s"] > 0 and lines[0]["decode_img_per_s"] > 0
 
 
 def test_pipeline_and_train_lines(tmp_path):
