@@ -384,10 +384,13 @@ def _generator_config(name: str, tokens: int, channels: int, tiny: bool):
 
 
 def _split(module, dtype):
-  """``(graphdef, state)`` with the weights cast to the compute ``dtype`` once, as the
-  ``Tokenizer``/``Generator`` inference classes run them (``dtype`` None: float32)."""
+  """``(graphdef, state)`` of ``module`` as the ``Tokenizer``/``Generator`` inference
+  classes run it: in the inference forms where they apply, with the weights cast to the
+  compute ``dtype`` once (``dtype`` None: float32)."""
   from flax import nnx  # pylint: disable=g-import-not-at-top
   from softvq_jax.models import layers  # pylint: disable=g-import-not-at-top
+  if layers.inference_forms_apply(dtype):
+    layers.prepare_for_inference(module)
   graphdef, state = nnx.split(module)
   return graphdef, layers.cast_for_compute(module, state, dtype)
 

@@ -107,7 +107,8 @@ class Generator(LoadedModel):
     dtype: compute dtype, ``"float32"`` (default) or ``"bfloat16"``; parameters,
       norms, softmax, the residual stream and the sampler state stay float32.
       With bfloat16 the compiled programs read a bfloat16 copy of the matmul
-      weights, made once here (bit-identical results; ``state`` keeps float32).
+      weights, made once here (``state`` keeps float32); on GPUs with separate
+      q/k/v matmuls (``layers.INFERENCE_FORMS``; the same function).
     mesh: optional ``jax.sharding.Mesh``; batches are split over ``data_axis``
       and the weights replicated.
   """
@@ -122,7 +123,7 @@ class Generator(LoadedModel):
 
   def __init__(self, model: SiT, **kwargs):
     super().__init__(model, **kwargs)
-    self._forward = jax.jit(functools.partial(_forward_fn, self.graphdef),
+    self._forward = jax.jit(functools.partial(_forward_fn, self._compute_graphdef),
                             compiler_options=inference_compiler_options())
     self._samplers: dict[tuple, Any] = {}
 
@@ -205,8 +206,9 @@ class Generator(LoadedModel):
         # The process _sample_fn will trace, built once here so that a bad respacing
         # string or schedule fails with its own message rather than under jit.
         diffusion_lib.create_diffusion(steps, noise_schedule, learn_sigma=self.config.learn_sigma)
-      self._samplers[static] = jax.jit(functools.partial(_sample_fn, self.graphdef, static),
-                                       compiler_options=inference_compiler_options())
+      self._samplers[static] = jax.jit(
+          functools.partial(_sample_fn, self._compute_graphdef, static),
+          compiler_options=inference_compiler_options())
     pad_axes = [0, 0]
     arrays = [noise, labels]
     if step_noise is not None:

@@ -70,9 +70,15 @@ class LoadedModel:
     if self.mesh is not None:
       state = jax.device_put(state, _replicated(self.mesh))
     self.state = state
-    # What the compiled programs read: the matmul weights already in the compute dtype
-    # (same results, fewer kernels per call); ``state`` keeps the float32 originals.
-    self._compute_state = layers.cast_for_compute(compute_model, state, self.dtype)
+    # What the compiled programs run: on GPUs in low precision, the model rewritten into
+    # the inference forms (layers.INFERENCE_FORMS), made once here; and the matmul weights
+    # already in the compute dtype (same results, fewer kernels per call). ``graphdef``
+    # and ``state`` keep the model as loaded, for ``model`` and ``save``.
+    program_model = nnx.merge(self.graphdef, state)
+    if layers.inference_forms_apply(self.dtype):
+      layers.prepare_for_inference(program_model)
+    self._compute_graphdef, program_state = nnx.split(program_model)
+    self._compute_state = layers.cast_for_compute(program_model, program_state, self.dtype)
 
   @classmethod
   def load(cls, directory: str, **kwargs):

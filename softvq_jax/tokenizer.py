@@ -77,7 +77,9 @@ class Tokenizer(LoadedModel):
     dtype: compute dtype, ``"float32"`` (default) or ``"bfloat16"``; parameters,
       norms, softmax and the SoftVQ logits stay float32. With bfloat16 the
       compiled programs read a bfloat16 copy of the matmul weights, made once
-      here (bit-identical results; ``state`` and ``save`` keep float32).
+      here (``state`` and ``save`` keep float32); on GPUs that copy is in the
+      inference forms of ``layers.INFERENCE_FORMS`` (LayerScale folded into the
+      weights, separate q/k/v matmuls: the same function, rounded differently).
     mesh: optional ``jax.sharding.Mesh``; batches are split over ``data_axis``
       and parameters replicated.
 
@@ -94,10 +96,11 @@ class Tokenizer(LoadedModel):
   def __init__(self, model: TokenizerModel, **kwargs):
     super().__init__(model, **kwargs)
     options = layers.inference_compiler_options()
-    self._encode = jax.jit(functools.partial(_encode_fn, self.graphdef), compiler_options=options)
-    self._encode_info = jax.jit(functools.partial(_encode_info_fn, self.graphdef),
-                                compiler_options=options)
-    self._decode = jax.jit(functools.partial(_decode_fn, self.graphdef), compiler_options=options)
+    program = lambda fn: jax.jit(functools.partial(fn, self._compute_graphdef),
+                                 compiler_options=options)
+    self._encode = program(_encode_fn)
+    self._encode_info = program(_encode_info_fn)
+    self._decode = program(_decode_fn)
 
   @classmethod
   def from_pytorch(cls, checkpoint_path: str, config: str | Mapping[str, Any], *,

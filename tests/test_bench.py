@@ -99,11 +99,11 @@ def test_tokenizer_line_fields(tokenizer_lines, capsys):
   assert all("what" in p for p in printed)
 
 
-def test_inference_forms_flag_reaches_the_traced_tokenizer(monkeypatch):
+def test_inference_forms_flag_reaches_the_benchmarked_tokenizer(monkeypatch):
   from softvq_jax.models import layers
   traced = []
-  folded = layers._layerscale_folded  # pylint: disable=protected-access
-  monkeypatch.setattr(layers, "_layerscale_folded", lambda *a: traced.append(1) or folded(*a))
+  prepare = layers.prepare_for_inference
+  monkeypatch.setattr(layers, "prepare_for_inference", lambda m: traced.append(m) or prepare(m))
   try:
     lines = bench.main(["--what", "tokenizer", "--tiny", "--batch", "2", "--repeats", "1",
                         "--warmup", "0", "--matmul_size", "256", "--dtype", "bfloat16",

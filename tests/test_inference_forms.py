@@ -1,9 +1,8 @@
-"""The inference-only matmul forms of GPU bfloat16 inference: separate q/k/v matmuls and
-LayerScale folded into the matmul.
+"""The inference forms of GPU bfloat16 inference: separate q/k/v matmuls and LayerScale
+folded into the matmul weights, made once by the inference classes.
 
-They must compute the same function as the plain forms, become the plain forms when
-differentiated (training programs do not change), apply only where they were chosen,
-and reach the compiler with the option that keeps XLA from undoing them.
+They must compute the same function, apply only where they were chosen, leave what is
+saved untouched, and reach the compiler with the option that keeps XLA from undoing them.
 """
 
 import jax
@@ -12,12 +11,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from softvq_jax import Tokenizer
+from softvq_jax import Generator, Tokenizer
 from softvq_jax.models import layers
-from softvq_jax.models.layers import Attention, Block
+from softvq_jax.models.layers import Block
+from softvq_jax.models.sit import GeneratorConfig
 from test_tokenizer_api import SMALL
 
-WIDTH, HEADS, TOKENS = 32, 4, 7
+WIDTH, HEADS = 32, 4
 
 
 @pytest.fixture
@@ -27,126 +27,115 @@ def forms():
   layers.set_inference_forms(previous)
 
 
-def _block(dtype):
+def _block(dtype=None):
   # LayerScale far from 1 and non-zero biases, so that a missing or doubled scale shows.
-  graphdef, state = nnx.split(Block(WIDTH, HEADS, layerscale_init=0.3, rngs=nnx.Rngs(0),
-                                    dtype=dtype))
+  block = Block(WIDTH, HEADS, layerscale_init=0.3, rngs=nnx.Rngs(0), dtype=dtype)
+  graphdef, state = nnx.split(block)
   keys = iter(jax.random.split(jax.random.PRNGKey(3), 64))
   randomise = lambda path, v: (0.1 * jax.random.normal(next(keys), v.shape)
                                if "bias" in jax.tree_util.keystr(path) else v)
-  return graphdef, jax.tree_util.tree_map_with_path(randomise, state)
+  return nnx.merge(graphdef, jax.tree_util.tree_map_with_path(randomise, state))
 
 
-def _inputs():
-  return jax.random.normal(jax.random.PRNGKey(1), (2, TOKENS, WIDTH))
+def _paths(module):
+  return {".".join(map(str, p)) for p, _ in nnx.to_flat_state(nnx.state(module))}
 
 
-def _forward_and_grads(graphdef, state, x):
-  forward = lambda s, x: nnx.merge(graphdef, s)(x)
-  loss = lambda s, x: jnp.sum(forward(s, x).astype(jnp.float32) ** 2)
-  value, grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(state, x)
-  return np.asarray(jax.jit(forward)(state, x), np.float32), value, grads
+def test_prepared_block_is_the_same_function():
+  block = _block()
+  x = jax.random.normal(jax.random.PRNGKey(1), (2, 7, WIDTH))
+  before = np.asarray(block(x))
+  original = nnx.state(block)
+  kept = jax.tree.map(np.asarray, original)
+  layers.prepare_for_inference(block)
+  assert {"attn.q_proj.kernel", "attn.k_proj.bias", "attn.v_proj.kernel"} <= _paths(block)
+  assert not any(p.startswith(("ls1", "ls2", "attn.qkv")) for p in _paths(block))
+  after = np.asarray(block(x))
+  np.testing.assert_allclose(after, before, rtol=1e-6, atol=1e-6 * np.abs(before).max())
+  # Rounded once in float32: not bit-identical, so the scale really moved into the weights.
+  assert not np.array_equal(after, before)
+  # The state split before still holds the original weights.
+  jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, original), kept)
+  # Preparing twice changes nothing more.
+  layers.prepare_for_inference(block)
+  np.testing.assert_array_equal(np.asarray(block(x)), after)
 
 
-def _names(graphdef, state, x):
-  return str(jax.make_jaxpr(lambda s, x: nnx.merge(graphdef, s)(x))(state, x))
-
-
-def _uses(dtype, tokens=TOKENS):
-  x = jnp.ones((2, tokens, WIDTH), dtype or jnp.float32)
-  text = _names(*_block(dtype), x)
-  return {name: text.count(f"name={name}") for name in ("_separate_qkv", "_layerscale_folded")
-          if name in text}
+def test_folded_weights_are_the_float32_products():
+  block = _block()
+  proj = np.asarray(block.attn.proj.kernel[...])
+  fc2_bias = np.asarray(block.mlp.fc2.bias[...])
+  qkv = np.asarray(block.attn.qkv.kernel[...])
+  g1, g2 = np.asarray(block.ls1.gamma[...]), np.asarray(block.ls2.gamma[...])
+  layers.prepare_for_inference(block)
+  np.testing.assert_array_equal(np.asarray(block.attn.proj.kernel[...]), proj * g1[None])
+  np.testing.assert_array_equal(np.asarray(block.mlp.fc2.bias[...]), fc2_bias * g2)
+  np.testing.assert_array_equal(np.asarray(block.attn.k_proj.kernel[...]),
+                                qkv[:, WIDTH:2 * WIDTH])
 
 
 def test_where_the_forms_apply(forms, monkeypatch):
-  uses = lambda dtype: _uses(dtype, tokens=80)  # 160 rows: more than any kernel's 128
   forms("auto")
-  assert uses(jnp.bfloat16) == {}  # no cuBLASLt/cuDNN off GPUs
+  assert not layers.inference_forms_apply(jnp.bfloat16)  # no cuBLASLt/cuDNN off GPUs
   monkeypatch.setattr(layers.jax, "default_backend", lambda: "gpu")
-  both = {"_separate_qkv": 1, "_layerscale_folded": 2}  # proj and fc2 folded
-  assert uses(jnp.bfloat16) == both
-  assert uses(jnp.float16) == both
-  assert uses(None) == {}  # float32 compute keeps the reference's own rounding order
-  # With fewer rows than the kernel, copying column blocks or scaling the kernel would
-  # move more bytes than it saves: 14 rows against kernels of 32 and 128 rows.
-  assert _uses(jnp.bfloat16, tokens=TOKENS) == {}
-  # 80 rows: more than the 32 of qkv and proj, fewer than the 128 of fc2.
-  assert _uses(jnp.bfloat16, tokens=40) == {"_separate_qkv": 1, "_layerscale_folded": 1}
+  assert layers.inference_forms_apply(jnp.bfloat16) and layers.inference_forms_apply("float16")
+  # float32 compute keeps the reference's own rounding order.
+  assert not layers.inference_forms_apply(None) and not layers.inference_forms_apply(jnp.float32)
   # Attention that does not go through cuDNN reads q, k, v through its own kernels.
   monkeypatch.setattr(layers, "_attention_implementation", "xla")
-  assert uses(jnp.bfloat16) == {"_layerscale_folded": 2}
+  block = layers.prepare_for_inference(_block(jnp.bfloat16))
+  assert block.attn.qkv is not None and block.ls1 is None
   forms("never")
-  assert uses(jnp.bfloat16) == {}
+  assert not layers.inference_forms_apply(jnp.bfloat16)
   forms("always")
-  assert uses(None) == both
+  assert layers.inference_forms_apply(None)
   with pytest.raises(ValueError, match="inference forms must be one of"):
     layers.set_inference_forms("fast")
   monkeypatch.setattr(layers, "_inference_forms", "fast")  # a bad SOFTVQ_INFERENCE_FORMS
   with pytest.raises(ValueError, match="SOFTVQ_INFERENCE_FORMS must be one of"):
-    uses(jnp.bfloat16)
+    layers.inference_forms_apply(jnp.bfloat16)
 
 
-def test_float32_forms_compute_the_same_block(forms):
-  x = _inputs()
-  graphdef, state = _block(None)
+@pytest.mark.parametrize("dtype,tol", [("float32", 1e-6), ("bfloat16", 2**-6)])
+def test_tokenizer_in_the_forms(forms, dtype, tol, tmp_path):
+  images = np.asarray(jax.random.uniform(jax.random.PRNGKey(2), (2, 32, 32, 3), minval=-1))
   forms("never")
-  plain, plain_loss, plain_grads = _forward_and_grads(graphdef, state, x)
+  plain = Tokenizer.random(SMALL, seed=1, dtype=dtype)
   forms("always")
-  ours, loss, grads = _forward_and_grads(graphdef, state, x)
-  np.testing.assert_allclose(ours, plain, rtol=1e-6, atol=1e-6 * np.abs(plain).max())
-  np.testing.assert_allclose(loss, plain_loss, rtol=1e-6)
-  for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(plain_grads)):
-    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6 * np.abs(b).max())
+  tok = Tokenizer.random(SMALL, seed=1, dtype=dtype)
+  z, z_plain = np.asarray(tok.encode(images)), np.asarray(plain.encode(images))
+  np.testing.assert_allclose(z, z_plain, rtol=0, atol=tol * np.abs(z_plain).max())
+  x, x_plain = np.asarray(tok.decode(z_plain)), np.asarray(plain.decode(z_plain))
+  np.testing.assert_allclose(x, x_plain, rtol=0, atol=tol * np.abs(x_plain).max())
+  # What is saved is the checkpoint's layout, not the inference forms.
+  tok.save(str(tmp_path / "tok"))
+  again = Tokenizer.load(str(tmp_path / "tok"))
+  assert any(".ls1." in p or ".qkv." in p for p in _paths(again.model()))
 
 
-def test_differentiated_bfloat16_forms_are_the_plain_forms(forms):
-  """Training gets the plain forms bit for bit: its programs do not change."""
-  x = _inputs().astype(jnp.bfloat16)
-  graphdef, state = _block(jnp.bfloat16)
+def test_generator_in_the_forms(forms):
+  cfg = GeneratorConfig.preset("SiT-S/1", input_size=4, in_channels=2, hidden_size=32,
+                               depth=2, num_heads=2)
+  from softvq_jax.models.sit import SiT  # pylint: disable=g-import-not-at-top
+  model = SiT(cfg, rngs=nnx.Rngs(0))
+  # adaLN-Zero starts at zero: give the blocks something to compute.
+  graphdef, state = nnx.split(model)
+  keys = iter(jax.random.split(jax.random.PRNGKey(4), 256))
+  state = jax.tree.map(lambda v: v + 0.05 * jax.random.normal(next(keys), v.shape), state)
+  model = nnx.merge(graphdef, state)
+  noise = jax.random.normal(jax.random.PRNGKey(5), (2, 4, 2))
+  labels = jnp.array([1, 3])
   forms("never")
-  plain, plain_loss, plain_grads = _forward_and_grads(graphdef, state, x)
+  plain = Generator(model).sample(noise, labels, method="euler", num_steps=4)
   forms("always")
-  ours, loss, grads = _forward_and_grads(graphdef, state, x)
-  np.testing.assert_array_equal(np.asarray(loss), np.asarray(plain_loss))
-  for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(plain_grads)):
-    np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
-  # Evaluated, the folded scale rounds differently: the same function to bfloat16 rounding.
-  assert not np.array_equal(ours, plain)
-  np.testing.assert_allclose(ours, plain, rtol=0, atol=2**-6 * np.abs(plain).max())
+  gen = Generator(model)
+  assert any(".q_proj." in p for p in
+             {".".join(map(str, p)) for p, _ in nnx.to_flat_state(gen._compute_state)})  # pylint: disable=protected-access
+  ours = gen.sample(noise, labels, method="euler", num_steps=4)
+  np.testing.assert_allclose(ours, plain, rtol=1e-5, atol=1e-5 * np.abs(plain).max())
 
 
-def test_layerscale_is_folded_into_the_weights_not_applied_to_activations(forms):
-  forms("always")
-  graphdef, state = _block(jnp.bfloat16)
-  x = _inputs().astype(jnp.bfloat16)
-  jaxpr = jax.make_jaxpr(lambda s, x: nnx.merge(graphdef, s)(x))(state, x)
-  folded = [e for e in jaxpr.eqns
-            if e.primitive.name == "custom_jvp_call" and "_layerscale_folded" in str(e)]
-  assert len(folded) == 2  # attn.proj and mlp.fc2
-  for eqn, kernel in zip(folded, [(WIDTH, WIDTH), (4 * WIDTH, WIDTH)]):
-    inner = eqn.params["call_jaxpr"].jaxpr.eqns
-    scaled = {tuple(e.outvars[0].aval.shape) for e in inner if e.primitive.name == "mul"}
-    # The kernel and the bias are scaled, never the (B, N, W) activation.
-    assert scaled == {kernel, (WIDTH,)}, scaled
-
-
-@pytest.mark.parametrize("qkv_bias", [True, False])
-def test_separate_qkv_matches_the_fused_projection_in_both_ad_modes(forms, qkv_bias):
-  attn = Attention(16, 2, qkv_bias=qkv_bias, rngs=nnx.Rngs(0))
-  x = jax.random.normal(jax.random.PRNGKey(2), (2, 5, 16))
-  forms("never")
-  plain = attn.split_heads(x)
-  plain_tangent = jax.jvp(attn.split_heads, (x,), (jnp.ones_like(x),))[1]
-  forms("always")
-  ours = attn.split_heads(x)
-  tangent = jax.jvp(attn.split_heads, (x,), (jnp.ones_like(x),))[1]
-  for a, b in zip(ours + tangent, plain + plain_tangent):
-    assert a.shape == (2, 5, 2, 8)
-    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
-
-
-def test_tokenizer_compiles_with_the_inference_compiler_options(monkeypatch):
+def test_inference_programs_compile_with_the_inference_compiler_options(monkeypatch):
   """The option that keeps the dot merger from re-merging q/k/v reaches the compiler:
   XLA refuses unknown option names, so a bogus one must surface from encode/decode."""
   monkeypatch.setattr(layers, "inference_compiler_options", lambda: {"xla_no_such_option": "1"})

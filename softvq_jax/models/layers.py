@@ -8,7 +8,6 @@ sensitive parts exact enough to train.
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 from typing import Any, Callable, NamedTuple
@@ -188,21 +187,21 @@ def dot_product_attention(q: Array, k: Array, v: Array, *, precision=None) -> Ar
   return jax.nn.dot_product_attention(q, k, v, implementation=impl)
 
 
-# Inference-only rewrites of two matmuls. They change which GPU kernels XLA emits,
-# not the maths, and only when a function is evaluated: differentiated (training),
-# custom JVPs make them the plain forms, so training programs do not change.
-#   separate q/k/v: q, k and v come from three matmuls on column blocks of ``qkv``
-#     instead of one wide matmul. cuDNN attention reads each operand as a whole array,
-#     so the slices of the wide output are copied first: three extra passes over
-#     q, k and v per layer. The dot merger would merge the three matmuls back; the
-#     programs that use this form compile with ``inference_compiler_options()``.
-#   folded LayerScale: ``(h @ W + b) * gamma`` as ``h @ (W * gamma) + b * gamma``
-#     (folded in float32). Without the multiply between them, XLA's GEMM rewriter
-#     makes the residual add the matmul's C operand (cuBLASLt beta=1) instead of a
-#     separate kernel that re-reads the branch output and the residual stream.
+# Inference-only rewrites of two matmuls, made once to the weights of the inference
+# classes (``Tokenizer``, ``Generator``; ``prepare_for_inference``). They change which GPU
+# kernels XLA emits, not the function; training never sees them.
+#   separate q/k/v: the ``qkv`` projection becomes three (``q_proj``, ``k_proj``,
+#     ``v_proj``). cuDNN attention reads each operand as a whole array, so the slices of
+#     one wide output are copied first: three extra passes over q, k and v per layer. The
+#     dot merger would merge the three matmuls back; the inference programs compile with
+#     ``inference_compiler_options()``.
+#   folded LayerScale: ``(h @ W + b) * gamma`` becomes ``h @ (W * gamma) + b * gamma``
+#     (folded in float32, rounded once to the compute dtype). Without the multiply between
+#     them, XLA's GEMM rewriter makes the residual add the matmul's C operand (cuBLASLt
+#     beta=1) instead of a separate kernel re-reading the branch output and the residual.
 # INFERENCE_FORMS chooses where they apply:
-#   "auto":   on NVIDIA GPUs with bfloat16/float16 compute, to matmuls with more rows
-#             than their kernel (the q/k/v form only where attention takes cuDNN);
+#   "auto":   NVIDIA GPUs with bfloat16/float16 compute (separate q/k/v only where
+#             attention takes cuDNN);
 #   "always": everywhere, float32 included (tests and A/B measurements);
 #   "never":  nowhere.
 INFERENCE_FORMS = ("auto", "always", "never")
@@ -212,7 +211,7 @@ _inference_forms = os.environ.get("SOFTVQ_INFERENCE_FORMS", "auto")
 def set_inference_forms(name: str) -> None:
   """Selects where the inference-only matmul forms apply (see ``INFERENCE_FORMS``).
 
-  Read when a function is traced: call it before the first ``jit`` of a model.
+  Read when an inference object (``Tokenizer``, ``Generator``) is built.
   """
   global _inference_forms
   if name not in INFERENCE_FORMS:
@@ -224,28 +223,30 @@ def inference_forms() -> str:
   return _inference_forms
 
 
-def _inference_forms_apply(x: Array, kernel: Array) -> bool:
-  """Whether the forms apply to the matmul of ``x`` by ``kernel`` (``[in, out]``)."""
+def inference_forms_apply(dtype: Dtype | None) -> bool:
+  """Whether models run in compute ``dtype`` (None: float32) get the inference forms."""
   if _inference_forms not in INFERENCE_FORMS:
     raise ValueError(f"SOFTVQ_INFERENCE_FORMS must be one of {INFERENCE_FORMS}, "
                      f"got {_inference_forms!r}")
   if _inference_forms != "auto":
     return _inference_forms == "always"
-  # Both forms trade an activation-sized pass for a weight-sized one (the kernel's column
-  # blocks and the scaled kernel are fresh arrays, made on every call and, in samplers,
-  # on every step): a gain only when the matmul has more rows than the kernel.
-  rows = math.prod(x.shape[:-1])
-  return (jax.default_backend() == "gpu" and x.dtype in (jnp.bfloat16, jnp.float16)
-          and rows > kernel.shape[0])
+  return jax.default_backend() == "gpu" and dtype is not None and jnp.dtype(dtype) in (
+      jnp.bfloat16, jnp.float16)
 
 
-def _separate_qkv_applies(x: Array, kernel: Array, head_dim: int) -> bool:
-  if not _inference_forms_apply(x, kernel):
-    return False
-  if _inference_forms == "always":
-    return True
-  return (_attention_implementation in ("auto", "cudnn") and head_dim <= 128
-          and head_dim % 8 == 0)
+def prepare_for_inference(model: nnx.Module) -> nnx.Module:
+  """Rewrites ``model`` in place into the inference forms (see ``INFERENCE_FORMS``).
+
+  The caller decides whether they apply (``inference_forms_apply``). The new weights are
+  new arrays: a ``State`` split from the model before still holds the original ones.
+  """
+  for _, module in list(model.iter_modules()):
+    if isinstance(module, Block):
+      module.fold_layerscale()
+    if isinstance(module, Attention) and (_inference_forms == "always"
+                                          or _attention_implementation in ("auto", "cudnn")):
+      module.separate_qkv()
+  return model
 
 
 def inference_compiler_options() -> dict[str, str] | None:
@@ -268,72 +269,24 @@ def inference_compiler_options() -> dict[str, str] | None:
   return None
 
 
-def _promoted_operands(layer: nnx.Linear, x: Array) -> tuple[Array, Array, Array | None]:
-  """``x``, kernel and bias of ``layer`` in its compute dtype, as ``nnx.Linear`` uses them."""
-  bias = layer.bias[...] if layer.bias is not None else None
-  return layer.promote_dtype((x, layer.kernel[...], bias), dtype=layer.dtype)
-
-
-def _dense(x: Array, kernel: Array, bias: Array | None, precision) -> Array:
-  # The operations of nnx.Linear.__call__, so the plain forms round exactly as it does.
-  y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())), precision=precision)
-  return y if bias is None else y + bias
-
-
-def _fused_qkv(x: Array, kernel: Array, bias: Array | None, precision,
-               num_heads: int) -> tuple[Array, Array, Array]:
-  b, n, _ = x.shape
-  qkv = _dense(x, kernel, bias, precision).reshape(b, n, 3, num_heads, -1)
-  return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-
-
-@functools.partial(jax.custom_jvp, nondiff_argnums=(3, 4))
-def _separate_qkv(x: Array, kernel: Array, bias: Array | None, precision,
-                  num_heads: int) -> tuple[Array, Array, Array]:
-  b, n, _ = x.shape
-  width = kernel.shape[1] // 3
-  cols = [slice(i * width, (i + 1) * width) for i in range(3)]
-  return tuple(_dense(x, kernel[:, c], None if bias is None else bias[c], precision)
-               .reshape(b, n, num_heads, -1) for c in cols)
-
-
-@_separate_qkv.defjvp
-def _separate_qkv_jvp(precision, num_heads, primals, tangents):
-  # Differentiated, the fused form: the very operations of the plain path.
-  return jax.jvp(lambda *a: _fused_qkv(*a, precision, num_heads), primals, tangents)
-
-
-def _layerscale_unfolded(x: Array, kernel: Array, bias: Array | None, gamma: Array,
-                         precision) -> Array:
-  y = _dense(x, kernel, bias, precision)
-  return y * gamma.astype(y.dtype)  # as LayerScale.__call__
-
-
-@functools.partial(jax.custom_jvp, nondiff_argnums=(4,))
-def _layerscale_folded(x: Array, kernel: Array, bias: Array | None, gamma: Array,
-                       precision) -> Array:
-  gamma32 = gamma.astype(jnp.float32)
-  kernel = (kernel.astype(jnp.float32) * gamma32).astype(kernel.dtype)
+def _replace_linear(layer: nnx.Linear, kernel: Array, bias: Array | None) -> nnx.Linear:
+  """A copy of ``layer`` (same dtype and precision) with the given weights."""
+  new = nnx.eval_shape(lambda: linear(kernel.shape[0], kernel.shape[1], rngs=nnx.Rngs(0),
+                                      dtype=layer.dtype, param_dtype=kernel.dtype,
+                                      use_bias=bias is not None))
+  new.kernel = nnx.Param(kernel)
   if bias is not None:
-    bias = (bias.astype(jnp.float32) * gamma32).astype(bias.dtype)
-  return _dense(x, kernel, bias, precision)
+    new.bias = nnx.Param(bias)
+  return new
 
 
-@_layerscale_folded.defjvp
-def _layerscale_folded_jvp(precision, primals, tangents):
-  return jax.jvp(lambda *a: _layerscale_unfolded(*a, precision), primals, tangents)
-
-
-def linear_then_layerscale(layer: nnx.Linear, x: Array, layerscale: "LayerScale | None") -> Array:
-  """``layerscale(layer(x))``; where ``INFERENCE_FORMS`` apply, with gamma folded into
-  the kernel and bias (same values up to rounding; differentiated, the plain form)."""
-  if layerscale is None:
-    return layer(x)
-  x, kernel, bias = _promoted_operands(layer, x)
-  gamma = layerscale.gamma[...]
-  if _inference_forms_apply(x, kernel):
-    return _layerscale_folded(x, kernel, bias, gamma, layer.precision)
-  return _layerscale_unfolded(x, kernel, bias, gamma, layer.precision)
+def _scale_linear(layer: nnx.Linear, gamma: Array) -> nnx.Linear:
+  """``layer`` followed by a per-output-channel scale, as one Linear (products in float32)."""
+  gamma32 = gamma.astype(jnp.float32)
+  scale = lambda w: (w.astype(jnp.float32) * gamma32).astype(w.dtype)
+  bias = layer.bias[...] if layer.bias is not None else None
+  return _replace_linear(layer, scale(layer.kernel[...]),
+                         scale(bias) if bias is not None else None)
 
 
 class Attention(nnx.Module):
@@ -364,14 +317,28 @@ class Attention(nnx.Module):
 
   def split_heads(self, x: Array) -> tuple[Array, Array, Array]:
     """``(B, N, D)`` -> q, k, v each ``(B, N, H, hd)``."""
-    x, kernel, bias = _promoted_operands(self.qkv, x)
-    if _separate_qkv_applies(x, kernel, self.head_dim):
-      return _separate_qkv(x, kernel, bias, self.qkv.precision, self.num_heads)
-    return _fused_qkv(x, kernel, bias, self.qkv.precision, self.num_heads)
+    b, n, _ = x.shape
+    if self.qkv is None:  # separate_qkv() was applied
+      heads = (b, n, self.num_heads, self.head_dim)
+      return (self.q_proj(x).reshape(heads), self.k_proj(x).reshape(heads),
+              self.v_proj(x).reshape(heads))
+    qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim)
+    return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
 
-  def __call__(self, x: Array, rope: "RopeTables | None" = None, *,
-               layerscale: "LayerScale | None" = None) -> Array:
-    """``layerscale``: a ``LayerScale`` applied to the output (see ``linear_then_layerscale``)."""
+  def separate_qkv(self) -> None:
+    """Replaces ``qkv`` by ``q_proj``, ``k_proj``, ``v_proj`` (see ``INFERENCE_FORMS``)."""
+    if self.qkv is None:
+      return
+    kernel = self.qkv.kernel[...]
+    bias = self.qkv.bias[...] if self.qkv.bias is not None else None
+    width = kernel.shape[1] // 3
+    for i, name in enumerate(("q_proj", "k_proj", "v_proj")):
+      cols = slice(i * width, (i + 1) * width)
+      setattr(self, name, _replace_linear(self.qkv, kernel[:, cols],
+                                          bias[cols] if bias is not None else None))
+    self.qkv = None
+
+  def __call__(self, x: Array, rope: "RopeTables | None" = None) -> Array:
     b, n, d = x.shape
     q, k, v = self.split_heads(x)
     if self.q_norm is not None:
@@ -382,7 +349,7 @@ class Attention(nnx.Module):
     if rope is not None:
       q, k = rope.rotate(q), rope.rotate(k)
     out = dot_product_attention(q, k, v, precision=self.precision)
-    return linear_then_layerscale(self.proj, out.reshape(b, n, d), layerscale)
+    return self.proj(out.reshape(b, n, d))
 
 
 class RopeTables(NamedTuple):
@@ -507,10 +474,8 @@ class Mlp(nnx.Module):
     self.fc2 = linear(hidden_dim, dim, dtype=dtype, param_dtype=param_dtype,
                       kernel_init=kernel_init, rngs=rngs)
 
-  def __call__(self, x: Array, *, layerscale: "LayerScale | None" = None) -> Array:
-    """``layerscale``: a ``LayerScale`` applied to the output (see ``linear_then_layerscale``)."""
-    h = gelu(self.fc1(x), approximate=self.approximate_gelu)
-    return linear_then_layerscale(self.fc2, h, layerscale)
+  def __call__(self, x: Array) -> Array:
+    return self.fc2(gelu(self.fc1(x), approximate=self.approximate_gelu))
 
 
 class LayerScale(nnx.Module):
@@ -539,10 +504,23 @@ class Block(nnx.Module):
   def __call__(self, x: Array, rope: RopeTables | None = None) -> Array:
     # The residual stream stays in the input dtype (float32 by default): branch
     # outputs are promoted, as under PyTorch autocast.
-    h = self.attn(self.norm1(x), rope, layerscale=self.ls1)
+    h = self.attn(self.norm1(x), rope)
+    if self.ls1 is not None:
+      h = self.ls1(h)
     x = x + h.astype(x.dtype)
-    h = self.mlp(self.norm2(x), layerscale=self.ls2)
+    h = self.mlp(self.norm2(x))
+    if self.ls2 is not None:
+      h = self.ls2(h)
     return x + h.astype(x.dtype)
+
+  def fold_layerscale(self) -> None:
+    """Folds ``ls1``/``ls2`` into ``attn.proj``/``mlp.fc2`` (see ``INFERENCE_FORMS``)."""
+    if self.ls1 is not None:
+      self.attn.proj = _scale_linear(self.attn.proj, self.ls1.gamma[...])
+      self.ls1 = None
+    if self.ls2 is not None:
+      self.mlp.fc2 = _scale_linear(self.mlp.fc2, self.ls2.gamma[...])
+      self.ls2 = None
 
 
 class PatchEmbed(nnx.Module):
