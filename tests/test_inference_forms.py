@@ -145,3 +145,16 @@ def test_inference_programs_compile_with_the_inference_compiler_options(monkeypa
     tok.encode(images)
   with pytest.raises(Exception, match="xla_no_such_option"):
     tok.decode(np.zeros((1, 8, 4), np.float32))
+
+
+def test_sharded_tokenizer_in_the_forms(forms):
+  """The rewritten weights are made from replicated ones and stay replicated on the mesh."""
+  images = np.asarray(jax.random.uniform(jax.random.PRNGKey(6), (5, 32, 32, 3), minval=-1))
+  forms("never")
+  plain = Tokenizer.random(SMALL, seed=1)
+  forms("always")
+  sharded = Tokenizer(plain.model(), mesh=jax.make_mesh((8,), ("data",)))
+  for leaf in jax.tree.leaves(sharded._compute_state):  # pylint: disable=protected-access
+    assert leaf.sharding.is_fully_replicated and len(leaf.sharding.device_set) == 8
+  z, z_plain = np.asarray(sharded.encode(images)), np.asarray(plain.encode(images))
+  np.testing.assert_allclose(z, z_plain, rtol=0, atol=1e-6 * np.abs(z_plain).max())
