@@ -70,3 +70,23 @@ class _Bucket:
 
   def __truediv__(self, rel):
     return self.root / rel
+
+
+@pytest.fixture(scope="module")
+def persistent_compile_cache(tmp_path_factory):
+  """For files that run the same training programs several times (resume tests): a
+  compilation cache on disk lets the second and third runs load the first run's
+  executables instead of compiling them again. The same executable gives the same bits."""
+  from jax._src import compilation_cache  # pylint: disable=g-import-not-at-top
+  names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+           "jax_persistent_cache_min_entry_size_bytes")
+  before = {name: getattr(jax.config, name) for name in names}
+  jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("xla_cache")))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  compilation_cache.reset_cache()  # the cache is set up once per process, at first use
+  yield
+  for name, value in before.items():
+    jax.config.update(name, value)
+  compilation_cache.reset_cache()
+

@@ -13,7 +13,7 @@ from test_stage1 import gan_config
 from softvq_jax.train import tokenizer_trainer
 
 
-pytestmark = pytest.mark.usefixtures("few_xla_optimisations")
+pytestmark = pytest.mark.usefixtures("few_xla_optimisations", "persistent_compile_cache")
 
 
 def _final_state(workdir):

@@ -20,6 +20,9 @@ from softvq_jax.train import state as state_lib
 from softvq_jax.train.inputs import ArrayIterator
 from softvq_jax.transport.loss import sit_loss
 
+# The resume tests rerun the same training programs in this process.
+pytestmark = pytest.mark.usefixtures("persistent_compile_cache")
+
 GEN = GeneratorConfig(kind="sit", input_size=8, in_channels=4, hidden_size=32, depth=2,
                       num_heads=2, num_classes=4)
 
