@@ -387,12 +387,8 @@ def _split(module, dtype):
   """``(graphdef, state)`` of ``module`` as the ``Tokenizer``/``Generator`` inference
   classes run it: in the inference forms where they apply, with the weights cast to the
   compute ``dtype`` once (``dtype`` None: float32)."""
-  from flax import nnx  # pylint: disable=g-import-not-at-top
   from softvq_jax.models import layers  # pylint: disable=g-import-not-at-top
-  if layers.inference_forms_apply(dtype):
-    layers.prepare_for_inference(module)
-  graphdef, state = nnx.split(module)
-  return graphdef, layers.cast_for_compute(module, state, dtype)
+  return layers.split_for_inference(module, dtype)
 
 
 def _device_info() -> dict[str, Any]:

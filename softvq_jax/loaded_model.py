@@ -74,11 +74,8 @@ class LoadedModel:
     # the inference forms (layers.INFERENCE_FORMS), made once here; and the matmul weights
     # already in the compute dtype (same results, fewer kernels per call). ``graphdef``
     # and ``state`` keep the model as loaded, for ``model`` and ``save``.
-    program_model = nnx.merge(self.graphdef, state)
-    if layers.inference_forms_apply(self.dtype):
-      layers.prepare_for_inference(program_model)
-    self._compute_graphdef, program_state = nnx.split(program_model)
-    self._compute_state = layers.cast_for_compute(program_model, program_state, self.dtype)
+    self._compute_graphdef, self._compute_state = layers.split_for_inference(
+        nnx.merge(self.graphdef, state), self.dtype)
 
   @classmethod
   def load(cls, directory: str, **kwargs):

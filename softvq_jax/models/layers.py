@@ -607,3 +607,14 @@ def cast_for_compute(model: nnx.Module, state: Any, dtype: Dtype) -> Any:
   paths = compute_cast_paths(model, dtype)
   return jax.tree_util.tree_map_with_path(
       lambda p, x: x.astype(dtype) if _key_path(p) in paths else x, state)
+
+
+def split_for_inference(model: nnx.Module, dtype: Dtype | None) -> tuple[nnx.GraphDef, Any]:
+  """``(graphdef, state)`` of ``model`` as compiled inference programs run it: rewritten in
+  place into the inference forms where they apply (``inference_forms_apply``), with the
+  per-call weight casts to ``dtype`` done once (``cast_for_compute``)."""
+  if inference_forms_apply(dtype):
+    prepare_for_inference(model)
+  graphdef, state = nnx.split(model)
+  return graphdef, cast_for_compute(model, state, dtype)
+
