@@ -34,3 +34,9 @@ if [[ "$requirements" == "requirements-dev.txt" && ! -d .deps/libtpu/libtpu-0.0.
   python -m pip install --quiet --disable-pip-version-check --no-deps --upgrade \
     --target .deps/libtpu libtpu==0.0.42.1
 fi
+if [[ "$requirements" == "requirements-dev.txt" && ! -d .deps/cuda/jax_cuda12_plugin-0.10.2.dist-info ]]; then
+  # jax's CUDA plugin, for `bench --what kernels`: XLA's GPU compiler without a GPU or driver
+  # (same jax version as requirements.txt). Its own folder for the same reason as libtpu.
+  python -m pip install --quiet --disable-pip-version-check --no-deps --upgrade \
+    --target .deps/cuda jax-cuda12-plugin==0.10.2 jax-cuda12-pjrt==0.10.2
+fi

@@ -8,6 +8,8 @@
   python -m softvq_jax.bench --what train --model softvq_b64 --batch 16 --dtype bfloat16
   python -m softvq_jax.bench --what memory --model SiT-XL --devices 256 --mesh fsdp=-1 --batch 256
   python -m softvq_jax.bench --what memory --model SiT-XL --topology v5e:16x16 --mesh fsdp=-1 --batch 256
+  PYTHONPATH=.deps/cuda python -m softvq_jax.bench --what kernels --program encode --model softvq_b64 \
+      --batch 64 --dtype bfloat16 --gpu_target h200
 
 Protocol (the same for every measurement):
 - Weights are random (no download); shapes are the released architectures'.
@@ -35,6 +37,16 @@ Protocol (the same for every measurement):
   ``forward_with_cfg``, and trains on the diffusion loss. The 256-token baseline
   ``sdvae_f8`` is SiT-XL/2 on a 32x32x4 latent (the same matmuls as SiT-XL/1 on
   256 tokens of width 16) followed by a decoder with the SD-VAE layer shapes.
+
+``--what kernels`` times nothing: it compiles one of the programs above (``--program``)
+for a GPU that need not be attached (``--gpu_target``: a bundled description or a
+``GpuTargetConfig`` text file; needs the ``jax-cuda12-plugin``/``jax-cuda12-pjrt`` wheels
+of the installed jax, which ``bash launch/setup.sh --dev`` puts in ``.deps/cuda``) and
+reports the kernels XLA emitted (GEMM epilogues, fusions, bytes moved) and a roofline
+estimate of their time (``hlo_kernels``), marked ``timed: false``. Every choice the models
+make for GPUs (GELU epilogue, inference forms, compiler options) is made as on a GPU,
+except that attention goes through XLA (cuDNN needs a device) and GEMMs through cuBLAS
+(Triton GEMMs need autotuning on a device).
 """
 
 from __future__ import annotations
@@ -43,6 +55,7 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import statistics
 import sys
 import time
@@ -67,7 +80,15 @@ TOKENIZER_ALIASES = {
     "softvq_bl64_512": "softvq-bl-64-512", "softvq_l32_512": "softvq-l-32-512",
     "maetok_b128": "maetok-b-128", "maetok_b128_512": "maetok-b-128-512",
 }
-WHATS = ("tokenizer", "sit", "pipeline", "train", "memory", "matmul")
+WHATS = ("tokenizer", "sit", "pipeline", "train", "memory", "matmul", "kernels")
+KERNEL_PROGRAMS = ("encode", "decode", "sit", "pipeline", "train")
+# GPU descriptions bundled for --what kernels (softvq_jax/gpu_targets/NAME.txtpb).
+GPU_TARGETS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gpu_targets")
+# Roofline assumptions of --what kernels, as fractions of the target's memory bandwidth and
+# published dense peak: what the H200 profiles of 2026-11-26 reached (cuBLAS GEMMs about
+# 730 of 989 TFLOP/s, streaming XLA fusions about 4.0 of 4.8 TB/s).
+ASSUMED_BANDWIDTH_FRACTION = 0.83
+ASSUMED_GEMM_FRACTION = 0.74
 
 # ``--suite NAME``: the measurements behind the README table, most important first
 # (a suite that runs out of time has still written its first lines to --out).
@@ -98,6 +119,12 @@ SUITES = {
         "--what sit --model SiT-XL --batch 8 --dtype float32 --repeats 3 --warmup 1",
     ],
 }
+
+
+def _bundled_targets() -> list[str]:
+  if not os.path.isdir(GPU_TARGETS_DIR):
+    return []
+  return sorted(f[:-len(".txtpb")] for f in os.listdir(GPU_TARGETS_DIR) if f.endswith(".txtpb"))
 
 
 def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
@@ -137,6 +164,18 @@ def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
   p.add_argument("--topology", default="",
                  help="memory: compile for this TPU topology instead (libtpu's names, e.g. "
                       "v5e:16x16 or v4:4x4x4; needs the libtpu package, not a TPU)")
+  p.add_argument("--program", default=None, choices=KERNEL_PROGRAMS,
+                 help="kernels: which program to compile (the one --what tokenizer (encode, "
+                      "decode), sit, pipeline or train times; default encode)")
+  p.add_argument("--gpu_target", default=None,
+                 help="kernels: a bundled GPU description (" + ", ".join(_bundled_targets())
+                      + "; default h200) or the path of a GpuTargetConfig text file")
+  p.add_argument("--assume_bandwidth", type=float, default=0.0,
+                 help="kernels: bytes/s for the estimate (default: "
+                      f"{ASSUMED_BANDWIDTH_FRACTION} of the target's memory bandwidth)")
+  p.add_argument("--assume_gemm_rate", type=float, default=0.0,
+                 help="kernels: GEMM FLOP/s for the estimate (default: "
+                      f"{ASSUMED_GEMM_FRACTION} of the target's published peak for --dtype)")
   p.add_argument("--hbm_gib", type=float, default=None, help="memory: the chip's HBM to compare "
                  "with (default: the topology's chip, else 16)")
   p.add_argument("--repeats", type=int, default=10)
@@ -149,8 +188,16 @@ def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
   args = p.parse_args(argv)
   if (args.what is None) == (args.suite is None):
     p.error("give exactly one of --what and --suite")
+  kernel_flags = [f"--{name}" for name in ("program", "gpu_target", "assume_bandwidth",
+                                            "assume_gemm_rate") if getattr(args, name)]
+  if args.what != "kernels" and kernel_flags:
+    p.error(f"{', '.join(kernel_flags)}: only for --what kernels")
+  if args.what == "kernels":
+    args.program = args.program or "encode"
+    args.gpu_target = args.gpu_target or "h200"
   if args.model is None:
-    args.model = "SiT-XL" if args.what == "sit" else "softvq_b64"
+    sit = args.what == "sit" or (args.what == "kernels" and args.program == "sit")
+    args.model = "SiT-XL" if sit else "softvq_b64"
   try:
     args.batches = [int(b) for b in args.batch.split(",")]
   except ValueError:
@@ -445,13 +492,11 @@ def bench_tokenizer(args, matmul) -> list[dict[str, Any]]:
   for batch in args.batches:
     images = jax.random.uniform(jax.random.PRNGKey(1), (batch, cfg.image_size, cfg.image_size, 3),
                                 jnp.float32, -1, 1)
-    encode = lambda s, x: nnx.merge(graphdef, s).encode(x).quant
-    enc = measure(encode, (state, images), repeats=args.repeats, warmup=args.warmup,
-                  compiler_options=options)
+    enc = measure(_encode_fn(graphdef), (state, images), repeats=args.repeats,
+                  warmup=args.warmup, compiler_options=options)
     latents = enc.outputs
-    decode = lambda s, z: nnx.merge(graphdef, s).decode(z)
-    dec = measure(decode, (state, latents), repeats=args.repeats, warmup=args.warmup,
-                  compiler_options=options)
+    dec = measure(_decode_fn(graphdef), (state, latents), repeats=args.repeats,
+                  warmup=args.warmup, compiler_options=options)
     line = dict(what="tokenizer", model=args.model if not args.tiny else "tiny",
                 dtype=args.dtype, batch=batch, image_size=cfg.image_size,
                 latent_shape=[cfg.num_latent_tokens, cfg.codebook_embed_dim], **_device_info(),
@@ -488,9 +533,8 @@ def bench_sit(args, matmul) -> list[dict[str, Any]]:
     x = jax.random.normal(jax.random.PRNGKey(1), (batch, cfg.input_size, cfg.in_channels))
     t = jnp.full((batch,), 0.5, jnp.float32)
     y = jnp.zeros((batch,), jnp.int32)
-    forward = lambda s, x, t, y: nnx.merge(graphdef, s)(x, t, y)
-    timing = measure(forward, (state, x, t, y), repeats=args.repeats, warmup=args.warmup,
-                     compiler_options=options)
+    timing = measure(_forward_fn(graphdef), (state, x, t, y), repeats=args.repeats,
+                     warmup=args.warmup, compiler_options=options)
     line = dict(what="sit", model=args.model, dtype=args.dtype, batch=batch,
                 latent_shape=list(cfg.latent_shape), **_device_info(), **matmul)
     line["compiler_options"] = options
@@ -543,21 +587,11 @@ def bench_pipeline(args, matmul) -> list[dict[str, Any]]:
   from flax import nnx  # pylint: disable=g-import-not-at-top
   from softvq_jax.models.layers import inference_compiler_options  # pylint: disable=g-import-not-at-top
   from softvq_jax.models.sit import SiT  # pylint: disable=g-import-not-at-top
-  from softvq_jax.transport import samplers  # pylint: disable=g-import-not-at-top
   gen_cfg, decode, dec_state, decode_flops, shapes = _pipeline_parts(args)
   dtype = None if args.dtype == "float32" else _jnp_dtype(args.dtype)
   ggraph, gstate = _split(SiT(gen_cfg, rngs=nnx.Rngs(0), dtype=dtype), dtype)
   guided = args.cfg > 1.0
-
-  def generate(gs, ds, noise, labels):
-    model = nnx.merge(ggraph, gs)
-    if gen_cfg.kind == "dit":
-      latents = _dit_ddim(model, gen_cfg, noise, labels, args.steps, args.cfg)
-    else:
-      latents = samplers.euler_sampler(lambda x, t, y: model(x, t, y), noise, labels,
-                                       num_steps=args.steps, cfg_scale=args.cfg, guided=guided,
-                                       null_label=gen_cfg.null_label)
-    return decode(ds, latents) if args.decode else latents
+  generate = _generate_fn(args, ggraph, gen_cfg, decode)
 
   if decode_flops is None and args.decode:
     # The SD-VAE-shaped decoder is convolutional: take XLA's count of it alone.
@@ -587,6 +621,38 @@ def bench_pipeline(args, matmul) -> list[dict[str, Any]]:
   return lines
 
 
+def _encode_fn(graphdef):
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  return lambda s, x: nnx.merge(graphdef, s).encode(x).quant
+
+
+def _decode_fn(graphdef):
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  return lambda s, z: nnx.merge(graphdef, s).decode(z)
+
+
+def _forward_fn(graphdef):
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  return lambda s, x, t, y: nnx.merge(graphdef, s)(x, t, y)
+
+
+def _generate_fn(args, ggraph, gen_cfg, decode):
+  """``generate(generator_state, decoder_state, noise, labels)``: the timed pipeline program."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from softvq_jax.transport import samplers  # pylint: disable=g-import-not-at-top
+
+  def generate(gs, ds, noise, labels):
+    model = nnx.merge(ggraph, gs)
+    if gen_cfg.kind == "dit":
+      latents = _dit_ddim(model, gen_cfg, noise, labels, args.steps, args.cfg)
+    else:
+      latents = samplers.euler_sampler(lambda x, t, y: model(x, t, y), noise, labels,
+                                       num_steps=args.steps, cfg_scale=args.cfg,
+                                       guided=args.cfg > 1.0, null_label=gen_cfg.null_label)
+    return decode(ds, latents) if args.decode else latents
+  return generate
+
+
 def _dit_ddim(model, cfg, noise, labels, steps: int, cfg_scale: float):
   """DiT's deterministic DDIM on ``steps`` respaced steps of the recipe's cosine process, with
   the reference's forward_with_cfg guidance."""
@@ -613,7 +679,7 @@ def _train_setup(args, batch: int, mesh):
   dtype = None if args.dtype == "float32" else _jnp_dtype(args.dtype)
   strategy = args.sharding or ("fsdp" if "fsdp" in mesh.axis_names else "dp")
   tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-4, b1=0.9, b2=0.95))
-  abstract = args.what == "memory"
+  abstract = args.what in ("memory", "kernels")
   if args.objective == "full":
     if args.model.startswith(("SiT", "DiT")):
       raise SystemExit("--objective full is the tokenizer's stage-1 objective")
@@ -824,6 +890,128 @@ def bench_memory(args) -> list[dict[str, Any]]:
   return lines
 
 
+def _gpu_target(spec: str) -> tuple[Any, str, dict[str, float]]:
+  """``(device, target text, facts)`` for ``--gpu_target``: a compile-only GPU device from
+  jax's CUDA plugin, which needs no GPU or driver."""
+  import jax  # pylint: disable=g-import-not-at-top
+  path = spec if os.path.isfile(spec) else os.path.join(GPU_TARGETS_DIR, f"{spec}.txtpb")
+  if not os.path.isfile(path):
+    raise SystemExit(f"--gpu_target {spec!r}: neither a file nor a bundled target "
+                     f"({', '.join(_bundled_targets())})")
+  with open(path) as f:
+    text = f.read()
+  try:
+    import jax_plugins.xla_cuda12  # pylint: disable=g-import-not-at-top,unused-import
+  except ImportError as e:
+    raise SystemExit(
+        f"--what kernels needs the jax-cuda12-plugin and jax-cuda12-pjrt wheels of jax "
+        f"{jax.__version__} (no GPU needed): bash launch/setup.sh --dev installs them into "
+        ".deps/cuda; run with PYTHONPATH=.deps/cuda") from e
+  from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+  try:
+    device = topologies.get_topology_desc("gpu_target", "cuda", topology="1x1x1",
+                                          target_config=text).devices[0]
+  except Exception as e:  # pylint: disable=broad-except
+    raise SystemExit(f"--gpu_target {spec!r}: {e}") from e
+  bandwidth = re.search(r"memory_bandwidth:\s*(\d+)", text)
+  name = re.search(r'device_description_str:\s*"([^"]*)"', text)
+  return device, path, dict(memory_bandwidth=float(bandwidth.group(1)) if bandwidth else 0.0,
+                            device_kind=name.group(1) if name else "")
+
+
+def _nominal_peak(device_kind: str, dtype: str) -> float | None:
+  """The published peak of the longest NOMINAL_PEAK name that ``device_kind`` starts with."""
+  names = [k for k in NOMINAL_PEAK if k[1] == dtype and device_kind.startswith(k[0])]
+  return NOMINAL_PEAK[max(names, key=lambda k: len(k[0]))] if names else None
+
+
+def bench_kernels(args) -> list[dict[str, Any]]:
+  """``--what kernels``: compile a benchmark program for ``--gpu_target`` and read its kernels."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from softvq_jax import hlo_kernels  # pylint: disable=g-import-not-at-top
+  from softvq_jax.models import layers  # pylint: disable=g-import-not-at-top
+  device, target_path, facts = _gpu_target(args.gpu_target)
+  peak = _nominal_peak(facts["device_kind"], args.dtype)
+  bandwidth = args.assume_bandwidth or ASSUMED_BANDWIDTH_FRACTION * facts["memory_bandwidth"]
+  gemm_rate = args.assume_gemm_rate or (ASSUMED_GEMM_FRACTION * peak if peak else 0.0)
+  if bandwidth <= 0 or gemm_rate <= 0:
+    raise SystemExit(f"--gpu_target {args.gpu_target!r}: no memory_bandwidth or known peak for "
+                     f"{facts['device_kind']!r} in {args.dtype}; give --assume_bandwidth and "
+                     "--assume_gemm_rate")
+  sharding = jax.sharding.SingleDeviceSharding(device)
+
+  def on_target(tree):
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
+
+  dtype = None if args.dtype == "float32" else _jnp_dtype(args.dtype)
+  lines = []
+  with layers.compiling_for("gpu"):
+    options = layers.inference_compiler_options()
+    for batch in args.batches:
+      shapes: dict[str, Any] = {}
+      if args.program in ("encode", "decode"):
+        from softvq_jax.models.tokenizer import TokenizerModel  # pylint: disable=g-import-not-at-top
+        cfg = _tokenizer_config("tiny" if args.tiny else args.model, args.size)
+        graphdef, state = _split(TokenizerModel(cfg, rngs=nnx.Rngs(0), dtype=dtype), dtype)
+        images = jax.ShapeDtypeStruct((batch, cfg.image_size, cfg.image_size, 3), jnp.float32)
+        flops = tokenizer_flops(cfg)[args.program]
+        shapes = dict(image_size=cfg.image_size,
+                      latent_shape=[cfg.num_latent_tokens, cfg.codebook_embed_dim])
+        if args.program == "encode":
+          fn, fn_args = _encode_fn(graphdef), (state, images)
+        else:
+          latents = jax.eval_shape(_encode_fn(graphdef), state, images)
+          fn, fn_args = _decode_fn(graphdef), (state, latents)
+      elif args.program == "sit":
+        from softvq_jax.models.sit import SiT  # pylint: disable=g-import-not-at-top
+        cfg = _generator_config(args.model, args.tokens, args.channels, args.tiny)
+        graphdef, state = _split(SiT(cfg, rngs=nnx.Rngs(0), dtype=dtype), dtype)
+        fn = _forward_fn(graphdef)
+        fn_args = (state, jax.ShapeDtypeStruct((batch,) + cfg.latent_shape, jnp.float32),
+                   jax.ShapeDtypeStruct((batch,), jnp.float32),
+                   jax.ShapeDtypeStruct((batch,), jnp.int32))
+        flops, shapes = generator_flops(cfg), dict(latent_shape=list(cfg.latent_shape))
+      elif args.program == "pipeline":
+        from softvq_jax.models.sit import SiT  # pylint: disable=g-import-not-at-top
+        gen_cfg, decode, dec_state, decode_flops, shapes = _pipeline_parts(args)
+        ggraph, gstate = _split(SiT(gen_cfg, rngs=nnx.Rngs(0), dtype=dtype), dtype)
+        fn = _generate_fn(args, ggraph, gen_cfg, decode)
+        fn_args = (gstate, dec_state, jax.ShapeDtypeStruct((batch,) + gen_cfg.latent_shape,
+                                                           jnp.float32),
+                   jax.ShapeDtypeStruct((batch,), jnp.int32))
+        per_step = generator_flops(gen_cfg) * (2 if args.cfg > 1.0 else 1)
+        flops = args.steps * per_step + ((decode_flops or 0.0) if args.decode else 0.0)
+        shapes.update(steps=args.steps, cfg=args.cfg, decode=args.decode)
+      else:
+        mesh = _mesh(args.mesh, [device])
+        step, state, arrays, flops, strategy, extra = _train_setup(args, batch, mesh)
+        lowered = step.lower(state, arrays, *extra)
+        shapes = dict(mesh=dict(mesh.shape), sharding=strategy, objective=args.objective)
+      if args.program != "train":
+        lowered = jax.jit(fn, compiler_options=options).lower(*on_target(fn_args))
+      t0 = time.perf_counter()
+      hlo = lowered.compile().as_text()
+      compile_s = time.perf_counter() - t0
+      summary = hlo_kernels.estimate(hlo_kernels.kernels(hlo), bandwidth=bandwidth,
+                                     gemm_flops_per_s=gemm_rate)
+      line = dict(what="kernels", program=args.program,
+                  model=args.model if not args.tiny else f"tiny-{args.model}",
+                  generator=args.generator if args.program == "pipeline" else None,
+                  dtype=args.dtype, batch=batch, **shapes, timed=False,
+                  gpu_target=args.gpu_target, device_kind=facts["device_kind"],
+                  jax_version=jax.__version__, xla_flags=os.environ.get("XLA_FLAGS", ""),
+                  compiler_options=options if args.program != "train" else None,
+                  compile_s=compile_s, flops_per_item=flops, **summary)
+      line["attention"] = "xla (cuDNN attention needs a device)"
+      line["estimated_items_per_s"] = batch / summary["estimated_s"]
+      if peak:
+        line["estimated_mfu_nominal"] = flops * batch / summary["estimated_s"] / peak
+      lines.append(line)
+  return lines
+
+
 def run_suite(args) -> list[dict[str, Any]]:
   """Each entry of the suite in this process; a failing entry prints an error line and the rest go on."""
   lines = []
@@ -854,7 +1042,17 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
       flags = os.environ.get("XLA_FLAGS", "")
       os.environ["XLA_FLAGS"] = (flags + f" --xla_force_host_platform_device_count={args.devices}")
     os.environ["JAX_PLATFORMS"] = "cpu"
+  if args.what == "kernels":
+    # The GPU compiler runs here without a device: Triton GEMMs would need autotuning on one
+    # (flags given by the user come later and win).
+    os.environ["XLA_FLAGS"] = ("--xla_gpu_enable_triton_gemm=false "
+                               + os.environ.get("XLA_FLAGS", "")).strip()
+    os.environ["JAX_PLATFORMS"] = "cpu"
   import jax  # pylint: disable=g-import-not-at-top
+  if args.what in ("memory", "kernels"):
+    # The package imported jax before the environment was set: the config needs telling too
+    # (before any backend starts; with it, jax's CUDA plugin skips its driver check).
+    jax.config.update("jax_platforms", "cpu")
   if args.what == "memory" and args.devices and jax.device_count() != args.devices:
     raise SystemExit(f"--devices {args.devices} needs a fresh process (JAX already has "
                      f"{jax.device_count()} devices)")
@@ -867,6 +1065,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
   _profile_root = args.profile or None
   if args.what == "memory":
     lines = bench_memory(args)
+  elif args.what == "kernels":
+    lines = bench_kernels(args)
   else:
     on_cpu = jax.devices()[0].platform == "cpu"
     size = args.matmul_size or (2048 if on_cpu else 8192)

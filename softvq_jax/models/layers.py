@@ -8,6 +8,7 @@ sensitive parts exact enough to train.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from typing import Any, Callable, NamedTuple
@@ -135,6 +136,31 @@ def _einsum_attention(q: Array, k: Array, v: Array, precision) -> Array:
 CPU_SCORES_BUDGET_BYTES = 8 << 20
 
 
+# The platform programs are built for. Normally the backend JAX runs on; the bench's
+# deviceless GPU compile (``--what kernels``) traces on a CPU host for a GPU target and sets
+# it, so every choice below (attention kernel, GELU form, inference forms, compiler options,
+# the CPU attention loop) is the one a GPU would make.
+_compile_target: str | None = None
+
+
+def compile_target() -> str:
+  """``"gpu"``, ``"tpu"`` or ``"cpu"``: the platform the traced programs are for."""
+  return _compile_target or jax.default_backend()
+
+
+@contextlib.contextmanager
+def compiling_for(platform: str):
+  """Traces inside build programs as for ``platform`` (``"gpu"``, ``"tpu"``, ``"cpu"``)."""
+  global _compile_target
+  if platform not in ("gpu", "tpu", "cpu"):
+    raise ValueError(f"platform must be gpu, tpu or cpu, got {platform!r}")
+  previous, _compile_target = _compile_target, platform
+  try:
+    yield
+  finally:
+    _compile_target = previous
+
+
 def cpu_attention_group(q: Array) -> int:
   """Examples per step when single-device CPU attention loops over the batch (B: no loop).
 
@@ -144,7 +170,7 @@ def cpu_attention_group(q: Array) -> int:
   (measured 40% slower on 2 cores).
   """
   b, n, h, _ = q.shape
-  if jax.default_backend() != "cpu" or jax.device_count() != 1:
+  if compile_target() != "cpu" or jax.device_count() != 1:
     return b
   per_example = h * n * n * 4
   if per_example > CPU_SCORES_BUDGET_BYTES:
@@ -163,7 +189,7 @@ def _einsum_attention_batched(q: Array, k: Array, v: Array, precision) -> Array:
 
 
 def _cudnn_supported(q: Array) -> bool:
-  return (jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
+  return (compile_target() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
           and q.shape[-1] <= 128 and q.shape[-1] % 8 == 0)
 
 
@@ -230,7 +256,7 @@ def inference_forms_apply(dtype: Dtype | None) -> bool:
                      f"got {_inference_forms!r}")
   if _inference_forms != "auto":
     return _inference_forms == "always"
-  return jax.default_backend() == "gpu" and dtype is not None and jnp.dtype(dtype) in (
+  return compile_target() == "gpu" and dtype is not None and jnp.dtype(dtype) in (
       jnp.bfloat16, jnp.float16)
 
 
@@ -264,7 +290,7 @@ def inference_compiler_options() -> dict[str, str] | None:
   merged weight gradient is one matmul. ``SOFTVQ_DOT_MERGER=1`` keeps the merger here
   too (for A/B measurements).
   """
-  if jax.default_backend() == "gpu" and os.environ.get("SOFTVQ_DOT_MERGER") != "1":
+  if compile_target() == "gpu" and os.environ.get("SOFTVQ_DOT_MERGER") != "1":
     return {"xla_disable_hlo_passes": "dot-merger"}
   return None
 
@@ -432,7 +458,7 @@ def _use_gelu_epilogue(x: Array, approximate: bool, implementation: str) -> bool
   if not approximate or x.dtype not in (jnp.bfloat16, jnp.float16):
     return False
   if implementation == "auto":
-    return jax.default_backend() == "gpu"
+    return compile_target() == "gpu"
   return implementation == "epilogue"
 
 

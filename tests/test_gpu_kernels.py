@@ -1,0 +1,197 @@
+"""The deviceless GPU kernel table: HLO reading (against hand counts), the GPU compile target,
+and `bench --what kernels` compiling for an H200 on this CPU machine."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import pytest
+
+from softvq_jax import hlo_kernels
+from softvq_jax.models import layers
+
+# A GPU-style optimised module: two cuBLASLt GEMMs (bias epilogue; accumulate into C), a
+# fusion that only slices one of its operands, and a loop of known trip count.
+_GEMM_CONFIG = ('{"gemm_backend_config":{"alpha_real":1,"beta":%s,"dot_dimension_numbers":'
+                '{"lhs_contracting_dimensions":["1"],"rhs_contracting_dimensions":["0"],'
+                '"lhs_batch_dimensions":[],"rhs_batch_dimensions":[]},"epilogue":"%s"}}')
+HLO = """HloModule jit_probe, is_scheduled=true
+
+%fused_slice (param_0.1: bf16[8,1024], param_1.2: f32[8,128]) -> f32[8,128] {
+  %param_0.1 = bf16[8,1024]{1,0} parameter(0)
+  %slice.1 = bf16[8,128]{1,0} slice(%param_0.1), slice={[0:8], [256:384]}
+  %convert.1 = f32[8,128]{1,0} convert(%slice.1)
+  %param_1.2 = f32[8,128]{1,0} parameter(1)
+  ROOT %add.1 = f32[8,128]{1,0} add(%convert.1, %param_1.2)
+}
+
+%fused_exp (param_0.3: f32[8,128]) -> f32[8,128] {
+  %param_0.3 = f32[8,128]{1,0} parameter(0)
+  ROOT %exponential.1 = f32[8,128]{1,0} exponential(%param_0.3)
+}
+
+%body (p.1: (s32[], f32[8,128])) -> (s32[], f32[8,128]) {
+  %p.1 = (s32[], f32[8,128]{1,0}) parameter(0)
+  %gte.1 = s32[] get-tuple-element(%p.1), index=0
+  %gte.2 = f32[8,128]{1,0} get-tuple-element(%p.1), index=1
+  %fusion.2 = f32[8,128]{1,0} fusion(%gte.2), kind=kLoop, calls=%fused_exp
+  ROOT %tuple.1 = (s32[], f32[8,128]{1,0}) tuple(%gte.1, %fusion.2)
+}
+
+%cond (p.2: (s32[], f32[8,128])) -> pred[] {
+  %p.2 = (s32[], f32[8,128]{1,0}) parameter(0)
+  %gte.3 = s32[] get-tuple-element(%p.2), index=0
+  %constant.1 = s32[] constant(5)
+  ROOT %compare.1 = pred[] compare(%gte.3, %constant.1), direction=LT
+}
+
+ENTRY %main (a.1: bf16[128,64], b.1: bf16[64,256], bias.1: bf16[256], big.1: bf16[8,1024], acc.1: f32[8,128], c.1: f32[128,256], a.2: f32[128,64], b.2: f32[64,256]) -> f32[8,128] {
+  %a.1 = bf16[128,64]{1,0} parameter(0)
+  %b.1 = bf16[64,256]{1,0} parameter(1)
+  %bias.1 = bf16[256]{0} parameter(2)
+  %big.1 = bf16[8,1024]{1,0} parameter(3)
+  %acc.1 = f32[8,128]{1,0} parameter(4)
+  %c.1 = f32[128,256]{1,0} parameter(5)
+  %a.2 = f32[128,64]{1,0} parameter(6)
+  %b.2 = f32[64,256]{1,0} parameter(7)
+  %gemm.1 = (bf16[128,256]{1,0}, s8[4194304]{0}) custom-call(%a.1, %b.1, %bias.1), custom_call_target="__cublas$lt$matmul", backend_config=GEMM_BIAS
+  %gemm.2 = (f32[128,256]{1,0}, s8[4194304]{0}) custom-call(%a.2, %b.2, %c.1), custom_call_target="__cublas$lt$matmul", backend_config=GEMM_ACC
+  %fusion.1 = f32[8,128]{1,0} fusion(%big.1, %acc.1), kind=kLoop, calls=%fused_slice
+  %constant.2 = s32[] constant(0)
+  %tuple.2 = (s32[], f32[8,128]{1,0}) tuple(%constant.2, %fusion.1)
+  %while.1 = (s32[], f32[8,128]{1,0}) while(%tuple.2), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"5"}}
+  ROOT %gte.4 = f32[8,128]{1,0} get-tuple-element(%while.1), index=1
+}
+""".replace("GEMM_BIAS", _GEMM_CONFIG % (0, "BIAS")).replace("GEMM_ACC", _GEMM_CONFIG % (1, "DEFAULT"))
+
+
+def test_kernel_table_counts_bytes_flops_and_loop_trips():
+  table = {k.name: k for k in hlo_kernels.kernels(HLO)}
+  assert set(table) == {"gemm.1", "gemm.2", "fusion.1", "fusion.2"}
+  bias = table["gemm.1"]
+  assert (bias.kind, bias.epilogue, bias.accumulates) == ("gemm", "BIAS", False)
+  assert bias.flops == 2 * 128 * 256 * 64
+  assert bias.bytes_read == 2 * (128 * 64 + 64 * 256 + 256)
+  assert bias.bytes_written == 2 * 128 * 256  # the cuBLAS workspace is not traffic
+  assert table["gemm.2"].accumulates and table["gemm.2"].flops == 2 * 128 * 256 * 64
+  sliced = table["fusion.1"]
+  assert sliced.bytes_read == 2 * 8 * 128 + 4 * 8 * 128  # 1/8 of `big` is read
+  assert (sliced.bytes_written, sliced.count) == (4 * 8 * 128, 1)
+  looped = table["fusion.2"]
+  assert (looped.count, looped.kind, looped.bytes_moved) == (5, "kLoop", 2 * 4 * 8 * 128)
+  assert "exponential" in looped.ops
+
+
+def test_estimate_is_the_roofline_of_the_table():
+  table = hlo_kernels.kernels(HLO)
+  bandwidth, rate = 1e9, 1e12
+  out = hlo_kernels.estimate(table, bandwidth=bandwidth, gemm_flops_per_s=rate)
+  flops = 2 * 128 * 256 * 64
+  gemm_bias = max(flops / rate, (2 * (128 * 64 + 64 * 256 + 256) + 2 * 128 * 256) / bandwidth)
+  gemm_acc = max(flops / rate, (4 * (128 * 64 + 64 * 256 + 128 * 256) + 4 * 128 * 256) / bandwidth)
+  fusions = (2 * 8 * 128 + 2 * 4 * 8 * 128) / bandwidth + 5 * (2 * 4 * 8 * 128) / bandwidth
+  assert out["estimated_s"] == pytest.approx(gemm_bias + gemm_acc + fusions, rel=1e-12)
+  assert out["kernels"] == 8 and out["launches_by_kind"] == {"kLoop": 6, "gemm": 2}
+  assert out["gemm_epilogues"] == {"BIAS": 1, "DEFAULT": 1} and out["gemms_accumulating"] == 1
+  assert out["gemm_flops"] == 2 * flops
+  assert out["top"][0]["estimated_s"] == pytest.approx(gemm_acc)
+  with pytest.raises(ValueError, match="positive"):
+    hlo_kernels.estimate(table, bandwidth=0, gemm_flops_per_s=rate)
+  with pytest.raises(ValueError, match="ENTRY"):
+    hlo_kernels.kernels("HloModule empty\n")
+
+
+def test_compiling_for_gpu_makes_the_gpu_choices_on_this_host():
+  q = jnp.zeros((4, 16, 2, 8), jnp.bfloat16)
+  assert layers.compile_target() == "cpu"
+  assert not layers.inference_forms_apply(jnp.bfloat16)
+  assert layers.inference_compiler_options() is None
+  with layers.compiling_for("gpu"):
+    assert layers.compile_target() == "gpu"
+    assert layers.inference_forms_apply(jnp.bfloat16)
+    assert not layers.inference_forms_apply(None)  # float32 keeps the checkpoint's form
+    assert layers.inference_compiler_options() == {"xla_disable_hlo_passes": "dot-merger"}
+    assert layers.gelu(jnp.ones((2,), jnp.bfloat16), approximate=True).dtype == jnp.bfloat16
+    assert layers._use_gelu_epilogue(q, True, "auto")  # pylint: disable=protected-access
+    # No CPU loop over examples, whatever this host's device count.
+    assert layers.cpu_attention_group(jnp.zeros((64, 321, 12, 64), jnp.bfloat16)) == 64
+  assert layers.compile_target() == "cpu"
+  with pytest.raises(ValueError, match="platform"):
+    with layers.compiling_for("cuda"):
+      pass
+
+
+_CUDA = pathlib.Path(__file__).resolve().parents[1] / ".deps" / "cuda"
+
+
+def _kernels(*flags, with_plugin=True):
+  cmd = [sys.executable, "-m", "softvq_jax.bench", "--what", "kernels", "--dtype", "bfloat16",
+         "--tiny", *flags]
+  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+  if with_plugin:
+    env["PYTHONPATH"] = os.pathsep.join([str(_CUDA)] + env.get("PYTHONPATH", "").split(os.pathsep))
+  return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+
+
+def _line(result):
+  assert result.returncode == 0, result.stderr[-3000:]
+  return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def cuda_plugin():
+  assert (_CUDA / "jax_plugins").is_dir(), ("run bash launch/setup.sh --dev (it installs jax's "
+                                            "CUDA plugin into .deps/cuda)")
+
+
+def test_tokenizer_encode_compiled_for_an_h200_shows_the_inference_forms(cuda_plugin):
+  """Without a GPU: 2 encoder blocks of the tiny tokenizer, so the q/k/v split adds 4 GEMMs
+  and the folded LayerScale makes 4 GEMMs (proj, fc2) accumulate into the residual."""
+  never = _line(_kernels("--program", "encode", "--batch", "4", "--inference_forms", "never"))
+  auto = _line(_kernels("--program", "encode", "--batch", "4"))
+  for line in (never, auto):
+    assert line["device_kind"] == "NVIDIA H200 141GB HBM3e" and line["timed"] is False
+    assert line["compiler_options"] == {"xla_disable_hlo_passes": "dot-merger"}
+    assert line["estimated_s"] > 0 and line["kernels"] == sum(line["launches_by_kind"].values())
+    # XLA's GEMMs against the FLOPs counted from the layer shapes (attention included).
+    assert 0.95 < line["gemm_flops"] / (line["batch"] * line["flops_per_item"]) < 1.15
+  assert auto["launches_by_kind"]["gemm"] - never["launches_by_kind"]["gemm"] == 4
+  assert (never["gemms_accumulating"], auto["gemms_accumulating"]) == (0, 4)
+
+
+def test_sit_forward_for_an_h200_folds_gelu_into_the_matmul(cuda_plugin):
+  common = ["--program", "sit", "--model", "SiT-S", "--tokens", "8", "--channels", "4",
+            "--batch", "4"]
+  epilogue = _line(_kernels(*common))
+  formula = _line(_kernels(*common, "--gelu", "float32"))
+  depth = 2  # the tiny SiT's blocks
+  assert epilogue["gemm_epilogues"].get("BIAS_GELU") == depth
+  assert "BIAS_GELU" not in formula["gemm_epilogues"]
+  assert formula["launches_by_kind"]["kLoop"] - epilogue["launches_by_kind"]["kLoop"] == depth
+
+
+def test_train_step_for_an_h200_and_a_missing_plugin(cuda_plugin):
+  line = _line(_kernels("--program", "train", "--model", "SiT-S", "--tokens", "8",
+                        "--channels", "4", "--batch", "4"))
+  assert line["mesh"] == {"data": 1} and line["compiler_options"] is None
+  # Forward and backward matmuls: about 3x the forward FLOPs, which flops_per_item counts.
+  assert 0.95 < line["gemm_flops"] / (line["batch"] * line["flops_per_item"]) < 1.15
+  missing = _kernels("--program", "encode", with_plugin=False)
+  assert missing.returncode != 0 and "jax-cuda12-plugin" in missing.stderr
+  bad = _kernels("--program", "encode", "--gpu_target", "no-such-gpu")
+  assert bad.returncode != 0 and "neither a file nor a bundled target" in bad.stderr
+
+
+def test_kernel_flags_belong_to_what_kernels():
+  from softvq_jax import bench  # pylint: disable=g-import-not-at-top
+  with pytest.raises(SystemExit):
+    bench._parse_args(["--what", "tokenizer", "--program", "sit"])  # pylint: disable=protected-access
+  with pytest.raises(SystemExit):
+    bench._parse_args(["--what", "kernels", "--program", "backward"])  # pylint: disable=protected-access
+  args = bench._parse_args(["--what", "kernels", "--program", "sit"])  # pylint: disable=protected-access
+  assert (args.program, args.gpu_target, args.model) == ("sit", "h200", "SiT-XL")
+  assert bench._nominal_peak("NVIDIA H200 141GB HBM3e", "bfloat16") == 989e12  # pylint: disable=protected-access
+  assert bench._nominal_peak("Some Future GPU", "bfloat16") is None  # pylint: disable=protected-access
