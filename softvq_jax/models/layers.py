@@ -150,7 +150,8 @@ def compile_target() -> str:
 
 @contextlib.contextmanager
 def compiling_for(platform: str):
-  """Traces inside build programs as for ``platform`` (``"gpu"``, ``"tpu"``, ``"cpu"``)."""
+  """Programs traced inside the block make the choices of ``platform`` (``"gpu"``, ``"tpu"``,
+  ``"cpu"``), whatever backend this process runs on."""
   global _compile_target
   if platform not in ("gpu", "tpu", "cpu"):
     raise ValueError(f"platform must be gpu, tpu or cpu, got {platform!r}")
