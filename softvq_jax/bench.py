@@ -61,12 +61,17 @@ import sys
 import time
 from typing import Any, Callable, Sequence
 
-# Published dense bf16 (and f32 non-tensor-core) peaks, FLOP/s, for mfu_nominal.
+# Published dense bf16 and float32 (no TF32: what HIGHEST precision runs) peaks, FLOP/s,
+# for mfu_nominal.
 NOMINAL_PEAK = {
     ("NVIDIA H100 80GB HBM3", "bfloat16"): 989e12,
+    ("NVIDIA H100 80GB HBM3", "float32"): 67e12,
     ("NVIDIA H200", "bfloat16"): 989e12,
+    ("NVIDIA H200", "float32"): 67e12,
     ("NVIDIA A100-SXM4-80GB", "bfloat16"): 312e12,
+    ("NVIDIA A100-SXM4-80GB", "float32"): 19.5e12,
     ("NVIDIA A100-SXM4-40GB", "bfloat16"): 312e12,
+    ("NVIDIA A100-SXM4-40GB", "float32"): 19.5e12,
     ("TPU v4", "bfloat16"): 275e12,
     ("TPU v5 lite", "bfloat16"): 197e12,
     ("TPU v5e", "bfloat16"): 197e12,
@@ -976,6 +981,10 @@ def bench_kernels(args) -> list[dict[str, Any]]:
       elif args.program == "pipeline":
         from softvq_jax.models.sit import SiT  # pylint: disable=g-import-not-at-top
         gen_cfg, decode, dec_state, decode_flops, shapes = _pipeline_parts(args)
+        if decode_flops is None and args.decode:
+          # The convolutional SD-VAE-shaped decoder: XLA's count, compiled for this host.
+          z = jax.ShapeDtypeStruct((1, gen_cfg.input_size, gen_cfg.in_channels), jnp.float32)
+          decode_flops = _cost_flops(jax.jit(decode).lower(dec_state, z).compile())
         ggraph, gstate = _split(SiT(gen_cfg, rngs=nnx.Rngs(0), dtype=dtype), dtype)
         fn = _generate_fn(args, ggraph, gen_cfg, decode)
         fn_args = (gstate, dec_state, jax.ShapeDtypeStruct((batch,) + gen_cfg.latent_shape,

@@ -5,7 +5,8 @@ not attached (see ``bench.py``) and reads the result with :func:`kernels`: one e
 kernel the program launches (cuBLAS GEMMs with their epilogues, XLA fusions, copies),
 with the bytes it reads and writes and, for GEMMs, its FLOPs. Loops count once per known
 trip. :func:`estimate` turns the table into a time under stated assumptions: a GEMM takes
-``max(FLOPs / gemm rate, bytes / bandwidth)``, everything else ``bytes / bandwidth``.
+``max(FLOPs / gemm rate, bytes / bandwidth)`` (so does a cuDNN convolution), everything
+else ``bytes / bandwidth``.
 
 It is an estimate of what XLA emitted, not a measurement: it shows which kernels a change
 adds or removes and how much traffic they move, so GPU work can be done and reviewed on a
@@ -45,7 +46,7 @@ class Instruction:
 
 @dataclasses.dataclass
 class Kernel:
-  """One launched kernel. ``kind``: ``gemm``, ``attention``, a fusion kind (``kLoop``,
+  """One launched kernel. ``kind``: ``gemm``, ``conv``, ``attention``, a fusion kind (``kLoop``,
   ``kInput``, ``kCustom``...) or the opcode of an unfused op (``copy``, ``transpose``...)."""
   name: str
   kind: str
@@ -53,7 +54,7 @@ class Kernel:
   shape: str            # result shape, layouts dropped
   bytes_read: int
   bytes_written: int
-  flops: float = 0.0    # GEMMs: 2 x result elements x contracted size
+  flops: float = 0.0    # GEMMs and convolutions: 2 x result elements x contracted size
   epilogue: str = ""    # cuBLASLt epilogue of a GEMM (DEFAULT, BIAS, GELU, BIAS_GELU, ...)
   accumulates: bool = False  # GEMM adds into an operand (cuBLASLt beta != 0)
   count: float = 1.0    # launches per program run (trip count of the enclosing loops)
@@ -142,6 +143,17 @@ def _gemm_flops(result_shape: str, lhs_shape: str, contracting: Iterable[int]) -
   lhs = _dims(lhs_shape)
   k = math.prod(lhs[i] for i in contracting) if lhs else 0
   return 2.0 * math.prod(_dims(result_shape)) * k
+
+
+def _conv_flops(inst: Instruction, module: "_Module") -> float:
+  """2 x output elements x (filter window x input features per group), from ``dim_labels``."""
+  labels = re.search(r"dim_labels=\w+_(\w+)->", inst.attributes)
+  result = _ARRAY.search(inst.shape)
+  if not labels or not result or len(inst.operands) < 2:
+    return 0.0
+  kernel = _dims(module.shapes.get(inst.operands[1], ""))
+  per_output = math.prod(size for label, size in zip(labels.group(1), kernel) if label != "o")
+  return 2.0 * math.prod(_dims(result.group(0))) * per_output
 
 
 def _contracting(text: str, json_key: str, hlo_key: str) -> list[int]:
@@ -258,6 +270,9 @@ def _kernel(module: _Module, inst: Instruction, count: float) -> Kernel:
                                                    "lhs_contracting_dims")),
                     epilogue=epilogue.group(1) if epilogue else "",
                     accumulates=bool(beta and float(beta.group(1)) != 0.0), count=count)
+    if "conv" in low:
+      return Kernel(inst.name, "conv", target, shape, module.operand_bytes(inst), written,
+                    flops=_conv_flops(inst, module), count=count)
     kind = "attention" if ("fmha" in low or "cudnn" in low) else "custom-call"
     return Kernel(inst.name, kind, target, shape, module.operand_bytes(inst), written,
                   count=count)
@@ -283,14 +298,16 @@ def estimate(table: list[Kernel], *, bandwidth: float, gemm_flops_per_s: float,
   launches = collections.Counter()
   epilogues = collections.Counter()
   groups: dict[tuple, list] = {}
-  gemm_flops = moved = 0.0
+  gemm_flops = conv_flops = moved = 0.0
   accumulating = 0.0
   for k in table:
     memory_s = k.bytes_moved / bandwidth
-    t = max(k.flops / gemm_flops_per_s, memory_s) if k.kind == "gemm" else memory_s
+    t = max(k.flops / gemm_flops_per_s, memory_s) if k.flops else memory_s
     seconds[k.kind] += t * k.count
     launches[k.kind] += k.count
     moved += k.bytes_moved * k.count
+    if k.kind == "conv":
+      conv_flops += k.flops * k.count
     if k.kind == "gemm":
       gemm_flops += k.flops * k.count
       epilogues[k.epilogue or k.emitter] += k.count
@@ -307,7 +324,7 @@ def estimate(table: list[Kernel], *, bandwidth: float, gemm_flops_per_s: float,
       launches_by_kind={k: _number(v) for k, v in launches.most_common()},
       gemm_epilogues={k: _number(v) for k, v in epilogues.most_common()},
       gemms_accumulating=_number(accumulating),
-      gemm_flops=gemm_flops, bytes_moved=moved,
+      gemm_flops=gemm_flops, conv_flops=conv_flops, bytes_moved=moved,
       estimated_s=total,
       estimated_s_by_kind={k: v for k, v in seconds.most_common()},
       assumed_bandwidth_bytes_per_s=bandwidth, assumed_gemm_flops_per_s=gemm_flops_per_s,

@@ -14,7 +14,8 @@ from softvq_jax import hlo_kernels
 from softvq_jax.models import layers
 
 # A GPU-style optimised module: two cuBLASLt GEMMs (bias epilogue; accumulate into C), a
-# fusion that only slices one of its operands, and a loop of known trip count.
+# cuDNN convolution, a fusion that only slices one of its operands, and a loop of known
+# trip count.
 _GEMM_CONFIG = ('{"gemm_backend_config":{"alpha_real":1,"beta":%s,"dot_dimension_numbers":'
                 '{"lhs_contracting_dimensions":["1"],"rhs_contracting_dimensions":["0"],'
                 '"lhs_batch_dimensions":[],"rhs_batch_dimensions":[]},"epilogue":"%s"}}')
@@ -48,7 +49,7 @@ HLO = """HloModule jit_probe, is_scheduled=true
   ROOT %compare.1 = pred[] compare(%gte.3, %constant.1), direction=LT
 }
 
-ENTRY %main (a.1: bf16[128,64], b.1: bf16[64,256], bias.1: bf16[256], big.1: bf16[8,1024], acc.1: f32[8,128], c.1: f32[128,256], a.2: f32[128,64], b.2: f32[64,256]) -> f32[8,128] {
+ENTRY %main (a.1: bf16[128,64], b.1: bf16[64,256], bias.1: bf16[256], big.1: bf16[8,1024], acc.1: f32[8,128], c.1: f32[128,256], a.2: f32[128,64], b.2: f32[64,256], img.1: bf16[2,16,16,8], filt.1: bf16[32,3,3,8]) -> f32[8,128] {
   %a.1 = bf16[128,64]{1,0} parameter(0)
   %b.1 = bf16[64,256]{1,0} parameter(1)
   %bias.1 = bf16[256]{0} parameter(2)
@@ -57,6 +58,9 @@ ENTRY %main (a.1: bf16[128,64], b.1: bf16[64,256], bias.1: bf16[256], big.1: bf1
   %c.1 = f32[128,256]{1,0} parameter(5)
   %a.2 = f32[128,64]{1,0} parameter(6)
   %b.2 = f32[64,256]{1,0} parameter(7)
+  %img.1 = bf16[2,16,16,8]{3,2,1,0} parameter(8)
+  %filt.1 = bf16[32,3,3,8]{3,2,1,0} parameter(9)
+  %conv.1 = (bf16[2,16,16,32]{3,2,1,0}, u8[0]{0}) custom-call(%img.1, %filt.1), window={size=3x3 pad=1_1x1_1}, dim_labels=b01f_o01i->b01f, custom_call_target="__cudnn$convForward"
   %gemm.1 = (bf16[128,256]{1,0}, s8[4194304]{0}) custom-call(%a.1, %b.1, %bias.1), custom_call_target="__cublas$lt$matmul", backend_config=GEMM_BIAS
   %gemm.2 = (f32[128,256]{1,0}, s8[4194304]{0}) custom-call(%a.2, %b.2, %c.1), custom_call_target="__cublas$lt$matmul", backend_config=GEMM_ACC
   %fusion.1 = f32[8,128]{1,0} fusion(%big.1, %acc.1), kind=kLoop, calls=%fused_slice
@@ -70,7 +74,11 @@ ENTRY %main (a.1: bf16[128,64], b.1: bf16[64,256], bias.1: bf16[256], big.1: bf1
 
 def test_kernel_table_counts_bytes_flops_and_loop_trips():
   table = {k.name: k for k in hlo_kernels.kernels(HLO)}
-  assert set(table) == {"gemm.1", "gemm.2", "fusion.1", "fusion.2"}
+  assert set(table) == {"gemm.1", "gemm.2", "conv.1", "fusion.1", "fusion.2"}
+  conv = table["conv.1"]
+  assert conv.kind == "conv" and conv.flops == 2 * (2 * 16 * 16 * 32) * (3 * 3 * 8)
+  assert (conv.bytes_read, conv.bytes_written) == (2 * (2 * 16 * 16 * 8 + 32 * 3 * 3 * 8),
+                                                   2 * 2 * 16 * 16 * 32)
   bias = table["gemm.1"]
   assert (bias.kind, bias.epilogue, bias.accumulates) == ("gemm", "BIAS", False)
   assert bias.flops == 2 * 128 * 256 * 64
@@ -92,9 +100,12 @@ def test_estimate_is_the_roofline_of_the_table():
   flops = 2 * 128 * 256 * 64
   gemm_bias = max(flops / rate, (2 * (128 * 64 + 64 * 256 + 256) + 2 * 128 * 256) / bandwidth)
   gemm_acc = max(flops / rate, (4 * (128 * 64 + 64 * 256 + 128 * 256) + 4 * 128 * 256) / bandwidth)
+  conv = max(2 * 16384 * 72 / rate, (2 * (4096 + 2304) + 2 * 16384) / bandwidth)
   fusions = (2 * 8 * 128 + 2 * 4 * 8 * 128) / bandwidth + 5 * (2 * 4 * 8 * 128) / bandwidth
-  assert out["estimated_s"] == pytest.approx(gemm_bias + gemm_acc + fusions, rel=1e-12)
-  assert out["kernels"] == 8 and out["launches_by_kind"] == {"kLoop": 6, "gemm": 2}
+  assert out["estimated_s"] == pytest.approx(gemm_bias + gemm_acc + conv + fusions, rel=1e-12)
+  assert out["kernels"] == 9
+  assert out["launches_by_kind"] == {"kLoop": 6, "gemm": 2, "conv": 1}
+  assert out["conv_flops"] == 2 * 16384 * 72
   assert out["gemm_epilogues"] == {"BIAS": 1, "DEFAULT": 1} and out["gemms_accumulating"] == 1
   assert out["gemm_flops"] == 2 * flops
   assert out["top"][0]["estimated_s"] == pytest.approx(gemm_acc)
@@ -171,6 +182,19 @@ def test_sit_forward_for_an_h200_folds_gelu_into_the_matmul(cuda_plugin):
   assert epilogue["gemm_epilogues"].get("BIAS_GELU") == depth
   assert "BIAS_GELU" not in formula["gemm_epilogues"]
   assert formula["launches_by_kind"]["kLoop"] - epilogue["launches_by_kind"]["kLoop"] == depth
+
+
+def test_sampling_loop_counts_every_step(cuda_plugin):
+  """The 2- and 3-step pipelines differ by one sampler step inside the compiled loop: exactly
+  the GEMMs of one generator forward, compiled on its own."""
+  lines = [_line(_kernels("--program", "pipeline", "--model", "tiny", "--batch", "2",
+                          "--steps", str(steps))) for steps in (2, 3)]
+  forward = _line(_kernels("--program", "sit", "--model", "SiT-XL", "--tokens", "8",
+                           "--channels", "8", "--batch", "2"))
+  assert lines[0]["latent_shape"] == [8, 8]  # the tiny tokenizer's, as the forward's above
+  assert lines[1]["gemm_flops"] - lines[0]["gemm_flops"] == forward["gemm_flops"] > 0
+  per_step = lines[1]["launches_by_kind"]["gemm"] - lines[0]["launches_by_kind"]["gemm"]
+  assert per_step == forward["launches_by_kind"]["gemm"]
 
 
 def test_train_step_for_an_h200_and_a_missing_plugin(cuda_plugin):
