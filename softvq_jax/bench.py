@@ -22,7 +22,8 @@ Protocol (the same for every measurement):
   round trip that a per-call sync adds to short programs.
 - FLOPs per item are counted twice: analytically from the layer shapes (matmuls
   and attention, 2 FLOPs per multiply-add; what MFU conventionally counts) and by
-  XLA's cost analysis of the compiled program (which counts a loop body once,
+  XLA's cost analysis of the whole program before the backend's passes (so GPU
+  lines count the matmuls that become cuBLAS calls; it counts a loop body once,
   so it is omitted for sampling loops).
 - The dense-matmul rate is measured in the same process, in the benchmark's
   dtype (``--matmul_size`` square operands), and every line reports achieved
@@ -282,10 +283,15 @@ def _memory(compiled) -> dict[str, int]:
 
 
 def _compile(lowerable, args: tuple):
-  """``(executable, seconds)``: ahead-of-time compilation of a jitted function for ``args``."""
+  """``(executable, seconds, XLA's FLOPs)``: ahead-of-time compilation of a jitted function
+  for ``args``. The FLOPs are counted on the whole program before the backend's passes: a
+  compiled GPU program's count leaves out the cuBLAS and cuDNN calls, and a partitioned
+  program's counts one device's share."""
   t0 = time.perf_counter()
-  compiled = lowerable.lower(*args).compile()
-  return compiled, time.perf_counter() - t0
+  lowered = lowerable.lower(*args)
+  flops = _cost_flops(lowered)
+  compiled = lowered.compile()
+  return compiled, time.perf_counter() - t0, flops
 
 
 # ``--profile DIR``: every measure() also traces a few calls into its own folder under DIR.
@@ -305,8 +311,8 @@ def measure(fn: Callable, args: tuple, *, repeats: int, warmup: int, carry: bool
   """
   import jax  # pylint: disable=g-import-not-at-top
   global _profile_count
-  compiled, compile_s = _compile(jax.jit(fn, donate_argnums=donate,
-                                         compiler_options=compiler_options) if jit else fn, args)
+  compiled, compile_s, xla_flops = _compile(
+      jax.jit(fn, donate_argnums=donate, compiler_options=compiler_options) if jit else fn, args)
   times, out = [], None
 
   def dispatch():
@@ -329,7 +335,7 @@ def measure(fn: Callable, args: tuple, *, repeats: int, warmup: int, carry: bool
     dispatch()
   jax.block_until_ready(out)
   pipelined_s = (time.perf_counter() - t0) / repeats
-  timing = Timing(compile_s, times, _cost_flops(compiled), _memory(compiled), out,
+  timing = Timing(compile_s, times, xla_flops, _memory(compiled), out,
                   pipelined_s=pipelined_s)
   if _profile_root is not None:
     from softvq_jax import kernel_profile  # pylint: disable=g-import-not-at-top
@@ -869,8 +875,7 @@ def bench_train(args, matmul) -> list[dict[str, Any]]:
     line["steps_per_s"] = 1.0 / timing.median_s
     line["items_per_s"] = batch / timing.median_s
     line["model_flops_per_item"] = flops
-    line["xla_flops_per_item"] = (timing.xla_flops * jax.device_count() / batch
-                                  if timing.xla_flops else None)
+    line["xla_flops_per_item"] = timing.xla_flops / batch if timing.xla_flops else None
     line.update(timing.summary())
     _rates(line, flops, batch, timing, matmul, args.dtype)
     line["loss"] = float(metrics["loss"])
@@ -890,7 +895,7 @@ def bench_memory(args) -> list[dict[str, Any]]:
   lines = []
   for batch in args.batches:
     step, state, arrays, _, strategy, extra = _train_setup(args, batch, mesh)
-    compiled, compile_s = _compile(step, (state, arrays, *extra))
+    compiled, compile_s, _ = _compile(step, (state, arrays, *extra))
     mem = _memory(compiled)
     line = dict(what="memory", model=args.model if not args.tiny else f"tiny-{args.model}",
                 objective=args.objective,

@@ -353,3 +353,19 @@ def test_sdvae_decoder_flops_count_every_convolution():
   assert expected > 1e8
   # XLA also counts the elementwise work (norms, activations): a few percent here.
   assert 1.0 <= counted / expected < 1.1
+
+
+def test_xla_flop_count_is_the_whole_program_on_any_mesh():
+  """XLA's count is taken before partitioning: per item, the same whether the optimizer state
+  is replicated (data parallel) or sharded (FSDP). A per-device count times the device count
+  would count the replicated optimizer update once per device."""
+  import jax  # pylint: disable=g-import-not-at-top
+  assert jax.device_count() == 8
+  lines = [bench.main(["--what", "train", "--model", "SiT-S", "--tiny", "--tokens", "8",
+                       "--channels", "4", "--batch", "8", "--repeats", "1", "--warmup", "0",
+                       "--matmul_size", "128", "--mesh", mesh])[0]
+           for mesh in ("data=-1", "data=2,fsdp=4")]
+  assert [l["sharding"] for l in lines] == ["dp", "fsdp"]
+  dp, fsdp = (l["xla_flops_per_item"] for l in lines)
+  assert dp == pytest.approx(fsdp, rel=1e-3)
+  assert 1.0 < dp / lines[0]["model_flops_per_item"] < 1.5  # plus norms, optimizer, loss
