@@ -637,9 +637,7 @@ def _decoder_flops(decode, dec_state, gen_cfg) -> float:
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   z = jax.ShapeDtypeStruct((1, gen_cfg.input_size, gen_cfg.in_channels), jnp.float32)
-  cost = jax.jit(decode).lower(dec_state, z).cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  return float(cost["flops"])
+  return _cost_flops(jax.jit(decode).lower(dec_state, z)) or 0.0
 
 
 def _encode_fn(graphdef):
