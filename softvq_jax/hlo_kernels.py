@@ -33,6 +33,8 @@ _FREE = {"parameter", "constant", "bitcast", "get-tuple-element", "tuple", "afte
 # Ops that hand control to other computations rather than run a kernel of their own.
 _CONTROL = {"while", "conditional", "call", "async-start", "async-done", "async-update"}
 _SLICES = {"slice", "dynamic-slice"}
+# Left out when listing what a fusion computes.
+_PLUMBING = _FREE | {"broadcast"}
 
 
 @dataclasses.dataclass
@@ -207,10 +209,18 @@ class _Module:
     return flops
 
   def ops_inside(self, called: str, most: int = 4) -> str:
-    counted = collections.Counter(
-        i.opcode for i in self.computations.get(called, [])
-        if i.opcode not in _FREE and i.opcode != "broadcast")
-    return ", ".join(f"{op} x{n}" for op, n in counted.most_common(most))
+    return fused_ops(self.computations.get(called, []), most)
+
+
+def fused_ops(body: list[Instruction], most: int) -> str:
+  """The ``most`` commonest ops of a fused computation, ``"multiply x6, tanh x1"``."""
+  counted = collections.Counter(i.opcode for i in body if i.opcode not in _PLUMBING)
+  return ", ".join(f"{op} x{n}" for op, n in counted.most_common(most))
+
+
+def fusion_kind_and_computation(inst: Instruction) -> tuple[str | None, str | None]:
+  """``(kind, called computation)`` of a fusion instruction (``"kLoop"``, ``"fused_exp"``)."""
+  return _attr(inst.attributes, "kind"), _attr(inst.attributes, "calls")
 
 
 def kernels(hlo_text: str) -> list[Kernel]:
@@ -277,11 +287,12 @@ def _kernel(module: _Module, inst: Instruction, count: float) -> Kernel:
     return Kernel(inst.name, kind, target, shape, module.operand_bytes(inst), written,
                   count=count)
   if inst.opcode == "fusion":
-    called = _attr(attrs, "calls") or ""
+    fusion_kind, called = fusion_kind_and_computation(inst)
+    called = called or ""
     backend = re.search(r'"kind":"(\w+)"', attrs)
     emitter = backend.group(1) if backend else ""
     flops = module.inner_dot_flops(called)
-    kind = "gemm" if flops else (_attr(attrs, "kind") or "fusion")
+    kind = "gemm" if flops else (fusion_kind or "fusion")
     return Kernel(inst.name, kind, emitter, shape, module.fusion_read_bytes(inst, called),
                   array_bytes(inst.shape), flops=flops, count=count,
                   ops=module.ops_inside(called))

@@ -14,9 +14,10 @@ from __future__ import annotations
 import collections
 import glob
 import os
-import re
 import time
 from typing import Any, Callable
+
+from softvq_jax import hlo_kernels
 
 # Kernel-name fragments by category, first match wins (names lower-cased). cuBLAS/cuBLASLt
 # GEMMs are "sm90_xmma_gemm...", "nvjet_..." or "cutlass..."; cuDNN's fused attention
@@ -78,43 +79,26 @@ def _events(data) -> tuple[list[tuple[str, str, float]], str]:
   return out, "host"
 
 
-_COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s+\(.*\)\s+->\s+.*\{\s*$")
-# "%name = <shape or (tuple shape)> opcode(" ; the opcode is what we count.
-_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s+=\s+(?:\([^)]*\)|\S+)\s+([a-z][\w\-]*)\(")
-_FUSION = re.compile(r"kind=(k\w+),\s+calls=%?([\w.\-]+)")
-_PLUMBING = {"parameter", "constant", "broadcast", "bitcast", "get-tuple-element", "tuple"}
-
-
 def fusion_contents(hlo_text: str, most: int = 5) -> dict[str, str]:
   """What each fusion of an optimised HLO module computes: ``"kLoop: multiply x6, tanh x1"``.
 
   Keys are the fusion names as written in the HLO (``fusion.12``) and as GPU kernels
   are named after them (``fusion_12``), so a profiled kernel can be looked up.
   """
-  ops: dict[str, collections.Counter] = {}
-  current = None
-  for line in hlo_text.splitlines():
-    m = _COMPUTATION.match(line)
-    if m:
-      current = ops.setdefault(m.group(1), collections.Counter())
-      continue
-    if line.strip() == "}":
-      current = None
-      continue
-    m = _INSTRUCTION.match(line)
-    if m and current is not None and m.group(2) not in _PLUMBING:
-      current[m.group(2)] += 1
+  try:
+    computations, _ = hlo_kernels.parse_module(hlo_text)
+  except ValueError:  # not a whole module: nothing to name
+    return {}
   out = {}
-  for line in hlo_text.splitlines():
-    m = _INSTRUCTION.match(line)
-    if not m or m.group(2) != "fusion":
-      continue
-    f = _FUSION.search(line)
-    if not f:
-      continue
-    counted = ops.get(f.group(2), collections.Counter()).most_common(most)
-    text = f"{f.group(1)}: " + ", ".join(f"{op} x{n}" for op, n in counted)
-    out[m.group(1)] = out[m.group(1).replace(".", "_")] = text
+  for body in computations.values():
+    for inst in body:
+      if inst.opcode != "fusion":
+        continue
+      kind, called = hlo_kernels.fusion_kind_and_computation(inst)
+      if kind is None or called is None:
+        continue
+      text = f"{kind}: " + hlo_kernels.fused_ops(computations.get(called, []), most)
+      out[inst.name] = out[inst.name.replace(".", "_")] = text
   return out
 
 
