@@ -44,6 +44,7 @@ class Instruction:
   opcode: str
   operands: list[str]
   attributes: str
+  parameter_number: int | None = None  # N of parameter(N)
 
 
 @dataclasses.dataclass
@@ -109,8 +110,10 @@ def _parse_instruction(line: str) -> Instruction | None:
   if not op:
     return None
   close = _split_balanced(rest, op.end() - 1)
-  operands = re.findall(r"%([\w.\-]+)", rest[op.end():close - 1])
-  return Instruction(m.group(1), shape, op.group(1), operands, rest[close:])
+  arguments = rest[op.end():close - 1]
+  number = int(arguments) if op.group(1) == "parameter" and arguments.isdigit() else None
+  return Instruction(m.group(1), shape, op.group(1), re.findall(r"%([\w.\-]+)", arguments),
+                     rest[close:], number)
 
 
 def parse_module(hlo_text: str) -> tuple[dict[str, list[Instruction]], str]:
@@ -170,11 +173,6 @@ class _Module:
   def __init__(self, hlo_text: str):
     self.computations, self.entry = parse_module(hlo_text)
     self.shapes = {i.name: i.shape for body in self.computations.values() for i in body}
-    # Which operand of the fusion each fused parameter stands for: parameter(N).
-    self.parameter_numbers = {
-        m.group(1): int(m.group(2))
-        for m in re.finditer(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s+=\s+\S+\s+parameter\((\d+)\)",
-                             hlo_text, re.M)}
 
   def operand_bytes(self, inst: Instruction) -> int:
     return sum(array_bytes(self.shapes.get(o, "")) for o in inst.operands)
@@ -188,7 +186,7 @@ class _Module:
         users[o].append(i)
     total = 0
     for i in body:
-      number = self.parameter_numbers.get(i.name) if i.opcode == "parameter" else None
+      number = i.parameter_number  # which operand of the fusion it stands for
       if number is None or number >= len(inst.operands):
         continue
       full = array_bytes(self.shapes.get(inst.operands[number], ""))
