@@ -1055,23 +1055,21 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
   args = _parse_args(sys.argv[1:] if argv is None else argv)
   if args.suite:
     return run_suite(args)
-  if args.what == "memory":
-    # Must precede the first use of the CPU backend. A TPU topology compiles through libtpu
-    # without a TPU backend (none need be attached).
-    if args.devices:
-      flags = os.environ.get("XLA_FLAGS", "")
-      os.environ["XLA_FLAGS"] = (flags + f" --xla_force_host_platform_device_count={args.devices}")
-    os.environ["JAX_PLATFORMS"] = "cpu"
+  # XLA flags must be set before the first backend starts.
+  if args.what == "memory" and args.devices:
+    flags = os.environ.get("XLA_FLAGS", "")
+    os.environ["XLA_FLAGS"] = (flags + f" --xla_force_host_platform_device_count={args.devices}")
   if args.what == "kernels":
     # The GPU compiler runs here without a device: Triton GEMMs would need autotuning on one
     # (flags given by the user come later and win).
     os.environ["XLA_FLAGS"] = ("--xla_gpu_enable_triton_gemm=false "
                                + os.environ.get("XLA_FLAGS", "")).strip()
-    os.environ["JAX_PLATFORMS"] = "cpu"
   import jax  # pylint: disable=g-import-not-at-top
   if args.what in ("memory", "kernels"):
-    # The package imported jax before the environment was set: the config needs telling too
-    # (before any backend starts; with it, jax's CUDA plugin skips its driver check).
+    # Compile-only: the programs run nowhere, and the CPU backend is the host. A TPU topology
+    # compiles through libtpu and a GPU target through jax's CUDA plugin without their
+    # backends starting (the plugin then skips its driver check). The package has imported
+    # jax already, so the JAX_PLATFORMS variable would come too late: set the config.
     jax.config.update("jax_platforms", "cpu")
   if args.what == "memory" and args.devices and jax.device_count() != args.devices:
     raise SystemExit(f"--devices {args.devices} needs a fresh process (JAX already has "
