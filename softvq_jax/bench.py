@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import re
@@ -641,18 +642,21 @@ def _decoder_flops(decode, dec_state, gen_cfg) -> float:
 
 
 def _encode_fn(graphdef):
-  from flax import nnx  # pylint: disable=g-import-not-at-top
-  return lambda s, x: nnx.merge(graphdef, s).encode(x).quant
+  """``(state, images) -> latents``: the program ``Tokenizer.encode`` compiles."""
+  from softvq_jax import tokenizer  # pylint: disable=g-import-not-at-top
+  return functools.partial(tokenizer._encode_fn, graphdef)  # pylint: disable=protected-access
 
 
 def _decode_fn(graphdef):
-  from flax import nnx  # pylint: disable=g-import-not-at-top
-  return lambda s, z: nnx.merge(graphdef, s).decode(z)
+  """``(state, latents) -> images``: the program ``Tokenizer.decode`` compiles."""
+  from softvq_jax import tokenizer  # pylint: disable=g-import-not-at-top
+  return functools.partial(tokenizer._decode_fn, graphdef)  # pylint: disable=protected-access
 
 
 def _forward_fn(graphdef):
-  from flax import nnx  # pylint: disable=g-import-not-at-top
-  return lambda s, x, t, y: nnx.merge(graphdef, s)(x, t, y)
+  """``(state, x, t, y) -> output``: the program ``Generator``'s forward compiles."""
+  from softvq_jax import generator  # pylint: disable=g-import-not-at-top
+  return functools.partial(generator._forward_fn, graphdef)  # pylint: disable=protected-access
 
 
 def _generate_fn(args, ggraph, gen_cfg, decode):
