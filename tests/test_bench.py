@@ -1,14 +1,13 @@
 """The throughput benchmark: its FLOP counts, its JSON lines and its ahead-of-time memory check."""
 
 import json
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from conftest import run_bench
 
 from softvq_jax import bench
 from softvq_jax.models.layers import Block
@@ -180,11 +179,9 @@ def test_bad_arguments_are_named():
 def test_ahead_of_time_memory_on_fake_devices():
   """FSDP must cut the per-device argument bytes of the state well below data parallelism's."""
   def run(mesh):
-    cmd = [sys.executable, "-m", "softvq_jax.bench", "--what", "memory", "--model", "SiT-S",
-           "--tiny", "--tokens", "8", "--channels", "4", "--devices", "8", "--mesh", mesh,
-           "--batch", "8"]
-    env = {k: v for k, v in __import__("os").environ.items() if k != "XLA_FLAGS"}
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env, timeout=300)
+    out = run_bench(["--what", "memory", "--model", "SiT-S", "--tiny", "--tokens", "8",
+                     "--channels", "4", "--devices", "8", "--mesh", mesh, "--batch", "8"])
+    assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
   dp, fsdp = run("data=-1"), run("fsdp=-1")
@@ -195,19 +192,14 @@ def test_ahead_of_time_memory_on_fake_devices():
 
 def test_ahead_of_time_memory_for_a_tpu_topology_without_a_tpu():
   """libtpu compiles for a v5e 2x2 slice on this CPU machine: its own memory accounting."""
-  import os  # pylint: disable=g-import-not-at-top
   import pathlib  # pylint: disable=g-import-not-at-top
   site = pathlib.Path(__file__).resolve().parents[1] / ".deps" / "libtpu"
   assert (site / "libtpu").is_dir(), "run bash launch/setup.sh --dev (it installs libtpu there)"
 
   def run(mesh, with_libtpu=True):
-    cmd = [sys.executable, "-m", "softvq_jax.bench", "--what", "memory", "--model", "SiT-S",
-           "--tiny", "--tokens", "8", "--channels", "4", "--topology", "v5e:2x2", "--mesh", mesh,
-           "--batch", "8"]
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
-    if with_libtpu:
-      env["PYTHONPATH"] = os.pathsep.join([str(site)] + env.get("PYTHONPATH", "").split(os.pathsep))
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    return run_bench(["--what", "memory", "--model", "SiT-S", "--tiny", "--tokens", "8",
+                      "--channels", "4", "--topology", "v5e:2x2", "--mesh", mesh, "--batch", "8"],
+                     site=site if with_libtpu else None)
 
   dp, fsdp = (json.loads(run(m).stdout.strip().splitlines()[-1]) for m in ("data=-1", "fsdp=-1"))
   for line in (dp, fsdp):

@@ -2,13 +2,11 @@
 and `bench --what kernels` compiling for an H200 on this CPU machine."""
 
 import json
-import os
 import pathlib
-import subprocess
-import sys
 
 import jax.numpy as jnp
 import pytest
+from conftest import run_bench
 
 from softvq_jax import hlo_kernels
 from softvq_jax.models import layers
@@ -139,12 +137,8 @@ _CUDA = pathlib.Path(__file__).resolve().parents[1] / ".deps" / "cuda"
 
 
 def _kernels(*flags, with_plugin=True):
-  cmd = [sys.executable, "-m", "softvq_jax.bench", "--what", "kernels", "--dtype", "bfloat16",
-         "--tiny", *flags]
-  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
-  if with_plugin:
-    env["PYTHONPATH"] = os.pathsep.join([str(_CUDA)] + env.get("PYTHONPATH", "").split(os.pathsep))
-  return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+  return run_bench(["--what", "kernels", "--dtype", "bfloat16", "--tiny", *flags],
+                   site=_CUDA if with_plugin else None)
 
 
 def _line(result):
