@@ -11,7 +11,8 @@ else ``bytes / bandwidth``.
 It is an estimate of what XLA emitted, not a measurement: it shows which kernels a change
 adds or removes and how much traffic they move, so GPU work can be done and reviewed on a
 machine without a GPU. Byte counts are those of operands and results; an operand that a
-fusion only slices counts as the slices it reads.
+fusion only slices counts as the slices it reads, and a dynamic-update-slice (done in place,
+as a scanned layer stack stores each layer's residuals) as the update it writes.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ class Instruction:
   operands: list[str]
   attributes: str
   parameter_number: int | None = None  # N of parameter(N)
+  is_root: bool = False
 
 
 @dataclasses.dataclass
@@ -96,7 +98,7 @@ def _split_balanced(text: str, start: int) -> int:
 
 
 def _parse_instruction(line: str) -> Instruction | None:
-  m = re.match(r"\s*(?:ROOT\s+)?%?([\w.\-]+)\s+=\s+", line)
+  m = re.match(r"\s*(ROOT\s+)?%?([\w.\-]+)\s+=\s+", line)
   if not m:
     return None
   pos = m.end()
@@ -112,8 +114,8 @@ def _parse_instruction(line: str) -> Instruction | None:
   close = _split_balanced(rest, op.end() - 1)
   arguments = rest[op.end():close - 1]
   number = int(arguments) if op.group(1) == "parameter" and arguments.isdigit() else None
-  return Instruction(m.group(1), shape, op.group(1), re.findall(r"%([\w.\-]+)", arguments),
-                     rest[close:], number)
+  return Instruction(m.group(2), shape, op.group(1), re.findall(r"%([\w.\-]+)", arguments),
+                     rest[close:], number, is_root=bool(m.group(1)))
 
 
 def parse_module(hlo_text: str) -> tuple[dict[str, list[Instruction]], str]:
@@ -178,23 +180,44 @@ class _Module:
     return sum(array_bytes(self.shapes.get(o, "")) for o in inst.operands)
 
   def fusion_read_bytes(self, inst: Instruction, called: str) -> int:
-    """Operand bytes of a fusion; a parameter only sliced inside counts as its slices."""
+    """Operand bytes of a fusion. A parameter only sliced inside counts as its slices; one
+    that is only the buffer a dynamic-update-slice writes into is updated in place, unread."""
     body = self.computations.get(called, [])
-    users = collections.defaultdict(list)
-    for i in body:
-      for o in i.operands:
-        users[o].append(i)
+    users = _users(body)
     total = 0
     for i in body:
       number = i.parameter_number  # which operand of the fusion it stands for
       if number is None or number >= len(inst.operands):
         continue
       full = array_bytes(self.shapes.get(inst.operands[number], ""))
-      uses = users.get(i.name, [])
-      if uses and all(u.opcode in _SLICES and u.operands[0] == i.name for u in uses):
-        total += min(full, sum(array_bytes(u.shape) for u in uses))
+      uses = _uses_through_bitcasts(i.name, users)
+      if uses and all(u.opcode == "dynamic-update-slice" and through == u.operands[0]
+                      for u, through in uses):
+        continue
+      if uses and all(u.opcode in _SLICES and through == u.operands[0] for u, through in uses):
+        total += min(full, sum(array_bytes(u.shape) for u, _ in uses))
       else:
         total += full
+    return total
+
+  def fusion_written_bytes(self, inst: Instruction, called: str) -> int:
+    """Result bytes of a fusion; a result that is a dynamic-update-slice (done in place)
+    writes only its update."""
+    body = {i.name: i for i in self.computations.get(called, [])}
+    root = _root(self.computations.get(called, []))
+    if root is None:
+      return array_bytes(inst.shape)
+    outputs = [body.get(o) for o in root.operands] if root.opcode == "tuple" else [root]
+    total = 0
+    for out in outputs:
+      while out is not None and out.opcode == "bitcast":
+        out = body.get(out.operands[0])
+      if out is None:
+        continue
+      if out.opcode == "dynamic-update-slice" and len(out.operands) > 1:
+        total += array_bytes(self.shapes.get(out.operands[1], ""))
+      else:
+        total += array_bytes(out.shape)
     return total
 
   def inner_dot_flops(self, called: str) -> float:
@@ -208,6 +231,31 @@ class _Module:
 
   def ops_inside(self, called: str, most: int = 4) -> str:
     return fused_ops(self.computations.get(called, []), most)
+
+
+def _users(body: list[Instruction]) -> dict[str, list[Instruction]]:
+  users = collections.defaultdict(list)
+  for i in body:
+    for o in i.operands:
+      users[o].append(i)
+  return users
+
+
+def _uses_through_bitcasts(name: str, users: dict[str, list[Instruction]]
+                           ) -> list[tuple[Instruction, str]]:
+  """``(user, the operand name it uses)`` of ``name``, looking through bitcasts."""
+  out = []
+  for u in users.get(name, []):
+    if u.opcode == "bitcast":
+      out += _uses_through_bitcasts(u.name, users)
+    else:
+      out.append((u, name))
+  return out
+
+
+def _root(body: list[Instruction]) -> Instruction | None:
+  roots = [i for i in body if i.is_root]
+  return roots[-1] if roots else (body[-1] if body else None)
 
 
 def fused_ops(body: list[Instruction], most: int) -> str:
@@ -292,8 +340,12 @@ def _kernel(module: _Module, inst: Instruction, count: float) -> Kernel:
     flops = module.inner_dot_flops(called)
     kind = "gemm" if flops else (fusion_kind or "fusion")
     return Kernel(inst.name, kind, emitter, shape, module.fusion_read_bytes(inst, called),
-                  array_bytes(inst.shape), flops=flops, count=count,
+                  module.fusion_written_bytes(inst, called), flops=flops, count=count,
                   ops=module.ops_inside(called))
+  if inst.opcode == "dynamic-update-slice" and len(inst.operands) > 1:
+    # In place: reads and writes the update (and its indices), never the whole buffer.
+    update = array_bytes(module.shapes.get(inst.operands[1], ""))
+    return Kernel(inst.name, inst.opcode, "", shape, update, update, count=count)
   return Kernel(inst.name, inst.opcode, "", shape, module.operand_bytes(inst),
                 array_bytes(inst.shape), count=count)
 

@@ -91,6 +91,56 @@ def test_kernel_table_counts_bytes_flops_and_loop_trips():
   assert "exponential" in looped.ops
 
 
+# What a scanned layer stack compiles to: a loop that writes each layer's residual into a
+# stacked buffer in place (dynamic-update-slice, through a bitcast) and reads one layer's
+# slice back (dynamic-slice), plus an unfused in-place update.
+SCAN_HLO = """HloModule jit_scan, is_scheduled=true
+
+%fused_store (param_0.1: f32[28,8,128], param_1.1: f32[8,128], param_2.1: s32[]) -> f32[28,8,128] {
+  %param_0.1 = f32[28,8,128]{2,1,0} parameter(0)
+  %bitcast.1 = f32[28,1,8,128]{3,2,1,0} bitcast(%param_0.1)
+  %param_1.1 = f32[8,128]{1,0} parameter(1)
+  %exponential.1 = f32[8,128]{1,0} exponential(%param_1.1)
+  %bitcast.2 = f32[1,1,8,128]{3,2,1,0} bitcast(%exponential.1)
+  %param_2.1 = s32[] parameter(2)
+  %constant.1 = s32[] constant(0)
+  %dynamic-update-slice.1 = f32[28,1,8,128]{3,2,1,0} dynamic-update-slice(%bitcast.1, %bitcast.2, %param_2.1, %constant.1, %constant.1, %constant.1)
+  ROOT %bitcast.3 = f32[28,8,128]{2,1,0} bitcast(%dynamic-update-slice.1)
+}
+
+%fused_load (param_0.2: f32[28,8,128], param_1.2: s32[]) -> bf16[1,8,128] {
+  %param_0.2 = f32[28,8,128]{2,1,0} parameter(0)
+  %param_1.2 = s32[] parameter(1)
+  %constant.2 = s32[] constant(0)
+  %dynamic-slice.1 = f32[1,8,128]{2,1,0} dynamic-slice(%param_0.2, %param_1.2, %constant.2, %constant.2), dynamic_slice_sizes={1,8,128}
+  ROOT %convert.1 = bf16[1,8,128]{2,1,0} convert(%dynamic-slice.1)
+}
+
+ENTRY %main (stack.1: f32[28,8,128], x.1: f32[8,128], i.1: s32[], u.1: f32[1,8,128]) -> (f32[28,8,128], bf16[1,8,128], f32[28,8,128]) {
+  %stack.1 = f32[28,8,128]{2,1,0} parameter(0)
+  %x.1 = f32[8,128]{1,0} parameter(1)
+  %i.1 = s32[] parameter(2)
+  %u.1 = f32[1,8,128]{2,1,0} parameter(3)
+  %store.1 = f32[28,8,128]{2,1,0} fusion(%stack.1, %x.1, %i.1), kind=kLoop, calls=%fused_store
+  %load.1 = bf16[1,8,128]{2,1,0} fusion(%store.1, %i.1), kind=kLoop, calls=%fused_load
+  %constant.3 = s32[] constant(0)
+  %dus.1 = f32[28,8,128]{2,1,0} dynamic-update-slice(%store.1, %u.1, %i.1, %constant.3, %constant.3)
+  ROOT %tuple.1 = (f32[28,8,128]{2,1,0}, bf16[1,8,128]{2,1,0}, f32[28,8,128]{2,1,0}) tuple(%store.1, %load.1, %dus.1)
+}
+"""
+
+
+def test_in_place_updates_and_dynamic_slices_move_only_their_slices():
+  table = {k.name: k for k in hlo_kernels.kernels(SCAN_HLO)}
+  layer = 8 * 128
+  store = table["store.1"]  # reads x and the index, writes one layer; the stack is not read
+  assert (store.bytes_read, store.bytes_written) == (4 * layer + 4, 4 * layer)
+  load = table["load.1"]    # reads one f32 layer of the stack, writes it in bf16
+  assert (load.bytes_read, load.bytes_written) == (4 * layer + 4, 2 * layer)
+  dus = table["dus.1"]
+  assert (dus.bytes_read, dus.bytes_written) == (4 * layer, 4 * layer)
+
+
 def test_estimate_is_the_roofline_of_the_table():
   table = hlo_kernels.kernels(HLO)
   bandwidth, rate = 1e9, 1e12
