@@ -186,3 +186,9 @@ def test_run_end_to_end(tmp_path):
     rows = [json.loads(line) for line in f]
   assert [r["step"] for r in rows] == [2, 4]
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["4"]
+  # The loop logs the parameter norm (outside the step): the saved parameters' L2 norm.
+  import orbax.checkpoint as ocp
+  saved = ocp.StandardCheckpointer().restore(os.path.join(workdir, "checkpoints", "4", "state"))
+  squares = sum(float(np.sum(np.square(np.asarray(leaf, np.float64))))
+                for leaf in jax.tree.leaves(saved["params"]))
+  assert rows[-1]["param_norm"] == pytest.approx(np.sqrt(squares), rel=1e-5)

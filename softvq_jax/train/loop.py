@@ -15,6 +15,7 @@ from absl import logging
 
 from softvq_jax import parallel
 from softvq_jax.checkpoint import TrainCheckpointer
+from softvq_jax.train import state as state_lib
 from softvq_jax.utils import fs
 
 Hook = Callable[[int, Any], None]
@@ -105,6 +106,8 @@ def train_loop(*, state, train_step, data: Iterator, mesh, workdir: str, total_s
       save_now = step % ckpt_every == 0 or step == total_steps or stopping
       if log_now or save_now:
         last = _to_scalars(metrics)
+        if getattr(state, "params", None) is not None:
+          last["param_norm"] = float(state_lib.param_norm(state.params))
         if not math.isfinite(last.get("loss", 0.0)):
           checkpointer.wait()
           raise FloatingPointError(
