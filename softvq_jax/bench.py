@@ -263,24 +263,8 @@ def _cost_flops(compiled) -> float | None:
 
 
 def _memory(compiled) -> dict[str, int]:
-  try:
-    m = compiled.memory_analysis()
-  except Exception:  # pylint: disable=broad-except
-    return {}
-  if m is None:
-    return {}
-  out = {}
-  for name in ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes",
-               "temp_size_in_bytes", "generated_code_size_in_bytes"):
-    if hasattr(m, name):
-      out[name.replace("_in_bytes", "_bytes")] = int(getattr(m, name))
-  if out:
-    out["per_device_total_bytes"] = (out.get("argument_size_bytes", 0)
-                                     + out.get("output_size_bytes", 0)
-                                     - out.get("alias_size_bytes", 0)
-                                     + out.get("temp_size_bytes", 0)
-                                     + out.get("generated_code_size_bytes", 0))
-  return out
+  from softvq_jax.train.state import compiled_memory  # pylint: disable=g-import-not-at-top
+  return compiled_memory(compiled)
 
 
 def _compile(lowerable, args: tuple):
@@ -1012,7 +996,8 @@ def bench_kernels(args) -> list[dict[str, Any]]:
         mesh = _mesh(args.mesh, [device])
         step, state, arrays, flops, strategy, extra = _train_setup(args, batch, mesh)
         lowered = step.lower(state, arrays, *extra)
-        shapes = dict(mesh=dict(mesh.shape), sharding=strategy, objective=args.objective)
+        shapes = dict(mesh=dict(mesh.shape), sharding=strategy, objective=args.objective,
+                      scan=args.scan, remat=args.remat)
       if args.program != "train":
         lowered = jax.jit(fn, compiler_options=options).lower(*on_target(fn_args))
       t0 = time.perf_counter()

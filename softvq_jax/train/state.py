@@ -67,6 +67,30 @@ def abstract_train_state(model_fn, tx, mesh, *, seed: int, strategy: str = "dp")
                       abstract, shardings), shardings
 
 
+def compiled_memory(compiled) -> dict[str, int]:
+  """XLA's memory analysis of a compiled program, per device, in bytes (empty where the
+  backend gives none); ``per_device_total_bytes`` = arguments + outputs - aliased + temporaries
+  + code."""
+  try:
+    m = compiled.memory_analysis()
+  except Exception:  # pylint: disable=broad-except  (not every backend implements it)
+    return {}
+  if m is None:
+    return {}
+  out = {}
+  for name in ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes",
+               "temp_size_in_bytes", "generated_code_size_in_bytes"):
+    if hasattr(m, name):
+      out[name.replace("_in_bytes", "_bytes")] = int(getattr(m, name))
+  if out:
+    out["per_device_total_bytes"] = (out.get("argument_size_bytes", 0)
+                                     + out.get("output_size_bytes", 0)
+                                     - out.get("alias_size_bytes", 0)
+                                     + out.get("temp_size_bytes", 0)
+                                     + out.get("generated_code_size_bytes", 0))
+  return out
+
+
 def ema_update(ema: nnx.State, params: nnx.State, decay: float) -> nnx.State:
   return jax.tree.map(lambda e, p: e * decay + p.astype(e.dtype) * (1.0 - decay), ema, params)
 
