@@ -9,7 +9,8 @@ bf16, AdamW 1e-4, EMA 0.9999, linear path with lognormal t; the paper trains 3M 
   python -m softvq_jax.main --config=configs/sit_xl_softvq_b64.py:tokenizer_dir=softvq-b-64 \
       --config.data.cache_dir=/data/latents/b64 --workdir=gs://BUCKET/sit_xl_b64
 
-The blocks are scanned and rematerialised (config.model.scan_layers / remat_policy).
+Blocks are scanned on TPUs and per block on GPUs, rematerialised only where the step would not
+fit in device memory (config.model.scan_layers / remat_policy, both "auto"; see the README).
 
 Shrunk for 2 CPU cores (tiny random tokenizer and SiT, the bundled photos):
 

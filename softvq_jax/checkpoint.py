@@ -208,8 +208,12 @@ class TrainCheckpointer:
     self.directory = directory
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                            enable_async_checkpointing=asynchronous)
-    self._manager = ocp.CheckpointManager(directory, options=options,
-                                          item_names=("state", "data", "meta"))
+    # Handlers named up front, so that a fresh manager can read a step's metadata
+    # (state_paths) before anything is saved or restored through it.
+    self._manager = ocp.CheckpointManager(
+        directory, options=options,
+        item_handlers=dict(state=ocp.StandardCheckpointHandler(),
+                           data=ocp.JsonCheckpointHandler(), meta=ocp.JsonCheckpointHandler()))
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -235,6 +239,17 @@ class TrainCheckpointer:
         state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(),
         meta=ocp.args.JsonRestore()))
     return restored["state"], dict(restored["data"] or {}), dict(restored["meta"] or {})
+
+  def state_paths(self, step: int | None = None) -> list[tuple[str, ...]]:
+    """Key paths of the saved train state of ``step`` (default: the latest), read from the
+    checkpoint's metadata without reading any array."""
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise CheckpointError(f"no checkpoint in {self.directory}")
+    tree = self._manager.item_metadata(step)["state"]
+    tree = getattr(tree, "tree", tree)
+    return [tuple(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+            for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
   def reached_preemption(self, step: int) -> bool:
     return self._manager.reached_preemption(step)

@@ -213,9 +213,14 @@ def sit_recipe(tokenizer: str, arg: str | None, *, size: str = "XL") -> ml_colle
       hidden_size=hidden, depth=depth, num_heads=heads, mlp_ratio=4.0, num_classes=1000,
       class_dropout_prob=0.1,
       qk_norm=False,                   # the reference SiT's per-head q/k LayerNorms
-      # Scanned, rematerialised blocks: compile time independent of depth, activations
-      # of one block at a time. Checkpoints convert to the loop layout (unstack_layers).
-      scan_layers=True, remat_policy="dots_with_no_batch_dims_saveable"))
+      # Graph options, "auto" by default (resolved when training starts, see
+      # train/sit_trainer.py): scan_layers follows the checkpoint being resumed, else
+      # per-block on GPUs (scanning copies every block's activations) and scanned
+      # elsewhere (compile time flat in depth); remat_policy is "none" when the step fits
+      # in device memory, else "dots_with_no_batch_dims_saveable". Either takes an
+      # explicit value (true/false; a policy of models.sit.REMAT_POLICIES).
+      remat_policy="auto"))
+  c.model.scan_layers = ml_collections.FieldReference("auto", field_type=object)
   c.data = ml_collections.ConfigDict(dict(source="latent_cache", cache_dir="", num_classes=1000))
   c.transport = ml_collections.ConfigDict(dict(path="linear", weighting="lognormal"))
   c.optim = ml_collections.ConfigDict(dict(name="adamw", lr=1e-4, b1=0.9, b2=0.999, eps=1e-8,

@@ -66,14 +66,17 @@ def make_writer(workdir: str):
   return metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
 
 
+def train_checkpointer(workdir: str, keep: int) -> TrainCheckpointer:
+  return TrainCheckpointer(os.path.join(fs.abspath(workdir), "checkpoints"), keep=keep)
+
+
 def init_or_restore(model_fn, tx, mesh, *, seed: int, strategy: str, workdir: str, keep: int,
-                    data=None):
+                    data=None, checkpointer: TrainCheckpointer | None = None):
   """Restores the latest checkpoint of ``workdir`` if there is one, else initialises.
 
   Returns ``(graphdef, state, shardings, checkpointer)``.
   """
-  checkpointer = TrainCheckpointer(os.path.join(fs.abspath(workdir), "checkpoints"),
-                                   keep=keep)
+  checkpointer = checkpointer or train_checkpointer(workdir, keep)
   latest = checkpointer.latest_step()
   if latest is None:
     graphdef, state, shardings = state_lib.create_train_state(model_fn, tx, mesh, seed=seed,
