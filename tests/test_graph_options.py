@@ -1,8 +1,6 @@
 """The generator recipes' "auto" graph options: scanned or per-block layers (by platform, or
 the layout of the checkpoint being resumed) and rematerialisation only where memory needs it."""
 
-import os
-
 import jax
 import numpy as np
 import pytest
@@ -10,7 +8,6 @@ from test_no_recompile import count_compiles
 from test_train_engine import tiny_config
 
 from softvq_jax import parallel
-from softvq_jax.checkpoint import TrainCheckpointer
 from softvq_jax.config_lib import sit_recipe
 from softvq_jax.models.config import ConfigError
 from softvq_jax.train import sit_trainer
@@ -52,25 +49,6 @@ def test_explicit_scan_layers_that_contradict_the_checkpoint_or_are_not_bools_fa
   with pytest.raises(ConfigError, match="true, false or 'auto'.*'yes'"):
     resolve("yes")
   assert sit_trainer.stacked_layout([("step",)]) is None
-
-
-def test_a_scanned_run_resumes_scanned_and_refuses_a_per_block_model(tmp_path):
-  workdir = str(tmp_path)
-  config = tiny_config(2, log_every=1, ckpt_every=2)
-  config.model.update(depth=2, scan_layers=True, remat_policy="none")
-  sit_trainer.run(config, workdir)
-  ckpt = TrainCheckpointer(os.path.join(workdir, "checkpoints"))
-  paths = ckpt.state_paths()
-  ckpt.close()
-  assert ("params", "blocks", "attn", "qkv", "kernel", "value") in paths
-  assert sit_trainer.resolve_scan_layers("auto", state_paths=paths, platform="gpu") is True
-  config.total_steps = 3
-  config.model.scan_layers = False
-  with pytest.raises(ConfigError, match="scan_layers=True"):
-    sit_trainer.run(config, workdir)
-  config.model.scan_layers = "auto"
-  last = sit_trainer.run(config, workdir)  # resumes the stacked state from step 2
-  assert np.isfinite(last["loss"])
 
 
 @pytest.fixture(scope="module")

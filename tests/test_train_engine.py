@@ -235,3 +235,20 @@ def test_scanned_rematerialised_sit_trains(tmp_path):
   step, params = _final_params(str(tmp_path))
   assert step == 4
   assert np.asarray(params["params"]["blocks"]["attn"]["qkv"]["kernel"]["value"]).shape[0] == 2
+  # The stacked checkpoint decides the layout of a resumed "auto" run; an explicit per-block
+  # model is refused before anything is restored.
+  from softvq_jax.checkpoint import TrainCheckpointer
+  from softvq_jax.models.config import ConfigError
+  ckpt = TrainCheckpointer(os.path.join(str(tmp_path), "checkpoints"))
+  paths = ckpt.state_paths()
+  ckpt.close()
+  assert ("params", "blocks", "attn", "qkv", "kernel", "value") in paths
+  config.model.scan_layers = False
+  with pytest.raises(ConfigError, match="written with scan_layers=True"):
+    sit_trainer.run(config, str(tmp_path))
+  config.model.update(scan_layers="auto", remat_policy="auto")
+  run = sit_trainer.prepare_training(config, str(tmp_path),
+                                     lambda _: sit_trainer.make_loss_fn(config.transport))
+  run.ckpt.close()
+  assert int(run.state.step) == 4
+  assert run.state.params["blocks"]["attn"]["qkv"]["kernel"][...].shape[0] == 2
