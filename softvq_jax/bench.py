@@ -166,6 +166,8 @@ def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
                       "trainer's step: LPIPS, DINO discriminator, REPA)")
   p.add_argument("--scan", action="store_true", help="SiT train/memory: scan over layers")
   p.add_argument("--remat", default="none", help="SiT train/memory: remat policy")
+  p.add_argument("--residual_dtype", default="float32", choices=("float32", "bfloat16"),
+                 help="SiT train/memory: dtype of the residual stream between blocks")
   p.add_argument("--devices", type=int, default=0,
                  help="memory: compile for this many fake CPU devices (ahead of time, nothing runs)")
   p.add_argument("--topology", default="",
@@ -696,7 +698,7 @@ def _train_setup(args, batch: int, mesh):
     from softvq_jax.transport.loss import sit_loss  # pylint: disable=g-import-not-at-top
     cfg = _generator_config(args.model, args.tokens, args.channels, args.tiny)
     model_fn = lambda rngs: SiT(cfg, rngs=rngs, dtype=dtype, scan_layers=args.scan,
-                                remat_policy=args.remat)
+                                remat_policy=args.remat, residual_dtype=args.residual_dtype)
 
     if cfg.kind == "dit":
       from softvq_jax.train import dit_trainer  # pylint: disable=g-import-not-at-top
@@ -857,7 +859,8 @@ def bench_train(args, matmul) -> list[dict[str, Any]]:
     line = dict(what="train", model=args.model if not args.tiny else f"tiny-{args.model}",
                 objective=args.objective,
                 dtype=args.dtype, batch=batch, mesh=dict(mesh.shape), sharding=strategy,
-                scan=args.scan, remat=args.remat, **_device_info(), **matmul)
+                scan=args.scan, remat=args.remat, residual_dtype=args.residual_dtype,
+                **_device_info(), **matmul)
     line["steps_per_s"] = 1.0 / timing.median_s
     line["items_per_s"] = batch / timing.median_s
     line["model_flops_per_item"] = flops
@@ -997,7 +1000,7 @@ def bench_kernels(args) -> list[dict[str, Any]]:
         step, state, arrays, flops, strategy, extra = _train_setup(args, batch, mesh)
         lowered = step.lower(state, arrays, *extra)
         shapes = dict(mesh=dict(mesh.shape), sharding=strategy, objective=args.objective,
-                      scan=args.scan, remat=args.remat)
+                      scan=args.scan, remat=args.remat, residual_dtype=args.residual_dtype)
       if args.program != "train":
         lowered = jax.jit(fn, compiler_options=options).lower(*on_target(fn_args))
       t0 = time.perf_counter()

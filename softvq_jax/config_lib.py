@@ -229,6 +229,9 @@ def sit_recipe(tokenizer: str, arg: str | None, *, size: str = "XL") -> ml_colle
   c.total_steps = 400_000
   c.ema_decay = 0.9999
   c.dtype = "bfloat16"
+  # The residual stream between blocks: float32 as PyTorch autocast keeps it, or "bfloat16"
+  # (about 5% faster on GPUs, estimated; rounds the stream once per block).
+  c.residual_dtype = "float32"
   c.mesh = [("data", -1)]
   c.sharding = "dp"                    # preset: "dp" | "fsdp" (softvq_jax.parallel.PRESETS)
   c.sharding_rules = ()                # [(regex over param path, logical axes)], before the preset's

@@ -245,7 +245,7 @@ def test_train_step_for_an_h200_and_a_missing_plugin(cuda_plugin):
   line = _line(_kernels("--program", "train", "--model", "SiT-S", "--tokens", "8",
                         "--channels", "4", "--batch", "4"))
   assert line["mesh"] == {"data": 1} and line["compiler_options"] is None
-  assert (line["scan"], line["remat"]) == (False, "none")
+  assert (line["scan"], line["remat"], line["residual_dtype"]) == (False, "none", "float32")
   # Forward and backward matmuls: about 3x the forward FLOPs, which flops_per_item counts.
   assert 0.95 < line["gemm_flops"] / (line["batch"] * line["flops_per_item"]) < 1.15
   missing = _kernels("--program", "encode", with_plugin=False)

@@ -108,3 +108,12 @@ def test_processes_agree_on_the_policy(auto_run, monkeypatch):
                                    memory_limit=None)
   step._choose(jax.tree.map(lambda x: x.copy(), run.state), batch)  # pylint: disable=protected-access
   assert gathered == [1] and step.policy == sit_trainer.AUTO_REMAT_POLICY
+
+
+def test_the_trainer_builds_the_configured_residual_stream(tmp_path):
+  from flax import nnx
+  config = tiny_config(1, residual_dtype="bfloat16")
+  run = sit_trainer.prepare_training(config, str(tmp_path),
+                                     lambda _: sit_trainer.make_loss_fn(config.transport))
+  run.ckpt.close()
+  assert nnx.merge(run.graphdef, run.state.params, run.state.rest).residual_dtype == "bfloat16"

@@ -115,3 +115,44 @@ def test_qk_norm_scanned_equals_the_loop(inputs):
   assert np.abs(g_loop[("blocks", 0, "attn", "k_norm", "bias")]).max() > 0
   back = unstack_layers(stacked)
   assert set(back) == set(flat)
+
+
+def _with_residual(flat, residual_dtype, *, scan_layers=False):
+  model = SiT(CFG, rngs=nnx.Rngs(0), dtype=jnp.bfloat16, residual_dtype=residual_dtype,
+              scan_layers=scan_layers)
+  return _load(model, stack_layers(flat, CFG.depth) if scan_layers else flat)
+
+
+def test_a_bfloat16_residual_stream_carries_bfloat16_between_blocks(looped, inputs):
+  _, flat = looped
+  x, t, y = inputs
+  wide = _with_residual(flat, "float32")
+  narrow = _with_residual(flat, "bfloat16")
+  out_wide, taps_wide = wide(x, t, y, return_intermediates=True)
+  out_narrow, taps_narrow = narrow(x, t, y, return_intermediates=True)
+  assert taps_wide["block0"].dtype == jnp.float32 and taps_narrow["block0"].dtype == jnp.bfloat16
+  assert out_narrow.dtype == jnp.float32
+  # One bfloat16 rounding of the stream per block, against the float32 stream.
+  assert 0 < rel_err(out_narrow, out_wide) < 3e-2
+  # The scanned model carries the same dtype through its loop.
+  scanned = _with_residual(flat, "bfloat16", scan_layers=True)
+  graphdef, state = nnx.split(scanned)
+  jaxpr = jax.make_jaxpr(lambda st, a: nnx.merge(graphdef, st)(a, t, y))(state, x)
+
+  def scan_outputs(j):
+    for e in j.eqns:
+      if e.primitive.name == "scan":
+        yield from (v.aval for v in e.outvars)
+      for p in e.params.values():
+        inner = getattr(p, "jaxpr", p)
+        if hasattr(inner, "eqns"):
+          yield from scan_outputs(inner)
+
+  streams = [a.dtype for a in scan_outputs(jaxpr.jaxpr) if a.shape == (2, 8, 32)]
+  assert streams == [jnp.bfloat16]
+
+
+@pytest.mark.parametrize("bad", ["int8", "float64x", "complex64"])
+def test_residual_dtype_must_be_a_float_the_stream_can_take(bad):
+  with pytest.raises(ConfigError, match="residual_dtype"):
+    SiT(CFG, rngs=nnx.Rngs(0), residual_dtype=bad)

@@ -423,16 +423,30 @@ class SiT(nnx.Module):
     dtype: compute dtype of the matmuls (None/float32 = exact float32).
       Parameters are ``param_dtype``; norms, softmax and the residual stream
       stay float32, and the output is float32.
+    residual_dtype: dtype of the residual stream between blocks. float32 (the
+      default) is what PyTorch autocast keeps (its float32 position table
+      promotes the sum); the compute dtype halves the traffic of every
+      LayerNorm, modulation and residual add (SiT-XL's bfloat16 train step at
+      batch 256 compiled for an H200: 101.5 instead of 106.6 ms estimated),
+      at the cost of rounding the stream once per block.
   """
 
   def __init__(self, config: GeneratorConfig, *, rngs: nnx.Rngs, dtype: Dtype | None = None,
                param_dtype: Dtype = jnp.float32, scan_layers: bool = False,
-               remat_policy: str = "none"):
+               remat_policy: str = "none", residual_dtype: Dtype | str = jnp.float32):
     if remat_policy not in REMAT_POLICIES:
       raise ConfigError(f"remat_policy must be one of {sorted(REMAT_POLICIES)}, got {remat_policy!r}")
+    try:
+      residual = jnp.dtype(residual_dtype)
+    except TypeError as e:
+      raise ConfigError(f"residual_dtype must be a float dtype, got {residual_dtype!r}") from e
+    if residual not in (jnp.float32, jnp.bfloat16, jnp.float16):
+      raise ConfigError(f"residual_dtype must be float32, bfloat16 or float16, "
+                        f"got {residual_dtype!r}")
     self.config = config
     self.scan_layers = scan_layers
     self.remat_policy = remat_policy
+    self.residual_dtype = residual.name
     d = config.hidden_size
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.x_embedder = linear(config.in_channels, d, kernel_init=_xavier, **kw)
@@ -470,7 +484,8 @@ class SiT(nnx.Module):
                        f"{self.config.in_channels}), got {x.shape}")
     taps: dict[str, Array] = {}
     emb = self.x_embedder(x)
-    tokens = emb.astype(jnp.float32) + self.pos_embed[...].astype(jnp.float32)
+    tokens = (emb.astype(jnp.float32)
+              + self.pos_embed[...].astype(jnp.float32)).astype(self.residual_dtype)
     t = jnp.broadcast_to(jnp.asarray(t), (x.shape[0],))
     t_emb, t_freq = self.t_embedder(t, return_features=True)
     y_emb = self.y_embedder(y, drop_key=drop_key, force_drop_ids=force_drop_ids)

@@ -361,10 +361,14 @@ def prepare_training(config: ml_collections.ConfigDict, workdir: str,
     ckpt.close()
     raise
   remat = options.get("remat_policy", "none")
-  logging.info("Graph: scan_layers=%s, remat_policy=%s", scan_layers, remat)
+  logging.info("Graph: scan_layers=%s, remat_policy=%s, residual_dtype=%s", scan_layers, remat,
+               config.get("residual_dtype", "float32"))
+
+  residual_dtype = config.get("residual_dtype", "float32")
 
   def model_fn(rngs, policy=remat if remat != "auto" else "none"):
-    return SiT(gen_config, dtype=dtype, scan_layers=scan_layers, remat_policy=policy, rngs=rngs)
+    return SiT(gen_config, dtype=dtype, scan_layers=scan_layers, remat_policy=policy,
+               residual_dtype=residual_dtype, rngs=rngs)
 
   tx, lr_fn = common.make_optimizer(config.optim, config.total_steps)
   rules = common.sharding_rules(config)
