@@ -82,20 +82,6 @@ def test_auto_remat_keeps_the_plain_step_when_it_fits(auto_run, limit, policy):
   assert np.isfinite(float(metrics["loss"]))
 
 
-def test_both_policies_take_the_same_step(auto_run):
-  run, batch = auto_run
-  results = []
-  for limit in (None, 1):
-    step = sit_trainer.AutoRematStep(run.step_fn.make_step, run.mesh, run.step_fn.rules,
-                                     memory_limit=limit)
-    state, metrics = step(jax.tree.map(lambda x: x.copy(), run.state), batch)
-    results.append((jax.tree.leaves(state.params), float(metrics["loss"])))
-  (params_plain, loss_plain), (params_remat, loss_remat) = results
-  assert loss_plain == pytest.approx(loss_remat, rel=1e-6)
-  for a, b in zip(params_plain, params_remat):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
-
-
 def test_processes_agree_on_the_policy(auto_run, monkeypatch):
   """One process over budget makes every process rematerialise (one program for all)."""
   from jax.experimental import multihost_utils
