@@ -421,8 +421,8 @@ class SiT(nnx.Module):
   Args:
     config: the architecture.
     dtype: compute dtype of the matmuls (None/float32 = exact float32).
-      Parameters are ``param_dtype``; norms, softmax and the residual stream
-      stay float32, and the output is float32.
+      Parameters are ``param_dtype``; norms and softmax stay float32, the
+      residual stream is ``residual_dtype``, and the output is float32.
     residual_dtype: dtype of the residual stream between blocks. float32 (the
       default) is what PyTorch autocast keeps (its float32 position table
       promotes the sum); the compute dtype halves the traffic of every
