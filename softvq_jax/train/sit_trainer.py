@@ -185,8 +185,9 @@ class AutoRematStep:
   (always, where the device reports no limit); otherwise it takes the step with
   ``AUTO_REMAT_POLICY``. Rematerialising costs a partial second forward pass (estimated
   11% of the SiT-XL batch-256 step on an H200), so it is only paid where memory needs it.
-  ``make_step(policy)`` returns the jitted step of that policy; the compiled program is
-  the one later calls run (JAX caches it), so nothing compiles twice.
+  ``make_step(policy)`` returns the jitted step of that policy. When the plain step is
+  kept, the program compiled for the check is the one later calls run (JAX caches it);
+  otherwise the rematerialised step compiles on the first call.
   """
 
   def __init__(self, make_step: Callable[[str], Any], mesh, rules, *,
@@ -361,12 +362,14 @@ def prepare_training(config: ml_collections.ConfigDict, workdir: str,
     ckpt.close()
     raise
   remat = options.get("remat_policy", "none")
-  logging.info("Graph: scan_layers=%s, remat_policy=%s, residual_dtype=%s", scan_layers, remat,
-               config.get("residual_dtype", "float32"))
-
   residual_dtype = config.get("residual_dtype", "float32")
+  logging.info("Graph: scan_layers=%s, remat_policy=%s, residual_dtype=%s", scan_layers, remat,
+               residual_dtype)
+  # The state is built with this policy's graph ("auto" tries "none" first); the policy
+  # changes the graph, never the state.
+  initial_policy = "none" if remat == "auto" else remat
 
-  def model_fn(rngs, policy=remat if remat != "auto" else "none"):
+  def model_fn(rngs, policy=initial_policy):
     return SiT(gen_config, dtype=dtype, scan_layers=scan_layers, remat_policy=policy,
                residual_dtype=residual_dtype, rngs=rngs)
 
@@ -381,7 +384,8 @@ def prepare_training(config: ml_collections.ConfigDict, workdir: str,
   common.log_parameter_overview(state)
 
   def make_step(policy: str):
-    policy_graphdef = nnx.graphdef(nnx.eval_shape(lambda: model_fn(nnx.Rngs(0), policy)))
+    policy_graphdef = (graphdef if policy == initial_policy else
+                       nnx.graphdef(nnx.eval_shape(lambda: model_fn(nnx.Rngs(0), policy))))
     return state_lib.make_train_step(
         policy_graphdef, tx, make_loss(gen_config), ema_decay=config.ema_decay,
         state_shardings=shardings,
