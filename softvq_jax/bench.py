@@ -889,7 +889,8 @@ def bench_memory(args) -> list[dict[str, Any]]:
     line = dict(what="memory", model=args.model if not args.tiny else f"tiny-{args.model}",
                 objective=args.objective,
                 dtype=args.dtype, batch=batch, mesh=dict(mesh.shape), sharding=strategy,
-                scan=args.scan, remat=args.remat, devices=len(devices) if devices else args.devices,
+                scan=args.scan, remat=args.remat, residual_dtype=args.residual_dtype,
+                devices=len(devices) if devices else args.devices,
                 topology=args.topology or None, device_kind=kind, compile_s=compile_s,
                 hbm_gib=hbm_gib, **mem)
     total = mem.get("per_device_total_bytes")

@@ -203,8 +203,9 @@ class _Module:
   def fusion_written_bytes(self, inst: Instruction, called: str) -> int:
     """Result bytes of a fusion; a result that is a dynamic-update-slice (done in place)
     writes only its update."""
-    body = {i.name: i for i in self.computations.get(called, [])}
-    root = _root(self.computations.get(called, []))
+    instructions = self.computations.get(called, [])
+    body = {i.name: i for i in instructions}
+    root = _root(instructions)
     if root is None:
       return array_bytes(inst.shape)
     outputs = [body.get(o) for o in root.operands] if root.opcode == "tuple" else [root]
