@@ -27,6 +27,17 @@ def run_bench(args, site=None) -> "subprocess.CompletedProcess":
                         text=True, env=env, timeout=300)
 
 
+def jaxpr_equations(jaxpr):
+  """Every equation of ``jaxpr`` and of the jaxprs nested in its equations (jit, scan, remat
+  regions), depth first, each equation before the ones nested in it."""
+  for eqn in jaxpr.eqns:
+    yield eqn
+    for param in eqn.params.values():
+      inner = getattr(param, "jaxpr", param)
+      if hasattr(inner, "eqns"):
+        yield from jaxpr_equations(inner)
+
+
 def rel_err(actual, expected) -> float:
   """max |a - b| / max(1, max |b|): the parity measure of the fixtures' README."""
   actual = np.asarray(actual, np.float64)

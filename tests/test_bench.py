@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from conftest import run_bench
+from conftest import jaxpr_equations, run_bench
 
 from softvq_jax import bench
 from softvq_jax.models.layers import Block
@@ -324,11 +324,7 @@ def test_sdvae_decoder_flops_count_every_convolution():
 
   def matmul_flops(jaxpr):
     total = 0.0
-    for eqn in jaxpr.eqns:
-      for param in eqn.params.values():  # nested jits and remat regions
-        inner = getattr(param, "jaxpr", param)
-        if hasattr(inner, "eqns"):
-          total += matmul_flops(inner)
+    for eqn in jaxpr_equations(jaxpr):  # nested jits and remat regions too
       out = eqn.outvars[0].aval.shape
       if eqn.primitive.name == "conv_general_dilated":
         rhs = eqn.invars[1].aval.shape

@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import rel_err
+from conftest import jaxpr_equations, rel_err
 from flax import nnx
 
 from softvq_jax.generator import build_model
@@ -138,17 +138,8 @@ def test_a_bfloat16_residual_stream_carries_bfloat16_between_blocks(looped, inpu
   scanned = _with_residual(flat, "bfloat16", scan_layers=True)
   graphdef, state = nnx.split(scanned)
   jaxpr = jax.make_jaxpr(lambda st, a: nnx.merge(graphdef, st)(a, t, y))(state, x)
-
-  def scan_outputs(j):
-    for e in j.eqns:
-      if e.primitive.name == "scan":
-        yield from (v.aval for v in e.outvars)
-      for p in e.params.values():
-        inner = getattr(p, "jaxpr", p)
-        if hasattr(inner, "eqns"):
-          yield from scan_outputs(inner)
-
-  streams = [a.dtype for a in scan_outputs(jaxpr.jaxpr) if a.shape == (2, 8, 32)]
+  streams = [v.aval.dtype for e in jaxpr_equations(jaxpr.jaxpr) if e.primitive.name == "scan"
+             for v in e.outvars if v.aval.shape == (2, 8, 32)]
   assert streams == [jnp.bfloat16]
 
 
