@@ -264,3 +264,56 @@ def test_kernel_flags_belong_to_what_kernels():
   assert (args.program, args.gpu_target, args.model) == ("sit", "h200", "SiT-XL")
   assert bench._nominal_peak("NVIDIA H200 141GB HBM3e", "bfloat16") == 989e12  # pylint: disable=protected-access
   assert bench._nominal_peak("Some Future GPU", "bfloat16") is None  # pylint: disable=protected-access
+
+
+# Compiles the tokenizer train step of `bench --what kernels` at SoftVQ-B-64's width (768,
+# 12 heads, 321 tokens, batch 32) with 2 blocks each side, and counts the (B, T, D) arrays
+# XLA laid out batch-minor. "autodiff" swaps in the plain broadcast.
+_LAYOUT_SCRIPT = r"""
+import re, sys
+import jax.numpy as jnp
+from softvq_jax import bench, hlo_kernels
+from softvq_jax.models import vit
+from softvq_jax.models.config import TokenizerConfig
+from softvq_jax.models.released import RELEASED_TOKENIZERS
+
+def two_blocks(name, size=0):
+  width = dict(embed_dim=768, depth=2, num_heads=12)
+  return TokenizerConfig.from_json_dict(dict(RELEASED_TOKENIZERS["softvq-b-64"],
+                                             encoder_kwargs=width, decoder_kwargs=dict(width)))
+
+bench._tokenizer_config = two_blocks
+if sys.argv[1] == "autodiff":
+  vit.broadcast_over_batch = lambda t, b: jnp.broadcast_to(t, (b,) + t.shape[1:])
+read = hlo_kernels.kernels
+def count_layouts(hlo):
+  # Layout normalisation has rewritten batch-minor arrays as (T, D, B) with the default layout.
+  print("LAYOUTS", len(re.findall(r"\[321,768,32\]", hlo)), len(re.findall(r"\[32,321,768\]", hlo)))
+  return read(hlo)
+hlo_kernels.kernels = count_layouts
+bench.main("--what kernels --program train --model softvq_b64 --batch 32 --dtype bfloat16".split())
+"""
+
+
+def test_learned_position_tables_keep_the_backward_pass_batch_major(cuda_plugin):
+  """XLA's GPU layout assignment lays a batch-only reduction's operand out batch-minor, and
+  the layout spreads through the residual stream of the backward pass (a transpose after
+  each matmul). The position tables' gradients are such reductions under autodiff;
+  `broadcast_over_batch` sums pairs of examples first and keeps every (B, T, D) array
+  batch-major."""
+  import os  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+  env["PYTHONPATH"] = os.pathsep.join([str(_CUDA)] + env.get("PYTHONPATH", "").split(os.pathsep))
+  counts = {}
+  for variant in ("autodiff", "ours"):
+    result = subprocess.run([sys.executable, "-c", _LAYOUT_SCRIPT, variant], capture_output=True,
+                            text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    line = next(l for l in result.stderr.splitlines() + result.stdout.splitlines()
+                if l.startswith("LAYOUTS"))
+    counts[variant] = tuple(int(n) for n in line.split()[1:])
+  batch_minor, batch_major = counts["ours"]
+  assert batch_minor == 0 and batch_major > 100
+  assert counts["autodiff"][0] > 100  # the compiler behaviour this guards against

@@ -18,7 +18,8 @@ from flax import nnx
 from softvq_jax.models import rope as rope_lib
 from softvq_jax.models.config import ViTConfig
 from softvq_jax.models.layers import (Attention, Block, Dtype, LayerNorm, Mlp, PatchEmbed,
-                                      RopeTables, linear, trunc_normal_02)
+                                      RopeTables, broadcast_over_batch, linear,
+                                      trunc_normal_02)
 from softvq_jax.parallel import constrain
 
 
@@ -125,7 +126,8 @@ class VisionTransformer(nnx.Module):
     b = tokens.shape[0]
     prefix = [jnp.broadcast_to(p[...], (b,) + p.shape[1:]).astype(tokens.dtype)
               for p in (self.cls_token, self.reg_token) if p is not None]
-    pos = self.pos_embed[...].astype(tokens.dtype) if self.pos_embed is not None else None
+    pos = (broadcast_over_batch(self.pos_embed[...], b).astype(tokens.dtype)
+           if self.pos_embed is not None else None)
     if self.no_embed_class and pos is not None:
       tokens = tokens + pos
     if prefix:
@@ -174,8 +176,8 @@ class ViTEncoder(nnx.Module):
   def embed(self, images: jax.Array) -> jax.Array:
     """Input of the first block: ``[cls, patches (+pos), latents (+latent pos)]``."""
     x = self.model.add_cls_and_positions(self.model.patch_embed(images))
-    latents = (self.latent_tokens[...] + self.latent_pos_embed[...]).astype(x.dtype)
-    latents = jnp.broadcast_to(latents, (x.shape[0],) + latents.shape[1:])
+    latents = broadcast_over_batch(self.latent_tokens[...] + self.latent_pos_embed[...],
+                                   x.shape[0]).astype(x.dtype)
     return jnp.concatenate([x, latents], axis=1)
 
   def __call__(self, images: jax.Array) -> jax.Array:
@@ -234,7 +236,7 @@ class ViTDecoder(nnx.Module):
     num_patches = self.grid_size**2
     masks = jnp.broadcast_to(self.mask_token[...], (b, num_patches, self.mask_token.shape[-1]))
     x = self.model.add_cls_and_positions(masks.astype(latents.dtype))
-    latents = latents + self.latent_pos_embed[...].astype(latents.dtype)
+    latents = latents + broadcast_over_batch(self.latent_pos_embed[...], b).astype(latents.dtype)
     return jnp.concatenate([x, latents], axis=1)
 
   def normed_tokens(self, latents: jax.Array, raw_latents: jax.Array | None = None) -> jax.Array:
