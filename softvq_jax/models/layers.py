@@ -80,7 +80,7 @@ def broadcast_over_batch(table: Array, batch: int) -> Array:
   their Triton fusions (SoftVQ-B-64 train step, compiled for an H200: 520 transposing
   kernels, 7% more bytes). Adding adjacent pairs of examples first, an elementwise step,
   stops the spread; a pair stays on one device when the batch is sharded (even local
-  batches).
+  batches). A custom VJP: reverse-mode differentiation only.
   """
   return jnp.broadcast_to(table, (batch,) + table.shape[1:])
 
