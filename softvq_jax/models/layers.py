@@ -79,8 +79,10 @@ def broadcast_over_batch(table: Array, batch: int) -> Array:
   of the whole backward pass: a transpose after every matmul and LayerNorms left out of
   their Triton fusions (SoftVQ-B-64 train step, compiled for an H200: 520 transposing
   kernels, 7% more bytes). Adding adjacent pairs of examples first, an elementwise step,
-  stops the spread; a pair stays on one device when the batch is sharded (even local
-  batches). A custom VJP: reverse-mode differentiation only.
+  stops the spread. Programs compiled for GPUs do that; others keep the plain sum, since
+  with a sharded batch a pair stays on one device only when each device holds an even
+  number of examples (a TPU pod often holds one: the pairing would add collectives there).
+  A custom VJP: reverse-mode differentiation only.
   """
   return jnp.broadcast_to(table, (batch,) + table.shape[1:])
 
@@ -92,7 +94,7 @@ def _broadcast_over_batch_fwd(table: Array, batch: int):
 def _broadcast_over_batch_bwd(batch: int, _, cotangent: Array):
   del batch
   b = cotangent.shape[0]
-  if b % 2 == 0:
+  if b % 2 == 0 and compile_target() == "gpu":
     pairs = cotangent.reshape((b // 2, 2) + cotangent.shape[1:])
     cotangent = pairs[:, 0] + pairs[:, 1]
   return (jnp.sum(cotangent, axis=0, keepdims=True),)
