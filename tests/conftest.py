@@ -15,16 +15,21 @@ import pytest  # noqa: E402
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
 
 
-def run_bench(args, site=None) -> "subprocess.CompletedProcess":
-  """``python -m softvq_jax.bench ARGS`` in a fresh process without this session's XLA flags
-  and platform, with ``site`` (a ``.deps`` folder) importable when given."""
+def run_python(args, site=None) -> "subprocess.CompletedProcess":
+  """``python ARGS`` in a fresh process without this session's XLA flags and platform, with
+  ``site`` (a ``.deps`` folder) importable when given."""
   import subprocess  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top
   env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
   if site is not None:
     env["PYTHONPATH"] = os.pathsep.join([str(site)] + env.get("PYTHONPATH", "").split(os.pathsep))
-  return subprocess.run([sys.executable, "-m", "softvq_jax.bench", *args], capture_output=True,
-                        text=True, env=env, timeout=300)
+  return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env,
+                        timeout=300)
+
+
+def run_bench(args, site=None) -> "subprocess.CompletedProcess":
+  """``python -m softvq_jax.bench ARGS`` through ``run_python``."""
+  return run_python(["-m", "softvq_jax.bench", *args], site=site)
 
 
 def jaxpr_equations(jaxpr):

@@ -6,7 +6,7 @@ import pathlib
 
 import jax.numpy as jnp
 import pytest
-from conftest import run_bench
+from conftest import run_bench, run_python
 
 from softvq_jax import hlo_kernels
 from softvq_jax.models import layers
@@ -301,18 +301,11 @@ def test_learned_position_tables_keep_the_backward_pass_batch_major(cuda_plugin)
   each matmul). The position tables' gradients are such reductions under autodiff;
   `broadcast_over_batch` sums pairs of examples first and keeps every (B, T, D) array
   batch-major."""
-  import os  # pylint: disable=g-import-not-at-top
-  import subprocess  # pylint: disable=g-import-not-at-top
-  import sys  # pylint: disable=g-import-not-at-top
-  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
-  env["PYTHONPATH"] = os.pathsep.join([str(_CUDA)] + env.get("PYTHONPATH", "").split(os.pathsep))
   counts = {}
   for variant in ("autodiff", "ours"):
-    result = subprocess.run([sys.executable, "-c", _LAYOUT_SCRIPT, variant], capture_output=True,
-                            text=True, env=env, timeout=300)
+    result = run_python(["-c", _LAYOUT_SCRIPT, variant], site=_CUDA)
     assert result.returncode == 0, result.stderr[-3000:]
-    line = next(l for l in result.stderr.splitlines() + result.stdout.splitlines()
-                if l.startswith("LAYOUTS"))
+    line = next(l for l in result.stdout.splitlines() if l.startswith("LAYOUTS"))
     counts[variant] = tuple(int(n) for n in line.split()[1:])
   batch_minor, batch_major = counts["ours"]
   assert batch_minor == 0 and batch_major > 100
