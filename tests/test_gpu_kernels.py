@@ -246,6 +246,10 @@ def test_train_step_for_an_h200_and_a_missing_plugin(cuda_plugin):
                         "--channels", "4", "--batch", "4"))
   assert line["mesh"] == {"data": 1} and line["compiler_options"] is None
   assert (line["scan"], line["remat"], line["residual_dtype"]) == (False, "none", "float32")
+  # Training keeps the GELU in the fc1 matmul: cuBLASLt also writes the pre-activation that
+  # the backward pass reads (one per block of the tiny SiT).
+  epilogues = line["gemm_epilogues"]
+  assert epilogues.get("BIAS_GELU_AUX") == 2 and "BIAS_GELU" not in epilogues
   # Forward and backward matmuls: about 3x the forward FLOPs, which flops_per_item counts.
   assert 0.95 < line["gemm_flops"] / (line["batch"] * line["flops_per_item"]) < 1.15
   missing = _kernels("--program", "encode", with_plugin=False)

@@ -452,9 +452,9 @@ def _gelu_float32(x: Array, approximate: bool) -> Array:
 #              cuBLASLt's bias+GELU epilogue, so the widest activation is written once,
 #              by the matmul, instead of being re-read by a separate elementwise kernel.
 #              The epilogue evaluates GELU in float32 on the float32 accumulator.
-#              Inference only: differentiated, it is the "float32" path (cuBLASLt's
-#              epilogue would have to keep its input for the backward pass, which XLA
-#              does not fold);
+#              Differentiated, the matmul also writes its pre-activation for the backward
+#              pass (cuBLASLt's GELU_AUX epilogues), and the slope is the float32 formula
+#              recomputed from it there;
 #   "float32": the explicit float32 formula (a separate kernel on GPUs).
 # The exact (erf) GELU of the ViTs has no cuBLASLt epilogue and always takes "float32".
 GELU_IMPLEMENTATIONS = ("auto", "epilogue", "float32")
@@ -476,6 +476,18 @@ def gelu_implementation() -> str:
   return _gelu_implementation
 
 
+def _tanh_gelu_slope(x: Array) -> Array:
+  """d/dx of the tanh GELU, in float32."""
+  x32 = x.astype(jnp.float32)
+  c = math.sqrt(2.0 / math.pi)
+  tanh = jnp.tanh(c * (x32 + 0.044715 * (x32**3)))
+  return 0.5 * (1.0 + tanh) + 0.5 * x32 * (1.0 - tanh * tanh) * c * (1.0 + 3 * 0.044715 * x32 * x32)
+
+
+def _tanh_gelu_tangent(x: Array, x_dot: Array) -> Array:
+  return (x_dot.astype(jnp.float32) * _tanh_gelu_slope(x)).astype(x_dot.dtype)
+
+
 @jax.custom_jvp
 def _tanh_gelu_epilogue(x: Array) -> Array:
   # jax.nn.gelu's tanh form on x's own dtype is the HLO pattern the rewriter matches;
@@ -485,9 +497,13 @@ def _tanh_gelu_epilogue(x: Array) -> Array:
 
 @_tanh_gelu_epilogue.defjvp
 def _tanh_gelu_epilogue_jvp(primals, tangents):
-  # Differentiated (training), where cuBLASLt has no epilogue to fold it into, it is
-  # exactly the float32 path: same values, and a backward pass that keeps only x.
-  return jax.jvp(lambda v: gelu(v, approximate=True, implementation="float32"), primals, tangents)
+  (x,), (x_dot,) = primals, tangents
+  # The primal keeps the rewriter's pattern, and x gains one more user: the rewriter then
+  # emits the GELU_AUX epilogue, whose second output is x itself. Autodiff of the pattern
+  # would share its subexpressions with the slope and break the match. Checkpointed with
+  # the tangent (so that it is on the backward side of linearisation), the slope keeps only
+  # x (bfloat16) for the backward pass, as the float32 path does.
+  return jax.nn.gelu(x, approximate=True), jax.checkpoint(_tanh_gelu_tangent)(x, x_dot)
 
 
 def _use_gelu_epilogue(x: Array, approximate: bool, implementation: str) -> bool:
@@ -511,9 +527,9 @@ def gelu(x: Array, approximate: bool = False, *, implementation: str | None = No
   keeps several float32 copies of the MLP's widest activation per layer.
   ``jax.checkpoint`` (unlike a custom VJP) keeps forward-mode AD working.
 
-  The bfloat16 tanh form may instead run fused into the preceding matmul when it is not
-  differentiated (``implementation``, default: the global choice, see
-  ``GELU_IMPLEMENTATIONS``); float32 compute always takes the formula above.
+  The bfloat16 tanh form may instead run fused into the preceding matmul, in training too
+  (``implementation``, default: the global choice, see ``GELU_IMPLEMENTATIONS``); float32
+  compute always takes the formula above.
   """
   implementation = implementation or _gelu_implementation
   if implementation not in GELU_IMPLEMENTATIONS:
