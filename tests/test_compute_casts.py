@@ -247,3 +247,32 @@ def test_gelu_backward_keeps_only_its_bfloat16_input():
       ad_checkpoint.print_saved_residuals(lambda v: jnp.sum(layers.gelu(v, approximate)), x)
     saved = out.getvalue().strip().splitlines()
     assert len(saved) == 1 and saved[0].startswith("bf16[4,8] from the argument"), saved
+
+
+def test_float32_attention_forms_match_float64_softmax_attention():
+  """CPU programs divide by the softmax's sum after the second matmul, other platforms before
+  it: both are softmax(q k^T / sqrt(hd)) v, checked against float64 NumPy, with gradients."""
+  rng = np.random.default_rng(3)
+  q, k, v = (rng.standard_normal((2, 37, 3, 16)).astype(np.float32) * 2 for _ in range(3))
+  logits = np.einsum("bqhd,bkhd->bhqk", q.astype(np.float64) / 4.0, k.astype(np.float64))
+  weights = np.exp(logits - logits.max(-1, keepdims=True))
+  weights /= weights.sum(-1, keepdims=True)
+  expected = np.einsum("bhqk,bkhd->bqhd", weights, v.astype(np.float64))
+  highest = jax.lax.Precision.HIGHEST
+  results, programs = {}, {}
+  for platform in ("cpu", "gpu"):
+    # A fresh function per platform: traces are cached per function, not per platform.
+    attend = lambda a, b, c: layers._einsum_attention(a, b, c, highest)  # pylint: disable=protected-access,cell-var-from-loop
+    with layers.compiling_for(platform):
+      programs[platform] = jax.jit(attend).lower(q, k, v).as_text()
+      results[platform] = jax.jit(attend)(q, k, v)
+      results[platform + "_grads"] = jax.jit(jax.grad(
+          lambda a, b, c: jnp.sum(jnp.sin(attend(a, b, c))), argnums=(0, 1, 2)))(q, k, v)  # pylint: disable=cell-var-from-loop
+    assert results[platform].dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(results[platform]), expected, rtol=1e-5, atol=5e-6)
+  for cpu_grad, other_grad in zip(results["cpu_grads"], results["gpu_grads"]):
+    np.testing.assert_allclose(np.asarray(cpu_grad), np.asarray(other_grad), rtol=1e-4, atol=1e-5)
+  # The two forms really differ (one divides the (N, N) weights, the other the output).
+  assert programs["cpu"] != programs["gpu"]
+  assert "tensor<2x3x37x37xf32>" in programs["gpu"].split("divide")[1].split("\n")[0]
+  assert "tensor<2x3x37x16xf32>" in programs["cpu"].split("divide")[1].split("\n")[0]
