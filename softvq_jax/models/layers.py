@@ -131,7 +131,8 @@ class LayerNorm(nnx.Module):
 
 
 # How attention runs when compute is not float32 (float32 always takes the explicit
-# einsum path below: it rounds like the reference, which parity depends on).
+# einsum path below: float32 matmuls and softmax as in the reference, which parity
+# depends on).
 #   "auto":  fused kernels where the backend has them (cuDNN flash attention on NVIDIA
 #            GPUs), XLA's fused softmax(QK^T)V elsewhere;
 #   "cudnn" / "xla": force one of jax.nn.dot_product_attention's implementations;
