@@ -447,11 +447,18 @@ class RopeTables(NamedTuple):
     return jnp.concatenate([x[:, :self.start], rotated, x[:, self.start + n:]], axis=1)
 
 
+_TANH_GELU_SCALE, _TANH_GELU_CUBIC = math.sqrt(2.0 / math.pi), 0.044715
+
+
+def _tanh_gelu_inner(x32: Array) -> Array:
+  """The tanh GELU's tanh argument, sqrt(2/pi) (x + 0.044715 x^3)."""
+  return _TANH_GELU_SCALE * (x32 + _TANH_GELU_CUBIC * (x32**3))
+
+
 def _gelu_float32(x: Array, approximate: bool) -> Array:
   x32 = x.astype(jnp.float32)
   if approximate:
-    inner = math.sqrt(2.0 / math.pi) * (x32 + 0.044715 * (x32**3))
-    cdf = 0.5 * (1.0 + jnp.tanh(inner))
+    cdf = 0.5 * (1.0 + jnp.tanh(_tanh_gelu_inner(x32)))
   else:
     cdf = 0.5 * (1.0 + jax.lax.erf(x32 * (1.0 / math.sqrt(2.0))))
   return (x32 * cdf).astype(x.dtype)
@@ -490,9 +497,9 @@ def gelu_implementation() -> str:
 def _tanh_gelu_slope(x: Array) -> Array:
   """d/dx of the tanh GELU, in float32."""
   x32 = x.astype(jnp.float32)
-  c = math.sqrt(2.0 / math.pi)
-  tanh = jnp.tanh(c * (x32 + 0.044715 * (x32**3)))
-  return 0.5 * (1.0 + tanh) + 0.5 * x32 * (1.0 - tanh * tanh) * c * (1.0 + 3 * 0.044715 * x32 * x32)
+  tanh = jnp.tanh(_tanh_gelu_inner(x32))
+  inner_slope = _TANH_GELU_SCALE * (1.0 + 3 * _TANH_GELU_CUBIC * x32 * x32)
+  return 0.5 * (1.0 + tanh) + 0.5 * x32 * (1.0 - tanh * tanh) * inner_slope
 
 
 def _tanh_gelu_tangent(x: Array, x_dot: Array) -> Array:
