@@ -17,6 +17,7 @@ from flax import nnx
 from softvq_jax import Generator, Tokenizer
 from softvq_jax.models import layers
 from softvq_jax.models.sit import GeneratorConfig, SiT
+from conftest import jaxpr_equations
 from test_tokenizer_api import SMALL
 
 
@@ -276,3 +277,70 @@ def test_float32_attention_forms_match_float64_softmax_attention():
   assert programs["cpu"] != programs["gpu"]
   assert "tensor<2x3x37x37xf32>" in programs["gpu"].split("divide")[1].split("\n")[0]
   assert "tensor<2x3x37x16xf32>" in programs["cpu"].split("divide")[1].split("\n")[0]
+
+
+def test_odd_length_attention_on_one_masked_extra_token_is_the_plain_attention():
+  """The even-length form cuDNN trains with: one padded token, masked as a key and dropped as
+  a query, leaves the values (float64 NumPy) and the gradients (unpadded attention) as they are."""
+  rng = np.random.default_rng(5)
+  q, k, v = (rng.standard_normal((2, 37, 3, 16)).astype(np.float32) for _ in range(3))
+  cotangent = rng.standard_normal(q.shape).astype(np.float32)
+  logits = np.einsum("bqhd,bkhd->bhqk", q.astype(np.float64) / 4.0, k.astype(np.float64))
+  weights = np.exp(logits - logits.max(-1, keepdims=True))
+  weights /= weights.sum(-1, keepdims=True)
+  expected = np.einsum("bhqk,bkhd->bqhd", weights, v.astype(np.float64))
+  padded = lambda a, b, c: layers._even_length_attention(a, b, c, implementation="xla")  # pylint: disable=protected-access
+  plain = lambda a, b, c: jax.nn.dot_product_attention(a, b, c, implementation="xla")
+  np.testing.assert_allclose(np.asarray(jax.jit(padded)(q, k, v)), expected, rtol=1e-5, atol=5e-6)
+  grads = {}
+  for name, attend in (("padded", padded), ("plain", plain)):
+    grads[name] = jax.jit(jax.grad(lambda a, b, c, f=attend: jnp.sum(f(a, b, c) * cotangent),
+                                   argnums=(0, 1, 2)))(q, k, v)
+  for got, want in zip(grads["padded"], grads["plain"]):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture
+def cudnn_checks_pass(monkeypatch):
+  """JAX's cuDNN attention traces on this CPU as it would on a Hopper GPU with cuDNN 9.10
+  (only its Python-side checks look at the device; nothing here compiles or runs it)."""
+  from jax._src.cudnn import fused_attention_stablehlo as cudnn_attention  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(cudnn_attention, "check_cudnn_version", lambda: 91000)
+  monkeypatch.setattr(cudnn_attention, "check_compute_capability", lambda capability: True)
+  monkeypatch.setattr(cudnn_attention, "is_cuda_compute_capability_equal", lambda capability: False)
+
+
+def _attention_primitives(fn, *args) -> tuple[set[str], set[str]]:
+  """The cuDNN attention primitives and all primitive names in ``fn``'s jaxpr."""
+  names = {e.primitive.name for e in jaxpr_equations(jax.make_jaxpr(fn)(*args).jaxpr)}
+  return {n for n in names if "dot_product_attention" in n}, names
+
+
+@pytest.mark.parametrize("tokens", [321, 64])
+def test_gpu_training_attention_takes_cudnn_for_odd_and_even_lengths(cudnn_checks_pass, tokens):
+  """The tokenizers' 321 tokens: JAX refuses cuDNN's training form for odd lengths, so the
+  gradient goes through the padded form; forward-only programs and even lengths keep the
+  plain call (no pad)."""
+  del cudnn_checks_pass
+  q = jnp.ones((2, tokens, 4, 64), jnp.bfloat16)
+  loss = lambda a: layers.dot_product_attention(a, a * 2, a * 3).astype(jnp.float32).sum()
+  with layers.compiling_for("gpu"):
+    grad_cudnn, grad_ops = _attention_primitives(jax.grad(loss), q)
+    forward_cudnn, forward_ops = _attention_primitives(loss, q)
+  assert {"dot_product_attention_fwd_wrapper", "dot_product_attention_bwd_wrapper"} <= grad_cudnn
+  assert forward_cudnn
+  assert "pad" not in forward_ops
+  assert ("pad" in grad_ops) == (tokens % 2 == 1)
+
+
+def test_refused_cudnn_attention_is_logged_once_per_shape(caplog, monkeypatch):
+  """Without cuDNN (this CPU), a GPU program's bfloat16 attention falls back to XLA and says so
+  once per shape."""
+  monkeypatch.setattr(layers, "_logged_attention_fallbacks", set())
+  q = jnp.ones((1, 9, 2, 8), jnp.bfloat16)
+  with layers.compiling_for("gpu"), caplog.at_level("WARNING"):
+    for _ in range(2):
+      out = jax.eval_shape(lambda a: layers.dot_product_attention(a, a, a), q)
+  assert out.shape == q.shape
+  messages = [r.getMessage() for r in caplog.records if "cuDNN attention refused" in r.getMessage()]
+  assert len(messages) == 1 and "(1, 9, 2, 8)" in messages[0]

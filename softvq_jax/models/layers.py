@@ -14,6 +14,7 @@ import math
 import os
 from typing import Any, Callable, NamedTuple
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -254,10 +255,46 @@ def dot_product_attention(q: Array, k: Array, v: Array, *, precision=None) -> Ar
     if _cudnn_supported(q):
       try:
         return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
-      except (RuntimeError, ValueError, NotImplementedError):
-        pass  # a shape or build cuDNN does not take: XLA's kernel below
+      except (RuntimeError, ValueError, NotImplementedError) as plain_error:
+        reason = plain_error
+      if q.shape[1] % 2:
+        try:
+          return _even_length_attention(q, k, v, implementation="cudnn")
+        except (RuntimeError, ValueError, NotImplementedError) as padded_error:
+          reason = padded_error
+      _log_attention_fallback(q, reason)
     impl = "xla"
   return jax.nn.dot_product_attention(q, k, v, implementation=impl)
+
+
+def _even_length_attention(q: Array, k: Array, v: Array, implementation: str) -> Array:
+  """Attention over an odd number of tokens, computed on one more, masked, token.
+
+  JAX's cuDNN training form takes only even sequence lengths (its differentiation rule
+  checks them as if a bias were given), so the tokenizers' 321 tokens (256 patches,
+  class token, 64 latents) would train on XLA's unfused attention. The extra key is
+  excluded through cuDNN's padding mask (its score never enters the softmax) and the
+  extra query's output is dropped, so the values and gradients are those of the
+  unpadded attention.
+  """
+  b, n = q.shape[:2]
+  pad = ((0, 0), (0, 1), (0, 0), (0, 0))
+  lengths = jnp.full((b,), n, jnp.int32)
+  out = jax.nn.dot_product_attention(jnp.pad(q, pad), jnp.pad(k, pad), jnp.pad(v, pad),
+                                     key_value_seq_lengths=lengths,
+                                     implementation=implementation)
+  return out[:, :n]
+
+
+_logged_attention_fallbacks: set[tuple[int, ...]] = set()
+
+
+def _log_attention_fallback(q: Array, reason: Exception) -> None:
+  """Says once per shape that cuDNN refused it: XLA's attention is several times slower."""
+  if q.shape not in _logged_attention_fallbacks:
+    _logged_attention_fallbacks.add(q.shape)
+    logging.warning("cuDNN attention refused q of shape %s (%s); using XLA's attention.",
+                    q.shape, reason)
 
 
 # Inference-only rewrites of two matmuls, made once to the weights of the inference
