@@ -246,7 +246,8 @@ def dot_product_attention(q: Array, k: Array, v: Array, *, precision=None) -> Ar
 
   The scale is applied to q before the product, as timm does, so float32 runs
   round the same way as the reference. Lower precisions go through
-  ``jax.nn.dot_product_attention`` (fused; its softmax also runs in float32).
+  ``jax.nn.dot_product_attention`` (fused; its softmax also runs in float32); on GPUs an
+  odd sequence length that is differentiated takes ``_even_length_attention``.
   """
   impl = _attention_implementation
   if q.dtype == jnp.float32 or impl == "einsum":
