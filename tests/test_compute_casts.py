@@ -250,15 +250,21 @@ def test_gelu_backward_keeps_only_its_bfloat16_input():
     assert len(saved) == 1 and saved[0].startswith("bf16[4,8] from the argument"), saved
 
 
+def _float64_attention(q, k, v):
+  """softmax(q k^T / sqrt(hd)) v of ``(B, N, H, hd)`` arrays in float64 NumPy."""
+  logits = np.einsum("bqhd,bkhd->bhqk", q.astype(np.float64), k.astype(np.float64))
+  logits /= math.sqrt(q.shape[-1])
+  weights = np.exp(logits - logits.max(-1, keepdims=True))
+  weights /= weights.sum(-1, keepdims=True)
+  return np.einsum("bhqk,bkhd->bqhd", weights, v.astype(np.float64))
+
+
 def test_float32_attention_forms_match_float64_softmax_attention():
   """CPU programs divide by the softmax's sum after the second matmul, other platforms before
   it: both are softmax(q k^T / sqrt(hd)) v, checked against float64 NumPy, with gradients."""
   rng = np.random.default_rng(3)
   q, k, v = (rng.standard_normal((2, 37, 3, 16)).astype(np.float32) * 2 for _ in range(3))
-  logits = np.einsum("bqhd,bkhd->bhqk", q.astype(np.float64) / 4.0, k.astype(np.float64))
-  weights = np.exp(logits - logits.max(-1, keepdims=True))
-  weights /= weights.sum(-1, keepdims=True)
-  expected = np.einsum("bhqk,bkhd->bqhd", weights, v.astype(np.float64))
+  expected = _float64_attention(q, k, v)
   highest = jax.lax.Precision.HIGHEST
   results, programs = {}, {}
   for platform in ("cpu", "gpu"):
@@ -285,10 +291,7 @@ def test_odd_length_attention_on_one_masked_extra_token_is_the_plain_attention()
   rng = np.random.default_rng(5)
   q, k, v = (rng.standard_normal((2, 37, 3, 16)).astype(np.float32) for _ in range(3))
   cotangent = rng.standard_normal(q.shape).astype(np.float32)
-  logits = np.einsum("bqhd,bkhd->bhqk", q.astype(np.float64) / 4.0, k.astype(np.float64))
-  weights = np.exp(logits - logits.max(-1, keepdims=True))
-  weights /= weights.sum(-1, keepdims=True)
-  expected = np.einsum("bhqk,bkhd->bqhd", weights, v.astype(np.float64))
+  expected = _float64_attention(q, k, v)
   padded = lambda a, b, c: layers._even_length_attention(a, b, c, implementation="xla")  # pylint: disable=protected-access
   plain = lambda a, b, c: jax.nn.dot_product_attention(a, b, c, implementation="xla")
   np.testing.assert_allclose(np.asarray(jax.jit(padded)(q, k, v)), expected, rtol=1e-5, atol=5e-6)
