@@ -5,6 +5,7 @@ casts must leave every output bit-identical while moving the casts out of the
 compiled programs.
 """
 
+import functools
 import math
 
 import jax
@@ -347,3 +348,26 @@ def test_refused_cudnn_attention_is_logged_once_per_shape(caplog, monkeypatch):
   assert out.shape == q.shape
   messages = [r.getMessage() for r in caplog.records if "cuDNN attention refused" in r.getMessage()]
   assert len(messages) == 1 and "(1, 9, 2, 8)" in messages[0]
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="runs cuDNN: needs an NVIDIA GPU")
+def test_odd_length_cudnn_training_attention_on_a_gpu():
+  """On a GPU, the padded cuDNN form's values and gradients (bfloat16) against float32 XLA
+  attention and its autodiff: relative L2 errors of bfloat16 size, and cuDNN in the gradient."""
+  rng = np.random.default_rng(7)
+  q, k, v = (rng.standard_normal((4, 321, 6, 64)).astype(np.float32) for _ in range(3))
+  cotangent = rng.standard_normal(q.shape).astype(np.float32)
+  def loss(attend, *qkv):
+    return jnp.sum(attend(*qkv).astype(jnp.float32) * cotangent)
+  ours = lambda a, b, c: layers.dot_product_attention(a, b, c)
+  reference = lambda a, b, c: jax.nn.dot_product_attention(a, b, c, implementation="xla")
+  low = [jnp.asarray(x, jnp.bfloat16) for x in (q, k, v)]
+  grad = lambda attend: jax.jit(jax.grad(functools.partial(loss, attend), argnums=(0, 1, 2)))
+  cudnn_ops, _ = _attention_primitives(jax.grad(functools.partial(loss, ours), argnums=(0, 1, 2)),
+                                       *low)
+  assert "dot_product_attention_bwd_wrapper" in cudnn_ops
+  rel = lambda got, want: float(np.linalg.norm(np.asarray(got, np.float32) - want)
+                                / np.linalg.norm(want))
+  assert rel(jax.jit(ours)(*low), _float64_attention(q, k, v)) < 1e-2
+  for got, want in zip(grad(ours)(*low), grad(reference)(q, k, v)):
+    assert rel(got, np.asarray(want)) < 2e-2
