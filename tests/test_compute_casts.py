@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from softvq_jax import Generator, Tokenizer
 from softvq_jax.models import layers
@@ -371,3 +372,23 @@ def test_odd_length_cudnn_training_attention_on_a_gpu():
   assert rel(jax.jit(ours)(*low), _float64_attention(q, k, v)) < 1e-2
   for got, want in zip(grad(ours)(*low), grad(reference)(q, k, v)):
     assert rel(got, np.asarray(want)) < 2e-2
+
+
+def test_even_length_attention_lengths_follow_the_batch_sharding():
+  """Under the trainers' activation sharding (8 fake devices), the key lengths are sharded like
+  the examples, so each device's cuDNN call reads its own examples' lengths; values unchanged."""
+  from softvq_jax import parallel  # pylint: disable=g-import-not-at-top
+  mesh = parallel.create_mesh([("data", 8)])
+  rng = np.random.default_rng(9)
+  q, k, v = (rng.standard_normal((8, 5, 2, 8)).astype(np.float32) for _ in range(3))
+  batch = NamedSharding(mesh, PartitionSpec("data"))
+  attend = jax.jit(lambda a, b, c: layers._even_length_attention(a, b, c, implementation="xla"),  # pylint: disable=protected-access
+                   in_shardings=(batch,) * 3)
+  with parallel.activation_sharding(mesh):
+    jaxpr = jax.make_jaxpr(attend)(q, k, v)
+    out = attend(q, k, v)
+  np.testing.assert_allclose(np.asarray(out), _float64_attention(q, k, v), rtol=1e-5, atol=5e-6)
+  constraints = [e for e in jaxpr_equations(jaxpr.jaxpr) if e.primitive.name == "sharding_constraint"
+                 and e.invars[0].aval.dtype == jnp.int32]
+  assert len(constraints) == 1
+  assert constraints[0].params["sharding"].spec == PartitionSpec("data")

@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from softvq_jax.parallel import constrain
+
 Dtype = Any
 Array = jax.Array
 
@@ -280,7 +282,8 @@ def _even_length_attention(q: Array, k: Array, v: Array, implementation: str) ->
   """
   b, n = q.shape[:2]
   pad = ((0, 0), (0, 1), (0, 0), (0, 0))
-  lengths = jnp.full((b,), n, jnp.int32)
+  # Sharded like the batch, so that each device's cuDNN call gets its own examples' lengths.
+  lengths = constrain(jnp.full((b,), n, jnp.int32), ("batch",))
   out = jax.nn.dot_product_attention(jnp.pad(q, pad), jnp.pad(k, pad), jnp.pad(v, pad),
                                      key_value_seq_lengths=lengths,
                                      implementation=implementation)
