@@ -38,6 +38,8 @@ Protocol (the same for every measurement):
   ``forward_with_cfg``, and trains on the diffusion loss. The 256-token baseline
   ``sdvae_f8`` is SiT-XL/2 on a 32x32x4 latent (the same matmuls as SiT-XL/1 on
   256 tokens of width 16) followed by a decoder with the SD-VAE layer shapes.
+- ``cudnn_attention_refused`` (only when not empty): the q shapes whose bfloat16
+  attention cuDNN refused in the process, so that XLA's unfused attention ran.
 
 ``--what kernels`` times nothing: it compiles one of the programs above (``--program``)
 for a GPU that need not be attached (``--gpu_target``: a bundled description or a
@@ -1091,6 +1093,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     line.setdefault("attention", layers.attention_implementation())
     line.setdefault("gelu", layers.gelu_implementation())
     line.setdefault("inference_forms", layers.inference_forms())
+    if layers.refused_cudnn_attention_shapes():
+      line["cudnn_attention_refused"] = [list(s) for s in layers.refused_cudnn_attention_shapes()]
     text = json.dumps(line, sort_keys=True)
     print(text, flush=True)
     if args.out:

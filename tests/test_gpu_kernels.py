@@ -215,6 +215,9 @@ def test_tokenizer_encode_compiled_for_an_h200_shows_the_inference_forms(cuda_pl
     assert 0.95 < line["gemm_flops"] / (line["batch"] * line["flops_per_item"]) < 1.15
   assert auto["launches_by_kind"]["gemm"] - never["launches_by_kind"]["gemm"] == 4
   assert (never["gemms_accumulating"], auto["gemms_accumulating"]) == (0, 4)
+  # No device, so cuDNN refused every attention shape; the line says which ran on XLA.
+  refused = auto["cudnn_attention_refused"]
+  assert refused and all(len(shape) == 4 and shape[0] == 4 for shape in refused)
 
 
 def test_sit_forward_for_an_h200_folds_gelu_into_the_matmul(cuda_plugin):

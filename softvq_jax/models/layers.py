@@ -293,6 +293,11 @@ def _even_length_attention(q: Array, k: Array, v: Array, implementation: str) ->
 _logged_attention_fallbacks: set[tuple[int, ...]] = set()
 
 
+def refused_cudnn_attention_shapes() -> list[tuple[int, ...]]:
+  """The q shapes whose attention cuDNN refused in this process (XLA's attention ran instead)."""
+  return sorted(_logged_attention_fallbacks)
+
+
 def _log_attention_fallback(q: Array, reason: Exception) -> None:
   """Says once per shape that cuDNN refused it: XLA's attention is several times slower."""
   if q.shape not in _logged_attention_fallbacks:
