@@ -152,15 +152,23 @@ def _gemm_flops(result_shape: str, lhs_shape: str, contracting: Iterable[int]) -
   return 2.0 * math.prod(_dims(result_shape)) * k
 
 
-def _conv_flops(inst: Instruction, module: "_Module") -> float:
-  """2 x output elements x (filter window x input features per group), from ``dim_labels``."""
+def _conv_flops(inst: Instruction, module: "_Module", target: str) -> float:
+  """2 x output elements x (filter window x input features per group), from ``dim_labels``.
+
+  cuDNN's backward-filter call keeps the forward convolution's labels but takes
+  (input, output gradient) and returns the filter: there the output is operand 1 and
+  the filter the result.
+  """
   labels = re.search(r"dim_labels=\w+_(\w+)->", inst.attributes)
   result = _ARRAY.search(inst.shape)
   if not labels or not result or len(inst.operands) < 2:
     return 0.0
-  kernel = _dims(module.shapes.get(inst.operands[1], ""))
-  per_output = math.prod(size for label, size in zip(labels.group(1), kernel) if label != "o")
-  return 2.0 * math.prod(_dims(result.group(0))) * per_output
+  output, kernel = result.group(0), module.shapes.get(inst.operands[1], "")
+  if "backwardfilter" in target.lower():
+    output, kernel = kernel, output
+  per_output = math.prod(size for label, size in zip(labels.group(1), _dims(kernel))
+                         if label != "o")
+  return 2.0 * math.prod(_dims(output)) * per_output
 
 
 def _contracting(text: str, json_key: str, hlo_key: str) -> list[int]:
@@ -329,7 +337,7 @@ def _kernel(module: _Module, inst: Instruction, count: float) -> Kernel:
                     accumulates=bool(beta and float(beta.group(1)) != 0.0), count=count)
     if "conv" in low:
       return Kernel(inst.name, "conv", target, shape, module.operand_bytes(inst), written,
-                    flops=_conv_flops(inst, module), count=count)
+                    flops=_conv_flops(inst, module, target), count=count)
     kind = "attention" if ("fmha" in low or "cudnn" in low) else "custom-call"
     return Kernel(inst.name, kind, target, shape, module.operand_bytes(inst), written,
                   count=count)

@@ -141,6 +141,25 @@ def test_in_place_updates_and_dynamic_slices_move_only_their_slices():
   assert (dus.bytes_read, dus.bytes_written) == (4 * layer, 4 * layer)
 
 
+# cuDNN's backward-filter call as XLA writes it (compiled for an H200): the forward
+# convolution's labels, operands (input, output gradient), the filter as the result.
+CONV_GRAD_HLO = """HloModule jit_conv_grad, is_scheduled=true
+
+ENTRY %main (x.1: bf16[16,204,384], dy.1: bf16[16,196,256]) -> f32[256,9,384] {
+  %x.1 = bf16[16,204,384]{2,1,0} parameter(0)
+  %dy.1 = bf16[16,196,256]{2,1,0} parameter(1)
+  %bw.1 = (f32[256,9,384]{2,1,0}, u8[0]{0}) custom-call(%x.1, %dy.1), window={size=9}, dim_labels=b0f_o0i->b0f, custom_call_target="__cudnn$convBackwardFilter"
+  ROOT %gte.1 = f32[256,9,384]{2,1,0} get-tuple-element(%bw.1), index=0
+}
+"""
+
+
+def test_backward_filter_convolution_counts_the_forward_multiply_adds():
+  (conv,) = [k for k in hlo_kernels.kernels(CONV_GRAD_HLO) if k.kind == "conv"]
+  # Output gradient elements x (window x input features): the forward convolution's count.
+  assert conv.flops == 2 * (16 * 196 * 256) * (9 * 384)
+
+
 def test_estimate_is_the_roofline_of_the_table():
   table = hlo_kernels.kernels(HLO)
   bandwidth, rate = 1e9, 1e12
