@@ -95,6 +95,9 @@ def tokenizer_recipe(name: str, arg: str | None) -> ml_collections.ConfigDict:
   c.loss.perceptual_weight = 1.0
   c.loss.perceptual_warmup = 10_000
   c.loss.lpips_dropout = True        # the reference leaves LPIPS' dropout on (train mode)
+  # LPIPS' VGG convolutions in the compute dtype (bfloat16 runs: as under the reference's
+  # autocast); True keeps them in float32, at the float32 matmul rate of GPUs and TPUs.
+  c.loss.lpips_float32 = False
   c.loss.disc_type = "dino"
   c.loss.disc_weight = 0.2
   c.loss.disc_start = 20_000

