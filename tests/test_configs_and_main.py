@@ -41,7 +41,9 @@ def test_tokenizer_configs_match_the_releases(name):
   assert (config.optim.name, config.optim.lr, config.optim.b2) == ("adam", 1e-4, 0.95)
   assert config.optim.weight_decay == 0.0 and config.global_batch_size == 256
   assert config.loss.disc_start == 20_000 and config.loss.disc_weight == 0.2
+  assert config.dtype == "bfloat16"  # the reference trains under bf16 autocast
   local = load_config(name, "runlocal")
+  assert local.dtype == "float32"
   tiny = TokenizerConfig.from_json_dict(local.model.to_dict())
   assert tiny.image_size == 64 and tiny.encoder.embed_dim == 64
   assert local.data.dataset == "offline"
