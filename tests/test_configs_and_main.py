@@ -143,6 +143,8 @@ def test_sample_configs_name_their_tokenizer(name):
   config = load_config(name)
   from softvq_jax.models.released import RELEASED_MAETOK
   assert config.trainer == "sample"
+  # Half precision as the reference's sampling scripts; float32 on CPUs.
+  assert config.dtype == "bfloat16" and load_config(name, "runlocal").dtype == "float32"
   assert config.released_tokenizer in {**RELEASED_TOKENIZERS, **RELEASED_MAETOK}
   # The file name carries the tokenizer's: sample_sit_xl_softvq_bl64_512 <-> softvq-bl-64-512.
   family, rest = config.released_tokenizer.split("-", 1)
