@@ -110,6 +110,7 @@ SUITES = {
         "--what sit --model SiT-XL --batch 64 --dtype bfloat16",
         "--what sit --model SiT-XL --tokens 256 --channels 16 --batch 64 --dtype bfloat16",
         "--what train --model softvq_b64 --batch 32 --dtype bfloat16 --repeats 5",
+        "--what train --model softvq_b64 --batch 8 --dtype bfloat16 --objective full --repeats 3",
         "--what pipeline --model softvq_b64 --batch 64 --steps 50 --cfg 1.5 --dtype bfloat16 --repeats 3 --no-decode",
         "--what pipeline --model sdvae_f8 --batch 64 --steps 50 --cfg 1.5 --dtype bfloat16 --repeats 3 --no-decode",
         "--what tokenizer --model softvq_b64 --batch 64 --dtype bfloat16 --attention xla",
