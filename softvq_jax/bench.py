@@ -1094,8 +1094,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     line.setdefault("attention", layers.attention_implementation())
     line.setdefault("gelu", layers.gelu_implementation())
     line.setdefault("inference_forms", layers.inference_forms())
-    if layers.refused_cudnn_attention_shapes():
-      line["cudnn_attention_refused"] = [list(s) for s in layers.refused_cudnn_attention_shapes()]
+    refused = layers.refused_cudnn_attention_shapes()
+    if refused:
+      line["cudnn_attention_refused"] = [list(shape) for shape in refused]
     text = json.dumps(line, sort_keys=True)
     print(text, flush=True)
     if args.out:

