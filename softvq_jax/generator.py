@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Mapping
 
 import jax
@@ -123,8 +122,7 @@ class Generator(LoadedModel):
 
   def __init__(self, model: SiT, **kwargs):
     super().__init__(model, **kwargs)
-    self._forward = jax.jit(functools.partial(_forward_fn, self._compute_graphdef),
-                            compiler_options=inference_compiler_options())
+    self._forward = self._program(_forward_fn, compiler_options=inference_compiler_options())
     self._samplers: dict[tuple, Any] = {}
 
   @classmethod
@@ -148,7 +146,7 @@ class Generator(LoadedModel):
     t = jnp.broadcast_to(jnp.asarray(t), (n,))
     y = self._check_labels(y, n)
     (x, t, y), n = self._shard(x, t, y)
-    return self._trim(self._forward(self._compute_state, x, t, y), n)
+    return self._trim(self._forward(self._compute_leaves, x, t, y), n)
 
   def sample(self, noise, labels, *, method: str | None = None, num_steps: int = 250,
              cfg_scale: float = 1.0, guidance_interval: tuple[float, float] = (0.0, 1.0),
@@ -206,9 +204,8 @@ class Generator(LoadedModel):
         # The process _sample_fn will trace, built once here so that a bad respacing
         # string or schedule fails with its own message rather than under jit.
         diffusion_lib.create_diffusion(steps, noise_schedule, learn_sigma=self.config.learn_sigma)
-      self._samplers[static] = jax.jit(
-          functools.partial(_sample_fn, self._compute_graphdef, static),
-          compiler_options=inference_compiler_options())
+      self._samplers[static] = self._program(_sample_fn, static,
+                                             compiler_options=inference_compiler_options())
     pad_axes = [0, 0]
     arrays = [noise, labels]
     if step_noise is not None:
@@ -217,7 +214,7 @@ class Generator(LoadedModel):
     arrays, n = self._shard(*arrays, axes=pad_axes)
     noise, labels = arrays[0], arrays[1]
     step_noise = arrays[2] if step_noise is not None else None
-    out = self._samplers[static](self._compute_state, noise, labels, jnp.float32(cfg_scale), key,
+    out = self._samplers[static](self._compute_leaves, noise, labels, jnp.float32(cfg_scale), key,
                                  step_noise)
     return self._trim(out, n)
 
@@ -245,11 +242,6 @@ class Generator(LoadedModel):
       if y.min() < 0 or y.max() > top:
         raise ValueError(f"labels must lie in [0, {top}], got [{y.min()}, {y.max()}]")
     return jnp.asarray(y, jnp.int32)
-
-  def _trim(self, out: jax.Array, n: int) -> jax.Array:
-    """Drops the padding rows added by ``_shard``."""
-    # The mesh has Auto axes (LoadedModel), so slicing a batch-sharded array is allowed.
-    return out if out.shape[0] == n else out[:n]
 
   def _shard(self, *arrays, axes=None):
     """Pads the batch to a multiple of the data shards and places it on the mesh."""

@@ -76,6 +76,26 @@ class LoadedModel:
     # and ``state`` keep the model as loaded, for ``model`` and ``save``.
     self._compute_graphdef, self._compute_state = layers.split_for_inference(
         nnx.merge(self.graphdef, state), self.dtype)
+    # The programs take these arrays as a list: jit flattens its arguments on every call,
+    # and a state of NNX variables costs host time per array (SoftVQ-B-64's 357 arrays:
+    # 3.4 ms per encode call as variables, 0.6 ms as a list, on a 2-core host).
+    self._compute_leaves, self._compute_treedef = jax.tree.flatten(self._compute_state)
+
+  def _program(self, fn: Callable, *static, **jit_kwargs):
+    """``jax.jit`` of ``fn(compute_graphdef, *static, compute_state, *args)`` that is called
+    as ``program(self._compute_leaves, *args)``."""
+    graphdef, treedef = self._compute_graphdef, self._compute_treedef
+
+    def on_leaves(leaves, *args):
+      return fn(graphdef, *static, jax.tree.unflatten(treedef, leaves), *args)
+
+    return jax.jit(on_leaves, **jit_kwargs)
+
+  @staticmethod
+  def _trim(out: jax.Array, n: int) -> jax.Array:
+    """Drops the padding rows that sharding the batch added (no slicing op when none)."""
+    # The mesh has Auto axes, so slicing a batch-sharded array is allowed.
+    return out if out.shape[0] == n else out[:n]
 
   @classmethod
   def load(cls, directory: str, **kwargs):

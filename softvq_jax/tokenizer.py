@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Mapping
 
 import jax
@@ -96,8 +95,7 @@ class Tokenizer(LoadedModel):
   def __init__(self, model: TokenizerModel, **kwargs):
     super().__init__(model, **kwargs)
     options = layers.inference_compiler_options()
-    program = lambda fn: jax.jit(functools.partial(fn, self._compute_graphdef),
-                                 compiler_options=options)
+    program = lambda fn: self._program(fn, compiler_options=options)
     self._encode = program(_encode_fn)
     self._encode_info = program(_encode_info_fn)
     self._decode = program(_decode_fn)
@@ -124,16 +122,16 @@ class Tokenizer(LoadedModel):
     images = self._check_images(images)
     images, n = self._shard_batch(images)
     if return_info:
-      quant, info = self._encode_info(self._compute_state, images, np.int32(n))
-      return quant[:n], jax.tree.map(lambda a: a[:n] if a.ndim and a.shape[0] == images.shape[0]
-                                     else a, info)
-    return self._encode(self._compute_state, images)[:n]
+      quant, info = self._encode_info(self._compute_leaves, images, np.int32(n))
+      return self._trim(quant, n), jax.tree.map(
+          lambda a: self._trim(a, n) if a.ndim and a.shape[0] == images.shape[0] else a, info)
+    return self._trim(self._encode(self._compute_leaves, images), n)
 
   def decode(self, latents) -> jax.Array:
     """``(B, L, d)`` latents -> ``(B, H, W, 3)`` images (float32, not clamped)."""
     latents = self._check_latents(latents)
     latents, n = self._shard_batch(latents)
-    return self._decode(self._compute_state, latents)[:n]
+    return self._trim(self._decode(self._compute_leaves, latents), n)
 
   def reconstruct(self, images) -> jax.Array:
     return self.decode(self.encode(images))

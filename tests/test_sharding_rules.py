@@ -137,10 +137,11 @@ def _run(mesh, rules, batches):
     lowered = step.lower(state, parallel.global_batch(batches[0], mesh))
   compiled = lowered.compile()
   losses = []
+  leaves = step.leaves_of(state)  # the program takes the state as its list of arrays
   for batch in batches:
-    state, metrics = compiled(state, parallel.global_batch(batch, mesh))
+    leaves, metrics = compiled(leaves, parallel.global_batch(batch, mesh))
     losses.append(float(metrics["loss"]))
-  return state, losses, lowered.as_text()
+  return jax.tree.unflatten(step.treedef, leaves), losses, lowered.as_text()
 
 
 def test_rule_based_fsdp_step_equals_one_device():

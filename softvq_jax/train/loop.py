@@ -75,10 +75,17 @@ def train_loop(*, state, train_step, data: Iterator, mesh, workdir: str, total_s
   after step ``profile_first_step`` (clu ``periodic_actions.Profile``, process 0
   only), under ``profile_dir`` (default ``workdir``): ``plugins/profile/<run>/``,
   which TensorBoard's profile plugin (or XProf) reads.
+
+  A step with ``takes_leaf_state`` (:class:`~softvq_jax.train.state.LeafStep`) gets
+  the state as a :class:`~softvq_jax.train.state.LeafState` between steps, and so do
+  hooks (attribute access reads the train state); checkpoints and the returned state
+  are the pytree.
   """
   from clu import periodic_actions  # pylint: disable=g-import-not-at-top
 
   step = int(jax.device_get(state.step))
+  if getattr(train_step, "takes_leaf_state", False):
+    state = state_lib.LeafState.of(state)
   report = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer,
                                            every_steps=log_every, every_secs=None)
   profile = None
@@ -106,8 +113,8 @@ def train_loop(*, state, train_step, data: Iterator, mesh, workdir: str, total_s
       save_now = step % ckpt_every == 0 or step == total_steps or stopping
       if log_now or save_now:
         last = _to_scalars(metrics)
-        if getattr(state, "params", None) is not None:
-          last["param_norm"] = float(state_lib.param_norm(state.params))
+        if getattr(_tree(state), "params", None) is not None:
+          last["param_norm"] = float(state_lib.param_norm(_tree(state).params))
         if not math.isfinite(last.get("loss", 0.0)):
           checkpointer.wait()
           raise FloatingPointError(
@@ -120,7 +127,7 @@ def train_loop(*, state, train_step, data: Iterator, mesh, workdir: str, total_s
           logging.info("step %d: %s", step, ", ".join(f"{k}={v:.5g}" for k, v in sorted(last.items())))
       if save_now:
         data_state = data.get_state() if hasattr(data, "get_state") else {}
-        checkpointer.save(step, state, data_state=data_state, meta=dict(meta or {}, step=step),
+        checkpointer.save(step, _tree(state), data_state=data_state, meta=dict(meta or {}, step=step),
                           force=True)
       if stopping:
         logging.warning("Stopped at step %d after a preemption signal; rerun to resume.", step)
@@ -134,4 +141,8 @@ def train_loop(*, state, train_step, data: Iterator, mesh, workdir: str, total_s
     preempt.restore()
     if writer is not None:
       writer.flush()
-  return state, last
+  return _tree(state), last
+
+
+def _tree(state):
+  return state.tree() if isinstance(state, state_lib.LeafState) else state

@@ -190,6 +190,8 @@ class AutoRematStep:
   otherwise the rematerialised step compiles on the first call.
   """
 
+  takes_leaf_state = True  # the steps it chooses between are LeafSteps
+
   def __init__(self, make_step: Callable[[str], Any], mesh, rules, *,
                memory_limit: int | None):
     self.make_step = make_step

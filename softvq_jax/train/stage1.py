@@ -31,7 +31,7 @@ from softvq_jax.losses.repa import RepaProjector, repa_alignment_loss, teacher_f
 from softvq_jax.models.config import TokenizerConfig
 from softvq_jax.models.quantizers import code_usage, entropy_loss
 from softvq_jax.models.tokenizer import TokenizerModel
-from softvq_jax.train.state import TrainState, ema_update, optimizer_step
+from softvq_jax.train.state import LeafStep, TrainState, ema_update, optimizer_step
 
 
 class TrainableTokenizer(nnx.Module):
@@ -275,8 +275,7 @@ def make_stage1_step(graphdef, disc_graphdef, frozen: FrozenGraphs, objective: O
                               disc_opt_state=disc_opt_state, lecam=lecam)
     return new_state, metrics
 
-  return jax.jit(step, in_shardings=(state_shardings, batch_sharding, frozen_shardings),
-                 out_shardings=(state_shardings, None), donate_argnums=0)
+  return LeafStep(step, state_shardings, (batch_sharding, frozen_shardings))
 
 
 def init_stage1_state(model_fn, disc_fn, tx, disc_tx, seed: int) -> Stage1State:

@@ -117,7 +117,8 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, loss_fn: LossFn,
                     ema_decay: float, state_shardings, batch_sharding,
                     learning_rate_fn: Callable[[jax.Array], jax.Array] | None = None,
                     frozen_shardings=None):
-  """A jitted ``(state, batch[, frozen]) -> (state, metrics)`` that donates the state.
+  """A jitted ``(state, batch[, frozen]) -> (state, metrics)`` that donates the state
+  (a :class:`LeafStep`: pass a :class:`LeafState` to skip the pytree per call).
 
   ``frozen`` (given when ``frozen_shardings`` is) is a pytree of arrays the
   loss needs but never updates, e.g. the LPIPS network; the loss then takes it
@@ -145,7 +146,98 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, loss_fn: LossFn,
     return new_state, metrics
 
   if frozen_shardings is not None:
-    return jax.jit(step, in_shardings=(state_shardings, batch_sharding, frozen_shardings),
-                   out_shardings=(state_shardings, None), donate_argnums=0)
-  return jax.jit(step, in_shardings=(state_shardings, batch_sharding),
-                 out_shardings=(state_shardings, None), donate_argnums=0)
+    return LeafStep(step, state_shardings, (batch_sharding, frozen_shardings))
+  return LeafStep(step, state_shardings, (batch_sharding,))
+
+
+class LeafState:
+  """A train state held as its list of arrays: what the training loop passes between steps.
+
+  ``jax.jit`` flattens every argument on each call, and NNX variables are pytree nodes
+  written in Python, so a state passed as a ``TrainState`` costs host time per array.
+  Attribute access (``state.ema``, ``state.step``) reads the state rebuilt from the
+  arrays (once per ``LeafState``), so hooks and logging use it like the train state.
+  """
+
+  __slots__ = ("treedef", "leaves", "_tree")
+
+  def __init__(self, treedef, leaves):
+    self.treedef = treedef
+    self.leaves = list(leaves)
+    self._tree = None
+
+  @classmethod
+  def of(cls, state) -> "LeafState":
+    if isinstance(state, LeafState):
+      return state
+    leaves, treedef = jax.tree.flatten(state)
+    return cls(treedef, leaves)
+
+  def tree(self):
+    """The state as the pytree it was made from (arrays shared, not copied)."""
+    if self._tree is None:
+      self._tree = jax.tree.unflatten(self.treedef, self.leaves)
+    return self._tree
+
+  def __getattr__(self, name):
+    if name.startswith("__"):
+      raise AttributeError(name)
+    return getattr(self.tree(), name)
+
+
+class LeafStep:
+  """``jax.jit`` of a ``(state, *args) -> (state, metrics)`` step whose program takes the
+  state as its list of arrays, donated.
+
+  Called with a :class:`LeafState` it returns one (the training loop's form: no pytree
+  of NNX variables is flattened or rebuilt per step); called with the state pytree it
+  returns the pytree. Measured on a 2-core host, the SoftVQ-B-64 train step (1,431
+  arrays) returned to Python after 11 ms as a pytree and 5.5 ms as a list; on a GPU
+  that time comes before the device starts and lengthens every synchronised step.
+  """
+
+  takes_leaf_state = True
+
+  def __init__(self, step, state_shardings, arg_shardings: tuple):
+    treedef = jax.tree.structure(state_shardings)
+    leaf_shardings = jax.tree.leaves(state_shardings)
+
+    def on_leaves(leaves, *args):
+      state, metrics = step(jax.tree.unflatten(treedef, leaves), *args)
+      if jax.tree.structure(state) != treedef:
+        raise ValueError("the step returned a state of another structure than it was given")
+      return jax.tree.leaves(state), metrics
+
+    self.fn = step  # the step on the state pytree, unjitted
+    self.treedef = treedef
+    # An instance attribute too: wrappers made with functools.wraps copy the instance's
+    # __dict__, and the loop reads it through them.
+    self.takes_leaf_state = True
+    self.jitted = jax.jit(on_leaves, in_shardings=(leaf_shardings, *arg_shardings),
+                          out_shardings=(leaf_shardings, None), donate_argnums=0)
+
+  def leaves_of(self, state) -> list:
+    """The arrays of ``state`` (a :class:`LeafState` or the state pytree) in program order."""
+    if isinstance(state, LeafState):
+      treedef, leaves = state.treedef, state.leaves
+    else:
+      leaves, treedef = jax.tree.flatten(state)
+    if treedef is not self.treedef and treedef != self.treedef:
+      raise ValueError(f"the state does not have the structure this step was built for: "
+                       f"{len(leaves)} arrays given, {self.treedef.num_leaves} expected"
+                       + ("" if len(leaves) != self.treedef.num_leaves else
+                          " (same count, different names, kinds or nesting)"))
+    return leaves
+
+  def __call__(self, state, *args):
+    leaves, metrics = self.jitted(self.leaves_of(state), *args)
+    if isinstance(state, LeafState):
+      return LeafState(self.treedef, leaves), metrics
+    return jax.tree.unflatten(self.treedef, leaves), metrics
+
+  def lower(self, state, *args):
+    """Lowers the program for ``state`` (a pytree of arrays or ``ShapeDtypeStruct``s)."""
+    return self.jitted.lower(self.leaves_of(state), *args)
+
+  def _cache_size(self) -> int:
+    return self.jitted._cache_size()  # pylint: disable=protected-access
