@@ -260,6 +260,16 @@ class Stage1Setup:
     return parallel.with_activation_sharding(step, mesh, common.sharding_rules(config))
 
 
+def _split_frozen(module: nnx.Module):
+  """``(graphdef, nested dict of arrays)`` of a network the step reads but never trains.
+
+  It is an argument of every step: as plain dicts its arrays need no Python per call,
+  where NNX variables are flattened one by one (``nnx.merge`` takes either).
+  """
+  graphdef, state = nnx.split(module)
+  return graphdef, nnx.to_pure_dict(state)
+
+
 def build_stage1(config: ml_collections.ConfigDict, *, total_steps: int,
                  steps_per_epoch: int = 1) -> Stage1Setup:
   from softvq_jax.eval.lpips import load_lpips  # pylint: disable=g-import-not-at-top
@@ -273,17 +283,17 @@ def build_stage1(config: ml_collections.ConfigDict, *, total_steps: int,
   optim.warmup_steps = int(config.optim.get("warmup_epochs", 0) * steps_per_epoch)
   frozen_graphs, frozen_states = {}, {}
   if objective.perceptual_weight > 0:
-    frozen_graphs["lpips"], frozen_states["lpips"] = nnx.split(
+    frozen_graphs["lpips"], frozen_states["lpips"] = _split_frozen(
         load_lpips(dtype=None if config.loss.get("lpips_float32", False) else dtype))
   backbone = None
   if objective.gan:
     backbone = build_backbone(config, dtype)
-    frozen_graphs["backbone"], frozen_states["backbone"] = nnx.split(backbone)
+    frozen_graphs["backbone"], frozen_states["backbone"] = _split_frozen(backbone)
   repa_dims = None
   if objective.repa:
     teacher = build_teacher(config, tok_config.image_size, dtype)
     repa_dims = (int(config.loss.repa_proj_dim), teacher.embed_dim)
-    frozen_graphs["teacher"], frozen_states["teacher"] = nnx.split(teacher)
+    frozen_graphs["teacher"], frozen_states["teacher"] = _split_frozen(teacher)
   model_fn = lambda rngs: stage1.TrainableTokenizer(tok_config, repa_dims=repa_dims, rngs=rngs,
                                                     dtype=dtype)
   if objective.gan:
