@@ -19,7 +19,10 @@ Protocol (the same for every measurement):
   calls, each ended by ``block_until_ready``; the median and spread are reported.
   Then ``--repeats`` calls are dispatched back to back and synchronised once
   (``*_pipelined`` fields): the steady state of a batch job, without the host
-  round trip that a per-call sync adds to short programs.
+  round trip that a per-call sync adds to short programs. ``dispatch_s``: the median
+  host time until a timed call returned, before its sync (argument handling and
+  launch). Programs take their weights and train states as lists of arrays, as the
+  ``Tokenizer``, ``Generator`` and training loop pass them.
 - FLOPs per item are counted twice: analytically from the layer shapes (matmuls
   and attention, 2 FLOPs per multiply-add; what MFU conventionally counts) and by
   XLA's cost analysis of the whole program before the backend's passes (so GPU
@@ -238,6 +241,9 @@ class Timing:
   # ``repeats`` calls dispatched back to back with one sync at the end, per call:
   # what a batch job sees, with no host round trip between calls.
   pipelined_s: float | None = None
+  # Median host time until a call returned (before the sync): argument handling and launch,
+  # during which the device has not started that call.
+  dispatch_s: float | None = None
 
   @property
   def median_s(self) -> float:
@@ -249,7 +255,7 @@ class Timing:
     out = dict(compile_s=round(self.compile_s, 3), median_s=self.median_s, min_s=ts[0],
                max_s=ts[-1], iqr_s=q3 - q1, repeats=len(ts),
                program_memory_bytes=self.memory.get("per_device_total_bytes"),
-               pipelined_s_per_call=self.pipelined_s)
+               pipelined_s_per_call=self.pipelined_s, dispatch_s=self.dispatch_s)
     if self.profile is not None:
       out["profile"] = self.profile
     return out
@@ -290,20 +296,27 @@ _profile_count = 0
 
 
 def measure(fn: Callable, args: tuple, *, repeats: int, warmup: int, carry: bool = False,
-            donate: tuple[int, ...] = (), jit: bool = True,
-            compiler_options: dict[str, str] | None = None) -> Timing:
+            jit: bool = True, compiler_options: dict[str, str] | None = None) -> Timing:
   """Compiles ``fn`` for ``args`` once, then times ``repeats`` calls.
 
-  ``carry``: ``fn`` returns ``(new_args[0], ...)`` to feed the next call (a train
-  step with a donated state). ``jit=False``: ``fn`` is already jitted (its own
-  shardings and donation). ``Timing.outputs`` holds the last call's outputs.
-  With ``--profile``, three more calls run under the profiler after the timed ones.
+  ``jit=True``: the program takes ``args`` as one list of arrays, as the ``Tokenizer``
+  and ``Generator`` programs take their weights (no pytree of NNX variables to flatten
+  per call). ``jit=False``: ``fn`` is already jitted (its own shardings and donation) and
+  is called with ``args`` as given; ``carry``: it returns ``(new_args[0], ...)`` to feed
+  the next call (a train step with a donated state). ``Timing.outputs`` holds the last
+  call's outputs. With ``--profile``, three more calls run under the profiler after the
+  timed ones.
   """
   import jax  # pylint: disable=g-import-not-at-top
   global _profile_count
-  compiled, compile_s, xla_flops = _compile(
-      jax.jit(fn, donate_argnums=donate, compiler_options=compiler_options) if jit else fn, args)
-  times, out = [], None
+  if jit:
+    leaves, treedef = jax.tree.flatten(args)
+    on_leaves = lambda leaves: fn(*jax.tree.unflatten(treedef, leaves))
+    lowerable, args = jax.jit(on_leaves, compiler_options=compiler_options), (leaves,)
+  else:
+    lowerable = fn
+  compiled, compile_s, xla_flops = _compile(lowerable, args)
+  times, dispatch_times, out = [], [], None
 
   def dispatch():
     nonlocal args, out
@@ -317,16 +330,19 @@ def measure(fn: Callable, args: tuple, *, repeats: int, warmup: int, carry: bool
 
   for i in range(warmup + repeats):
     t0 = time.perf_counter()
-    run_once()
+    result = dispatch()
+    t1 = time.perf_counter()
+    jax.block_until_ready(result)
     if i >= warmup:
       times.append(time.perf_counter() - t0)
+      dispatch_times.append(t1 - t0)
   t0 = time.perf_counter()
   for _ in range(repeats):
     dispatch()
   jax.block_until_ready(out)
   pipelined_s = (time.perf_counter() - t0) / repeats
   timing = Timing(compile_s, times, xla_flops, _memory(compiled), out,
-                  pipelined_s=pipelined_s)
+                  pipelined_s=pipelined_s, dispatch_s=statistics.median(dispatch_times))
   if _profile_root is not None:
     from softvq_jax import kernel_profile  # pylint: disable=g-import-not-at-top
     _profile_count += 1
@@ -856,8 +872,11 @@ def bench_train(args, matmul) -> list[dict[str, Any]]:
   lines = []
   for batch in args.batches:
     step, state, arrays, flops, strategy, extra = _train_setup(args, batch, mesh)
-    timing = measure(step, (state, arrays, *extra), repeats=args.repeats, warmup=args.warmup,
-                     carry=True, jit=False)
+    # As the training loop calls it: the state as its list of arrays (a LeafState).
+    leaves = step.step.leaves_of(state)
+    on_leaves = _ActivationSharded(step.step.jitted, step.mesh, step.strategy)
+    timing = measure(on_leaves, (leaves, arrays, *extra), repeats=args.repeats,
+                     warmup=args.warmup, carry=True, jit=False)
     metrics = timing.outputs[1]
     line = dict(what="train", model=args.model if not args.tiny else f"tiny-{args.model}",
                 objective=args.objective,

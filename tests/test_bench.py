@@ -92,6 +92,8 @@ def test_tokenizer_line_fields(tokenizer_lines, capsys):
     assert line["inference_forms"] == "auto" and line["compiler_options"] is None  # CPU
     pipelined_s = line["decode"]["pipelined_s_per_call"]
     assert pipelined_s > 0
+    for program in ("encode", "decode"):  # host time until the call returned, within the call
+      assert 0 < line[program]["dispatch_s"] <= line[program]["max_s"]
     assert line["decode_items_per_s_pipelined"] == pytest.approx(line["batch"] / pipelined_s)
   # one JSON object per line on stdout
   printed = [json.loads(l) for l in capsys.readouterr().out.splitlines() if l.startswith("{")]
@@ -140,6 +142,7 @@ def test_pipeline_and_train_lines(tmp_path):
   assert np.isfinite(train["loss"]) and train["steps_per_s"] > 0
   assert train["items_per_s_pipelined"] > 0
   assert train["model_flops_per_item"] > 0
+  assert 0 < train["dispatch_s"] <= train["max_s"]
 
 
 def test_dit_pipeline_and_train_lines():
