@@ -298,6 +298,13 @@ def test_inference_compiler_options_are_gpu_only_and_valid(monkeypatch):
   monkeypatch.setattr(layers.jax, "default_backend", lambda: "gpu")
   options = layers.inference_compiler_options()
   assert options == {"xla_disable_hlo_passes": "dot-merger"}
+  # Passes the user disabled through XLA_FLAGS stay disabled: the option replaces the flag.
+  monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8 "
+                     "--xla_disable_hlo_passes=triton-softmax-rewriter,dot-merger,algsimp")
+  assert layers.inference_compiler_options() == {
+      "xla_disable_hlo_passes": "dot-merger,triton-softmax-rewriter,algsimp"}
+  monkeypatch.setenv("XLA_FLAGS", "--xla_disable_hlo_passes=a --xla_disable_hlo_passes=b")
+  assert layers.inference_compiler_options() == {"xla_disable_hlo_passes": "dot-merger,b"}
   monkeypatch.setenv("SOFTVQ_DOT_MERGER", "1")
   assert layers.inference_compiler_options() is None
   # XLA refuses unknown option names and malformed values at compile time: these compile.

@@ -382,10 +382,28 @@ def inference_compiler_options() -> dict[str, str] | None:
   Training keeps the merger: there the concatenation happens once per step, and the
   merged weight gradient is one matmul. ``SOFTVQ_DOT_MERGER=1`` keeps the merger here
   too (for A/B measurements).
+
+  Passes that ``XLA_FLAGS`` disables (``--xla_disable_hlo_passes=a,b``) stay disabled:
+  a compile option of that name replaces the flag's list rather than adding to it.
   """
   if compile_target() == "gpu" and os.environ.get("SOFTVQ_DOT_MERGER") != "1":
-    return {"xla_disable_hlo_passes": "dot-merger"}
+    passes = ["dot-merger"]
+    for name in _flag_disabled_passes():
+      if name not in passes:
+        passes.append(name)
+    return {"xla_disable_hlo_passes": ",".join(passes)}
   return None
+
+
+def _flag_disabled_passes() -> list[str]:
+  """The HLO passes ``XLA_FLAGS`` disables, in order (the last occurrence of the flag wins,
+  as in XLA's own parsing)."""
+  passes: list[str] = []
+  for token in os.environ.get("XLA_FLAGS", "").split():
+    name, sep, value = token.partition("=")
+    if sep and name.lstrip("-") == "xla_disable_hlo_passes":
+      passes = [p for p in value.strip("'\"").split(",") if p]
+  return passes
 
 
 def _replace_linear(layer: nnx.Linear, kernel: Array, bias: Array | None) -> nnx.Linear:
