@@ -127,8 +127,8 @@ def train_loop(*, state, train_step, data: Iterator, mesh, workdir: str, total_s
           logging.info("step %d: %s", step, ", ".join(f"{k}={v:.5g}" for k, v in sorted(last.items())))
       if save_now:
         data_state = data.get_state() if hasattr(data, "get_state") else {}
-        checkpointer.save(step, _tree(state), data_state=data_state, meta=dict(meta or {}, step=step),
-                          force=True)
+        checkpointer.save(step, _tree(state), data_state=data_state,
+                          meta=dict(meta or {}, step=step), force=True)
       if stopping:
         logging.warning("Stopped at step %d after a preemption signal; rerun to resume.", step)
         break
