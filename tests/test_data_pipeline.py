@@ -46,6 +46,28 @@ def test_batch_format(synthetic):
   assert -1.0 <= batch["image"].min() and batch["image"].max() <= 1.0
 
 
+def test_uint8_batches_are_the_float_batches_before_conversion(synthetic):
+  from softvq_jax.data import transforms  # pylint: disable=g-import-not-at-top
+  as_float = take(iter(train_pipeline(synthetic, seed=2)), 3)
+  as_uint8 = take(iter(train_pipeline(synthetic, seed=2, image_dtype="uint8")), 3)
+  for f, u in zip(as_float, as_uint8):
+    assert u["image"].dtype == np.uint8 and u["label"].dtype == np.int32
+    np.testing.assert_array_equal(transforms.to_float(u["image"]), f["image"])
+    np.testing.assert_array_equal(u["label"], f["label"])
+  with pytest.raises(ValueError, match="image_dtype must be 'float32' or 'uint8', got 'float16'"):
+    train_pipeline(synthetic, image_dtype="float16")
+
+
+def test_device_conversion_equals_the_host_conversion_for_every_uint8_value():
+  import jax  # pylint: disable=g-import-not-at-top
+  from softvq_jax.data import transforms  # pylint: disable=g-import-not-at-top
+  values = np.arange(256, dtype=np.uint8).reshape(1, 16, 16, 1)
+  on_device = np.asarray(jax.jit(transforms.to_float_on_device)(values))
+  assert on_device.dtype == np.float32
+  np.testing.assert_array_equal(on_device, transforms.to_float(values))
+  assert on_device.min() == -1.0 and on_device.max() == 1.0
+
+
 def test_deterministic_for_a_seed(synthetic):
   a = take(iter(train_pipeline(synthetic, seed=5)), 4)  # 4 batches of 8 > one epoch of 20
   b = take(iter(train_pipeline(synthetic, seed=5)), 4)

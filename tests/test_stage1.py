@@ -285,3 +285,17 @@ def test_lpips_convolutions_follow_the_compute_dtype_unless_asked_for_float32(
   setup = tokenizer_trainer.build_stage1(config, total_steps=1)
   lpips = nnx.merge(setup.frozen_graphs.lpips, setup.frozen_states["lpips"])
   assert lpips.dtype == want
+
+
+def test_uint8_batches_are_mapped_on_the_device_as_the_host_maps_them(single):
+  """The trainer feeds uint8 images; the step's [-1, 1] mapping equals transforms.to_float, so
+  the update equals the one from the host-converted float batch."""
+  from softvq_jax.data import transforms  # pylint: disable=g-import-not-at-top
+  _, setup, _, state, step = single
+  raw = np.random.default_rng(3).integers(0, 256, (8, 32, 32, 3)).astype(np.uint8)
+  _, from_float, float_metrics = _run(step, state, jnp.asarray(transforms.to_float(raw)), setup,
+                                      at_step=4)
+  _, from_uint8, uint8_metrics = _run(step, state, jnp.asarray(raw), setup, at_step=4)
+  for a, b in zip(jax.tree.leaves(from_uint8), jax.tree.leaves(from_float)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert float(uint8_metrics["mse"]) == float(float_metrics["mse"])

@@ -103,6 +103,11 @@ def images_to_float(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   return batch
 
 
+def images_as_uint8(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  batch["label"] = batch["label"].astype(np.int32)
+  return batch
+
+
 class _SkipAndBatchIterator(grain.DatasetIterator):
 
   def __init__(self, parent: grain.DatasetIterator, batch_size: int, drop_remainder: bool,
@@ -234,8 +239,14 @@ def image_pipeline(source: Any, *, batch_size: int, image_size: int, train: bool
                    max_resize: int | None = None, flip: bool = True,
                    shard_index: int | None = None, shard_count: int | None = None,
                    num_threads: int = 8, prefetch_buffer_size: int = 64, worker_count: int = 0,
-                   max_skipped: int | None = 100) -> grain.IterDataset:
+                   max_skipped: int | None = 100,
+                   image_dtype: str = "float32") -> grain.IterDataset:
   """Batches ``{"image": (B, S, S, 3) float32 in [-1, 1], "label": (B,) int32}`` from ``source``.
+
+  ``image_dtype="uint8"`` keeps the images as uint8 [0, 255] for a program that maps
+  them to [-1, 1] on the device (``transforms.to_float_on_device``): a quarter of the
+  bytes to copy, and no float conversion on the host (about 0.5 s of one core per 256
+  images at 256 px).
 
   ``train=True``: the reference's augmentation (short side uniform in
   [min_resize, max_resize], default [S, ceil(S/0.8)], BOX halving + bicubic,
@@ -244,6 +255,9 @@ def image_pipeline(source: Any, *, batch_size: int, image_size: int, train: bool
 
   ``iter()`` of the result has ``get_state``/``set_state`` and ``num_skipped``.
   """
+  finalize = {"float32": images_to_float, "uint8": images_as_uint8}.get(image_dtype)
+  if finalize is None:
+    raise ValueError(f"image_dtype must be 'float32' or 'uint8', got {image_dtype!r}")
   if num_epochs is None and not train:
     num_epochs = 1
   fn = ImagePreprocess(image_size, train, min_resize, max_resize, flip)
@@ -253,4 +267,4 @@ def image_pipeline(source: Any, *, batch_size: int, image_size: int, train: bool
       drop_remainder=train if drop_remainder is None else drop_remainder,
       shard_index=shard_index, shard_count=shard_count, num_threads=num_threads,
       prefetch_buffer_size=prefetch_buffer_size, worker_count=worker_count,
-      max_skipped=max_skipped, finalize=images_to_float)
+      max_skipped=max_skipped, finalize=finalize)

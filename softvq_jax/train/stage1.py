@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from softvq_jax.data import transforms
 from softvq_jax.losses import diffaug, gan
 from softvq_jax.losses.discriminator import discriminator
 from softvq_jax.losses.repa import RepaProjector, repa_alignment_loss, teacher_features
@@ -146,11 +147,18 @@ def make_stage1_step(graphdef, disc_graphdef, frozen: FrozenGraphs, objective: O
                      ema_decay: float, num_codebooks: int, state_shardings, batch_sharding,
                      frozen_shardings, learning_rate_fn: Callable | None = None,
                      kl_bottleneck: bool = False):
-  """A jitted ``(state, batch, frozen_states) -> (state, metrics)`` that donates the state."""
+  """A jitted ``(state, batch, frozen_states) -> (state, metrics)`` that donates the state.
+
+  ``batch["image"]``: float images in [-1, 1], or uint8 images in [0, 255], which the
+  step maps to [-1, 1] to the same values as ``transforms.to_float`` (what the trainer
+  feeds it).
+  """
   obj = objective
 
   def step(state: Stage1State, batch, frozen_states):
     images = batch["image"]
+    if images.dtype == jnp.uint8:  # the trainer's batches: mapped to [-1, 1] here
+      images = transforms.to_float_on_device(images)
     keys = iter(jax.random.split(jax.random.fold_in(state.rng, state.step), 16))
     global_step = state.step + 1  # the reference counts from 1
     backbone = (nnx.merge(frozen.backbone, frozen_states["backbone"]) if obj.gan else None)

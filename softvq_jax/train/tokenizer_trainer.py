@@ -354,7 +354,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   data = iter(image_pipeline(train_source, batch_size=local_batch, image_size=size, train=True,
                              seed=config.seed, min_resize=config.data.get("min_resize"),
                              max_resize=config.data.get("max_resize"),
-                             flip=config.data.get("horizontal_flip", True)))
+                             flip=config.data.get("horizontal_flip", True),
+                             image_dtype="uint8"))  # the step maps them to [-1, 1]
   replicated = jax.sharding.NamedSharding(parallel.auto_mesh(mesh), jax.sharding.PartitionSpec())
   frozen_states = jax.device_put(setup.frozen_states, replicated)
   state, shardings, ckpt = init_or_restore(setup, mesh, strategy=common.sharding_rules(config),
