@@ -708,6 +708,10 @@ def _train_setup(args, batch: int, mesh):
   strategy = args.sharding or ("fsdp" if "fsdp" in mesh.axis_names else "dp")
   tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-4, b1=0.9, b2=0.95))
   abstract = args.what in ("memory", "kernels")
+  shards = int(np.prod([mesh.shape[a] for a in parallel.batch_axes(mesh)]))
+  if batch % shards:
+    raise SystemExit(f"--batch {batch} does not split over the {shards} batch shards of mesh "
+                     f"{dict(mesh.shape)}")
   if args.objective == "full":
     if args.model.startswith(("SiT", "DiT")):
       raise SystemExit("--objective full is the tokenizer's stage-1 objective")
@@ -750,10 +754,6 @@ def _train_setup(args, batch: int, mesh):
     data = {"image": jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32)}
     f = tokenizer_flops(cfg)
     flops = 3 * (f["encode"] + f["decode"])
-  shards = int(np.prod([mesh.shape[a] for a in parallel.batch_axes(mesh)]))
-  if batch % shards:
-    raise SystemExit(f"--batch {batch} does not split over the {shards} batch shards of mesh "
-                     f"{dict(mesh.shape)}")
   batch_sharding = parallel.batch_sharding(mesh)
   if abstract:
     state, shardings = state_lib.abstract_train_state(model_fn, tx, mesh, seed=0,
@@ -779,7 +779,8 @@ def _train_setup(args, batch: int, mesh):
 
 def _stage1_setup(args, batch: int, mesh, strategy: str, abstract: bool):
   """The tokenizer trainer's own stage-1 step (LPIPS, DINO discriminator, REPA; random frozen
-  networks of the recipe's sizes) for ``--objective full``."""
+  networks of the recipe's sizes) for ``--objective full``, fed uint8 images as the trainer
+  feeds it."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from softvq_jax import parallel  # pylint: disable=g-import-not-at-top
@@ -809,13 +810,14 @@ def _stage1_setup(args, batch: int, mesh, strategy: str, abstract: bool):
                          jax.eval_shape(setup.init), shardings)
     frozen = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           setup.frozen_states, frozen_shardings)
-    arrays = {"image": jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32,
+    arrays = {"image": jax.ShapeDtypeStruct((batch, size, size, 3), jnp.uint8,
                                             sharding=batch_sharding)}
   else:
     state = jax.jit(setup.init, out_shardings=shardings)()
     frozen = jax.device_put(setup.frozen_states, replicated)
-    arrays = {"image": jax.device_put(jax.random.uniform(
-        jax.random.PRNGKey(2), (batch, size, size, 3), jnp.float32, -1, 1), batch_sharding)}
+    arrays = {"image": jax.device_put(jax.random.randint(
+        jax.random.PRNGKey(2), (batch, size, size, 3), 0, 256, jnp.int32).astype(jnp.uint8),
+                                      batch_sharding)}
   f = tokenizer_flops(setup.tok_config)
   flops = 3 * (f["encode"] + f["decode"])  # the tokenizer's own FLOPs; frozen nets not counted
   return _ActivationSharded(step, mesh, rules), state, arrays, flops, strategy, (frozen,)

@@ -360,3 +360,19 @@ def test_xla_flop_count_is_the_whole_program_on_any_mesh():
   dp, fsdp = (l["xla_flops_per_item"] for l in lines)
   assert dp == pytest.approx(fsdp, rel=1e-3)
   assert 1.0 < dp / lines[0]["model_flops_per_item"] < 1.5  # plus norms, optimizer, loss
+
+
+def test_stage1_train_line():
+  """``--objective full``: the tokenizer trainer's stage-1 step (LPIPS, DINO discriminator,
+  REPA), fed uint8 images as the trainer feeds it."""
+  train, = bench.main(["--what", "train", "--model", "softvq_b64", "--tiny", "--objective",
+                       "full", "--batch", "8", "--repeats", "1", "--warmup", "0",
+                       "--matmul_size", "128"])
+  assert (train["objective"], train["model"], train["batch"]) == ("full", "tiny-softvq_b64", 8)
+  assert np.isfinite(train["loss"]) and train["loss"] > 0
+  assert 0 < train["dispatch_s"] <= train["max_s"]
+  with pytest.raises(SystemExit, match="--batch 2 does not split over the 8 batch shards"):
+    bench.main(["--what", "train", "--model", "softvq_b64", "--tiny", "--objective", "full",
+                "--batch", "2"])
+  with pytest.raises(SystemExit, match="stage-1 objective"):
+    bench.main(["--what", "train", "--model", "SiT-S", "--tiny", "--objective", "full"])
