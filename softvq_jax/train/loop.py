@@ -113,8 +113,9 @@ def train_loop(*, state, train_step, data: Iterator, mesh, workdir: str, total_s
       save_now = step % ckpt_every == 0 or step == total_steps or stopping
       if log_now or save_now:
         last = _to_scalars(metrics)
-        if getattr(_tree(state), "params", None) is not None:
-          last["param_norm"] = float(state_lib.param_norm(_tree(state).params))
+        params = getattr(_tree(state), "params", None)
+        if params is not None:
+          last["param_norm"] = float(state_lib.param_norm(params))
         if not math.isfinite(last.get("loss", 0.0)):
           checkpointer.wait()
           raise FloatingPointError(

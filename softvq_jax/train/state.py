@@ -145,9 +145,9 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, loss_fn: LossFn,
                               ema=ema_update(state.ema, params, ema_decay))
     return new_state, metrics
 
-  if frozen_shardings is not None:
-    return LeafStep(step, state_shardings, (batch_sharding, frozen_shardings))
-  return LeafStep(step, state_shardings, (batch_sharding,))
+  arg_shardings = (batch_sharding,) if frozen_shardings is None else (batch_sharding,
+                                                                      frozen_shardings)
+  return LeafStep(step, state_shardings, arg_shardings)
 
 
 class LeafState:
@@ -196,8 +196,6 @@ class LeafStep:
   that time comes before the device starts and lengthens every synchronised step.
   """
 
-  takes_leaf_state = True
-
   def __init__(self, step, state_shardings, arg_shardings: tuple):
     treedef = jax.tree.structure(state_shardings)
     leaf_shardings = jax.tree.leaves(state_shardings)
@@ -210,8 +208,8 @@ class LeafStep:
 
     self.fn = step  # the step on the state pytree, unjitted
     self.treedef = treedef
-    # An instance attribute too: wrappers made with functools.wraps copy the instance's
-    # __dict__, and the loop reads it through them.
+    # What the training loop checks. An instance attribute: wrappers made with
+    # functools.wraps copy the instance's __dict__, so it reaches the loop through them.
     self.takes_leaf_state = True
     self.jitted = jax.jit(on_leaves, in_shardings=(leaf_shardings, *arg_shardings),
                           out_shardings=(leaf_shardings, None), donate_argnums=0)
