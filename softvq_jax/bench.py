@@ -161,6 +161,9 @@ def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
   p.add_argument("--gelu", default=None, choices=("auto", "epilogue", "float32"),
                  help="how the bf16 tanh GELU of SiT/DiT runs (epilogue: fused into the matmul "
                       "by cuBLASLt on GPUs)")
+  p.add_argument("--adaln", default=None, choices=("auto", "pallas", "xla"),
+                 help="how the adaLN norm of SiT/DiT blocks runs (pallas: one fused kernel each "
+                      "way; auto: pallas on GPUs for bf16 compute)")
   p.add_argument("--inference_forms", default=None, choices=("auto", "always", "never"),
                  help="where the inference-only matmul forms apply (separate q/k/v matmuls, "
                       "LayerScale folded into the matmul; auto: bf16 on GPUs)")
@@ -1055,7 +1058,8 @@ def run_suite(args) -> list[dict[str, Any]]:
   extra = ((["--out", args.out] if args.out else []) + (["--tiny"] if args.tiny else [])
            + (["--profile", args.profile] if args.profile else []))
   for entry in SUITES[args.suite]:
-    kernels = [a for name in ("attention", "gelu", "inference_forms") if getattr(args, name)
+    kernels = [a for name in ("attention", "gelu", "adaln", "inference_forms")
+               if getattr(args, name)
                and f"--{name}" not in entry for a in (f"--{name}", getattr(args, name))]
     try:
       lines += main(entry.split() + extra + kernels)
@@ -1091,11 +1095,12 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
   if args.what == "memory" and args.devices and jax.device_count() != args.devices:
     raise SystemExit(f"--devices {args.devices} needs a fresh process (JAX already has "
                      f"{jax.device_count()} devices)")
-  from softvq_jax.models import layers  # pylint: disable=g-import-not-at-top
+  from softvq_jax.models import adaln, layers  # pylint: disable=g-import-not-at-top
   layers.set_attention_implementation(args.attention or os.environ.get("SOFTVQ_ATTENTION", "auto"))
   layers.set_gelu_implementation(args.gelu or os.environ.get("SOFTVQ_GELU", "auto"))
   layers.set_inference_forms(args.inference_forms
                              or os.environ.get("SOFTVQ_INFERENCE_FORMS", "auto"))
+  adaln.set_adaln_implementation(args.adaln or os.environ.get("SOFTVQ_ADALN", "auto"))
   global _profile_root
   _profile_root = args.profile or None
   if args.what == "memory":
@@ -1114,6 +1119,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
   for line in lines:
     line.setdefault("attention", layers.attention_implementation())
     line.setdefault("gelu", layers.gelu_implementation())
+    line.setdefault("adaln", adaln.adaln_implementation())
     line.setdefault("inference_forms", layers.inference_forms())
     refused = layers.refused_cudnn_attention_shapes()
     if refused:

@@ -399,6 +399,23 @@ def constrain(x, logical_axes):
   return jax.lax.with_sharding_constraint(x, jax.sharding.NamedSharding(mesh, spec))
 
 
+def activation_placement(logical_axes, shape: tuple[int, ...]):
+  """``(mesh, PartitionSpec)`` that :func:`constrain` would give an activation of ``shape``
+  while tracing, or ``None`` when no mesh of more than one device is active. Custom kernels
+  use it to run per device under ``shard_map``."""
+  active = _ACTIVE.get()
+  if active is None:
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+      return None
+    rules = PRESETS["dp"]
+  else:
+    mesh, rules = active
+  if mesh.size == 1:
+    return None
+  return mesh, rules.spec(logical_axes, shape, mesh, what="activation", note=_quiet)
+
+
 def _quiet(msg, *args):
   logging.log_first_n(logging.INFO, msg, 10, *args)
 

@@ -27,6 +27,7 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
+from softvq_jax.models.adaln import adaln_modulate, gated_residual_adaln
 from softvq_jax.models.config import ConfigError
 from softvq_jax.parallel import constrain
 from softvq_jax.models.layers import Attention, Dtype, LayerNorm, Mlp, linear
@@ -339,6 +340,14 @@ def _maybe_remat(block, policy: str):
   return lambda x, c: fn(block, x, c)
 
 
+def _chained_block(block, policy: str):
+  """``block.chained(x, c, pending)``, under ``nnx.remat`` with the named policy unless "none"."""
+  if policy == "none":
+    return block.chained
+  fn = nnx.remat(lambda b, x, c, pending: b.chained(x, c, pending), policy=REMAT_POLICIES[policy])
+  return lambda x, c, pending: fn(block, x, c, pending)
+
+
 def stack_layers(flat: Mapping[tuple, Any], depth: int) -> dict[tuple, Any]:
   """Unscanned parameter paths ``('blocks', i, ...)`` -> scanned ``('blocks', ...)`` stacked on axis 0."""
   out, groups = {}, {}
@@ -371,10 +380,6 @@ def unstack_layers(flat: Mapping[tuple, Any]) -> dict[tuple, Any]:
 _ACT = ("batch", "length", "act_embed")
 
 
-def modulate(x: Array, shift: Array, scale: Array) -> Array:
-  return x * (1 + scale[:, None]) + shift[:, None]
-
-
 class AdaLNBlock(nnx.Module):
   """adaLN-Zero block: x += gate * attn(mod(LN(x))); x += gate * mlp(mod(LN(x)))."""
 
@@ -382,6 +387,8 @@ class AdaLNBlock(nnx.Module):
                rngs: nnx.Rngs, dtype: Dtype | None = None, param_dtype: Dtype = jnp.float32,
                qk_norm: bool = False):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    # The dtype the matmuls after each norm compute in: the fused GPU norm writes it directly.
+    self.dtype = dtype
     self.norm1 = LayerNorm(hidden_size, use_affine=False)
     # q_norm / k_norm: nn.LayerNorm(head_dim) of the reference, default eps and affine.
     self.attn = Attention(hidden_size, num_heads, qkv_bias=True, kernel_init=_xavier,
@@ -394,25 +401,49 @@ class AdaLNBlock(nnx.Module):
                                                    kernel_init=_zeros, **kw)])
 
   def __call__(self, x: Array, c: Array) -> Array:
+    x, (h, gate) = self.chained(x, c)
+    return x + (gate[:, None] * h).astype(x.dtype)
+
+  def chained(self, x: Array, c: Array, pending: tuple[Array, Array] | None = None
+              ) -> tuple[Array, tuple[Array, Array]]:
+    """The block with its last gated residual add left to the next norm.
+
+    ``pending`` is the previous block's ``(mlp output, gate)``: it is added to ``x`` in the
+    same pass as this block's first norm. Returns ``(x, (h, gate))`` with the block's own
+    MLP branch pending; ``x + gate * h`` is what ``__call__`` returns. Chained this way
+    every norm of a SiT is one fused kernel with the residual add before it (see
+    ``models.adaln``); in the XLA form the operations are the unchained ones.
+    """
     mod = self.adaLN_modulation[1](jax.nn.silu(c))
     shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mod, 6, axis=-1)
-    h = self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
-    x = x + (gate_msa[:, None] * h).astype(x.dtype)
-    h = self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
-    return x + (gate_mlp[:, None] * h).astype(x.dtype)
+    if pending is None:
+      h = adaln_modulate(x, shift_msa, scale_msa, eps=self.norm1.eps, out_dtype=self.dtype)
+    else:
+      x, h = gated_residual_adaln(x, *pending, shift_msa, scale_msa, eps=self.norm1.eps,
+                                  out_dtype=self.dtype)
+    x, h = gated_residual_adaln(x, self.attn(h), gate_msa, shift_mlp, scale_mlp,
+                                eps=self.norm2.eps, out_dtype=self.dtype)
+    return x, (self.mlp(h), gate_mlp)
 
 
 class FinalLayer(nnx.Module):
   def __init__(self, hidden_size: int, out_channels: int, *, rngs: nnx.Rngs,
                dtype: Dtype | None = None, param_dtype: Dtype = jnp.float32):
     kw = dict(dtype=dtype, param_dtype=param_dtype, kernel_init=_zeros, rngs=rngs)
+    self.dtype = dtype
     self.norm_final = LayerNorm(hidden_size, use_affine=False)
     self.linear = linear(hidden_size, out_channels, **kw)
     self.adaLN_modulation = nnx.List([None, linear(hidden_size, 2 * hidden_size, **kw)])
 
-  def __call__(self, x: Array, c: Array) -> Array:
+  def __call__(self, x: Array, c: Array, pending: tuple[Array, Array] | None = None) -> Array:
+    """``pending``: the last block's ``(mlp output, gate)``, added to ``x`` first."""
     shift, scale = jnp.split(self.adaLN_modulation[1](jax.nn.silu(c)), 2, axis=-1)
-    return self.linear(modulate(self.norm_final(x), shift, scale))
+    if pending is None:
+      h = adaln_modulate(x, shift, scale, eps=self.norm_final.eps, out_dtype=self.dtype)
+    else:
+      _, h = gated_residual_adaln(x, *pending, shift, scale, eps=self.norm_final.eps,
+                                  out_dtype=self.dtype)
+    return self.linear(h)
 
 
 class SiT(nnx.Module):
@@ -495,17 +526,22 @@ class SiT(nnx.Module):
     # Block boundaries: the batch over the data-parallel mesh axes (a no-op without an
     # active mesh; see parallel.activation_sharding).
     h = constrain(tokens, _ACT)
+    pending = None
     if self.scan_layers:
       if return_intermediates:
         raise ValueError("return_intermediates needs the unscanned model (scan_layers=False)")
       h = self._scan_blocks(h, c)
-    else:
+    elif return_intermediates:
       for i, block in enumerate(self.blocks):
         h = _maybe_remat(block, self.remat_policy)(h, c) if self.remat_policy != "none" else block(h, c)
         h = constrain(h, _ACT)
-        if return_intermediates:
-          taps[f"block{i}"] = h
-    out = self.final_layer(h, c).astype(jnp.float32)
+        taps[f"block{i}"] = h
+    else:
+      # Each block's last residual add runs with the next norm (see AdaLNBlock.chained).
+      for block in self.blocks:
+        h, (branch, gate) = _chained_block(block, self.remat_policy)(h, c, pending)
+        h, pending = constrain(h, _ACT), (constrain(branch, _ACT), gate)
+    out = self.final_layer(h, c, pending).astype(jnp.float32)
     return (out, taps) if return_intermediates else out
 
   def _scan_blocks(self, h: Array, c: Array) -> Array:

@@ -1,0 +1,241 @@
+"""The fused adaLN norm kernels (softvq_jax.models.adaln) against NumPy and the XLA form.
+
+On CPUs the Pallas kernels run in Pallas' interpreter: the same kernel bodies, index
+arithmetic and masks as on a GPU, so these tests pin what a GPU runs except Triton's own
+code generation (checked by the GPU-only test and by compiling for an H200 target).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from softvq_jax import parallel
+from softvq_jax.models import adaln, layers
+from softvq_jax.models.sit import GeneratorConfig, SiT
+
+EPS = 1e-6
+
+
+def numpy_adaln(x, shift, scale, eps=EPS):
+  x = np.asarray(x, np.float64)
+  mean = x.mean(-1, keepdims=True)
+  var = ((x - mean) ** 2).mean(-1, keepdims=True)
+  normed = (x - mean) / np.sqrt(var + eps)
+  return normed * (1 + np.asarray(scale, np.float64)[:, None]) + np.asarray(shift, np.float64)[:, None]
+
+
+def numpy_adaln_vjp(x, scale, grad, eps=EPS):
+  """Closed-form cotangents of ``numpy_adaln`` for x, shift, scale."""
+  x, scale, grad = (np.asarray(a, np.float64) for a in (x, scale, grad))
+  width = x.shape[-1]
+  mean = x.mean(-1, keepdims=True)
+  rstd = 1 / np.sqrt(((x - mean) ** 2).mean(-1, keepdims=True) + eps)
+  normed = (x - mean) * rstd
+  g = grad * (1 + scale[:, None])
+  dx = rstd * (g - g.sum(-1, keepdims=True) / width
+               - normed * (g * normed).sum(-1, keepdims=True) / width)
+  return dx, grad.sum(1), (grad * normed).sum(1)
+
+
+def _inputs(shape, seed=0, dtype=jnp.float32):
+  rng = np.random.default_rng(seed)
+  b, t, d = shape
+  x = rng.normal(size=shape) * 1.7 + 0.3
+  return (jnp.asarray(x, dtype), jnp.asarray(rng.normal(size=(b, d)), dtype),
+          jnp.asarray(rng.normal(size=(b, d)) * 0.3, dtype),
+          jnp.asarray(rng.normal(size=(b, d)), dtype),
+          jnp.asarray(rng.normal(size=shape), dtype), jnp.asarray(rng.normal(size=shape), dtype))
+
+
+# Widths that are and are not powers of two, token counts that do and do not fill the
+# kernels' row tiles, a batch large and small against the backward grid's splits.
+SHAPES = [(3, 7, 40), (2, 8, 64), (1, 5, 24), (130, 9, 16)]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_kernel_matches_numpy_values_and_cotangents(shape):
+  x, shift, scale, _, grad, _ = _inputs(shape)
+  out, vjp = jax.vjp(lambda *a: adaln.adaln_modulate(*a, eps=EPS, out_dtype=jnp.float32,
+                                                      implementation="pallas"), x, shift, scale)
+  np.testing.assert_allclose(out, numpy_adaln(x, shift, scale), rtol=1e-5, atol=2e-5)
+  dx, dshift, dscale = vjp(grad)
+  want = numpy_adaln_vjp(x, scale, grad)
+  for got, expected in zip((dx, dshift, dscale), want):
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+
+
+@pytest.mark.parametrize("shape", SHAPES[:3])
+def test_residual_kernel_matches_numpy_values_and_cotangents(shape):
+  x, shift, scale, gate, grad, x_grad = _inputs(shape, seed=1)
+  h = jnp.asarray(np.random.default_rng(2).normal(size=shape), jnp.float32)
+  fn = lambda *a: adaln.gated_residual_adaln(*a, eps=EPS, out_dtype=jnp.float32,
+                                              implementation="pallas")
+  (x_new, out), vjp = jax.vjp(fn, x, h, gate, shift, scale)
+  x_new_np = np.asarray(x, np.float64) + np.asarray(gate, np.float64)[:, None] * np.asarray(h)
+  np.testing.assert_allclose(x_new, x_new_np, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(out, numpy_adaln(x_new_np, shift, scale), rtol=1e-5, atol=2e-5)
+  dx, dh, dgate, dshift, dscale = vjp((x_grad, grad))
+  dnorm, dshift_np, dscale_np = numpy_adaln_vjp(x_new_np, scale, grad)
+  total = dnorm + np.asarray(x_grad, np.float64)
+  want = (total, total * np.asarray(gate, np.float64)[:, None],
+          (total * np.asarray(h, np.float64)).sum(1), dshift_np, dscale_np)
+  for got, expected in zip((dx, dh, dgate, dshift, dscale), want):
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+
+
+def test_bfloat16_output_is_the_float32_result_rounded_once():
+  x, shift, scale, *_ = _inputs((2, 6, 48), seed=3)
+  out = adaln.adaln_modulate(x, shift.astype(jnp.bfloat16), scale.astype(jnp.bfloat16), eps=EPS,
+                             out_dtype=jnp.bfloat16, implementation="pallas")
+  assert out.dtype == jnp.bfloat16
+  exact = numpy_adaln(x, shift.astype(jnp.bfloat16).astype(jnp.float32),
+                      scale.astype(jnp.bfloat16).astype(jnp.float32))
+  # One rounding of a float32 value: within half a bfloat16 ulp (2^-8 relative) plus float32
+  # noise; the XLA form rounds the norm to x's dtype first and may differ by one ulp.
+  np.testing.assert_allclose(np.asarray(out, np.float64), exact, rtol=2 ** -8 + 1e-5, atol=1e-5)
+
+
+def test_backward_cotangents_keep_the_input_dtypes():
+  x, shift, scale, gate, grad, x_grad = _inputs((2, 5, 32), seed=4)
+  lo = lambda a: a.astype(jnp.bfloat16)
+  _, vjp = jax.vjp(lambda *a: adaln.gated_residual_adaln(*a, eps=EPS, out_dtype=jnp.bfloat16,
+                                                          implementation="pallas"),
+                   x, lo(grad), lo(gate), lo(shift), lo(scale))
+  dtypes = [g.dtype for g in vjp((x_grad, lo(grad)))]
+  assert dtypes == [jnp.float32] + [jnp.bfloat16] * 4
+
+
+def _has_pallas_call(fn, *args) -> bool:
+  return "pallas_call" in str(jax.make_jaxpr(fn)(*args))
+
+
+def test_auto_takes_the_kernel_only_for_gpu_programs_with_16_bit_outputs():
+  x, shift, scale, *_ = _inputs((2, 4, 32))
+
+  def norm(out_dtype):
+    return lambda *a: adaln.adaln_modulate(*a, eps=EPS, out_dtype=out_dtype, implementation="auto")
+
+  assert not _has_pallas_call(norm(jnp.bfloat16), x, shift, scale)  # a CPU program
+  with layers.compiling_for("gpu"):
+    assert _has_pallas_call(norm(jnp.bfloat16), x, shift, scale)
+    assert not _has_pallas_call(norm(jnp.float32), x, shift, scale)
+    assert not _has_pallas_call(norm(None), x, shift, scale)
+    assert not _has_pallas_call(lambda *a: adaln.adaln_modulate(
+        *a, eps=EPS, out_dtype=jnp.bfloat16, implementation="xla"), x, shift, scale)
+
+
+def test_bad_shapes_and_names_are_refused():
+  x, shift, scale, *_ = _inputs((2, 4, 32))
+  with pytest.raises(ValueError, match="needs x"):
+    adaln.adaln_modulate(x, shift[:1], scale, eps=EPS)
+  with pytest.raises(ValueError, match="h must have"):
+    adaln.gated_residual_adaln(x, x[:, :2], shift, shift, scale, eps=EPS)
+  with pytest.raises(ValueError, match="must be one of"):
+    adaln.adaln_modulate(x, shift, scale, eps=EPS, out_dtype=jnp.bfloat16, implementation="triton")
+  with pytest.raises(ValueError, match="must be one of"):
+    adaln.set_adaln_implementation("fast")
+
+
+def test_sharded_batch_runs_the_kernel_per_device_without_gathering():
+  devices = np.array(jax.devices()[:4])
+  mesh = jax.sharding.Mesh(devices, ("data",))
+  x, shift, scale, gate, grad, _ = _inputs((8, 5, 32), seed=5)
+  h = grad
+
+  def loss(x, h, gate, shift, scale):
+    x_new, y = adaln.gated_residual_adaln(x, h, gate, shift, scale, eps=EPS,
+                                          out_dtype=jnp.float32, implementation="pallas")
+    return jnp.sum(y * y) + jnp.sum(x_new)
+
+  rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+  args = [jax.device_put(a, rows) for a in (x, h, gate, shift, scale)]
+  grad_fn = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))
+  with parallel.activation_sharding(mesh):
+    lowered = grad_fn.lower(*args)
+    got = grad_fn(*args)
+  assert "shard_map" in lowered.as_text() or "manual" in lowered.as_text()
+  assert "all-gather" not in lowered.compile().as_text()
+  want = jax.grad(loss, argnums=(0, 1, 2, 3, 4))(x, h, gate, shift, scale)
+  for g, w in zip(got, want):
+    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+
+
+def test_sit_blocks_with_the_kernel_match_the_xla_form():
+  cfg = GeneratorConfig(input_size=6, in_channels=4, hidden_size=48, depth=2, num_heads=3,
+                        num_classes=5)
+  model = SiT(cfg, rngs=nnx.Rngs(0), dtype=jnp.bfloat16)
+  # adaLN-Zero starts with zero modulations; random ones exercise every cotangent.
+  graphdef, state = nnx.split(model)
+  leaves, treedef = jax.tree.flatten(state)
+  keys = jax.random.split(jax.random.key(1), len(leaves))
+  state = jax.tree.unflatten(treedef, [
+      leaf + 0.05 * jax.random.normal(k, leaf.shape, leaf.dtype)
+      if jnp.issubdtype(leaf.dtype, jnp.floating) else leaf for leaf, k in zip(leaves, keys)])
+  rng = np.random.default_rng(6)
+  x = jnp.asarray(rng.normal(size=(3, 6, 4)), jnp.float32)
+  t = jnp.asarray([0.1, 0.5, 0.9], jnp.float32)
+  y = jnp.asarray([0, 3, 5])
+
+  def loss(impl):
+    def fn(state):
+      adaln.set_adaln_implementation(impl)
+      try:
+        out = nnx.merge(graphdef, state)(x, t, y)
+      finally:
+        adaln.set_adaln_implementation("auto")
+      return jnp.mean(out ** 2), out
+    return fn
+
+  (value_k, out_k), grads_k = jax.value_and_grad(loss("pallas"), has_aux=True)(state)
+  (value_x, out_x), grads_x = jax.value_and_grad(loss("xla"), has_aux=True)(state)
+  assert _has_pallas_call(lambda s: loss("pallas")(s)[0], state)
+  # bfloat16 activations: the two forms round at different places.
+  np.testing.assert_allclose(out_k, out_x, rtol=0.05, atol=0.02 * np.abs(out_x).max())
+  flat_k, flat_x = jax.tree.leaves(grads_k), jax.tree.leaves(grads_x)
+  for gk, gx in zip(flat_k, flat_x):
+    scale = np.abs(np.asarray(gx, np.float32)).max() + 1e-6
+    np.testing.assert_allclose(np.asarray(gk, np.float32), np.asarray(gx, np.float32),
+                               atol=0.05 * scale)
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="compiles Triton kernels: needs a GPU")
+def test_kernels_on_a_gpu_match_numpy():
+  for shape in [(256, 64, 1152), (5, 7, 40)]:
+    x, shift, scale, gate, grad, x_grad = _inputs(shape, seed=7)
+    h = x_grad
+    fn = jax.jit(lambda *a: adaln.gated_residual_adaln(*a, eps=EPS, out_dtype=jnp.float32,
+                                                        implementation="pallas"))
+    (x_new, out), vjp = jax.vjp(fn, x, h, gate, shift, scale)
+    x_new_np = np.asarray(x, np.float64) + np.asarray(gate, np.float64)[:, None] * np.asarray(h)
+    np.testing.assert_allclose(out, numpy_adaln(x_new_np, shift, scale), rtol=1e-4, atol=1e-4)
+    dx, dh, dgate, dshift, dscale = vjp((x_grad, grad))
+    dnorm, dshift_np, dscale_np = numpy_adaln_vjp(x_new_np, scale, grad)
+    total = dnorm + np.asarray(x_grad, np.float64)
+    for got, expected in zip((dx, dgate, dshift, dscale),
+                             (total, (total * np.asarray(h)).sum(1), dshift_np, dscale_np)):
+      np.testing.assert_allclose(got, expected, rtol=1e-3, atol=1e-3 * np.abs(expected).max())
+
+
+@pytest.mark.parametrize("kind,remat", [("sit", "none"), ("dit", "dots_saveable")])
+def test_chained_blocks_are_the_unchained_network_in_float32(kind, remat):
+  # The reference-parity tests run the unchained blocks (they read every block's output);
+  # the chained form every other call takes must be the same float32 program, bit for bit.
+  cfg = GeneratorConfig(kind=kind, input_size=5, in_channels=4, hidden_size=32, depth=3,
+                        num_heads=2, num_classes=7, learn_sigma=kind == "dit")
+  model = SiT(cfg, rngs=nnx.Rngs(3), remat_policy=remat)
+  graphdef, state = nnx.split(model)
+  leaves, treedef = jax.tree.flatten(state)
+  keys = jax.random.split(jax.random.key(4), len(leaves))
+  model = nnx.merge(graphdef, jax.tree.unflatten(treedef, [
+      leaf + 0.1 * jax.random.normal(k, leaf.shape, leaf.dtype)
+      if jnp.issubdtype(leaf.dtype, jnp.floating) else leaf for leaf, k in zip(leaves, keys)]))
+  rng = np.random.default_rng(8)
+  x = jnp.asarray(rng.normal(size=(2, 5, 4)), jnp.float32)
+  t = jnp.asarray([0.25, 0.75]) if kind == "sit" else jnp.asarray([10, 900])
+  y = jnp.asarray([1, 6])
+  chained = model(x, t, y)
+  unchained, taps = model(x, t, y, return_intermediates=True)
+  assert len(taps) > cfg.depth
+  np.testing.assert_array_equal(np.asarray(chained), np.asarray(unchained))
