@@ -69,20 +69,36 @@ def test_kernel_matches_numpy_values_and_cotangents(shape):
 @pytest.mark.parametrize("shape", SHAPES[:3])
 def test_residual_kernel_matches_numpy_values_and_cotangents(shape):
   x, shift, scale, gate, grad, x_grad = _inputs(shape, seed=1)
-  h = jnp.asarray(np.random.default_rng(2).normal(size=shape), jnp.float32)
-  fn = lambda *a: adaln.gated_residual_adaln(*a, eps=EPS, out_dtype=jnp.float32,
-                                              implementation="pallas")
-  (x_new, out), vjp = jax.vjp(fn, x, h, gate, shift, scale)
-  x_new_np = np.asarray(x, np.float64) + np.asarray(gate, np.float64)[:, None] * np.asarray(h)
+  rng = np.random.default_rng(2)
+  h = jnp.asarray(rng.normal(size=shape), jnp.float32)
+  bias = jnp.asarray(rng.normal(size=shape[-1:]), jnp.float32)
+  fn = lambda x, h, bias, gate, shift, scale: adaln.gated_residual_adaln(
+      x, h, gate, shift, scale, bias=bias, eps=EPS, out_dtype=jnp.float32,
+      implementation="pallas")
+  (x_new, out), vjp = jax.vjp(fn, x, h, bias, gate, shift, scale)
+  branch = np.asarray(h, np.float64) + np.asarray(bias, np.float64)
+  x_new_np = np.asarray(x, np.float64) + np.asarray(gate, np.float64)[:, None] * branch
   np.testing.assert_allclose(x_new, x_new_np, rtol=1e-6, atol=1e-6)
   np.testing.assert_allclose(out, numpy_adaln(x_new_np, shift, scale), rtol=1e-5, atol=2e-5)
-  dx, dh, dgate, dshift, dscale = vjp((x_grad, grad))
+  dx, dh, dbias, dgate, dshift, dscale = vjp((x_grad, grad))
   dnorm, dshift_np, dscale_np = numpy_adaln_vjp(x_new_np, scale, grad)
   total = dnorm + np.asarray(x_grad, np.float64)
-  want = (total, total * np.asarray(gate, np.float64)[:, None],
-          (total * np.asarray(h, np.float64)).sum(1), dshift_np, dscale_np)
-  for got, expected in zip((dx, dh, dgate, dshift, dscale), want):
+  dh_np = total * np.asarray(gate, np.float64)[:, None]
+  want = (total, dh_np, dh_np.sum((0, 1)), (total * branch).sum(1), dshift_np, dscale_np)
+  for got, expected in zip((dx, dh, dbias, dgate, dshift, dscale), want):
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+
+
+def test_residual_kernel_without_a_bias_is_the_zero_bias():
+  x, shift, scale, gate, grad, x_grad = _inputs((2, 5, 24), seed=9)
+  fn = lambda bias: lambda x, h: adaln.gated_residual_adaln(
+      x, h, gate, shift, scale, bias=bias, eps=EPS, out_dtype=jnp.float32,
+      implementation="pallas")
+  got, vjp_none = jax.vjp(fn(None), x, grad)
+  want, vjp_zero = jax.vjp(fn(jnp.zeros((24,))), x, grad)
+  np.testing.assert_array_equal(got[1], want[1])
+  for a, b in zip(vjp_none((x_grad, grad)), vjp_zero((x_grad, grad))):
+    np.testing.assert_array_equal(a, b)
 
 
 def test_bfloat16_output_is_the_float32_result_rounded_once():
@@ -100,11 +116,11 @@ def test_bfloat16_output_is_the_float32_result_rounded_once():
 def test_backward_cotangents_keep_the_input_dtypes():
   x, shift, scale, gate, grad, x_grad = _inputs((2, 5, 32), seed=4)
   lo = lambda a: a.astype(jnp.bfloat16)
-  _, vjp = jax.vjp(lambda *a: adaln.gated_residual_adaln(*a, eps=EPS, out_dtype=jnp.bfloat16,
-                                                          implementation="pallas"),
-                   x, lo(grad), lo(gate), lo(shift), lo(scale))
+  _, vjp = jax.vjp(lambda x, h, bias, *a: adaln.gated_residual_adaln(
+      x, h, *a, bias=bias, eps=EPS, out_dtype=jnp.bfloat16, implementation="pallas"),
+                   x, lo(grad), lo(shift[0]), lo(gate), lo(shift), lo(scale))
   dtypes = [g.dtype for g in vjp((x_grad, lo(grad)))]
-  assert dtypes == [jnp.float32] + [jnp.bfloat16] * 4
+  assert dtypes == [jnp.float32] + [jnp.bfloat16] * 5
 
 
 def _has_pallas_call(fn, *args) -> bool:
@@ -124,6 +140,9 @@ def test_auto_takes_the_kernel_only_for_gpu_programs_with_16_bit_outputs():
     assert not _has_pallas_call(norm(None), x, shift, scale)
     assert not _has_pallas_call(lambda *a: adaln.adaln_modulate(
         *a, eps=EPS, out_dtype=jnp.bfloat16, implementation="xla"), x, shift, scale)
+    wide = jax.ShapeDtypeStruct((1, 2, adaln._MAX_KERNEL_WIDTH + 1), jnp.float32)
+    modulation = jax.ShapeDtypeStruct((1, adaln._MAX_KERNEL_WIDTH + 1), jnp.float32)
+    assert not _has_pallas_call(norm(jnp.bfloat16), wide, modulation, modulation)
 
 
 def test_bad_shapes_and_names_are_refused():
@@ -132,6 +151,8 @@ def test_bad_shapes_and_names_are_refused():
     adaln.adaln_modulate(x, shift[:1], scale, eps=EPS)
   with pytest.raises(ValueError, match="h must have"):
     adaln.gated_residual_adaln(x, x[:, :2], shift, shift, scale, eps=EPS)
+  with pytest.raises(ValueError, match="bias must have"):
+    adaln.gated_residual_adaln(x, x, shift, shift, scale, bias=shift, eps=EPS)
   with pytest.raises(ValueError, match="must be one of"):
     adaln.adaln_modulate(x, shift, scale, eps=EPS, out_dtype=jnp.bfloat16, implementation="triton")
   with pytest.raises(ValueError, match="must be one of"):
@@ -142,22 +163,23 @@ def test_sharded_batch_runs_the_kernel_per_device_without_gathering():
   devices = np.array(jax.devices()[:4])
   mesh = jax.sharding.Mesh(devices, ("data",))
   x, shift, scale, gate, grad, _ = _inputs((8, 5, 32), seed=5)
-  h = grad
+  h, bias = grad, scale[0]
 
-  def loss(x, h, gate, shift, scale):
-    x_new, y = adaln.gated_residual_adaln(x, h, gate, shift, scale, eps=EPS,
+  def loss(x, h, gate, shift, scale, bias):
+    x_new, y = adaln.gated_residual_adaln(x, h, gate, shift, scale, bias=bias, eps=EPS,
                                           out_dtype=jnp.float32, implementation="pallas")
-    return jnp.sum(y * y) + jnp.sum(x_new)
+    return jnp.sum(y * y) + jnp.sum(x_new * x_new)
 
   rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
   args = [jax.device_put(a, rows) for a in (x, h, gate, shift, scale)]
-  grad_fn = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))
+  args.append(jax.device_put(bias, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())))
+  grad_fn = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4, 5)))
   with parallel.activation_sharding(mesh):
     lowered = grad_fn.lower(*args)
     got = grad_fn(*args)
   assert "shard_map" in lowered.as_text() or "manual" in lowered.as_text()
   assert "all-gather" not in lowered.compile().as_text()
-  want = jax.grad(loss, argnums=(0, 1, 2, 3, 4))(x, h, gate, shift, scale)
+  want = jax.grad(loss, argnums=(0, 1, 2, 3, 4, 5))(x, h, gate, shift, scale, bias)
   for g, w in zip(got, want):
     np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
 
@@ -205,16 +227,18 @@ def test_kernels_on_a_gpu_match_numpy():
   for shape in [(256, 64, 1152), (5, 7, 40)]:
     x, shift, scale, gate, grad, x_grad = _inputs(shape, seed=7)
     h = x_grad
-    fn = jax.jit(lambda *a: adaln.gated_residual_adaln(*a, eps=EPS, out_dtype=jnp.float32,
-                                                        implementation="pallas"))
+    bias = shift[0]
+    fn = jax.jit(lambda x, h, *a: adaln.gated_residual_adaln(
+        x, h, *a, bias=bias, eps=EPS, out_dtype=jnp.float32, implementation="pallas"))
     (x_new, out), vjp = jax.vjp(fn, x, h, gate, shift, scale)
-    x_new_np = np.asarray(x, np.float64) + np.asarray(gate, np.float64)[:, None] * np.asarray(h)
+    branch = np.asarray(h, np.float64) + np.asarray(bias, np.float64)
+    x_new_np = np.asarray(x, np.float64) + np.asarray(gate, np.float64)[:, None] * branch
     np.testing.assert_allclose(out, numpy_adaln(x_new_np, shift, scale), rtol=1e-4, atol=1e-4)
     dx, dh, dgate, dshift, dscale = vjp((x_grad, grad))
     dnorm, dshift_np, dscale_np = numpy_adaln_vjp(x_new_np, scale, grad)
     total = dnorm + np.asarray(x_grad, np.float64)
     for got, expected in zip((dx, dgate, dshift, dscale),
-                             (total, (total * np.asarray(h)).sum(1), dshift_np, dscale_np)):
+                             (total, (total * branch).sum(1), dshift_np, dscale_np)):
       np.testing.assert_allclose(got, expected, rtol=1e-3, atol=1e-3 * np.abs(expected).max())
 
 

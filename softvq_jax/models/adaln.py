@@ -13,7 +13,10 @@ or writes a whole ``(B, T, D)`` activation. Here:
 * ``adaln_modulate`` is the same without the residual add (a SiT's first norm).
 
 The row statistics are recomputed in the backward kernel from the residual it reads
-anyway, so nothing beyond the kernels' inputs is kept for the backward pass.
+anyway, so nothing beyond the kernels' inputs is kept for the backward pass. The kernels
+define a reverse-mode rule only: forward-mode differentiation (``jax.jvp``) of a bfloat16
+SiT/DiT on a GPU needs the XLA form (``set_adaln_implementation("xla")`` or
+``SOFTVQ_ADALN=xla``).
 
 ``"auto"`` takes the kernels on GPUs when the output dtype is a 16-bit float; float32
 programs, CPUs and TPUs keep the XLA form, whose rounding the reference-parity tests pin.
@@ -53,6 +56,8 @@ _ROWS_PER_STEP = 2
 # its own partial sums of d scale / d shift. Enough programs to fill a GPU several times
 # over, few enough that the partial sums stay small next to the activations.
 _MIN_BACKWARD_PROGRAMS = 512
+# A tile row holds the whole padded width in registers; wider rows take the XLA form.
+_MAX_KERNEL_WIDTH = 8192
 # Triton's warps per program (None: from the tile size) and software-pipelining stages.
 _WARPS: int | None = None
 _STAGES = 3
@@ -102,24 +107,33 @@ def adaln_modulate(x: Array, shift: Array, scale: Array, *, eps: float,
 
 
 def gated_residual_adaln(x: Array, h: Array, gate: Array, shift: Array, scale: Array, *,
-                         eps: float, out_dtype=None,
+                         eps: float, bias: Array | None = None, out_dtype=None,
                          implementation: str | None = None) -> tuple[Array, Array]:
-  """``(x + gate * h, adaln_modulate(x + gate * h, shift, scale))``: a block's gated residual
+  """``(x + gate * (h + bias), adaln_modulate(that, shift, scale))``: a block's gated residual
   add and the next adaLN norm in one pass.
 
-  The new residual keeps ``x.dtype``; ``h`` is the branch output ``(B, T, D)`` and ``gate``
-  ``(B, D)``. In the XLA form the gated branch is rounded to the promoted dtype of ``gate``
-  and ``h`` before the add, as the blocks always did; the kernel adds in float32.
+  The new residual keeps ``x.dtype``; ``h`` is the branch output ``(B, T, D)`` before the
+  bias of its last matmul, ``bias`` that bias ``(D,)`` (None: none), ``gate`` ``(B, D)``.
+  Taking the bias here saves the matmul's separate bias add and, in training, its
+  separate gradient reduction. In the XLA form the bias is added and the gated branch
+  rounded to the promoted dtype of ``gate`` and ``h`` before the residual add, as the
+  blocks always did; the kernel adds in float32.
   """
   _check_shapes(x, shift=shift, scale=scale, gate=gate)
   if h.shape != x.shape:
     raise ValueError(f"gated_residual_adaln: h must have x's shape {x.shape}, got {h.shape}")
+  if bias is not None and bias.shape != x.shape[-1:]:
+    raise ValueError(f"gated_residual_adaln: bias must have shape {x.shape[-1:]}, got "
+                     f"{bias.shape}")
   if _use_kernel(x, out_dtype, implementation):
+    kernel_bias = bias if bias is not None else jnp.zeros(x.shape[-1:], h.dtype)
     out = _sharded_kernel(
         functools.partial(_residual_adaln_kernel, eps=eps, out_dtype=jnp.dtype(out_dtype)),
-        x, rows=(h,), per_example=(gate, shift, scale))
+        x, rows=(h,), columns=(kernel_bias,), per_example=(gate, shift, scale))
     if out is not None:
       return out
+  if bias is not None:
+    h = h + jnp.reshape(bias, (1,) * (h.ndim - 1) + (-1,))
   x = x + (gate[:, None] * h).astype(x.dtype)
   out = layer_norm_modulate_xla(x, shift, scale, eps)
   return x, (out if out_dtype is None else out.astype(out_dtype))
@@ -139,7 +153,7 @@ def _use_kernel(x: Array, out_dtype, implementation: str | None) -> bool:
                      f"got {implementation!r}")
   if implementation == "xla" or out_dtype is None:
     return False
-  if not jnp.issubdtype(x.dtype, jnp.floating):
+  if not jnp.issubdtype(x.dtype, jnp.floating) or x.shape[-1] > _MAX_KERNEL_WIDTH:
     return False
   if implementation == "pallas":
     return layers.compile_target() in ("gpu", "cpu")
@@ -147,11 +161,12 @@ def _use_kernel(x: Array, out_dtype, implementation: str | None) -> bool:
 
 
 def _sharded_kernel(fn, x: Array, *, rows: tuple[Array, ...] = (),
-                    per_example: tuple[Array, ...] = ()):
-  """``fn(x, *rows, *per_example)`` on each device's examples under an active mesh; ``None``
-  (the caller takes the XLA form) when the activation rules shard more than the batch axis,
-  which a per-row kernel cannot follow."""
-  args = (x,) + rows + per_example
+                    columns: tuple[Array, ...] = (), per_example: tuple[Array, ...] = ()):
+  """``fn(x, *rows, *columns, *per_example)`` on each device's examples under an active mesh
+  (``columns``, per-channel vectors, replicated); ``None`` (the caller takes the XLA form)
+  when the activation rules shard more than the batch axis, which a per-row kernel cannot
+  follow."""
+  args = (x,) + rows + columns + per_example
   placement = parallel.activation_placement(("batch", "length", "act_embed"), x.shape)
   if placement is None:
     return fn(*args)
@@ -163,7 +178,8 @@ def _sharded_kernel(fn, x: Array, *, rows: tuple[Array, ...] = (),
     return fn(*args)
   row_spec = jax.sharding.PartitionSpec(spec[0], None, None)
   example_spec = jax.sharding.PartitionSpec(spec[0], None)
-  in_specs = (row_spec,) * (1 + len(rows)) + (example_spec,) * len(per_example)
+  in_specs = ((row_spec,) * (1 + len(rows)) + (jax.sharding.PartitionSpec(),) * len(columns)
+              + (example_spec,) * len(per_example))
   out_specs = jax.tree.map(lambda _: row_spec, jax.eval_shape(fn, *args))
   return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
                        check_vma=False)(*args)
@@ -209,7 +225,7 @@ def _row_statistics(x: Array, mask: Array, width: int, eps: float):
 def _forward_kernel(*refs, residual: bool, tokens: int, width: int, padded_width: int,
                     eps: float):
   if residual:
-    x_ref, h_ref, gate_ref, shift_ref, scale_ref, x_out_ref, out_ref = refs
+    x_ref, h_ref, bias_ref, gate_ref, shift_ref, scale_ref, x_out_ref, out_ref = refs
   else:
     x_ref, shift_ref, scale_ref, out_ref = refs
   b = pl.program_id(0)
@@ -217,7 +233,8 @@ def _forward_kernel(*refs, residual: bool, tokens: int, width: int, padded_width
   column_mask = columns < width
   x = _load(x_ref, (rows, columns), mask)
   if residual:
-    x = x + _load(gate_ref, (b, columns), column_mask) * _load(h_ref, (rows, columns), mask)
+    branch = _load(h_ref, (rows, columns), mask) + _load(bias_ref, (columns,), column_mask)
+    x = x + _load(gate_ref, (b, columns), column_mask) * branch
     x_out = x.astype(x_out_ref.dtype)
     pl_triton.store(x_out_ref.at[rows, columns], x_out, mask=mask)
     # The statistics are those of the stored residual, which the backward pass reads.
@@ -232,17 +249,19 @@ def _backward_kernel(*refs, residual: bool, tokens: int, width: int, padded_widt
                      eps: float, steps: int):
   """One (example, token split) of the backward pass. ``x`` is the normed input (the new
   residual when ``residual``); with ``residual`` the output's cotangent adds the residual
-  stream's own, which also flows to ``h`` and ``gate``."""
+  stream's own, which also flows to ``h``, its bias and ``gate``."""
   if residual:
-    (x_ref, h_ref, gate_ref, scale_ref, grad_ref, x_grad_ref,
-     dx_ref, dh_ref, dscale_ref, dshift_ref, dgate_ref) = refs
+    (x_ref, h_ref, bias_ref, gate_ref, scale_ref, grad_ref, x_grad_ref,
+     dx_ref, dh_ref, dscale_ref, dshift_ref, dgate_ref, dbias_ref) = refs
   else:
     x_ref, scale_ref, grad_ref, dx_ref, dscale_ref, dshift_ref = refs
   b, split = pl.program_id(0), pl.program_id(1)
   columns = jnp.arange(padded_width)[None, :]
   column_mask = columns < width
   scale1 = 1.0 + _load(scale_ref, (b, columns), column_mask)
-  gate = _load(gate_ref, (b, columns), column_mask) if residual else None
+  if residual:
+    gate = _load(gate_ref, (b, columns), column_mask)
+    bias = _load(bias_ref, (columns,), column_mask)
 
   def step(i, sums):
     rows, cols, mask = _tile(b, (split * steps + i) * _ROWS_PER_STEP, tokens, width,
@@ -257,14 +276,16 @@ def _backward_kernel(*refs, residual: bool, tokens: int, width: int, padded_widt
     new = [jnp.sum(grad * normed, axis=0, keepdims=True), jnp.sum(grad, axis=0, keepdims=True)]
     if residual:
       dx = dx + _load(x_grad_ref, (rows, cols), mask)
-      pl_triton.store(dh_ref.at[rows, cols], (gate * dx).astype(dh_ref.dtype), mask=mask)
-      new.append(jnp.sum(dx * _load(h_ref, (rows, cols), mask), axis=0, keepdims=True))
+      dh = gate * dx
+      pl_triton.store(dh_ref.at[rows, cols], dh.astype(dh_ref.dtype), mask=mask)
+      branch = jnp.where(mask, _load(h_ref, (rows, cols), mask) + bias, 0.0)
+      new += [jnp.sum(dx * branch, axis=0, keepdims=True), jnp.sum(dh, axis=0, keepdims=True)]
     pl_triton.store(dx_ref.at[rows, cols], dx.astype(dx_ref.dtype), mask=mask)
     return tuple(total + part for total, part in zip(sums, new))
 
   zeros = jnp.zeros((1, padded_width), jnp.float32)
-  sums = jax.lax.fori_loop(0, steps, step, (zeros,) * (3 if residual else 2))
-  out_refs = (dscale_ref, dshift_ref) + ((dgate_ref,) if residual else ())
+  sums = jax.lax.fori_loop(0, steps, step, (zeros,) * (4 if residual else 2))
+  out_refs = (dscale_ref, dshift_ref) + ((dgate_ref, dbias_ref) if residual else ())
   out_columns = jnp.arange(padded_width)
   for ref, total in zip(out_refs, sums):
     pl_triton.store(ref.at[b, split, out_columns], total[0], mask=out_columns < width)
@@ -274,9 +295,10 @@ def _flat(x: Array) -> Array:
   return x.reshape(x.shape[0] * x.shape[1], x.shape[2])
 
 
-def _forward(x: Array, rows: tuple[Array, ...], per_example: tuple[Array, ...], *,
-             eps: float, out_dtype):
-  """``y`` (and the new residual first, when ``rows`` holds ``h``) of the forward kernel."""
+def _forward(x: Array, rows: tuple[Array, ...], columns: tuple[Array, ...],
+             per_example: tuple[Array, ...], *, eps: float, out_dtype):
+  """``y`` (and the new residual first, when ``rows`` holds ``h`` and ``columns`` its bias)
+  of the forward kernel."""
   batch, tokens, width = x.shape
   padded = _padded_width(width)
   residual = bool(rows)
@@ -289,7 +311,7 @@ def _forward(x: Array, rows: tuple[Array, ...], per_example: tuple[Array, ...], 
       kernel, out_shape=out_shape, grid=(batch, pl.cdiv(tokens, _ROWS_PER_STEP)),
       compiler_params=_compiler_params(padded), interpret=_interpret(),
       name="residual_adaln_fwd" if residual else "adaln_fwd",
-  )(_flat(x), *map(_flat, rows), *per_example)
+  )(_flat(x), *map(_flat, rows), *columns, *per_example)
   return jax.tree.map(lambda a: a.reshape(x.shape), out)
 
 
@@ -301,9 +323,10 @@ def _backward_splits(batch: int, tokens: int) -> tuple[int, int]:
   return pl.cdiv(row_steps, steps), steps
 
 
-def _backward(x: Array, rows: tuple[Array, ...], per_example: tuple[Array, ...],
-              grads: tuple[Array, ...], *, eps: float):
-  """``(dx, [dh,] d scale, d shift[, d gate])``; the per-example sums in float32."""
+def _backward(x: Array, rows: tuple[Array, ...], columns: tuple[Array, ...],
+              per_example: tuple[Array, ...], grads: tuple[Array, ...], *, eps: float):
+  """``(dx, [dh,] d scale, d shift[, d gate, d bias])``; the last ones per example, in
+  float32."""
   batch, tokens, width = x.shape
   padded = _padded_width(width)
   splits, steps = _backward_splits(batch, tokens)
@@ -314,12 +337,12 @@ def _backward(x: Array, rows: tuple[Array, ...], per_example: tuple[Array, ...],
   out_shape = [jax.ShapeDtypeStruct((batch * tokens, width), x.dtype)]
   if residual:
     out_shape.append(jax.ShapeDtypeStruct((batch * tokens, width), rows[0].dtype))
-  out_shape += [partial_sums] * (3 if residual else 2)
+  out_shape += [partial_sums] * (4 if residual else 2)
   out = pl.pallas_call(
       kernel, out_shape=tuple(out_shape), grid=(batch, splits),
       compiler_params=_compiler_params(padded), interpret=_interpret(),
       name="residual_adaln_bwd" if residual else "adaln_bwd",
-  )(_flat(x), *map(_flat, rows), *per_example, *map(_flat, grads))
+  )(_flat(x), *map(_flat, rows), *columns, *per_example, *map(_flat, grads))
   n_rows = 2 if residual else 1
   return (tuple(a.reshape(x.shape) for a in out[:n_rows])
           + tuple(jnp.sum(a, axis=1) for a in out[n_rows:]))
@@ -329,7 +352,7 @@ def _backward(x: Array, rows: tuple[Array, ...], per_example: tuple[Array, ...],
 # backward passes can return cotangents of the right dtype.
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def _adaln_kernel(x: Array, shift: Array, scale: Array, eps: float, out_dtype) -> Array:
-  return _forward(x, (), (shift, scale), eps=eps, out_dtype=out_dtype)
+  return _forward(x, (), (), (shift, scale), eps=eps, out_dtype=out_dtype)
 
 
 def _adaln_kernel_fwd(x, shift, scale, eps, out_dtype):
@@ -339,31 +362,32 @@ def _adaln_kernel_fwd(x, shift, scale, eps, out_dtype):
 def _adaln_kernel_bwd(eps, out_dtype, residuals, grad):
   del out_dtype
   x, scale, shift_like = residuals
-  dx, dscale, dshift = _backward(x, (), (scale,), (grad,), eps=eps)
+  dx, dscale, dshift = _backward(x, (), (), (scale,), (grad,), eps=eps)
   return dx, dshift.astype(shift_like.dtype), dscale.astype(scale.dtype)
 
 
 _adaln_kernel.defvjp(_adaln_kernel_fwd, _adaln_kernel_bwd)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def _residual_adaln_kernel(x: Array, h: Array, gate: Array, shift: Array, scale: Array,
-                           eps: float, out_dtype) -> tuple[Array, Array]:
-  return _forward(x, (h,), (gate, shift, scale), eps=eps, out_dtype=out_dtype)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+def _residual_adaln_kernel(x: Array, h: Array, bias: Array, gate: Array, shift: Array,
+                           scale: Array, eps: float, out_dtype) -> tuple[Array, Array]:
+  return _forward(x, (h,), (bias,), (gate, shift, scale), eps=eps, out_dtype=out_dtype)
 
 
-def _residual_adaln_kernel_fwd(x, h, gate, shift, scale, eps, out_dtype):
-  x_new, out = _residual_adaln_kernel(x, h, gate, shift, scale, eps, out_dtype)
-  return (x_new, out), (x_new, h, gate, scale, shift[:0])
+def _residual_adaln_kernel_fwd(x, h, bias, gate, shift, scale, eps, out_dtype):
+  x_new, out = _residual_adaln_kernel(x, h, bias, gate, shift, scale, eps, out_dtype)
+  return (x_new, out), (x_new, h, bias, gate, scale, shift[:0])
 
 
 def _residual_adaln_kernel_bwd(eps, out_dtype, residuals, grads):
   del out_dtype
-  x_new, h, gate, scale, shift_like = residuals
+  x_new, h, bias, gate, scale, shift_like = residuals
   x_grad, grad = grads
-  dx, dh, dscale, dshift, dgate = _backward(x_new, (h,), (gate, scale), (grad, x_grad), eps=eps)
-  return (dx, dh, dgate.astype(gate.dtype), dshift.astype(shift_like.dtype),
-          dscale.astype(scale.dtype))
+  dx, dh, dscale, dshift, dgate, dbias = _backward(x_new, (h,), (bias,), (gate, scale),
+                                                   (grad, x_grad), eps=eps)
+  return (dx, dh, jnp.sum(dbias, axis=0).astype(bias.dtype), dgate.astype(gate.dtype),
+          dshift.astype(shift_like.dtype), dscale.astype(scale.dtype))
 
 
 _residual_adaln_kernel.defvjp(_residual_adaln_kernel_fwd, _residual_adaln_kernel_bwd)

@@ -72,6 +72,20 @@ def linear(
   )
 
 
+def linear_without_bias(layer: nnx.Linear, x: Array) -> tuple[Array, Array | None]:
+  """``layer(x)`` split into its matmul and its bias, both cast as the layer casts them, for a
+  consumer that adds the bias in its own kernel: ``y + bias`` is ``layer(x)``."""
+  kernel = layer.kernel[...]
+  bias = layer.bias[...] if layer.bias is not None else None
+  x, kernel, bias = layer.promote_dtype((x, kernel, bias), dtype=layer.dtype)
+  kwargs = {}
+  if layer.preferred_element_type is not None:
+    kwargs["preferred_element_type"] = layer.preferred_element_type
+  y = layer.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())), precision=layer.precision,
+                        **kwargs)
+  return y, bias
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
 def broadcast_over_batch(table: Array, batch: int) -> Array:
   """``table`` ``(1, ...)`` repeated ``batch`` times, for learned tokens and position tables.
@@ -476,6 +490,10 @@ class Attention(nnx.Module):
     self.qkv = None
 
   def __call__(self, x: Array, rope: "RopeTables | None" = None) -> Array:
+    return self.proj(self.attend(x, rope))
+
+  def attend(self, x: Array, rope: "RopeTables | None" = None) -> Array:
+    """The heads' outputs ``(B, N, D)`` before ``proj``."""
     b, n, d = x.shape
     q, k, v = self.split_heads(x)
     if self.q_norm is not None:
@@ -486,7 +504,7 @@ class Attention(nnx.Module):
     if rope is not None:
       q, k = rope.rotate(q), rope.rotate(k)
     out = dot_product_attention(q, k, v, precision=self.precision)
-    return self.proj(out.reshape(b, n, d))
+    return out.reshape(b, n, d)
 
 
 class RopeTables(NamedTuple):
@@ -635,7 +653,11 @@ class Mlp(nnx.Module):
                       kernel_init=kernel_init, rngs=rngs)
 
   def __call__(self, x: Array) -> Array:
-    return self.fc2(gelu(self.fc1(x), approximate=self.approximate_gelu))
+    return self.fc2(self.hidden(x))
+
+  def hidden(self, x: Array) -> Array:
+    """``GELU(fc1(x))``, the input of ``fc2``."""
+    return gelu(self.fc1(x), approximate=self.approximate_gelu)
 
 
 class LayerScale(nnx.Module):

@@ -30,7 +30,8 @@ from flax import nnx
 from softvq_jax.models.adaln import adaln_modulate, gated_residual_adaln
 from softvq_jax.models.config import ConfigError
 from softvq_jax.parallel import constrain
-from softvq_jax.models.layers import Attention, Dtype, LayerNorm, Mlp, linear
+from softvq_jax.models.layers import (Attention, Dtype, LayerNorm, Mlp, linear,
+                                      linear_without_bias)
 
 Array = jax.Array
 KINDS = ("sit", "dit")
@@ -401,17 +402,18 @@ class AdaLNBlock(nnx.Module):
                                                    kernel_init=_zeros, **kw)])
 
   def __call__(self, x: Array, c: Array) -> Array:
-    x, (h, gate) = self.chained(x, c)
-    return x + (gate[:, None] * h).astype(x.dtype)
+    x, (h, bias, gate) = self.chained(x, c)
+    return x + (gate[:, None] * (h if bias is None else h + bias)).astype(x.dtype)
 
-  def chained(self, x: Array, c: Array, pending: tuple[Array, Array] | None = None
-              ) -> tuple[Array, tuple[Array, Array]]:
+  def chained(self, x: Array, c: Array, pending: tuple[Array, Array | None, Array] | None = None
+              ) -> tuple[Array, tuple[Array, Array | None, Array]]:
     """The block with its last gated residual add left to the next norm.
 
-    ``pending`` is the previous block's ``(mlp output, gate)``: it is added to ``x`` in the
-    same pass as this block's first norm. Returns ``(x, (h, gate))`` with the block's own
-    MLP branch pending; ``x + gate * h`` is what ``__call__`` returns. Chained this way
-    every norm of a SiT is one fused kernel with the residual add before it (see
+    ``pending`` is the previous block's ``(mlp output before fc2's bias, that bias, gate)``:
+    it is added to ``x`` in the same pass as this block's first norm. Returns
+    ``(x, (h, bias, gate))`` with the block's own MLP branch pending; ``x + gate * (h + bias)``
+    is what ``__call__`` returns. Chained this way every norm of a SiT is one fused kernel
+    with the residual add (and the bias of the matmul before it) in the same pass (see
     ``models.adaln``); in the XLA form the operations are the unchained ones.
     """
     mod = self.adaLN_modulation[1](jax.nn.silu(c))
@@ -419,11 +421,12 @@ class AdaLNBlock(nnx.Module):
     if pending is None:
       h = adaln_modulate(x, shift_msa, scale_msa, eps=self.norm1.eps, out_dtype=self.dtype)
     else:
-      x, h = gated_residual_adaln(x, *pending, shift_msa, scale_msa, eps=self.norm1.eps,
-                                  out_dtype=self.dtype)
-    x, h = gated_residual_adaln(x, self.attn(h), gate_msa, shift_mlp, scale_mlp,
+      x, h = _pending_add_and_norm(x, pending, shift_msa, scale_msa, eps=self.norm1.eps,
+                                   out_dtype=self.dtype)
+    attn, bias = linear_without_bias(self.attn.proj, self.attn.attend(h))
+    x, h = gated_residual_adaln(x, attn, gate_msa, shift_mlp, scale_mlp, bias=bias,
                                 eps=self.norm2.eps, out_dtype=self.dtype)
-    return x, (self.mlp(h), gate_mlp)
+    return x, (*linear_without_bias(self.mlp.fc2, self.mlp.hidden(h)), gate_mlp)
 
 
 class FinalLayer(nnx.Module):
@@ -435,15 +438,22 @@ class FinalLayer(nnx.Module):
     self.linear = linear(hidden_size, out_channels, **kw)
     self.adaLN_modulation = nnx.List([None, linear(hidden_size, 2 * hidden_size, **kw)])
 
-  def __call__(self, x: Array, c: Array, pending: tuple[Array, Array] | None = None) -> Array:
-    """``pending``: the last block's ``(mlp output, gate)``, added to ``x`` first."""
+  def __call__(self, x: Array, c: Array,
+               pending: tuple[Array, Array | None, Array] | None = None) -> Array:
+    """``pending``: the last block's ``(mlp output, bias, gate)``, added to ``x`` first."""
     shift, scale = jnp.split(self.adaLN_modulation[1](jax.nn.silu(c)), 2, axis=-1)
     if pending is None:
       h = adaln_modulate(x, shift, scale, eps=self.norm_final.eps, out_dtype=self.dtype)
     else:
-      _, h = gated_residual_adaln(x, *pending, shift, scale, eps=self.norm_final.eps,
-                                  out_dtype=self.dtype)
+      _, h = _pending_add_and_norm(x, pending, shift, scale, eps=self.norm_final.eps,
+                                   out_dtype=self.dtype)
     return self.linear(h)
+
+
+def _pending_add_and_norm(x: Array, pending: tuple[Array, Array | None, Array], shift: Array,
+                          scale: Array, *, eps: float, out_dtype) -> tuple[Array, Array]:
+  h, bias, gate = pending
+  return gated_residual_adaln(x, h, gate, shift, scale, bias=bias, eps=eps, out_dtype=out_dtype)
 
 
 class SiT(nnx.Module):
@@ -539,8 +549,8 @@ class SiT(nnx.Module):
     else:
       # Each block's last residual add runs with the next norm (see AdaLNBlock.chained).
       for block in self.blocks:
-        h, (branch, gate) = _chained_block(block, self.remat_policy)(h, c, pending)
-        h, pending = constrain(h, _ACT), (constrain(branch, _ACT), gate)
+        h, (branch, bias, gate) = _chained_block(block, self.remat_policy)(h, c, pending)
+        h, pending = constrain(h, _ACT), (constrain(branch, _ACT), bias, gate)
     out = self.final_layer(h, c, pending).astype(jnp.float32)
     return (out, taps) if return_intermediates else out
 
