@@ -157,7 +157,9 @@ def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
   p.add_argument("--cfg", type=float, default=1.0, help="CFG scale (pipeline); > 1 doubles the batch")
   p.add_argument("--no-decode", dest="decode", action="store_false",
                  help="pipeline without the tokenizer decoder")
-  p.add_argument("--attention", default=None, help="auto | cudnn | xla | einsum (bf16 only)")
+  p.add_argument("--attention", default=None,
+                 help="auto | cudnn | xla | einsum | pallas (bf16 only; pallas: the packed "
+                      "short-sequence kernels, up to 128 tokens, elsewhere auto)")
   p.add_argument("--gelu", default=None, choices=("auto", "epilogue", "float32"),
                  help="how the bf16 tanh GELU of SiT/DiT runs (epilogue: fused into the matmul "
                       "by cuBLASLt on GPUs)")

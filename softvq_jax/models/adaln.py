@@ -98,7 +98,7 @@ def adaln_modulate(x: Array, shift: Array, scale: Array, *, eps: float,
   """
   _check_shapes(x, shift=shift, scale=scale)
   if _use_kernel(x, out_dtype, implementation):
-    out = _sharded_kernel(functools.partial(_adaln_kernel, eps=eps, out_dtype=jnp.dtype(out_dtype)),
+    out = run_per_device(functools.partial(_adaln_kernel, eps=eps, out_dtype=jnp.dtype(out_dtype)),
                           x, per_example=(shift, scale))
     if out is not None:
       return out
@@ -127,7 +127,7 @@ def gated_residual_adaln(x: Array, h: Array, gate: Array, shift: Array, scale: A
                      f"{bias.shape}")
   if _use_kernel(x, out_dtype, implementation):
     kernel_bias = bias if bias is not None else jnp.zeros(x.shape[-1:], h.dtype)
-    out = _sharded_kernel(
+    out = run_per_device(
         functools.partial(_residual_adaln_kernel, eps=eps, out_dtype=jnp.dtype(out_dtype)),
         x, rows=(h,), columns=(kernel_bias,), per_example=(gate, shift, scale))
     if out is not None:
@@ -160,7 +160,7 @@ def _use_kernel(x: Array, out_dtype, implementation: str | None) -> bool:
   return layers.compile_target() == "gpu" and jnp.dtype(out_dtype).itemsize == 2
 
 
-def _sharded_kernel(fn, x: Array, *, rows: tuple[Array, ...] = (),
+def run_per_device(fn, x: Array, *, rows: tuple[Array, ...] = (),
                     columns: tuple[Array, ...] = (), per_example: tuple[Array, ...] = ()):
   """``fn(x, *rows, *columns, *per_example)`` on each device's examples under an active mesh
   (``columns``, per-channel vectors, replicated); ``None`` (the caller takes the XLA form)

@@ -153,8 +153,10 @@ class LayerNorm(nnx.Module):
 #   "auto":  fused kernels where the backend has them (cuDNN flash attention on NVIDIA
 #            GPUs), XLA's fused softmax(QK^T)V elsewhere;
 #   "cudnn" / "xla": force one of jax.nn.dot_product_attention's implementations;
-#   "einsum": the explicit two-einsum form, for comparisons.
-ATTENTION_IMPLEMENTATIONS = ("auto", "cudnn", "xla", "einsum")
+#   "einsum": the explicit two-einsum form, for comparisons;
+#   "pallas": the packed short-sequence kernels of ``models.short_attention`` where they
+#            apply (up to 128 tokens, no q/k norm or rotation), "auto" elsewhere.
+ATTENTION_IMPLEMENTATIONS = ("auto", "cudnn", "xla", "einsum", "pallas")
 _attention_implementation = os.environ.get("SOFTVQ_ATTENTION", "auto")
 
 
@@ -268,7 +270,7 @@ def dot_product_attention(q: Array, k: Array, v: Array, *, precision=None) -> Ar
   impl = _attention_implementation
   if q.dtype == jnp.float32 or impl == "einsum":
     return _einsum_attention_batched(q, k, v, precision)
-  if impl == "auto":
+  if impl in ("auto", "pallas"):
     if _cudnn_supported(q):
       try:
         return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
@@ -376,6 +378,10 @@ def prepare_for_inference(model: nnx.Module) -> nnx.Module:
   for _, module in list(model.iter_modules()):
     if isinstance(module, Block):
       module.fold_layerscale()
+      if _attention_implementation == "pallas":
+        # The tokenizers' sequences are longer than the packed kernels take: their
+        # attention stays on cuDNN, which reads separate q, k, v best.
+        module.attn.separate_qkv()
     if isinstance(module, Attention) and (_inference_forms == "always"
                                           or _attention_implementation in ("auto", "cudnn")):
       module.separate_qkv()
@@ -495,6 +501,14 @@ class Attention(nnx.Module):
   def attend(self, x: Array, rope: "RopeTables | None" = None) -> Array:
     """The heads' outputs ``(B, N, D)`` before ``proj``."""
     b, n, d = x.shape
+    if (_attention_implementation == "pallas" and self.qkv is not None and rope is None
+        and self.q_norm is None and self.qkv.dtype is not None):
+      from softvq_jax.models import short_attention  # pylint: disable=g-import-not-at-top
+      if short_attention.supported(n, self.head_dim, self.qkv.dtype):
+        qkv, bias = linear_without_bias(self.qkv, x)
+        out = short_attention.packed_attention(qkv, bias, self.num_heads)
+        if out is not None:
+          return out
     q, k, v = self.split_heads(x)
     if self.q_norm is not None:
       # In float32 (LayerNorm's own rule) whatever the compute dtype, and at every
