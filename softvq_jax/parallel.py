@@ -386,34 +386,36 @@ def constrain(x, logical_axes):
   """
   if not isinstance(x, jax.core.Tracer):
     return x
-  active = _ACTIVE.get()
-  if active is None:
-    abstract = jax.sharding.get_abstract_mesh()
-    if abstract.empty:
-      return x
-    rules = PRESETS["dp"]
-    spec = rules.spec(logical_axes, x.shape, abstract, what="activation", note=_quiet)
-    return jax.lax.with_sharding_constraint(x, spec)
-  mesh, rules = active
+  found = _active_mesh_and_rules()
+  if found is None:
+    return x
+  mesh, rules, abstract = found
   spec = rules.spec(logical_axes, x.shape, mesh, what="activation", note=_quiet)
-  return jax.lax.with_sharding_constraint(x, jax.sharding.NamedSharding(mesh, spec))
+  return jax.lax.with_sharding_constraint(
+      x, spec if abstract else jax.sharding.NamedSharding(mesh, spec))
 
 
 def activation_placement(logical_axes, shape: tuple[int, ...]):
   """``(mesh, PartitionSpec)`` that :func:`constrain` would give an activation of ``shape``
   while tracing, or ``None`` when no mesh of more than one device is active. Custom kernels
   use it to run per device under ``shard_map``."""
-  active = _ACTIVE.get()
-  if active is None:
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty:
-      return None
-    rules = PRESETS["dp"]
-  else:
-    mesh, rules = active
-  if mesh.size == 1:
+  found = _active_mesh_and_rules()
+  if found is None or found[0].size == 1:
     return None
+  mesh, rules, _ = found
   return mesh, rules.spec(logical_axes, shape, mesh, what="activation", note=_quiet)
+
+
+def _active_mesh_and_rules():
+  """``(mesh, rules, abstract)``: those of the enclosing :func:`activation_sharding`, else the
+  ``jax.set_mesh`` mesh (abstract) with the ``dp`` rules; ``None`` without a mesh."""
+  active = _ACTIVE.get()
+  if active is not None:
+    return active[0], active[1], False
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return None
+  return mesh, PRESETS["dp"], True
 
 
 def _quiet(msg, *args):
