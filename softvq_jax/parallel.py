@@ -406,6 +406,32 @@ def activation_placement(logical_axes, shape: tuple[int, ...]):
   return mesh, rules.spec(logical_axes, shape, mesh, what="activation", note=_quiet)
 
 
+def per_device_rows(fn, x, *, rows: tuple = (), columns: tuple = (), per_example: tuple = ()):
+  """``fn(x, *rows, *columns, *per_example)`` on each device's examples under an active mesh,
+  for custom kernels (a ``pallas_call`` is opaque to the SPMD partitioner, which would
+  gather it whole). ``x`` and ``rows`` are ``(B, T, D)`` activations, ``per_example``
+  ``(B, ...)`` arrays, ``columns`` per-channel vectors (replicated); ``fn`` returns
+  ``(B, T, ...)`` arrays. ``None`` (the caller takes another path) when the activation rules
+  shard more than the batch axis, which a per-row kernel cannot follow."""
+  args = (x,) + rows + columns + per_example
+  placement = activation_placement(("batch", "length", "act_embed"), x.shape)
+  if placement is None:
+    return fn(*args)
+  mesh, spec = placement
+  spec = tuple(spec) + (None,) * (3 - len(tuple(spec)))
+  if spec[1] is not None or spec[2] is not None:
+    return None
+  if spec[0] is None:
+    return fn(*args)
+  row_spec = jax.sharding.PartitionSpec(spec[0], None, None)
+  example_spec = jax.sharding.PartitionSpec(spec[0], None)
+  in_specs = ((row_spec,) * (1 + len(rows)) + (jax.sharding.PartitionSpec(),) * len(columns)
+              + (example_spec,) * len(per_example))
+  out_specs = jax.tree.map(lambda _: row_spec, jax.eval_shape(fn, *args))
+  return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
+                       check_vma=False)(*args)
+
+
 def _active_mesh_and_rules():
   """``(mesh, rules, abstract)``: those of the enclosing :func:`activation_sharding`, else the
   ``jax.set_mesh`` mesh (abstract) with the ``dp`` rules; ``None`` without a mesh."""

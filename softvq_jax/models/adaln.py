@@ -98,8 +98,9 @@ def adaln_modulate(x: Array, shift: Array, scale: Array, *, eps: float,
   """
   _check_shapes(x, shift=shift, scale=scale)
   if _use_kernel(x, out_dtype, implementation):
-    out = run_per_device(functools.partial(_adaln_kernel, eps=eps, out_dtype=jnp.dtype(out_dtype)),
-                          x, per_example=(shift, scale))
+    out = parallel.per_device_rows(
+        functools.partial(_adaln_kernel, eps=eps, out_dtype=jnp.dtype(out_dtype)), x,
+        per_example=(shift, scale))
     if out is not None:
       return out
   out = layer_norm_modulate_xla(x, shift, scale, eps)
@@ -127,7 +128,7 @@ def gated_residual_adaln(x: Array, h: Array, gate: Array, shift: Array, scale: A
                      f"{bias.shape}")
   if _use_kernel(x, out_dtype, implementation):
     kernel_bias = bias if bias is not None else jnp.zeros(x.shape[-1:], h.dtype)
-    out = run_per_device(
+    out = parallel.per_device_rows(
         functools.partial(_residual_adaln_kernel, eps=eps, out_dtype=jnp.dtype(out_dtype)),
         x, rows=(h,), columns=(kernel_bias,), per_example=(gate, shift, scale))
     if out is not None:
@@ -158,31 +159,6 @@ def _use_kernel(x: Array, out_dtype, implementation: str | None) -> bool:
   if implementation == "pallas":
     return layers.compile_target() in ("gpu", "cpu")
   return layers.compile_target() == "gpu" and jnp.dtype(out_dtype).itemsize == 2
-
-
-def run_per_device(fn, x: Array, *, rows: tuple[Array, ...] = (),
-                    columns: tuple[Array, ...] = (), per_example: tuple[Array, ...] = ()):
-  """``fn(x, *rows, *columns, *per_example)`` on each device's examples under an active mesh
-  (``columns``, per-channel vectors, replicated); ``None`` (the caller takes the XLA form)
-  when the activation rules shard more than the batch axis, which a per-row kernel cannot
-  follow."""
-  args = (x,) + rows + columns + per_example
-  placement = parallel.activation_placement(("batch", "length", "act_embed"), x.shape)
-  if placement is None:
-    return fn(*args)
-  mesh, spec = placement
-  spec = tuple(spec) + (None,) * (3 - len(tuple(spec)))
-  if spec[1] is not None or spec[2] is not None:
-    return None
-  if spec[0] is None:
-    return fn(*args)
-  row_spec = jax.sharding.PartitionSpec(spec[0], None, None)
-  example_spec = jax.sharding.PartitionSpec(spec[0], None)
-  in_specs = ((row_spec,) * (1 + len(rows)) + (jax.sharding.PartitionSpec(),) * len(columns)
-              + (example_spec,) * len(per_example))
-  out_specs = jax.tree.map(lambda _: row_spec, jax.eval_shape(fn, *args))
-  return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
-                       check_vma=False)(*args)
 
 
 def _padded_width(width: int) -> int:

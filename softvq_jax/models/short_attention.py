@@ -27,6 +27,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
 
+from softvq_jax import parallel
 from softvq_jax.models import layers
 
 Array = jax.Array
@@ -56,9 +57,8 @@ def packed_attention(qkv: Array, bias: Array | None, num_heads: int) -> Array | 
     bias = jnp.zeros((width3,), qkv.dtype)
   if bias.shape != (width3,):
     raise ValueError(f"qkv bias must have shape ({width3},), got {bias.shape}")
-  from softvq_jax.models import adaln  # pylint: disable=g-import-not-at-top
   fn = functools.partial(_attention, num_heads=num_heads)
-  return adaln.run_per_device(fn, qkv, columns=(bias.astype(qkv.dtype),))
+  return parallel.per_device_rows(fn, qkv, columns=(bias.astype(qkv.dtype),))
 
 
 def _geometry(tokens: int, head_dim: int):
