@@ -782,22 +782,34 @@ def _train_setup(args, batch: int, mesh):
   return step, state, arrays, flops, strategy, ()
 
 
-def _stage1_setup(args, batch: int, mesh, strategy: str, abstract: bool):
-  """The tokenizer trainer's own stage-1 step (LPIPS, DINO discriminator, REPA; random frozen
-  networks of the recipe's sizes) for ``--objective full``, fed uint8 images as the trainer
-  feeds it."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from softvq_jax import parallel  # pylint: disable=g-import-not-at-top
-  from softvq_jax.config_lib import tokenizer_recipe  # pylint: disable=g-import-not-at-top
-  from softvq_jax.train import stage1, tokenizer_trainer  # pylint: disable=g-import-not-at-top
+def _stage1_config(args, batch: int, strategy: str):
+  """The stage-1 recipe of ``--model``: MAETok's (token masking, auxiliary feature decoders)
+  for MAETok, the SoftVQ one otherwise."""
+  from softvq_jax.config_lib import maetok_recipe, tokenizer_recipe  # pylint: disable=g-import-not-at-top
+  from softvq_jax.models.released import RELEASED_MAETOK, RELEASED_TOKENIZERS  # pylint: disable=g-import-not-at-top
   name = TOKENIZER_ALIASES.get(args.model, args.model)
-  config = tokenizer_recipe(name, "runlocal" if args.tiny else None)
+  if name not in RELEASED_MAETOK and name not in RELEASED_TOKENIZERS:
+    raise SystemExit(f"--objective full needs a released tokenizer, not {args.model!r}; choose "
+                     f"from {sorted(TOKENIZER_ALIASES)}")
+  recipe = maetok_recipe if name in RELEASED_MAETOK else tokenizer_recipe
+  config = recipe(name, "runlocal" if args.tiny else None)
   config.dtype, config.global_batch_size, config.sharding = args.dtype, batch, strategy
   if args.tiny:
     config.model.image_size = 32
     config.loss.disc_backbone.img_size = 32
     config.loss.repa_patch_size = 8
+  return config
+
+
+def _stage1_setup(args, batch: int, mesh, strategy: str, abstract: bool):
+  """The tokenizer trainer's own stage-1 step (LPIPS, DINO discriminator, REPA or MAETok's
+  auxiliary decoders; random frozen networks of the recipe's sizes) for ``--objective full``,
+  fed uint8 images as the trainer feeds it."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from softvq_jax import parallel  # pylint: disable=g-import-not-at-top
+  from softvq_jax.train import stage1, tokenizer_trainer  # pylint: disable=g-import-not-at-top
+  config = _stage1_config(args, batch, strategy)
   setup = tokenizer_trainer.build_stage1(config, total_steps=1000)
   rules = parallel.rules_from_config(config)
   shardings = setup.shardings(mesh, rules)
