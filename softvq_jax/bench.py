@@ -1110,11 +1110,12 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     raise SystemExit(f"--devices {args.devices} needs a fresh process (JAX already has "
                      f"{jax.device_count()} devices)")
   from softvq_jax.models import adaln, layers  # pylint: disable=g-import-not-at-top
-  layers.set_attention_implementation(args.attention or os.environ.get("SOFTVQ_ATTENTION", "auto"))
-  layers.set_gelu_implementation(args.gelu or os.environ.get("SOFTVQ_GELU", "auto"))
-  layers.set_inference_forms(args.inference_forms
-                             or os.environ.get("SOFTVQ_INFERENCE_FORMS", "auto"))
-  adaln.set_adaln_implementation(args.adaln or os.environ.get("SOFTVQ_ADALN", "auto"))
+  # A flag left out means the environment's choice (SOFTVQ_ATTENTION...), also when a suite
+  # runs several measurements in one process.
+  layers.set_attention_implementation(args.attention)
+  layers.set_gelu_implementation(args.gelu)
+  layers.set_inference_forms(args.inference_forms)
+  adaln.set_adaln_implementation(args.adaln)
   global _profile_root
   _profile_root = args.profile or None
   if args.what == "memory":

@@ -82,7 +82,7 @@ def test_where_the_forms_apply(forms, monkeypatch):
   # float32 compute keeps the reference's own rounding order.
   assert not layers.inference_forms_apply(None) and not layers.inference_forms_apply(jnp.float32)
   # Attention that does not go through cuDNN reads q, k, v through its own kernels.
-  monkeypatch.setattr(layers, "_attention_implementation", "xla")
+  monkeypatch.setattr(layers._ATTENTION, "_value", "xla")  # pylint: disable=protected-access
   block = layers.prepare_for_inference(_block(jnp.bfloat16))
   assert block.attn.qkv is not None and block.ls1 is None
   forms("never")
@@ -91,9 +91,43 @@ def test_where_the_forms_apply(forms, monkeypatch):
   assert layers.inference_forms_apply(None)
   with pytest.raises(ValueError, match="inference forms must be one of"):
     layers.set_inference_forms("fast")
-  monkeypatch.setattr(layers, "_inference_forms", "fast")  # a bad SOFTVQ_INFERENCE_FORMS
+  forms(None)  # back to the environment's choice
+  monkeypatch.setenv("SOFTVQ_INFERENCE_FORMS", "fast")
   with pytest.raises(ValueError, match="SOFTVQ_INFERENCE_FORMS must be one of"):
     layers.inference_forms_apply(jnp.bfloat16)
+
+
+def test_choices_come_from_code_then_environment_then_default(monkeypatch):
+  """Every kernel choice reads its variable when used (not at import), a value set from code
+  wins until it is reset with None, and a wrong value names its variable."""
+  from softvq_jax.models import adaln  # pylint: disable=g-import-not-at-top
+  choices = [(layers.set_attention_implementation, layers.attention_implementation,
+              "SOFTVQ_ATTENTION", "xla"),
+             (layers.set_gelu_implementation, layers.gelu_implementation, "SOFTVQ_GELU",
+              "float32"),
+             (layers.set_inference_forms, layers.inference_forms, "SOFTVQ_INFERENCE_FORMS",
+              "never"),
+             (adaln.set_adaln_implementation, adaln.adaln_implementation, "SOFTVQ_ADALN", "xla")]
+  for set_choice, get_choice, variable, other in choices:
+    previous = get_choice()
+    try:
+      set_choice(None)
+      monkeypatch.delenv(variable, raising=False)
+      assert get_choice() == "auto"
+      monkeypatch.setenv(variable, other)
+      assert get_choice() == other
+      set_choice("auto")
+      assert get_choice() == "auto"  # code wins over the environment
+      set_choice(None)
+      assert get_choice() == other
+      monkeypatch.setenv(variable, "fastest")
+      with pytest.raises(ValueError, match=f"{variable} must be one of .*'fastest'"):
+        get_choice()
+      with pytest.raises(ValueError, match="must be one of .*'fastest'"):
+        set_choice("fastest")
+    finally:
+      monkeypatch.delenv(variable, raising=False)
+      set_choice(previous)
 
 
 @pytest.mark.parametrize("dtype,tol", [("float32", 1e-6), ("bfloat16", 2**-6)])

@@ -135,7 +135,7 @@ def test_tokenizer_in_the_gpu_inference_forms_matches_reference(model, ref, imag
   """Separate q/k/v matmuls and LayerScale folded into the weights (what bfloat16
   inference on GPUs runs) keep float32 reference parity too."""
   from softvq_jax.models import layers  # pylint: disable=g-import-not-at-top
-  monkeypatch.setattr(layers, "_inference_forms", "always")
+  monkeypatch.setattr(layers._INFERENCE_FORMS, "_value", "always")  # pylint: disable=protected-access
   tok = Tokenizer(model)
   from flax import nnx  # pylint: disable=g-import-not-at-top
   paths = {".".join(map(str, p)) for p, _ in nnx.to_flat_state(tok._compute_state)}  # pylint: disable=protected-access

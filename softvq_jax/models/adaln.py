@@ -27,7 +27,6 @@ check them against NumPy.
 from __future__ import annotations
 
 import functools
-import os
 
 import jax
 import jax.numpy as jnp
@@ -43,7 +42,7 @@ Array = jax.Array
 # "pallas": the kernels wherever the shapes allow (interpreted on CPUs, for tests);
 # "xla": always the XLA form.
 ADALN_IMPLEMENTATIONS = ("auto", "pallas", "xla")
-_adaln_implementation = os.environ.get("SOFTVQ_ADALN", "auto")
+_ADALN = layers.NamedChoice("adaLN implementation", ADALN_IMPLEMENTATIONS, "SOFTVQ_ADALN")
 
 # Rows per program of the forward kernel and per loop step of the backward kernel: with
 # the width padded to a power of two (2048 for SiT-XL's 1152) a few rows keep each
@@ -63,17 +62,14 @@ _WARPS: int | None = None
 _STAGES = 3
 
 
-def set_adaln_implementation(name: str) -> None:
-  """Selects how the adaLN norm runs (see ``ADALN_IMPLEMENTATIONS``); read when tracing."""
-  global _adaln_implementation
-  if name not in ADALN_IMPLEMENTATIONS:
-    raise ValueError(f"adaLN implementation must be one of {ADALN_IMPLEMENTATIONS}, "
-                     f"got {name!r}")
-  _adaln_implementation = name
+def set_adaln_implementation(name: str | None) -> None:
+  """Selects how the adaLN norm runs (see ``ADALN_IMPLEMENTATIONS``; ``None``:
+  ``$SOFTVQ_ADALN`` or "auto"); read when tracing."""
+  _ADALN.set(name)
 
 
 def adaln_implementation() -> str:
-  return _adaln_implementation
+  return _ADALN.get()
 
 
 def layer_norm_modulate_xla(x: Array, shift: Array, scale: Array, eps: float) -> Array:
@@ -148,10 +144,7 @@ def _check_shapes(x: Array, **per_example: Array) -> None:
 
 
 def _use_kernel(x: Array, out_dtype, implementation: str | None) -> bool:
-  implementation = implementation or _adaln_implementation
-  if implementation not in ADALN_IMPLEMENTATIONS:
-    raise ValueError(f"adaLN implementation must be one of {ADALN_IMPLEMENTATIONS}, "
-                     f"got {implementation!r}")
+  implementation = _ADALN.check(implementation) if implementation else adaln_implementation()
   if implementation == "xla" or out_dtype is None:
     return False
   if not jnp.issubdtype(x.dtype, jnp.floating) or x.shape[-1] > _MAX_KERNEL_WIDTH:

@@ -31,6 +31,35 @@ trunc_normal_02 = nnx.initializers.truncated_normal(stddev=0.02, lower=-100.0, u
 torch_default_kernel_init = nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
 
+class NamedChoice:
+  """A process-wide choice among named forms of a computation (which attention kernel,
+  which GELU...): set from code, else from an environment variable, else the default.
+
+  Read when a function is traced or a model built, so set it before the first ``jit``.
+  The environment is read at that moment, and a value it names wrongly is an error that
+  names the variable.
+  """
+
+  def __init__(self, what: str, options: tuple[str, ...], env: str, default: str = "auto"):
+    self.what, self.options, self.env, self.default = what, options, env, default
+    self._value: str | None = None
+
+  def check(self, name: str, source: str | None = None) -> str:
+    if name not in self.options:
+      raise ValueError(f"{source or self.what} must be one of {self.options}, got {name!r}")
+    return name
+
+  def set(self, name: str | None) -> None:
+    """``None`` returns to the environment variable's value (or the default)."""
+    self._value = None if name is None else self.check(name)
+
+  def get(self) -> str:
+    if self._value is not None:
+      return self._value
+    return self.check(os.environ.get(self.env, self.default), self.env)
+
+
+
 def matmul_precision(dtype: Dtype | None):
   """HIGHEST for float32 compute: GPUs/TPUs otherwise round f32 matmuls to TF32/bf16."""
   if dtype is None or jnp.dtype(dtype) == jnp.float32:
@@ -157,23 +186,21 @@ class LayerNorm(nnx.Module):
 #   "pallas": the packed short-sequence kernels of ``models.short_attention`` where they
 #            apply (up to 128 tokens, no q/k norm or rotation), "auto" elsewhere.
 ATTENTION_IMPLEMENTATIONS = ("auto", "cudnn", "xla", "einsum", "pallas")
-_attention_implementation = os.environ.get("SOFTVQ_ATTENTION", "auto")
+_ATTENTION = NamedChoice("attention implementation", ATTENTION_IMPLEMENTATIONS,
+                         "SOFTVQ_ATTENTION")
 
 
-def set_attention_implementation(name: str) -> None:
-  """Selects the low-precision attention kernel (see ``ATTENTION_IMPLEMENTATIONS``).
+def set_attention_implementation(name: str | None) -> None:
+  """Selects the low-precision attention kernel (see ``ATTENTION_IMPLEMENTATIONS``;
+  ``None``: ``$SOFTVQ_ATTENTION`` or "auto").
 
   Read when a function is traced: call it before the first ``jit`` of a model.
   """
-  global _attention_implementation
-  if name not in ATTENTION_IMPLEMENTATIONS:
-    raise ValueError(f"attention implementation must be one of {ATTENTION_IMPLEMENTATIONS}, "
-                     f"got {name!r}")
-  _attention_implementation = name
+  _ATTENTION.set(name)
 
 
 def attention_implementation() -> str:
-  return _attention_implementation
+  return _ATTENTION.get()
 
 
 def _einsum_attention(q: Array, k: Array, v: Array, precision) -> Array:
@@ -267,7 +294,7 @@ def dot_product_attention(q: Array, k: Array, v: Array, *, precision=None) -> Ar
   ``jax.nn.dot_product_attention`` (fused; its softmax also runs in float32); on GPUs an
   odd sequence length that is differentiated takes ``_even_length_attention``.
   """
-  impl = _attention_implementation
+  impl = attention_implementation()
   if q.dtype == jnp.float32 or impl == "einsum":
     return _einsum_attention_batched(q, k, v, precision)
   if impl in ("auto", "pallas"):
@@ -340,31 +367,27 @@ def _log_attention_fallback(q: Array, reason: Exception) -> None:
 #   "always": everywhere, float32 included (tests and A/B measurements);
 #   "never":  nowhere.
 INFERENCE_FORMS = ("auto", "always", "never")
-_inference_forms = os.environ.get("SOFTVQ_INFERENCE_FORMS", "auto")
+_INFERENCE_FORMS = NamedChoice("inference forms", INFERENCE_FORMS, "SOFTVQ_INFERENCE_FORMS")
 
 
-def set_inference_forms(name: str) -> None:
-  """Selects where the inference-only matmul forms apply (see ``INFERENCE_FORMS``).
+def set_inference_forms(name: str | None) -> None:
+  """Selects where the inference-only matmul forms apply (see ``INFERENCE_FORMS``;
+  ``None``: ``$SOFTVQ_INFERENCE_FORMS`` or "auto").
 
   Read when an inference object (``Tokenizer``, ``Generator``) is built.
   """
-  global _inference_forms
-  if name not in INFERENCE_FORMS:
-    raise ValueError(f"inference forms must be one of {INFERENCE_FORMS}, got {name!r}")
-  _inference_forms = name
+  _INFERENCE_FORMS.set(name)
 
 
 def inference_forms() -> str:
-  return _inference_forms
+  return _INFERENCE_FORMS.get()
 
 
 def inference_forms_apply(dtype: Dtype | None) -> bool:
   """Whether models run in compute ``dtype`` (None: float32) get the inference forms."""
-  if _inference_forms not in INFERENCE_FORMS:
-    raise ValueError(f"SOFTVQ_INFERENCE_FORMS must be one of {INFERENCE_FORMS}, "
-                     f"got {_inference_forms!r}")
-  if _inference_forms != "auto":
-    return _inference_forms == "always"
+  forms = inference_forms()
+  if forms != "auto":
+    return forms == "always"
   return compile_target() == "gpu" and dtype is not None and jnp.dtype(dtype) in (
       jnp.bfloat16, jnp.float16)
 
@@ -375,15 +398,15 @@ def prepare_for_inference(model: nnx.Module) -> nnx.Module:
   The caller decides whether they apply (``inference_forms_apply``). The new weights are
   new arrays: a ``State`` split from the model before still holds the original ones.
   """
+  attention, forms = attention_implementation(), inference_forms()
   for _, module in list(model.iter_modules()):
     if isinstance(module, Block):
       module.fold_layerscale()
-      if _attention_implementation == "pallas":
+      if attention == "pallas":
         # The tokenizers' sequences are longer than the packed kernels take: their
         # attention stays on cuDNN, which reads separate q, k, v best.
         module.attn.separate_qkv()
-    if isinstance(module, Attention) and (_inference_forms == "always"
-                                          or _attention_implementation in ("auto", "cudnn")):
+    if isinstance(module, Attention) and (forms == "always" or attention in ("auto", "cudnn")):
       module.separate_qkv()
   return model
 
@@ -501,7 +524,7 @@ class Attention(nnx.Module):
   def attend(self, x: Array, rope: "RopeTables | None" = None) -> Array:
     """The heads' outputs ``(B, N, D)`` before ``proj``."""
     b, n, d = x.shape
-    if (_attention_implementation == "pallas" and self.qkv is not None and rope is None
+    if (attention_implementation() == "pallas" and self.qkv is not None and rope is None
         and self.q_norm is None and self.qkv.dtype is not None):
       from softvq_jax.models import short_attention  # pylint: disable=g-import-not-at-top
       if short_attention.supported(n, self.head_dim, self.qkv.dtype):
@@ -572,22 +595,20 @@ def _gelu_float32(x: Array, approximate: bool) -> Array:
 #   "float32": the explicit float32 formula (a separate kernel on GPUs).
 # The exact (erf) GELU of the ViTs has no cuBLASLt epilogue and always takes "float32".
 GELU_IMPLEMENTATIONS = ("auto", "epilogue", "float32")
-_gelu_implementation = os.environ.get("SOFTVQ_GELU", "auto")
+_GELU = NamedChoice("GELU implementation", GELU_IMPLEMENTATIONS, "SOFTVQ_GELU")
 
 
-def set_gelu_implementation(name: str) -> None:
-  """Selects the low-precision tanh-GELU form (see ``GELU_IMPLEMENTATIONS``).
+def set_gelu_implementation(name: str | None) -> None:
+  """Selects the low-precision tanh-GELU form (see ``GELU_IMPLEMENTATIONS``; ``None``:
+  ``$SOFTVQ_GELU`` or "auto").
 
   Read when a function is traced: call it before the first ``jit`` of a model.
   """
-  global _gelu_implementation
-  if name not in GELU_IMPLEMENTATIONS:
-    raise ValueError(f"GELU implementation must be one of {GELU_IMPLEMENTATIONS}, got {name!r}")
-  _gelu_implementation = name
+  _GELU.set(name)
 
 
 def gelu_implementation() -> str:
-  return _gelu_implementation
+  return _GELU.get()
 
 
 def _tanh_gelu_slope(x: Array) -> Array:
@@ -645,10 +666,8 @@ def gelu(x: Array, approximate: bool = False, *, implementation: str | None = No
   (``implementation``, default: the global choice, see ``GELU_IMPLEMENTATIONS``); float32
   compute always takes the formula above.
   """
-  implementation = implementation or _gelu_implementation
-  if implementation not in GELU_IMPLEMENTATIONS:
-    raise ValueError(f"GELU implementation must be one of {GELU_IMPLEMENTATIONS}, "
-                     f"got {implementation!r}")
+  implementation = (_GELU.check(implementation) if implementation
+                    else gelu_implementation())
   if _use_gelu_epilogue(x, approximate, implementation):
     return _tanh_gelu_epilogue(x)
   return jax.checkpoint(_gelu_float32, static_argnums=(1,))(x, approximate)
