@@ -59,7 +59,6 @@ class NamedChoice:
     return self.check(os.environ.get(self.env, self.default), self.env)
 
 
-
 def matmul_precision(dtype: Dtype | None):
   """HIGHEST for float32 compute: GPUs/TPUs otherwise round f32 matmuls to TF32/bf16."""
   if dtype is None or jnp.dtype(dtype) == jnp.float32:
