@@ -292,6 +292,22 @@ def test_kernel_flags_belong_to_what_kernels():
   assert bench._nominal_peak("Some Future GPU", "bfloat16") is None  # pylint: disable=protected-access
 
 
+def test_bundled_gpu_targets_are_complete():
+  """Every bundled target gives the estimator what it needs: a memory bandwidth and a device
+  name whose published peak is known (else --what kernels asks for --assume_* flags)."""
+  import re  # pylint: disable=g-import-not-at-top
+  from softvq_jax import bench  # pylint: disable=g-import-not-at-top
+  names = bench._bundled_targets()  # pylint: disable=protected-access
+  assert {"h100", "h200"} <= set(names)
+  for name in names:
+    text = (pathlib.Path(bench.GPU_TARGETS_DIR) / f"{name}.txtpb").read_text()
+    bandwidth = float(re.search(r"memory_bandwidth:\s*(\d+)", text).group(1))
+    kind = re.search(r'device_description_str:\s*"([^"]*)"', text).group(1)
+    assert 1e12 < bandwidth < 2e13, name
+    assert bench._nominal_peak(kind, "bfloat16"), (name, kind)  # pylint: disable=protected-access
+    assert re.search(r"cuda_compute_capability\s*{\s*major:\s*\d", text), name
+
+
 # Compiles the tokenizer train step of `bench --what kernels` at SoftVQ-B-64's width (768,
 # 12 heads, 321 tokens, batch 32) with 2 blocks each side, and counts the (B, T, D) arrays
 # XLA laid out batch-minor. "autodiff" swaps in the plain broadcast.
