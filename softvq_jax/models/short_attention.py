@@ -34,7 +34,12 @@ Array = jax.Array
 
 # The whole score tile of one head lives in registers: up to 128 x 128 float32.
 MAX_TOKENS = 128
-_NUM_WARPS = 4
+# Triton warps per program. The backward program holds about three times the forward's
+# tiles (q, k, v, the output gradient, p, dp, ds and the three gradients), so it may want
+# more warps to keep them in registers; untuned on a device yet.
+_FORWARD_WARPS = 4
+_BACKWARD_WARPS = 4
+_STAGES = 1
 
 
 def supported(tokens: int, head_dim: int, dtype) -> bool:
@@ -133,7 +138,7 @@ def _backward_kernel(qkv_ref, bias_ref, grad_ref, dqkv_ref, dbias_ref, *, tokens
     pl_triton.store(dbias_ref.at[b, columns], jnp.sum(value, axis=0), mask=column_mask)
 
 
-def _call(kernel, name, qkv, num_heads, out_shape, *args):
+def _call(kernel, name, qkv, num_heads, out_shape, *args, num_warps: int):
   batch, tokens, width3 = qkv.shape
   width = width3 // 3
   head_dim = width // num_heads
@@ -142,7 +147,7 @@ def _call(kernel, name, qkv, num_heads, out_shape, *args):
                              padded_tokens=padded_tokens, padded_dim=padded_dim, width=width)
   return pl.pallas_call(
       kernel, out_shape=out_shape, grid=(batch, num_heads),
-      compiler_params=pl_triton.CompilerParams(num_warps=_NUM_WARPS, num_stages=1),
+      compiler_params=pl_triton.CompilerParams(num_warps=num_warps, num_stages=_STAGES),
       interpret=layers.compile_target() == "cpu", name=name,
   )(qkv.reshape(batch * tokens, width3), *args)
 
@@ -151,7 +156,8 @@ def _call(kernel, name, qkv, num_heads, out_shape, *args):
 def _attention(qkv: Array, bias: Array, num_heads: int) -> Array:
   batch, tokens, width3 = qkv.shape
   out = _call(_forward_kernel, "short_attention_fwd", qkv, num_heads,
-              jax.ShapeDtypeStruct((batch * tokens, width3 // 3), qkv.dtype), bias)
+              jax.ShapeDtypeStruct((batch * tokens, width3 // 3), qkv.dtype), bias,
+              num_warps=_FORWARD_WARPS)
   return out.reshape(batch, tokens, width3 // 3)
 
 
@@ -166,7 +172,7 @@ def _attention_bwd(num_heads, residuals, grad):
       _backward_kernel, "short_attention_bwd", qkv, num_heads,
       (jax.ShapeDtypeStruct((batch * tokens, width3), qkv.dtype),
        jax.ShapeDtypeStruct((batch, width3), jnp.float32)),
-      bias, grad.reshape(batch * tokens, width3 // 3))
+      bias, grad.reshape(batch * tokens, width3 // 3), num_warps=_BACKWARD_WARPS)
   return dqkv.reshape(qkv.shape), jnp.sum(dbias, axis=0).astype(bias.dtype)
 
 
