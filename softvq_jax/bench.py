@@ -165,7 +165,8 @@ def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
                       "by cuBLASLt on GPUs)")
   p.add_argument("--adaln", default=None, choices=("auto", "pallas", "xla"),
                  help="how the adaLN norm of SiT/DiT blocks runs (pallas: one fused kernel each "
-                      "way; auto: pallas on GPUs for bf16 compute)")
+                      "way, and the ViT blocks' LayerNorms too, opt-in until timed; auto: the "
+                      "SiT/DiT kernels on GPUs for bf16 compute)")
   p.add_argument("--inference_forms", default=None, choices=("auto", "always", "never"),
                  help="where the inference-only matmul forms apply (separate q/k/v matmuls, "
                       "LayerScale folded into the matmul; auto: bf16 on GPUs)")

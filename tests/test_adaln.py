@@ -263,3 +263,60 @@ def test_chained_blocks_are_the_unchained_network_in_float32(kind, remat):
   unchained, taps = model(x, t, y, return_intermediates=True)
   assert len(taps) > cfg.depth
   np.testing.assert_array_equal(np.asarray(chained), np.asarray(unchained))
+
+
+def _perturbed(model):
+  """``nnx.split(model)`` with every float parameter moved off its init (LayerScale 1e-5,
+  unit norms), so that every cotangent of the fused norms matters."""
+  graphdef, state = nnx.split(model)
+  leaves, treedef = jax.tree.flatten(state)
+  keys = jax.random.split(jax.random.key(1), len(leaves))
+  return graphdef, jax.tree.unflatten(treedef, [
+      leaf + 0.1 * jax.random.normal(k, leaf.shape, leaf.dtype)
+      if jnp.issubdtype(leaf.dtype, jnp.floating) else leaf for leaf, k in zip(leaves, keys)])
+
+
+def test_vit_blocks_chained_through_the_kernels_are_as_accurate_as_xla():
+  """Opt-in ("pallas"): a ViT's blocks run their affine LayerNorms, LayerScales and residual
+  adds through the adaLN kernels, chained across blocks and into the final norm. In
+  bfloat16 the output and every parameter gradient must be as close to the float32
+  network's as XLA's bfloat16 form is; float32 programs never take the kernels. (With
+  MAETok's rotary embeddings, which only change what ``attend`` computes.)"""
+  from softvq_jax.models.config import ViTConfig  # pylint: disable=g-import-not-at-top
+  from softvq_jax.models.vit import ViTEncoder  # pylint: disable=g-import-not-at-top
+  vit = ViTConfig(embed_dim=40, depth=2, num_heads=2, patch_size=8)
+
+  def encoder(dtype):
+    return ViTEncoder(vit, 16, 3, use_rope=True, rngs=nnx.Rngs(0), dtype=dtype)
+
+  _, state = _perturbed(encoder(None))
+  images = jax.random.uniform(jax.random.key(2), (3, 16, 16, 3), jnp.float32, -1, 1)
+
+  def run(dtype, impl):
+    graphdef = nnx.graphdef(encoder(dtype))
+
+    def loss(state):
+      out = nnx.merge(graphdef, state)(images).astype(jnp.float32)
+      return jnp.sum(jnp.sin(out)), out
+
+    adaln.set_adaln_implementation(impl)
+    try:
+      uses_kernels = _has_pallas_call(lambda s: loss(s)[0], state)
+      (_, out), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(state)
+    finally:
+      adaln.set_adaln_implementation(None)
+    return uses_kernels, out, jax.tree.leaves(grads)
+
+  exact_kernels, out_exact, grads_exact = run(None, "pallas")
+  xla_kernels, out_xla, grads_xla = run(jnp.bfloat16, "auto")  # CPUs: "auto" is XLA's form
+  fused_kernels, out_fused, grads_fused = run(jnp.bfloat16, "pallas")
+  assert (exact_kernels, xla_kernels, fused_kernels) == (False, False, True)
+
+  def error(approx, exact):
+    approx, exact = (np.ravel(np.asarray(a, np.float64)) for a in (approx, exact))
+    return np.linalg.norm(approx - exact) / np.linalg.norm(exact)
+
+  assert error(out_fused, out_exact) < 1.5 * error(out_xla, out_exact) + 1e-3
+  assert len(grads_fused) == len(grads_exact)
+  for fused, xla, exact in zip(grads_fused, grads_xla, grads_exact):
+    assert error(fused, exact) < 1.5 * error(xla, exact) + 1e-3

@@ -12,6 +12,10 @@ or writes a whole ``(B, T, D)`` activation. Here:
   ``dx``, ``dh`` and per-example partial sums of the gate, scale and shift gradients;
 * ``adaln_modulate`` is the same without the residual add (a SiT's first norm).
 
+A ViT block's affine LayerNorm is the same computation with one modulation for every
+example (``scale = weight - 1``, ``shift = bias``) and its LayerScale as the gate, so the
+tokenizers' blocks can chain through the same kernels (opt-in, see below).
+
 The row statistics are recomputed in the backward kernel from the residual it reads
 anyway, so nothing beyond the kernels' inputs is kept for the backward pass. The kernels
 define a reverse-mode rule only: forward-mode differentiation (``jax.jvp``) of a bfloat16
@@ -38,8 +42,10 @@ from softvq_jax.models import layers
 
 Array = jax.Array
 
-# "auto": the Pallas kernels on GPUs for 16-bit outputs, the XLA form elsewhere;
-# "pallas": the kernels wherever the shapes allow (interpreted on CPUs, for tests);
+# "auto": the Pallas kernels for SiT/DiT on GPUs for 16-bit outputs, the XLA form elsewhere;
+# "pallas": the kernels wherever the shapes allow (interpreted on CPUs, for tests), and also
+#           for the ViT blocks' affine LayerNorms (``layers.Block.chained``), which "auto"
+#           leaves to XLA until they have been timed on a device;
 # "xla": always the XLA form.
 ADALN_IMPLEMENTATIONS = ("auto", "pallas", "xla")
 _ADALN = layers.NamedChoice("adaLN implementation", ADALN_IMPLEMENTATIONS, "SOFTVQ_ADALN")
@@ -134,6 +140,13 @@ def gated_residual_adaln(x: Array, h: Array, gate: Array, shift: Array, scale: A
   x = x + (gate[:, None] * h).astype(x.dtype)
   out = layer_norm_modulate_xla(x, shift, scale, eps)
   return x, (out if out_dtype is None else out.astype(out_dtype))
+
+
+def opt_in_kernels_apply(x: Array, out_dtype) -> bool:
+  """Whether the kernels run where they are opt-in (the ViT blocks' affine LayerNorms, not
+  yet timed on a device): only under an explicit "pallas" choice, for a 16-bit ``out_dtype``."""
+  return (adaln_implementation() == "pallas" and out_dtype is not None
+          and jnp.dtype(out_dtype).itemsize == 2 and _use_kernel(x, out_dtype, "pallas"))
 
 
 def _check_shapes(x: Array, **per_example: Array) -> None:

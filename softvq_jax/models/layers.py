@@ -706,6 +706,7 @@ class Block(nnx.Module):
   def __init__(self, dim: int, num_heads: int, *, mlp_ratio: float = 4.0,
                layerscale_init: float | None = 1e-5, rngs: nnx.Rngs,
                dtype: Dtype | None = None, param_dtype: Dtype = jnp.float32):
+    self.dtype = dtype
     self.norm1 = LayerNorm(dim, param_dtype=param_dtype)
     self.attn = Attention(dim, num_heads, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.ls1 = (LayerScale(dim, layerscale_init, param_dtype=param_dtype)
@@ -727,6 +728,32 @@ class Block(nnx.Module):
       h = self.ls2(h)
     return x + h.astype(x.dtype)
 
+  def chained(self, x: Array, pending: "PendingBranch | None" = None,
+              rope: RopeTables | None = None) -> tuple[Array, "PendingBranch"]:
+    """The block with its last residual add left to the next norm, as ``AdaLNBlock.chained``:
+    ``pending`` (the previous block's MLP branch before fc2's bias, that bias and its
+    LayerScale) is added to ``x`` in the same fused kernel as this block's first norm, and
+    the block returns ``(x, its own pending branch)``. The affine LayerNorms run as the
+    adaLN kernels with the same modulation for every example (``scale = weight - 1``).
+    Only for 16-bit compute where ``models.adaln.opt_in_kernels_apply``; otherwise
+    ``__call__``'s exact operations run.
+    """
+    from softvq_jax.models import adaln  # pylint: disable=g-import-not-at-top
+    batch = x.shape[0]
+    shift, scale = norm_as_modulation(self.norm1, batch)
+    if pending is None:
+      h = adaln.adaln_modulate(x, shift, scale, eps=self.norm1.eps, out_dtype=self.dtype)
+    else:
+      x, h = adaln.gated_residual_adaln(x, pending.h, pending.gate, shift, scale,
+                                        bias=pending.bias, eps=self.norm1.eps,
+                                        out_dtype=self.dtype)
+    attn, bias = linear_without_bias(self.attn.proj, self.attn.attend(h, rope))
+    shift, scale = norm_as_modulation(self.norm2, batch)
+    x, h = adaln.gated_residual_adaln(x, attn, _layerscale_gate(self.ls1, x), shift, scale,
+                                      bias=bias, eps=self.norm2.eps, out_dtype=self.dtype)
+    branch, bias = linear_without_bias(self.mlp.fc2, self.mlp.hidden(h))
+    return x, PendingBranch(branch, bias, _layerscale_gate(self.ls2, x))
+
   def fold_layerscale(self) -> None:
     """Folds ``ls1``/``ls2`` into ``attn.proj``/``mlp.fc2`` (see ``INFERENCE_FORMS``)."""
     if self.ls1 is not None:
@@ -735,6 +762,32 @@ class Block(nnx.Module):
     if self.ls2 is not None:
       self.mlp.fc2 = _scale_linear(self.mlp.fc2, self.ls2.gamma[...])
       self.ls2 = None
+
+
+class PendingBranch(NamedTuple):
+  """A chained block's last branch, not yet added to the residual stream: ``x + gate * (h +
+  bias)`` is the block's output. ``h`` ``(B, T, D)``, ``bias`` ``(D,)`` or None, ``gate``
+  ``(B, D)``."""
+  h: Array
+  bias: Array | None
+  gate: Array
+
+
+def norm_as_modulation(norm: LayerNorm, batch: int) -> tuple[Array, Array]:
+  """``(shift, scale)`` ``(B, D)`` with ``LN(x) * (1 + scale) + shift`` = ``norm(x)``."""
+  if not norm.use_affine:
+    raise ValueError("only an affine LayerNorm maps onto the adaLN kernels' modulation")
+  weight = norm.scale[...].astype(jnp.float32)
+  shape = (batch,) + weight.shape
+  return (jnp.broadcast_to(norm.bias[...].astype(jnp.float32), shape),
+          jnp.broadcast_to(weight - 1.0, shape))
+
+
+def _layerscale_gate(layerscale: "LayerScale | None", x: Array) -> Array:
+  shape = (x.shape[0], x.shape[-1])
+  if layerscale is None:
+    return jnp.ones(shape, jnp.float32)
+  return jnp.broadcast_to(layerscale.gamma[...].astype(jnp.float32), shape)
 
 
 class PatchEmbed(nnx.Module):

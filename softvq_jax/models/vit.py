@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from softvq_jax.models import adaln, layers
 from softvq_jax.models import rope as rope_lib
 from softvq_jax.models.config import ViTConfig
 from softvq_jax.models.layers import (Attention, Block, Dtype, LayerNorm, Mlp, PatchEmbed,
@@ -139,16 +140,36 @@ class VisionTransformer(nnx.Module):
   def run_blocks(self, x: jax.Array, *, freqs: jax.Array | None = None,
                  latent: jax.Array | None = None) -> jax.Array:
     """Blocks and final norm; ``freqs`` turns on RoPE, ``latent`` feeds MoVQ modulation."""
-    grid = (self.grid_size, self.grid_size)
     # Batch-sharded activations at block boundaries: with FSDP-sharded weights, XLA would
     # otherwise be free to replicate them (no-op outside a mesh; see parallel.constrain).
     x = constrain(x, _ACTIVATIONS)
+    if (not self.movq and len(self.blocks)
+        and adaln.opt_in_kernels_apply(x, self.blocks[0].dtype)):
+      return self._run_chained_blocks(x, freqs)
     for i, block in enumerate(self.blocks):
-      rope = (rope_lib.layer_tables(freqs, i, grid, self.num_heads, self.num_prefix_tokens)
-              if freqs is not None else None)
-      x = block(x, latent, rope) if self.movq else block(x, rope)
+      x = block(x, latent, self._rope(freqs, i)) if self.movq else block(x, self._rope(freqs, i))
       x = constrain(x, _ACTIVATIONS)
     return self.norm(x, latent) if self.movq else self.norm(x)
+
+  def _rope(self, freqs: jax.Array | None, layer: int):
+    if freqs is None:
+      return None
+    return rope_lib.layer_tables(freqs, layer, (self.grid_size, self.grid_size), self.num_heads,
+                                 self.num_prefix_tokens)
+
+  def _run_chained_blocks(self, x: jax.Array, freqs: jax.Array | None) -> jax.Array:
+    """``run_blocks`` with every residual add fused into the next LayerNorm (``Block.chained``),
+    the last one into the final norm, whose output keeps the residual stream's dtype."""
+    pending = None
+    for i, block in enumerate(self.blocks):
+      x, pending = block.chained(x, pending, self._rope(freqs, i))
+      x = constrain(x, _ACTIVATIONS)
+      pending = pending._replace(h=constrain(pending.h, _ACTIVATIONS))
+    shift, scale = layers.norm_as_modulation(self.norm, x.shape[0])
+    _, out = adaln.gated_residual_adaln(x, pending.h, pending.gate, shift, scale,
+                                        bias=pending.bias, eps=self.norm.eps, out_dtype=x.dtype,
+                                        implementation="pallas")
+    return out
 
 
 def _rope_freqs(cfg: ViTConfig, theta: float, rngs: nnx.Rngs, param_dtype: Dtype) -> nnx.Param:
