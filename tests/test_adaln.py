@@ -224,7 +224,8 @@ def test_sit_blocks_with_the_kernel_match_the_xla_form():
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="compiles Triton kernels: needs a GPU")
 def test_kernels_on_a_gpu_match_numpy():
-  for shape in [(256, 64, 1152), (5, 7, 40)]:
+  # SiT-XL's training shape, a SoftVQ-B encoder's (321 tokens of width 768), an odd one.
+  for shape in [(256, 64, 1152), (32, 321, 768), (5, 7, 40)]:
     x, shift, scale, gate, grad, x_grad = _inputs(shape, seed=7)
     h = x_grad
     bias = shift[0]
