@@ -142,6 +142,15 @@ def gated_residual_adaln(x: Array, h: Array, gate: Array, shift: Array, scale: A
   return x, (out if out_dtype is None else out.astype(out_dtype))
 
 
+def pending_add_and_norm(x: Array, pending: layers.PendingBranch, shift: Array, scale: Array, *,
+                         eps: float, out_dtype=None, implementation: str | None = None
+                         ) -> tuple[Array, Array]:
+  """``gated_residual_adaln`` of a chained block's pending branch (see ``AdaLNBlock.chained``
+  and ``layers.Block.chained``): the previous block's last residual add and this norm."""
+  return gated_residual_adaln(x, pending.h, pending.gate, shift, scale, bias=pending.bias,
+                              eps=eps, out_dtype=out_dtype, implementation=implementation)
+
+
 def opt_in_kernels_apply(x: Array, out_dtype) -> bool:
   """Whether the kernels run where they are opt-in (the ViT blocks' affine LayerNorms, not
   yet timed on a device): only under an explicit "pallas" choice, for a 16-bit ``out_dtype``."""

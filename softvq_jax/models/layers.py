@@ -744,8 +744,7 @@ class Block(nnx.Module):
     if pending is None:
       h = adaln.adaln_modulate(x, shift, scale, eps=self.norm1.eps, out_dtype=self.dtype)
     else:
-      x, h = adaln.gated_residual_adaln(x, pending.h, pending.gate, shift, scale,
-                                        bias=pending.bias, eps=self.norm1.eps,
+      x, h = adaln.pending_add_and_norm(x, pending, shift, scale, eps=self.norm1.eps,
                                         out_dtype=self.dtype)
     attn, bias = linear_without_bias(self.attn.proj, self.attn.attend(h, rope))
     shift, scale = norm_as_modulation(self.norm2, batch)

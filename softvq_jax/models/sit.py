@@ -27,10 +27,10 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from softvq_jax.models.adaln import adaln_modulate, gated_residual_adaln
+from softvq_jax.models.adaln import adaln_modulate, gated_residual_adaln, pending_add_and_norm
 from softvq_jax.models.config import ConfigError
 from softvq_jax.parallel import constrain
-from softvq_jax.models.layers import (Attention, Dtype, LayerNorm, Mlp, linear,
+from softvq_jax.models.layers import (Attention, Dtype, LayerNorm, Mlp, PendingBranch, linear,
                                       linear_without_bias)
 
 Array = jax.Array
@@ -405,8 +405,8 @@ class AdaLNBlock(nnx.Module):
     x, (h, bias, gate) = self.chained(x, c)
     return x + (gate[:, None] * (h if bias is None else h + bias)).astype(x.dtype)
 
-  def chained(self, x: Array, c: Array, pending: tuple[Array, Array | None, Array] | None = None
-              ) -> tuple[Array, tuple[Array, Array | None, Array]]:
+  def chained(self, x: Array, c: Array, pending: PendingBranch | None = None
+              ) -> tuple[Array, PendingBranch]:
     """The block with its last gated residual add left to the next norm.
 
     ``pending`` is the previous block's ``(mlp output before fc2's bias, that bias, gate)``:
@@ -421,12 +421,12 @@ class AdaLNBlock(nnx.Module):
     if pending is None:
       h = adaln_modulate(x, shift_msa, scale_msa, eps=self.norm1.eps, out_dtype=self.dtype)
     else:
-      x, h = _pending_add_and_norm(x, pending, shift_msa, scale_msa, eps=self.norm1.eps,
+      x, h = pending_add_and_norm(x, pending, shift_msa, scale_msa, eps=self.norm1.eps,
                                    out_dtype=self.dtype)
     attn, bias = linear_without_bias(self.attn.proj, self.attn.attend(h))
     x, h = gated_residual_adaln(x, attn, gate_msa, shift_mlp, scale_mlp, bias=bias,
                                 eps=self.norm2.eps, out_dtype=self.dtype)
-    return x, (*linear_without_bias(self.mlp.fc2, self.mlp.hidden(h)), gate_mlp)
+    return x, PendingBranch(*linear_without_bias(self.mlp.fc2, self.mlp.hidden(h)), gate_mlp)
 
 
 class FinalLayer(nnx.Module):
@@ -439,21 +439,15 @@ class FinalLayer(nnx.Module):
     self.adaLN_modulation = nnx.List([None, linear(hidden_size, 2 * hidden_size, **kw)])
 
   def __call__(self, x: Array, c: Array,
-               pending: tuple[Array, Array | None, Array] | None = None) -> Array:
+               pending: PendingBranch | None = None) -> Array:
     """``pending``: the last block's ``(mlp output, bias, gate)``, added to ``x`` first."""
     shift, scale = jnp.split(self.adaLN_modulation[1](jax.nn.silu(c)), 2, axis=-1)
     if pending is None:
       h = adaln_modulate(x, shift, scale, eps=self.norm_final.eps, out_dtype=self.dtype)
     else:
-      _, h = _pending_add_and_norm(x, pending, shift, scale, eps=self.norm_final.eps,
+      _, h = pending_add_and_norm(x, pending, shift, scale, eps=self.norm_final.eps,
                                    out_dtype=self.dtype)
     return self.linear(h)
-
-
-def _pending_add_and_norm(x: Array, pending: tuple[Array, Array | None, Array], shift: Array,
-                          scale: Array, *, eps: float, out_dtype) -> tuple[Array, Array]:
-  h, bias, gate = pending
-  return gated_residual_adaln(x, h, gate, shift, scale, bias=bias, eps=eps, out_dtype=out_dtype)
 
 
 class SiT(nnx.Module):
@@ -549,8 +543,8 @@ class SiT(nnx.Module):
     else:
       # Each block's last residual add runs with the next norm (see AdaLNBlock.chained).
       for block in self.blocks:
-        h, (branch, bias, gate) = _chained_block(block, self.remat_policy)(h, c, pending)
-        h, pending = constrain(h, _ACT), (constrain(branch, _ACT), bias, gate)
+        h, pending = _chained_block(block, self.remat_policy)(h, c, pending)
+        h, pending = constrain(h, _ACT), pending._replace(h=constrain(pending.h, _ACT))
     out = self.final_layer(h, c, pending).astype(jnp.float32)
     return (out, taps) if return_intermediates else out
 

@@ -166,9 +166,8 @@ class VisionTransformer(nnx.Module):
       x = constrain(x, _ACTIVATIONS)
       pending = pending._replace(h=constrain(pending.h, _ACTIVATIONS))
     shift, scale = layers.norm_as_modulation(self.norm, x.shape[0])
-    _, out = adaln.gated_residual_adaln(x, pending.h, pending.gate, shift, scale,
-                                        bias=pending.bias, eps=self.norm.eps, out_dtype=x.dtype,
-                                        implementation="pallas")
+    _, out = adaln.pending_add_and_norm(x, pending, shift, scale, eps=self.norm.eps,
+                                        out_dtype=x.dtype, implementation="pallas")
     return out
 
 
