@@ -121,6 +121,7 @@ SUITES = {
         "--what tokenizer --model softvq_l64 --batch 64 --dtype bfloat16",
         "--what tokenizer --model softvq_bl64_512 --batch 8,64 --dtype bfloat16",
         "--what tokenizer --model softvq_b64 --batch 8 --dtype float32 --repeats 5",
+        "--what train --model maetok_b128 --batch 8 --dtype bfloat16 --objective full --repeats 3",
     ],
     # Issue deliverable 1: every released tokenizer, both dtypes, batch 1/8/64.
     "tokenizers": [

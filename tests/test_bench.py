@@ -391,3 +391,15 @@ def test_stage1_recipe_follows_the_tokenizer():
   assert config("maetok_b128_512").model.image_size == 512
   with pytest.raises(SystemExit, match="needs a released tokenizer, not 'vqgan'"):
     config("vqgan")
+
+
+def test_every_suite_entry_is_a_valid_command():
+  """A suite runs its entries in one process and goes on after an entry fails, but a flag the
+  parser refuses would end the whole run: every entry must parse, and name a known model."""
+  for suite, entries in bench.SUITES.items():
+    assert entries, suite
+    for entry in entries:
+      args = bench._parse_args(entry.split())  # pylint: disable=protected-access
+      assert args.what in bench.WHATS, entry
+      if args.model not in set(bench.TOKENIZER_ALIASES) | {"sdvae_f8"}:
+        bench._generator_config(args.model, args.tokens, args.channels, False)  # pylint: disable=protected-access
