@@ -15,12 +15,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from softvq_jax.models import adaln, layers
+from softvq_jax.models import adaln
 from softvq_jax.models import rope as rope_lib
 from softvq_jax.models.config import ViTConfig
 from softvq_jax.models.layers import (Attention, Block, Dtype, LayerNorm, Mlp, PatchEmbed,
                                       RopeTables, broadcast_over_batch, linear,
-                                      trunc_normal_02)
+                                      norm_as_modulation, trunc_normal_02)
 from softvq_jax.parallel import constrain
 
 
@@ -165,7 +165,7 @@ class VisionTransformer(nnx.Module):
       x, pending = block.chained(x, pending, self._rope(freqs, i))
       x = constrain(x, _ACTIVATIONS)
       pending = pending._replace(h=constrain(pending.h, _ACTIVATIONS))
-    shift, scale = layers.norm_as_modulation(self.norm, x.shape[0])
+    shift, scale = norm_as_modulation(self.norm, x.shape[0])
     _, out = adaln.pending_add_and_norm(x, pending, shift, scale, eps=self.norm.eps,
                                         out_dtype=x.dtype, implementation="pallas")
     return out
