@@ -335,18 +335,12 @@ REMAT_POLICIES = {
 }
 
 
-def _maybe_remat(block, policy: str):
-  """``block(x, c)`` under ``nnx.remat`` with the named policy."""
-  fn = nnx.remat(lambda b, x, c: b(x, c), policy=REMAT_POLICIES[policy])
-  return lambda x, c: fn(block, x, c)
-
-
-def _chained_block(block, policy: str):
-  """``block.chained(x, c, pending)``, under ``nnx.remat`` with the named policy unless "none"."""
+def _maybe_remat(block, policy: str, method: str = "__call__"):
+  """``block.<method>`` under ``nnx.remat`` with the named policy, or as it is for "none"."""
   if policy == "none":
-    return block.chained
-  fn = nnx.remat(lambda b, x, c, pending: b.chained(x, c, pending), policy=REMAT_POLICIES[policy])
-  return lambda x, c, pending: fn(block, x, c, pending)
+    return getattr(block, method)
+  fn = nnx.remat(lambda b, *args: getattr(b, method)(*args), policy=REMAT_POLICIES[policy])
+  return lambda *args: fn(block, *args)
 
 
 def stack_layers(flat: Mapping[tuple, Any], depth: int) -> dict[tuple, Any]:
@@ -537,13 +531,13 @@ class SiT(nnx.Module):
       h = self._scan_blocks(h, c)
     elif return_intermediates:
       for i, block in enumerate(self.blocks):
-        h = _maybe_remat(block, self.remat_policy)(h, c) if self.remat_policy != "none" else block(h, c)
+        h = _maybe_remat(block, self.remat_policy)(h, c)
         h = constrain(h, _ACT)
         taps[f"block{i}"] = h
     else:
       # Each block's last residual add runs with the next norm (see AdaLNBlock.chained).
       for block in self.blocks:
-        h, pending = _chained_block(block, self.remat_policy)(h, c, pending)
+        h, pending = _maybe_remat(block, self.remat_policy, "chained")(h, c, pending)
         h, pending = constrain(h, _ACT), pending._replace(h=constrain(pending.h, _ACT))
     out = self.final_layer(h, c, pending).astype(jnp.float32)
     return (out, taps) if return_intermediates else out
@@ -553,8 +547,6 @@ class SiT(nnx.Module):
 
     @nnx.scan(in_axes=(nnx.Carry, 0, None), out_axes=nnx.Carry)
     def run(x, block, cond):
-      if policy == "none":
-        return constrain(block(x, cond), _ACT)
       return constrain(_maybe_remat(block, policy)(x, cond), _ACT)
 
     return run(h, self.blocks, c)
