@@ -123,6 +123,18 @@ def test_backward_cotangents_keep_the_input_dtypes():
   assert dtypes == [jnp.float32] + [jnp.bfloat16] * 5
 
 
+def _perturbed(model, scale: float = 0.1):
+  """``nnx.split(model)`` with every float parameter moved off its init (zero adaLN
+  modulations, LayerScale 1e-5, unit norms), so that every cotangent of the fused norms
+  matters."""
+  graphdef, state = nnx.split(model)
+  leaves, treedef = jax.tree.flatten(state)
+  keys = jax.random.split(jax.random.key(1), len(leaves))
+  return graphdef, jax.tree.unflatten(treedef, [
+      leaf + scale * jax.random.normal(k, leaf.shape, leaf.dtype)
+      if jnp.issubdtype(leaf.dtype, jnp.floating) else leaf for leaf, k in zip(leaves, keys)])
+
+
 def _has_pallas_call(fn, *args) -> bool:
   return "pallas_call" in str(jax.make_jaxpr(fn)(*args))
 
@@ -187,14 +199,8 @@ def test_sharded_batch_runs_the_kernel_per_device_without_gathering():
 def test_sit_blocks_with_the_kernel_match_the_xla_form():
   cfg = GeneratorConfig(input_size=6, in_channels=4, hidden_size=48, depth=2, num_heads=3,
                         num_classes=5)
-  model = SiT(cfg, rngs=nnx.Rngs(0), dtype=jnp.bfloat16)
   # adaLN-Zero starts with zero modulations; random ones exercise every cotangent.
-  graphdef, state = nnx.split(model)
-  leaves, treedef = jax.tree.flatten(state)
-  keys = jax.random.split(jax.random.key(1), len(leaves))
-  state = jax.tree.unflatten(treedef, [
-      leaf + 0.05 * jax.random.normal(k, leaf.shape, leaf.dtype)
-      if jnp.issubdtype(leaf.dtype, jnp.floating) else leaf for leaf, k in zip(leaves, keys)])
+  graphdef, state = _perturbed(SiT(cfg, rngs=nnx.Rngs(0), dtype=jnp.bfloat16), 0.05)
   rng = np.random.default_rng(6)
   x = jnp.asarray(rng.normal(size=(3, 6, 4)), jnp.float32)
   t = jnp.asarray([0.1, 0.5, 0.9], jnp.float32)
@@ -264,17 +270,6 @@ def test_chained_blocks_are_the_unchained_network_in_float32(kind, remat):
   unchained, taps = model(x, t, y, return_intermediates=True)
   assert len(taps) > cfg.depth
   np.testing.assert_array_equal(np.asarray(chained), np.asarray(unchained))
-
-
-def _perturbed(model):
-  """``nnx.split(model)`` with every float parameter moved off its init (LayerScale 1e-5,
-  unit norms), so that every cotangent of the fused norms matters."""
-  graphdef, state = nnx.split(model)
-  leaves, treedef = jax.tree.flatten(state)
-  keys = jax.random.split(jax.random.key(1), len(leaves))
-  return graphdef, jax.tree.unflatten(treedef, [
-      leaf + 0.1 * jax.random.normal(k, leaf.shape, leaf.dtype)
-      if jnp.issubdtype(leaf.dtype, jnp.floating) else leaf for leaf, k in zip(leaves, keys)])
 
 
 def test_vit_blocks_chained_through_the_kernels_are_as_accurate_as_xla():
