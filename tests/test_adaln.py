@@ -18,25 +18,36 @@ from softvq_jax.models.sit import GeneratorConfig, SiT
 EPS = 1e-6
 
 
+def _over_tokens(modulation):
+  """A ``(B, D)`` modulation as ``(B, 1, D)``; a shared ``(D,)`` one as it is."""
+  modulation = np.asarray(modulation, np.float64)
+  return modulation[:, None] if modulation.ndim == 2 else modulation
+
+
+def _modulation_sum(a, like):
+  """``a`` ``(B, T, D)`` summed to the shape of the modulation ``like``."""
+  return a.sum(1) if np.ndim(like) == 2 else a.sum((0, 1))
+
+
 def numpy_adaln(x, shift, scale, eps=EPS):
   x = np.asarray(x, np.float64)
   mean = x.mean(-1, keepdims=True)
   var = ((x - mean) ** 2).mean(-1, keepdims=True)
   normed = (x - mean) / np.sqrt(var + eps)
-  return normed * (1 + np.asarray(scale, np.float64)[:, None]) + np.asarray(shift, np.float64)[:, None]
+  return normed * (1 + _over_tokens(scale)) + _over_tokens(shift)
 
 
 def numpy_adaln_vjp(x, scale, grad, eps=EPS):
   """Closed-form cotangents of ``numpy_adaln`` for x, shift, scale."""
-  x, scale, grad = (np.asarray(a, np.float64) for a in (x, scale, grad))
+  x, grad = (np.asarray(a, np.float64) for a in (x, grad))
   width = x.shape[-1]
   mean = x.mean(-1, keepdims=True)
   rstd = 1 / np.sqrt(((x - mean) ** 2).mean(-1, keepdims=True) + eps)
   normed = (x - mean) * rstd
-  g = grad * (1 + scale[:, None])
+  g = grad * (1 + _over_tokens(scale))
   dx = rstd * (g - g.sum(-1, keepdims=True) / width
                - normed * (g * normed).sum(-1, keepdims=True) / width)
-  return dx, grad.sum(1), (grad * normed).sum(1)
+  return dx, _modulation_sum(grad, scale), _modulation_sum(grad * normed, scale)
 
 
 def _inputs(shape, seed=0, dtype=jnp.float32):
@@ -66,9 +77,26 @@ def test_kernel_matches_numpy_values_and_cotangents(shape):
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
 
 
-@pytest.mark.parametrize("shape", SHAPES[:3])
-def test_residual_kernel_matches_numpy_values_and_cotangents(shape):
+def test_shared_modulations_match_numpy_values_and_cotangents():
+  # A ViT's affine LayerNorm: one (D,) shift and scale for every example, whose cotangents
+  # sum over the batch too.
+  x, shift, scale, _, grad, _ = _inputs((3, 7, 40), seed=10)
+  shift, scale = shift[1], scale[2]
+  out, vjp = jax.vjp(lambda *a: adaln.adaln_modulate(*a, eps=EPS, out_dtype=jnp.float32,
+                                                      implementation="pallas"), x, shift, scale)
+  np.testing.assert_allclose(out, numpy_adaln(x, shift, scale), rtol=1e-5, atol=2e-5)
+  got = vjp(grad)
+  assert [g.shape for g in got] == [x.shape, (40,), (40,)]
+  for got, expected in zip(got, numpy_adaln_vjp(x, scale, grad)):
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+
+
+@pytest.mark.parametrize("shape,shared", [(SHAPES[0], False), (SHAPES[1], False),
+                                          (SHAPES[2], False), (SHAPES[0], True)])
+def test_residual_kernel_matches_numpy_values_and_cotangents(shape, shared):
   x, shift, scale, gate, grad, x_grad = _inputs(shape, seed=1)
+  if shared:  # a ViT block's LayerScale and LayerNorm: (D,) for every example
+    shift, scale, gate = shift[0], scale[-1], gate[1]
   rng = np.random.default_rng(2)
   h = jnp.asarray(rng.normal(size=shape), jnp.float32)
   bias = jnp.asarray(rng.normal(size=shape[-1:]), jnp.float32)
@@ -77,14 +105,15 @@ def test_residual_kernel_matches_numpy_values_and_cotangents(shape):
       implementation="pallas")
   (x_new, out), vjp = jax.vjp(fn, x, h, bias, gate, shift, scale)
   branch = np.asarray(h, np.float64) + np.asarray(bias, np.float64)
-  x_new_np = np.asarray(x, np.float64) + np.asarray(gate, np.float64)[:, None] * branch
+  x_new_np = np.asarray(x, np.float64) + _over_tokens(gate) * branch
   np.testing.assert_allclose(x_new, x_new_np, rtol=1e-6, atol=1e-6)
   np.testing.assert_allclose(out, numpy_adaln(x_new_np, shift, scale), rtol=1e-5, atol=2e-5)
   dx, dh, dbias, dgate, dshift, dscale = vjp((x_grad, grad))
   dnorm, dshift_np, dscale_np = numpy_adaln_vjp(x_new_np, scale, grad)
   total = dnorm + np.asarray(x_grad, np.float64)
-  dh_np = total * np.asarray(gate, np.float64)[:, None]
-  want = (total, dh_np, dh_np.sum((0, 1)), (total * branch).sum(1), dshift_np, dscale_np)
+  dh_np = total * _over_tokens(gate)
+  want = (total, dh_np, dh_np.sum((0, 1)), _modulation_sum(total * branch, gate), dshift_np,
+          dscale_np)
   for got, expected in zip((dx, dh, dbias, dgate, dshift, dscale), want):
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
 
@@ -161,6 +190,8 @@ def test_bad_shapes_and_names_are_refused():
   x, shift, scale, *_ = _inputs((2, 4, 32))
   with pytest.raises(ValueError, match="needs x"):
     adaln.adaln_modulate(x, shift[:1], scale, eps=EPS)
+  with pytest.raises(ValueError, match=r"all \(B, D\) or all \(D,\)"):
+    adaln.adaln_modulate(x, shift[0], scale, eps=EPS)
   with pytest.raises(ValueError, match="h must have"):
     adaln.gated_residual_adaln(x, x[:, :2], shift, shift, scale, eps=EPS)
   with pytest.raises(ValueError, match="bias must have"):
@@ -171,11 +202,15 @@ def test_bad_shapes_and_names_are_refused():
     adaln.set_adaln_implementation("fast")
 
 
-def test_sharded_batch_runs_the_kernel_per_device_without_gathering():
+@pytest.mark.parametrize("shared", [False, True])
+def test_sharded_batch_runs_the_kernel_per_device_without_gathering(shared):
+  # Shared (D,) modulations are replicated, and their cotangents summed over the devices.
   devices = np.array(jax.devices()[:4])
   mesh = jax.sharding.Mesh(devices, ("data",))
   x, shift, scale, gate, grad, _ = _inputs((8, 5, 32), seed=5)
   h, bias = grad, scale[0]
+  if shared:
+    gate, shift, scale = gate[1], shift[2], scale[3]
 
   def loss(x, h, gate, shift, scale, bias):
     x_new, y = adaln.gated_residual_adaln(x, h, gate, shift, scale, bias=bias, eps=EPS,
@@ -183,8 +218,9 @@ def test_sharded_batch_runs_the_kernel_per_device_without_gathering():
     return jnp.sum(y * y) + jnp.sum(x_new * x_new)
 
   rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
-  args = [jax.device_put(a, rows) for a in (x, h, gate, shift, scale)]
-  args.append(jax.device_put(bias, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())))
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  args = [jax.device_put(a, rows if a.ndim > 1 else replicated)
+          for a in (x, h, gate, shift, scale, bias)]
   grad_fn = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4, 5)))
   with parallel.activation_sharding(mesh):
     lowered = grad_fn.lower(*args)

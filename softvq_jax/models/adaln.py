@@ -14,7 +14,9 @@ or writes a whole ``(B, T, D)`` activation. Here:
 
 A ViT block's affine LayerNorm is the same computation with one modulation for every
 example (``scale = weight - 1``, ``shift = bias``) and its LayerScale as the gate, so the
-tokenizers' blocks can chain through the same kernels (opt-in, see below).
+tokenizers' blocks can chain through the same kernels (opt-in, see below). Such shared
+modulations are passed as ``(D,)`` vectors: every program reads the same row, and nothing
+is broadcast to ``(B, D)`` first (a separate small kernel per operand on a GPU).
 
 The row statistics are recomputed in the backward kernel from the residual it reads
 anyway, so nothing beyond the kernels' inputs is kept for the backward pass. The kernels
@@ -86,13 +88,19 @@ def layer_norm_modulate_xla(x: Array, shift: Array, scale: Array, eps: float) ->
   centred = x32 - mean
   var = jnp.mean(jnp.square(centred), axis=-1, keepdims=True)
   normed = (centred * jax.lax.rsqrt(var + eps)).astype(x.dtype)
-  return normed * (1 + scale[:, None]) + shift[:, None]
+  return normed * (1 + _over_tokens(scale)) + _over_tokens(shift)
+
+
+def _over_tokens(modulation: Array) -> Array:
+  """A ``(B, D)`` modulation as ``(B, 1, D)``; a shared ``(D,)`` one broadcasts as it is."""
+  return modulation[:, None] if modulation.ndim == 2 else modulation
 
 
 def adaln_modulate(x: Array, shift: Array, scale: Array, *, eps: float,
                    out_dtype=None, implementation: str | None = None) -> Array:
   """``LN(x) * (1 + scale[:, None]) + shift[:, None]`` for ``x`` ``(B, T, D)``, ``shift`` and
-  ``scale`` ``(B, D)``; the LayerNorm has no affine parameters.
+  ``scale`` ``(B, D)``, or both ``(D,)`` for one modulation of every example (an affine
+  LayerNorm); the LayerNorm has no affine parameters.
 
   ``out_dtype`` is the dtype the consumer computes in (the next matmul's); ``None`` keeps
   the XLA form's promoted dtype. The kernel path computes in float32 and rounds once to
@@ -102,7 +110,7 @@ def adaln_modulate(x: Array, shift: Array, scale: Array, *, eps: float,
   if _use_kernel(x, out_dtype, implementation):
     out = parallel.per_device_rows(
         functools.partial(_adaln_kernel, eps=eps, out_dtype=jnp.dtype(out_dtype)), x,
-        per_example=(shift, scale))
+        **_modulations(shift, scale))
     if out is not None:
       return out
   out = layer_norm_modulate_xla(x, shift, scale, eps)
@@ -120,7 +128,8 @@ def gated_residual_adaln(x: Array, h: Array, gate: Array, shift: Array, scale: A
   Taking the bias here saves the matmul's separate bias add and, in training, its
   separate gradient reduction. In the XLA form the bias is added and the gated branch
   rounded to the promoted dtype of ``gate`` and ``h`` before the residual add, as the
-  blocks always did; the kernel adds in float32.
+  blocks always did; the kernel adds in float32. ``gate``, ``shift`` and ``scale`` may
+  instead all be ``(D,)``, shared by every example (a ViT block's LayerScale and LayerNorm).
   """
   _check_shapes(x, shift=shift, scale=scale, gate=gate)
   if h.shape != x.shape:
@@ -130,14 +139,16 @@ def gated_residual_adaln(x: Array, h: Array, gate: Array, shift: Array, scale: A
                      f"{bias.shape}")
   if _use_kernel(x, out_dtype, implementation):
     kernel_bias = bias if bias is not None else jnp.zeros(x.shape[-1:], h.dtype)
+    modulations = _modulations(gate, shift, scale)
     out = parallel.per_device_rows(
         functools.partial(_residual_adaln_kernel, eps=eps, out_dtype=jnp.dtype(out_dtype)),
-        x, rows=(h,), columns=(kernel_bias,), per_example=(gate, shift, scale))
+        x, rows=(h,), columns=(kernel_bias,) + modulations.get("columns", ()),
+        per_example=modulations.get("per_example", ()))
     if out is not None:
       return out
   if bias is not None:
     h = h + jnp.reshape(bias, (1,) * (h.ndim - 1) + (-1,))
-  x = x + (gate[:, None] * h).astype(x.dtype)
+  x = x + (_over_tokens(gate) * h).astype(x.dtype)
   out = layer_norm_modulate_xla(x, shift, scale, eps)
   return x, (out if out_dtype is None else out.astype(out_dtype))
 
@@ -158,11 +169,19 @@ def opt_in_kernels_apply(x: Array, out_dtype) -> bool:
           and jnp.dtype(out_dtype).itemsize == 2 and _use_kernel(x, out_dtype, "pallas"))
 
 
-def _check_shapes(x: Array, **per_example: Array) -> None:
-  if x.ndim != 3 or any(v.shape != (x.shape[0], x.shape[2]) for v in per_example.values()):
-    shapes = ", ".join(f"{k} {v.shape}" for k, v in per_example.items())
-    raise ValueError(f"the adaLN norm needs x (B, T, D) and (B, D) modulations; got x {x.shape}, "
-                     f"{shapes}")
+def _check_shapes(x: Array, **modulations: Array) -> None:
+  shapes = {v.shape for v in modulations.values()}
+  if x.ndim != 3 or len(shapes) != 1 or shapes.pop() not in ((x.shape[0], x.shape[2]),
+                                                              (x.shape[2],)):
+    shapes = ", ".join(f"{k} {v.shape}" for k, v in modulations.items())
+    raise ValueError(f"the adaLN norm needs x (B, T, D) and modulations all (B, D) or all (D,); "
+                     f"got x {x.shape}, {shapes}")
+
+
+def _modulations(*modulations: Array) -> dict[str, tuple[Array, ...]]:
+  """``per_device_rows``' keyword for the modulations: split with the batch when per
+  example, replicated when shared."""
+  return {"columns" if modulations[0].ndim == 1 else "per_example": modulations}
 
 
 def _use_kernel(x: Array, out_dtype, implementation: str | None) -> bool:
@@ -213,8 +232,13 @@ def _row_statistics(x: Array, mask: Array, width: int, eps: float):
   return centred * rstd, rstd
 
 
-def _forward_kernel(*refs, residual: bool, tokens: int, width: int, padded_width: int,
-                    eps: float):
+def _modulation_index(b, columns, shared: bool):
+  """Where a program reads its example's modulation: row ``b``, or the one shared row."""
+  return (columns,) if shared else (b, columns)
+
+
+def _forward_kernel(*refs, residual: bool, shared: bool, tokens: int, width: int,
+                    padded_width: int, eps: float):
   if residual:
     x_ref, h_ref, bias_ref, gate_ref, shift_ref, scale_ref, x_out_ref, out_ref = refs
   else:
@@ -222,22 +246,23 @@ def _forward_kernel(*refs, residual: bool, tokens: int, width: int, padded_width
   b = pl.program_id(0)
   rows, columns, mask = _tile(b, pl.program_id(1) * _ROWS_PER_STEP, tokens, width, padded_width)
   column_mask = columns < width
+  modulation = _modulation_index(b, columns, shared)
   x = _load(x_ref, (rows, columns), mask)
   if residual:
     branch = _load(h_ref, (rows, columns), mask) + _load(bias_ref, (columns,), column_mask)
-    x = x + _load(gate_ref, (b, columns), column_mask) * branch
+    x = x + _load(gate_ref, modulation, column_mask) * branch
     x_out = x.astype(x_out_ref.dtype)
     pl_triton.store(x_out_ref.at[rows, columns], x_out, mask=mask)
     # The statistics are those of the stored residual, which the backward pass reads.
     x = x_out.astype(jnp.float32)
   normed, _ = _row_statistics(x, mask, width, eps)
-  out = (normed * (1.0 + _load(scale_ref, (b, columns), column_mask))
-         + _load(shift_ref, (b, columns), column_mask))
+  out = (normed * (1.0 + _load(scale_ref, modulation, column_mask))
+         + _load(shift_ref, modulation, column_mask))
   pl_triton.store(out_ref.at[rows, columns], out.astype(out_ref.dtype), mask=mask)
 
 
-def _backward_kernel(*refs, residual: bool, tokens: int, width: int, padded_width: int,
-                     eps: float, steps: int):
+def _backward_kernel(*refs, residual: bool, shared: bool, tokens: int, width: int,
+                     padded_width: int, eps: float, steps: int):
   """One (example, token split) of the backward pass. ``x`` is the normed input (the new
   residual when ``residual``); with ``residual`` the output's cotangent adds the residual
   stream's own, which also flows to ``h``, its bias and ``gate``."""
@@ -249,9 +274,10 @@ def _backward_kernel(*refs, residual: bool, tokens: int, width: int, padded_widt
   b, split = pl.program_id(0), pl.program_id(1)
   columns = jnp.arange(padded_width)[None, :]
   column_mask = columns < width
-  scale1 = 1.0 + _load(scale_ref, (b, columns), column_mask)
+  modulation = _modulation_index(b, columns, shared)
+  scale1 = 1.0 + _load(scale_ref, modulation, column_mask)
   if residual:
-    gate = _load(gate_ref, (b, columns), column_mask)
+    gate = _load(gate_ref, modulation, column_mask)
     bias = _load(bias_ref, (columns,), column_mask)
 
   def step(i, sums):
@@ -287,13 +313,14 @@ def _flat(x: Array) -> Array:
 
 
 def _forward(x: Array, rows: tuple[Array, ...], columns: tuple[Array, ...],
-             per_example: tuple[Array, ...], *, eps: float, out_dtype):
+             modulations: tuple[Array, ...], *, eps: float, out_dtype):
   """``y`` (and the new residual first, when ``rows`` holds ``h`` and ``columns`` its bias)
   of the forward kernel."""
   batch, tokens, width = x.shape
   padded = _padded_width(width)
   residual = bool(rows)
-  kernel = functools.partial(_forward_kernel, residual=residual, tokens=tokens, width=width,
+  kernel = functools.partial(_forward_kernel, residual=residual,
+                             shared=modulations[0].ndim == 1, tokens=tokens, width=width,
                              padded_width=padded, eps=eps)
   out_shape = jax.ShapeDtypeStruct((batch * tokens, width), out_dtype)
   if residual:
@@ -302,7 +329,7 @@ def _forward(x: Array, rows: tuple[Array, ...], columns: tuple[Array, ...],
       kernel, out_shape=out_shape, grid=(batch, pl.cdiv(tokens, _ROWS_PER_STEP)),
       compiler_params=_compiler_params(padded), interpret=_interpret(),
       name="residual_adaln_fwd" if residual else "adaln_fwd",
-  )(_flat(x), *map(_flat, rows), *columns, *per_example)
+  )(_flat(x), *map(_flat, rows), *columns, *modulations)
   return jax.tree.map(lambda a: a.reshape(x.shape), out)
 
 
@@ -315,15 +342,16 @@ def _backward_splits(batch: int, tokens: int) -> tuple[int, int]:
 
 
 def _backward(x: Array, rows: tuple[Array, ...], columns: tuple[Array, ...],
-              per_example: tuple[Array, ...], grads: tuple[Array, ...], *, eps: float):
-  """``(dx, [dh,] d scale, d shift[, d gate, d bias])``; the last ones per example, in
-  float32."""
+              modulations: tuple[Array, ...], grads: tuple[Array, ...], *, eps: float):
+  """``(dx, [dh,] d scale, d shift[, d gate, d bias])``; the modulations' in their own
+  shape (per example or shared), the bias's ``(D,)``, all in float32."""
   batch, tokens, width = x.shape
   padded = _padded_width(width)
   splits, steps = _backward_splits(batch, tokens)
   residual = bool(rows)
-  kernel = functools.partial(_backward_kernel, residual=residual, tokens=tokens, width=width,
-                             padded_width=padded, eps=eps, steps=steps)
+  shared = modulations[0].ndim == 1
+  kernel = functools.partial(_backward_kernel, residual=residual, shared=shared, tokens=tokens,
+                             width=width, padded_width=padded, eps=eps, steps=steps)
   partial_sums = jax.ShapeDtypeStruct((batch, splits, width), jnp.float32)
   out_shape = [jax.ShapeDtypeStruct((batch * tokens, width), x.dtype)]
   if residual:
@@ -333,10 +361,13 @@ def _backward(x: Array, rows: tuple[Array, ...], columns: tuple[Array, ...],
       kernel, out_shape=tuple(out_shape), grid=(batch, splits),
       compiler_params=_compiler_params(padded), interpret=_interpret(),
       name="residual_adaln_bwd" if residual else "adaln_bwd",
-  )(_flat(x), *map(_flat, rows), *columns, *per_example, *map(_flat, grads))
+  )(_flat(x), *map(_flat, rows), *columns, *modulations, *map(_flat, grads))
   n_rows = 2 if residual else 1
-  return (tuple(a.reshape(x.shape) for a in out[:n_rows])
-          + tuple(jnp.sum(a, axis=1) for a in out[n_rows:]))
+  # Partial sums are per (example, token split); the bias is always shared.
+  sums = [jnp.sum(a, axis=(0, 1) if shared else 1) for a in out[n_rows:]]
+  if residual:
+    sums[-1] = jnp.sum(out[-1], axis=(0, 1))
+  return tuple(a.reshape(x.shape) for a in out[:n_rows]) + tuple(sums)
 
 
 # The modulations' dtypes are kept as zero-size slices (they cost nothing) so that the
@@ -377,7 +408,7 @@ def _residual_adaln_kernel_bwd(eps, out_dtype, residuals, grads):
   x_grad, grad = grads
   dx, dh, dscale, dshift, dgate, dbias = _backward(x_new, (h,), (bias,), (gate, scale),
                                                    (grad, x_grad), eps=eps)
-  return (dx, dh, jnp.sum(dbias, axis=0).astype(bias.dtype), dgate.astype(gate.dtype),
+  return (dx, dh, dbias.astype(bias.dtype), dgate.astype(gate.dtype),
           dshift.astype(shift_like.dtype), dscale.astype(scale.dtype))
 
 

@@ -739,15 +739,14 @@ class Block(nnx.Module):
     ``__call__``'s exact operations run.
     """
     from softvq_jax.models import adaln  # pylint: disable=g-import-not-at-top
-    batch = x.shape[0]
-    shift, scale = norm_as_modulation(self.norm1, batch)
+    shift, scale = norm_as_modulation(self.norm1)
     if pending is None:
       h = adaln.adaln_modulate(x, shift, scale, eps=self.norm1.eps, out_dtype=self.dtype)
     else:
       x, h = adaln.pending_add_and_norm(x, pending, shift, scale, eps=self.norm1.eps,
                                         out_dtype=self.dtype)
     attn, bias = linear_without_bias(self.attn.proj, self.attn.attend(h, rope))
-    shift, scale = norm_as_modulation(self.norm2, batch)
+    shift, scale = norm_as_modulation(self.norm2)
     x, h = adaln.gated_residual_adaln(x, attn, _layerscale_gate(self.ls1, x), shift, scale,
                                       bias=bias, eps=self.norm2.eps, out_dtype=self.dtype)
     branch, bias = linear_without_bias(self.mlp.fc2, self.mlp.hidden(h))
@@ -766,27 +765,25 @@ class Block(nnx.Module):
 class PendingBranch(NamedTuple):
   """A chained block's last branch, not yet added to the residual stream: ``x + gate * (h +
   bias)`` is the block's output. ``h`` ``(B, T, D)``, ``bias`` ``(D,)`` or None, ``gate``
-  ``(B, D)``."""
+  ``(B, D)``, or ``(D,)`` when every example has the same one (a ViT's LayerScale)."""
   h: Array
   bias: Array | None
   gate: Array
 
 
-def norm_as_modulation(norm: LayerNorm, batch: int) -> tuple[Array, Array]:
-  """``(shift, scale)`` ``(B, D)`` with ``LN(x) * (1 + scale) + shift`` = ``norm(x)``."""
+def norm_as_modulation(norm: LayerNorm) -> tuple[Array, Array]:
+  """``(shift, scale)`` ``(D,)``, shared by every example, with ``LN(x) * (1 + scale) +
+  shift`` = ``norm(x)``."""
   if not norm.use_affine:
     raise ValueError("only an affine LayerNorm maps onto the adaLN kernels' modulation")
-  weight = norm.scale[...].astype(jnp.float32)
-  shape = (batch,) + weight.shape
-  return (jnp.broadcast_to(norm.bias[...].astype(jnp.float32), shape),
-          jnp.broadcast_to(weight - 1.0, shape))
+  return (norm.bias[...].astype(jnp.float32), norm.scale[...].astype(jnp.float32) - 1.0)
 
 
 def _layerscale_gate(layerscale: "LayerScale | None", x: Array) -> Array:
-  shape = (x.shape[0], x.shape[-1])
+  """The LayerScale as a shared ``(D,)`` gate (ones without one)."""
   if layerscale is None:
-    return jnp.ones(shape, jnp.float32)
-  return jnp.broadcast_to(layerscale.gamma[...].astype(jnp.float32), shape)
+    return jnp.ones(x.shape[-1:], jnp.float32)
+  return layerscale.gamma[...].astype(jnp.float32)
 
 
 class PatchEmbed(nnx.Module):

@@ -165,7 +165,7 @@ class VisionTransformer(nnx.Module):
       x, pending = block.chained(x, pending, self._rope(freqs, i))
       x = constrain(x, _ACTIVATIONS)
       pending = pending._replace(h=constrain(pending.h, _ACTIVATIONS))
-    shift, scale = norm_as_modulation(self.norm, x.shape[0])
+    shift, scale = norm_as_modulation(self.norm)
     _, out = adaln.pending_add_and_norm(x, pending, shift, scale, eps=self.norm.eps,
                                         out_dtype=x.dtype, implementation="pallas")
     return out
