@@ -40,7 +40,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
 
 from softvq_jax import parallel
-from softvq_jax.models import layers
+from softvq_jax.models import layers, pallas_gpu
 
 Array = jax.Array
 
@@ -195,14 +195,6 @@ def _use_kernel(x: Array, out_dtype, implementation: str | None) -> bool:
   return layers.compile_target() == "gpu" and jnp.dtype(out_dtype).itemsize == 2
 
 
-def _padded_width(width: int) -> int:
-  return max(16, pl.next_power_of_2(width))
-
-
-def _interpret() -> bool:
-  return layers.compile_target() == "cpu"
-
-
 def _compiler_params(padded_width: int):
   warps = _WARPS or min(8, max(4, _ROWS_PER_STEP * padded_width // 1024))
   return pl_triton.CompilerParams(num_warps=warps, num_stages=_STAGES)
@@ -317,7 +309,7 @@ def _forward(x: Array, rows: tuple[Array, ...], columns: tuple[Array, ...],
   """``y`` (and the new residual first, when ``rows`` holds ``h`` and ``columns`` its bias)
   of the forward kernel."""
   batch, tokens, width = x.shape
-  padded = _padded_width(width)
+  padded = pallas_gpu.block_extent(width)
   residual = bool(rows)
   kernel = functools.partial(_forward_kernel, residual=residual,
                              shared=modulations[0].ndim == 1, tokens=tokens, width=width,
@@ -327,7 +319,7 @@ def _forward(x: Array, rows: tuple[Array, ...], columns: tuple[Array, ...],
     out_shape = (jax.ShapeDtypeStruct((batch * tokens, width), x.dtype), out_shape)
   out = pl.pallas_call(
       kernel, out_shape=out_shape, grid=(batch, pl.cdiv(tokens, _ROWS_PER_STEP)),
-      compiler_params=_compiler_params(padded), interpret=_interpret(),
+      compiler_params=_compiler_params(padded), interpret=pallas_gpu.interpret(),
       name="residual_adaln_fwd" if residual else "adaln_fwd",
   )(_flat(x), *map(_flat, rows), *columns, *modulations)
   return jax.tree.map(lambda a: a.reshape(x.shape), out)
@@ -346,7 +338,7 @@ def _backward(x: Array, rows: tuple[Array, ...], columns: tuple[Array, ...],
   """``(dx, [dh,] d scale, d shift[, d gate, d bias])``; the modulations' in their own
   shape (per example or shared), the bias's ``(D,)``, all in float32."""
   batch, tokens, width = x.shape
-  padded = _padded_width(width)
+  padded = pallas_gpu.block_extent(width)
   splits, steps = _backward_splits(batch, tokens)
   residual = bool(rows)
   shared = modulations[0].ndim == 1
@@ -359,7 +351,7 @@ def _backward(x: Array, rows: tuple[Array, ...], columns: tuple[Array, ...],
   out_shape += [partial_sums] * (4 if residual else 2)
   out = pl.pallas_call(
       kernel, out_shape=tuple(out_shape), grid=(batch, splits),
-      compiler_params=_compiler_params(padded), interpret=_interpret(),
+      compiler_params=_compiler_params(padded), interpret=pallas_gpu.interpret(),
       name="residual_adaln_bwd" if residual else "adaln_bwd",
   )(_flat(x), *map(_flat, rows), *columns, *modulations, *map(_flat, grads))
   n_rows = 2 if residual else 1

@@ -28,7 +28,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
 
 from softvq_jax import parallel
-from softvq_jax.models import layers
+from softvq_jax.models import layers, pallas_gpu
 
 Array = jax.Array
 
@@ -67,7 +67,7 @@ def packed_attention(qkv: Array, bias: Array | None, num_heads: int) -> Array | 
 
 
 def _geometry(tokens: int, head_dim: int):
-  return max(16, pl.next_power_of_2(tokens)), max(16, pl.next_power_of_2(head_dim))
+  return pallas_gpu.block_extent(tokens), pallas_gpu.block_extent(head_dim)
 
 
 def _load_head(qkv_ref, bias_ref, which: int, rows, tokens_mask, h: int, head_dim: int,
@@ -148,7 +148,7 @@ def _call(kernel, name, qkv, num_heads, out_shape, *args, num_warps: int):
   return pl.pallas_call(
       kernel, out_shape=out_shape, grid=(batch, num_heads),
       compiler_params=pl_triton.CompilerParams(num_warps=num_warps, num_stages=_STAGES),
-      interpret=layers.compile_target() == "cpu", name=name,
+      interpret=pallas_gpu.interpret(), name=name,
   )(qkv.reshape(batch * tokens, width3), *args)
 
 
