@@ -252,8 +252,8 @@ def test_sit_blocks_with_the_kernel_match_the_xla_form():
       return jnp.mean(out ** 2), out
     return fn
 
-  (value_k, out_k), grads_k = jax.value_and_grad(loss("pallas"), has_aux=True)(state)
-  (value_x, out_x), grads_x = jax.value_and_grad(loss("xla"), has_aux=True)(state)
+  (value_k, out_k), grads_k = jax.jit(jax.value_and_grad(loss("pallas"), has_aux=True))(state)
+  (value_x, out_x), grads_x = jax.jit(jax.value_and_grad(loss("xla"), has_aux=True))(state)
   assert _has_pallas_call(lambda s: loss("pallas")(s)[0], state)
   # bfloat16 activations: the two forms round at different places.
   np.testing.assert_allclose(out_k, out_x, rtol=0.05, atol=0.02 * np.abs(out_x).max())
