@@ -438,7 +438,11 @@ def _tokenizer_config(name: str, size: int = 0):
     entry = dict(table[key])
   if size:
     entry["image_size"] = size
-  return TokenizerConfig.from_json_dict(entry)
+  from softvq_jax.models.config import ConfigError  # pylint: disable=g-import-not-at-top
+  try:
+    return TokenizerConfig.from_json_dict(entry)
+  except ConfigError as e:
+    raise SystemExit(f"tokenizer {name!r}" + (f" at --size {size}" if size else "") + f": {e}") from e
 
 
 def _generator_config(name: str, tokens: int, channels: int, tiny: bool):
