@@ -226,6 +226,13 @@ def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.error(f"--batch must be comma-separated integers, got {args.batch!r}")
   if any(b <= 0 for b in args.batches):
     p.error("--batch sizes must be positive")
+  for flag, value in (("--steps", args.steps), ("--repeats", args.repeats)):
+    if value <= 0:
+      p.error(f"{flag} must be positive, got {value}")
+  if args.warmup < 0:
+    p.error(f"--warmup must be >= 0, got {args.warmup}")
+  if args.cfg < 0:
+    p.error(f"--cfg must be >= 0 (a CFG scale; 1 or less runs without guidance), got {args.cfg}")
   if args.what == "memory" and args.devices <= 0 and not args.topology:
     p.error("--what memory needs --devices N (the fake device count to compile for) or "
             "--topology NAME")

@@ -176,6 +176,9 @@ def test_bad_arguments_are_named():
   with pytest.raises(SystemExit, match="unknown tokenizer"):
     bench.main(["--what", "tokenizer", "--model", "softvq_q99", "--matmul_size", "64",
                 "--repeats", "1"])
+  for flags in (["--steps", "0"], ["--repeats", "0"], ["--warmup", "-1"], ["--cfg", "-1"]):
+    with pytest.raises(SystemExit):
+      bench._parse_args(["--what", "pipeline", *flags])  # pylint: disable=protected-access
   with pytest.raises(SystemExit, match="'softvq_b64' at --size 300: .*not a multiple"):
     bench.main(["--what", "tokenizer", "--model", "softvq_b64", "--size", "300",
                 "--matmul_size", "64", "--repeats", "1"])
