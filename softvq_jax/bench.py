@@ -171,6 +171,9 @@ def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
   p.add_argument("--inference_forms", default=None, choices=("auto", "always", "never"),
                  help="where the inference-only matmul forms apply (separate q/k/v matmuls, "
                       "LayerScale folded into the matmul; auto: bf16 on GPUs)")
+  p.add_argument("--inference_gelu", default=None, choices=("exact", "tanh"),
+                 help="the tokenizers' GELU in bf16 inference (tanh: the tanh approximation, "
+                      "fused into the matmul on GPUs; changes the function; default exact)")
   p.add_argument("--mesh", default="data=-1", help="train/memory: e.g. data=-1 or data=2,fsdp=-1")
   p.add_argument("--sharding", default="", help="train/memory: dp | fsdp (default: fsdp if the "
                  "mesh has an fsdp axis)")
@@ -1085,7 +1088,7 @@ def run_suite(args) -> list[dict[str, Any]]:
   extra = ((["--out", args.out] if args.out else []) + (["--tiny"] if args.tiny else [])
            + (["--profile", args.profile] if args.profile else []))
   for entry in SUITES[args.suite]:
-    kernels = [a for name in ("attention", "gelu", "adaln", "inference_forms")
+    kernels = [a for name in ("attention", "gelu", "adaln", "inference_forms", "inference_gelu")
                if getattr(args, name)
                and f"--{name}" not in entry for a in (f"--{name}", getattr(args, name))]
     try:
@@ -1128,6 +1131,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
   layers.set_attention_implementation(args.attention)
   layers.set_gelu_implementation(args.gelu)
   layers.set_inference_forms(args.inference_forms)
+  layers.set_inference_gelu(args.inference_gelu)
   adaln.set_adaln_implementation(args.adaln)
   global _profile_root
   _profile_root = args.profile or None
@@ -1149,6 +1153,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     line.setdefault("gelu", layers.gelu_implementation())
     line.setdefault("adaln", adaln.adaln_implementation())
     line.setdefault("inference_forms", layers.inference_forms())
+    line.setdefault("inference_gelu", layers.inference_gelu())
     refused = layers.refused_cudnn_attention_shapes()
     if refused:
       line["cudnn_attention_refused"] = [list(shape) for shape in refused]

@@ -239,6 +239,18 @@ def test_tokenizer_encode_compiled_for_an_h200_shows_the_inference_forms(cuda_pl
   assert refused and all(len(shape) == 4 and shape[0] == 4 for shape in refused)
 
 
+def test_tokenizer_encode_for_an_h200_folds_the_chosen_tanh_gelu_into_the_matmul(cuda_plugin):
+  """Opt-in ``--inference_gelu tanh``: each of the tiny encoder's 2 blocks loses its GELU
+  kernel to fc1's bias+GELU epilogue; the exact GELU (the default) has no epilogue. (XLA
+  takes the epilogue only for a row count that is a multiple of 8: 8 x 25 tokens here.)"""
+  tanh = _line(_kernels("--program", "encode", "--batch", "8", "--inference_gelu", "tanh"))
+  exact = _line(_kernels("--program", "encode", "--batch", "8"))
+  assert (tanh["inference_gelu"], exact["inference_gelu"]) == ("tanh", "exact")
+  assert tanh["gemm_epilogues"].get("BIAS_GELU") == 2
+  assert "BIAS_GELU" not in exact["gemm_epilogues"]
+  assert exact["launches_by_kind"]["kLoop"] - tanh["launches_by_kind"]["kLoop"] == 2
+
+
 def test_sit_forward_for_an_h200_folds_gelu_into_the_matmul(cuda_plugin):
   common = ["--program", "sit", "--model", "SiT-S", "--tokens", "8", "--channels", "4",
             "--batch", "4"]

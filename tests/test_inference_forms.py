@@ -102,22 +102,25 @@ def test_choices_come_from_code_then_environment_then_default(monkeypatch):
   wins until it is reset with None, and a wrong value names its variable."""
   from softvq_jax.models import adaln  # pylint: disable=g-import-not-at-top
   choices = [(layers.set_attention_implementation, layers.attention_implementation,
-              "SOFTVQ_ATTENTION", "xla"),
+              "SOFTVQ_ATTENTION", "auto", "xla"),
              (layers.set_gelu_implementation, layers.gelu_implementation, "SOFTVQ_GELU",
-              "float32"),
+              "auto", "float32"),
              (layers.set_inference_forms, layers.inference_forms, "SOFTVQ_INFERENCE_FORMS",
-              "never"),
-             (adaln.set_adaln_implementation, adaln.adaln_implementation, "SOFTVQ_ADALN", "xla")]
-  for set_choice, get_choice, variable, other in choices:
+              "auto", "never"),
+             (layers.set_inference_gelu, layers.inference_gelu, "SOFTVQ_INFERENCE_GELU",
+              "exact", "tanh"),
+             (adaln.set_adaln_implementation, adaln.adaln_implementation, "SOFTVQ_ADALN",
+              "auto", "xla")]
+  for set_choice, get_choice, variable, default, other in choices:
     previous = get_choice()
     try:
       set_choice(None)
       monkeypatch.delenv(variable, raising=False)
-      assert get_choice() == "auto"
+      assert get_choice() == default
       monkeypatch.setenv(variable, other)
       assert get_choice() == other
-      set_choice("auto")
-      assert get_choice() == "auto"  # code wins over the environment
+      set_choice(default)
+      assert get_choice() == default  # code wins over the environment
       set_choice(None)
       assert get_choice() == other
       monkeypatch.setenv(variable, "fastest")
@@ -145,6 +148,55 @@ def test_tokenizer_in_the_forms(forms, dtype, tol, tmp_path):
   tok.save(str(tmp_path / "tok"))
   again = Tokenizer.load(str(tmp_path / "tok"))
   assert any(".ls1." in p or ".qkv." in p for p in _paths(again.model()))
+
+
+def _gelu_mlps(tok, approximate: bool) -> int:
+  """How many MLPs of the tokenizer's compiled inference model have the GELU form asked."""
+  model = nnx.merge(tok._compute_graphdef, tok._compute_state)  # pylint: disable=protected-access
+  return sum(1 for _, m in nnx.iter_modules(model)
+             if isinstance(m, layers.Mlp) and m.approximate_gelu == approximate)
+
+
+def test_tanh_gelu_is_opt_in_for_16_bit_inference_only(tmp_path):
+  """``INFERENCE_GELU="tanh"``: bfloat16 inference runs the tanh GELU, which is as close to the
+  float32 exact network as bfloat16 with the exact GELU is; float32 keeps the exact GELU bit
+  for bit; what is saved keeps it too."""
+  images = np.asarray(jax.random.uniform(jax.random.PRNGKey(7), (2, 32, 32, 3), minval=-1))
+  # LayerScale 1 (not SMALL's 1e-5 start) and fc1 weights scaled up, so that the MLPs count
+  # and their GELUs see inputs of order 1, where the two forms differ.
+  config = dict(SMALL, encoder_kwargs=dict(SMALL["encoder_kwargs"], init_values=1.0),
+                decoder_kwargs=dict(SMALL["decoder_kwargs"], init_values=1.0))
+  model = Tokenizer.random(config, seed=3).model()
+  for _, module in nnx.iter_modules(model):
+    if isinstance(module, layers.Mlp):
+      module.fc1.kernel[...] = 10 * module.fc1.kernel[...]
+  exact32 = Tokenizer(model)
+  exact16 = Tokenizer(model, dtype="bfloat16")
+  layers.set_inference_gelu("tanh")
+  try:
+    tanh32 = Tokenizer(model)
+    tanh16 = Tokenizer(model, dtype="bfloat16")
+  finally:
+    layers.set_inference_gelu(None)
+  assert _gelu_mlps(tanh16, approximate=True) == 2 and _gelu_mlps(tanh16, approximate=False) == 0
+  assert _gelu_mlps(tanh32, approximate=True) == 0 and _gelu_mlps(exact16, approximate=True) == 0
+
+  def error(approx, exact):
+    approx, exact = (np.ravel(np.asarray(a, np.float64)) for a in (approx, exact))
+    return np.linalg.norm(approx - exact) / np.linalg.norm(exact)
+
+  z = np.asarray(exact32.encode(images))
+  np.testing.assert_array_equal(np.asarray(tanh32.encode(images)), z)
+  z_tanh, z_exact16 = np.asarray(tanh16.encode(images)), np.asarray(exact16.encode(images))
+  assert not np.array_equal(z_tanh, z_exact16)
+  assert error(z_tanh, z) < 1.5 * error(z_exact16, z) + 1e-3
+  x = np.asarray(exact32.decode(z))
+  x_tanh, x_exact16 = np.asarray(tanh16.decode(z)), np.asarray(exact16.decode(z))
+  assert not np.array_equal(x_tanh, x_exact16)
+  assert error(x_tanh, x) < 1.5 * error(x_exact16, x) + 1e-3
+  tanh16.save(str(tmp_path / "tok"))
+  again = Tokenizer.load(str(tmp_path / "tok"), dtype="bfloat16")
+  assert _gelu_mlps(again, approximate=False) == 2
 
 
 def test_generator_in_the_forms(forms):

@@ -398,7 +398,7 @@ def prepare_for_inference(model: nnx.Module) -> nnx.Module:
   new arrays: a ``State`` split from the model before still holds the original ones.
   """
   attention, forms = attention_implementation(), inference_forms()
-  for _, module in list(model.iter_modules()):
+  for _, module in list(nnx.iter_modules(model)):
     if isinstance(module, Block):
       module.fold_layerscale()
       if attention == "pallas":
@@ -407,6 +407,43 @@ def prepare_for_inference(model: nnx.Module) -> nnx.Module:
         module.attn.separate_qkv()
     if isinstance(module, Attention) and (forms == "always" or attention in ("auto", "cudnn")):
       module.separate_qkv()
+  return model
+
+
+# The ViTs' exact (erf) GELU has no cuBLASLt epilogue, so on GPUs it is an elementwise
+# kernel of its own that re-reads and rewrites the MLP's widest activation: about 1.1 of
+# 14.6 ms of a SoftVQ-B-64 encode at batch 64, estimated for an H100. INFERENCE_GELU chooses
+# the function the inference objects (``Tokenizer``; ``split_for_inference``) run there:
+#   "exact": the reference's exact GELU, always;
+#   "tanh":  in 16-bit compute, the tanh approximation, which XLA folds into fc1's bias+GELU
+#            epilogue on GPUs (evaluated in float32 on the accumulator, rounded once) when
+#            the matmul's rows (batch x tokens) are a multiple of 8: for the 321-token
+#            SoftVQ encoders, batches of 8, 16, ... It is another function: it differs
+#            from the exact GELU by up to 4.7e-4 (at x = -2.70). Float32 programs keep the
+#            exact GELU, whatever the choice.
+# Opt-in (it changes the outputs beyond rounding), and not yet timed on a device.
+INFERENCE_GELU = ("exact", "tanh")
+_INFERENCE_GELU = NamedChoice("inference GELU", INFERENCE_GELU, "SOFTVQ_INFERENCE_GELU",
+                              default="exact")
+
+
+def set_inference_gelu(name: str | None) -> None:
+  """Selects the GELU of 16-bit inference programs (see ``INFERENCE_GELU``; ``None``:
+  ``$SOFTVQ_INFERENCE_GELU`` or "exact"). Read when an inference object is built."""
+  _INFERENCE_GELU.set(name)
+
+
+def inference_gelu() -> str:
+  return _INFERENCE_GELU.get()
+
+
+def approximate_gelu_for_inference(model: nnx.Module, dtype: Dtype | None) -> nnx.Module:
+  """Turns ``model``'s exact-GELU MLPs to the tanh form in place where ``INFERENCE_GELU``
+  says so for compute ``dtype``."""
+  if inference_gelu() == "tanh" and dtype is not None and jnp.dtype(dtype).itemsize == 2:
+    for _, module in list(nnx.iter_modules(model)):
+      if isinstance(module, Mlp):
+        module.approximate_gelu = True
   return model
 
 
@@ -874,10 +911,12 @@ def cast_for_compute(model: nnx.Module, state: Any, dtype: Dtype) -> Any:
 
 def split_for_inference(model: nnx.Module, dtype: Dtype | None) -> tuple[nnx.GraphDef, Any]:
   """``(graphdef, state)`` of ``model`` as compiled inference programs run it: rewritten in
-  place into the inference forms where they apply (``inference_forms_apply``), with the
-  per-call weight casts to ``dtype`` done once (``cast_for_compute``)."""
+  place into the inference forms where they apply (``inference_forms_apply``) and with the
+  chosen ``INFERENCE_GELU``, with the per-call weight casts to ``dtype`` done once
+  (``cast_for_compute``)."""
   if inference_forms_apply(dtype):
     prepare_for_inference(model)
+  approximate_gelu_for_inference(model, dtype)
   graphdef, state = nnx.split(model)
   return graphdef, cast_for_compute(model, state, dtype)
 
