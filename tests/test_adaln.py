@@ -29,22 +29,22 @@ def _modulation_sum(a, like):
   return a.sum(1) if np.ndim(like) == 2 else a.sum((0, 1))
 
 
-def numpy_adaln(x, shift, scale, eps=EPS):
+def numpy_adaln(x, shift, scale, eps=EPS, scale_offset=1.0):
   x = np.asarray(x, np.float64)
   mean = x.mean(-1, keepdims=True)
   var = ((x - mean) ** 2).mean(-1, keepdims=True)
   normed = (x - mean) / np.sqrt(var + eps)
-  return normed * (1 + _over_tokens(scale)) + _over_tokens(shift)
+  return normed * (scale_offset + _over_tokens(scale)) + _over_tokens(shift)
 
 
-def numpy_adaln_vjp(x, scale, grad, eps=EPS):
+def numpy_adaln_vjp(x, scale, grad, eps=EPS, scale_offset=1.0):
   """Closed-form cotangents of ``numpy_adaln`` for x, shift, scale."""
   x, grad = (np.asarray(a, np.float64) for a in (x, grad))
   width = x.shape[-1]
   mean = x.mean(-1, keepdims=True)
   rstd = 1 / np.sqrt(((x - mean) ** 2).mean(-1, keepdims=True) + eps)
   normed = (x - mean) * rstd
-  g = grad * (1 + _over_tokens(scale))
+  g = grad * (scale_offset + _over_tokens(scale))
   dx = rstd * (g - g.sum(-1, keepdims=True) / width
                - normed * (g * normed).sum(-1, keepdims=True) / width)
   return dx, _modulation_sum(grad, scale), _modulation_sum(grad * normed, scale)
@@ -77,17 +77,24 @@ def test_kernel_matches_numpy_values_and_cotangents(shape):
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
 
 
-def test_shared_modulations_match_numpy_values_and_cotangents():
+@pytest.mark.parametrize("scale_offset", [1.0, 0.0])
+def test_shared_modulations_match_numpy_values_and_cotangents(scale_offset):
   # A ViT's affine LayerNorm: one (D,) shift and scale for every example, whose cotangents
-  # sum over the batch too.
+  # sum over the batch too; with scale_offset 0 the scale is the LayerNorm's weight.
   x, shift, scale, _, grad, _ = _inputs((3, 7, 40), seed=10)
   shift, scale = shift[1], scale[2]
-  out, vjp = jax.vjp(lambda *a: adaln.adaln_modulate(*a, eps=EPS, out_dtype=jnp.float32,
-                                                      implementation="pallas"), x, shift, scale)
-  np.testing.assert_allclose(out, numpy_adaln(x, shift, scale), rtol=1e-5, atol=2e-5)
+  fn = lambda *a: adaln.adaln_modulate(*a, eps=EPS, out_dtype=jnp.float32,
+                                       implementation="pallas", scale_offset=scale_offset)
+  out, vjp = jax.vjp(fn, x, shift, scale)
+  want = numpy_adaln(x, shift, scale, scale_offset=scale_offset)
+  np.testing.assert_allclose(out, want, rtol=1e-5, atol=2e-5)
+  # The XLA form (taken where a mesh shards more than the batch) computes the same.
+  xla = adaln.adaln_modulate(x, shift, scale, eps=EPS, implementation="xla",
+                             scale_offset=scale_offset)
+  np.testing.assert_allclose(xla, want, rtol=1e-5, atol=2e-5)
   got = vjp(grad)
   assert [g.shape for g in got] == [x.shape, (40,), (40,)]
-  for got, expected in zip(got, numpy_adaln_vjp(x, scale, grad)):
+  for got, expected in zip(got, numpy_adaln_vjp(x, scale, grad, scale_offset=scale_offset)):
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
 
 
@@ -95,21 +102,27 @@ def test_shared_modulations_match_numpy_values_and_cotangents():
                                           (SHAPES[2], False), (SHAPES[0], True)])
 def test_residual_kernel_matches_numpy_values_and_cotangents(shape, shared):
   x, shift, scale, gate, grad, x_grad = _inputs(shape, seed=1)
-  if shared:  # a ViT block's LayerScale and LayerNorm: (D,) for every example
+  # A ViT block's LayerScale and LayerNorm: (D,) for every example, the weight as the scale.
+  offset = 0.0 if shared else 1.0
+  if shared:
     shift, scale, gate = shift[0], scale[-1], gate[1]
   rng = np.random.default_rng(2)
   h = jnp.asarray(rng.normal(size=shape), jnp.float32)
   bias = jnp.asarray(rng.normal(size=shape[-1:]), jnp.float32)
   fn = lambda x, h, bias, gate, shift, scale: adaln.gated_residual_adaln(
       x, h, gate, shift, scale, bias=bias, eps=EPS, out_dtype=jnp.float32,
-      implementation="pallas")
+      implementation="pallas", scale_offset=offset)
   (x_new, out), vjp = jax.vjp(fn, x, h, bias, gate, shift, scale)
   branch = np.asarray(h, np.float64) + np.asarray(bias, np.float64)
   x_new_np = np.asarray(x, np.float64) + _over_tokens(gate) * branch
   np.testing.assert_allclose(x_new, x_new_np, rtol=1e-6, atol=1e-6)
-  np.testing.assert_allclose(out, numpy_adaln(x_new_np, shift, scale), rtol=1e-5, atol=2e-5)
+  np.testing.assert_allclose(out, numpy_adaln(x_new_np, shift, scale, scale_offset=offset),
+                             rtol=1e-5, atol=2e-5)
+  _, out_xla = adaln.gated_residual_adaln(x, h, gate, shift, scale, bias=bias, eps=EPS,
+                                          implementation="xla", scale_offset=offset)
+  np.testing.assert_allclose(out_xla, out, rtol=1e-5, atol=2e-5)
   dx, dh, dbias, dgate, dshift, dscale = vjp((x_grad, grad))
-  dnorm, dshift_np, dscale_np = numpy_adaln_vjp(x_new_np, scale, grad)
+  dnorm, dshift_np, dscale_np = numpy_adaln_vjp(x_new_np, scale, grad, scale_offset=offset)
   total = dnorm + np.asarray(x_grad, np.float64)
   dh_np = total * _over_tokens(gate)
   want = (total, dh_np, dh_np.sum((0, 1)), _modulation_sum(total * branch, gate), dshift_np,

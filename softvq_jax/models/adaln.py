@@ -13,10 +13,11 @@ or writes a whole ``(B, T, D)`` activation. Here:
 * ``adaln_modulate`` is the same without the residual add (a SiT's first norm).
 
 A ViT block's affine LayerNorm is the same computation with one modulation for every
-example (``scale = weight - 1``, ``shift = bias``) and its LayerScale as the gate, so the
-tokenizers' blocks can chain through the same kernels (opt-in, see below). Such shared
-modulations are passed as ``(D,)`` vectors: every program reads the same row, and nothing
-is broadcast to ``(B, D)`` first (a separate small kernel per operand on a GPU).
+example (``shift = bias``, and the weight as the multiplier: ``scale_offset=0``) and its
+LayerScale as the gate, so the tokenizers' blocks can chain through the same kernels
+(opt-in, see below). Such shared modulations are passed as ``(D,)`` vectors: every program
+reads the same row, and nothing is broadcast to ``(B, D)`` or offset first (a separate small
+kernel per operand on a GPU).
 
 The row statistics are recomputed in the backward kernel from the residual it reads
 anyway, so nothing beyond the kernels' inputs is kept for the backward pass. The kernels
@@ -80,7 +81,8 @@ def adaln_implementation() -> str:
   return _ADALN.get()
 
 
-def layer_norm_modulate_xla(x: Array, shift: Array, scale: Array, eps: float) -> Array:
+def layer_norm_modulate_xla(x: Array, shift: Array, scale: Array, eps: float,
+                            scale_offset: float = 1.0) -> Array:
   """The blocks' original form: a float32 LayerNorm cast back to ``x.dtype``, then the
   modulation in the promoted dtype of ``x``, ``shift`` and ``scale``."""
   x32 = x.astype(jnp.float32)
@@ -88,7 +90,8 @@ def layer_norm_modulate_xla(x: Array, shift: Array, scale: Array, eps: float) ->
   centred = x32 - mean
   var = jnp.mean(jnp.square(centred), axis=-1, keepdims=True)
   normed = (centred * jax.lax.rsqrt(var + eps)).astype(x.dtype)
-  return normed * (1 + _over_tokens(scale)) + _over_tokens(shift)
+  multiplier = _over_tokens(scale) if scale_offset == 0 else scale_offset + _over_tokens(scale)
+  return normed * multiplier + _over_tokens(shift)
 
 
 def _over_tokens(modulation: Array) -> Array:
@@ -97,10 +100,12 @@ def _over_tokens(modulation: Array) -> Array:
 
 
 def adaln_modulate(x: Array, shift: Array, scale: Array, *, eps: float,
-                   out_dtype=None, implementation: str | None = None) -> Array:
-  """``LN(x) * (1 + scale[:, None]) + shift[:, None]`` for ``x`` ``(B, T, D)``, ``shift`` and
-  ``scale`` ``(B, D)``, or both ``(D,)`` for one modulation of every example (an affine
-  LayerNorm); the LayerNorm has no affine parameters.
+                   out_dtype=None, implementation: str | None = None,
+                   scale_offset: float = 1.0) -> Array:
+  """``LN(x) * (scale_offset + scale[:, None]) + shift[:, None]`` for ``x`` ``(B, T, D)``,
+  ``shift`` and ``scale`` ``(B, D)``, or both ``(D,)`` for one modulation of every example;
+  the LayerNorm has no affine parameters. ``scale_offset`` is 1 for adaLN; an affine
+  LayerNorm is ``shift = bias``, ``scale = weight``, ``scale_offset = 0``.
 
   ``out_dtype`` is the dtype the consumer computes in (the next matmul's); ``None`` keeps
   the XLA form's promoted dtype. The kernel path computes in float32 and rounds once to
@@ -109,17 +114,19 @@ def adaln_modulate(x: Array, shift: Array, scale: Array, *, eps: float,
   _check_shapes(x, shift=shift, scale=scale)
   if _use_kernel(x, out_dtype, implementation):
     out = parallel.per_device_rows(
-        functools.partial(_adaln_kernel, eps=eps, out_dtype=jnp.dtype(out_dtype)), x,
+        functools.partial(_adaln_kernel, eps=eps, out_dtype=jnp.dtype(out_dtype),
+                          scale_offset=float(scale_offset)), x,
         **_modulations(shift, scale))
     if out is not None:
       return out
-  out = layer_norm_modulate_xla(x, shift, scale, eps)
+  out = layer_norm_modulate_xla(x, shift, scale, eps, scale_offset)
   return out if out_dtype is None else out.astype(out_dtype)
 
 
 def gated_residual_adaln(x: Array, h: Array, gate: Array, shift: Array, scale: Array, *,
                          eps: float, bias: Array | None = None, out_dtype=None,
-                         implementation: str | None = None) -> tuple[Array, Array]:
+                         implementation: str | None = None,
+                         scale_offset: float = 1.0) -> tuple[Array, Array]:
   """``(x + gate * (h + bias), adaln_modulate(that, shift, scale))``: a block's gated residual
   add and the next adaLN norm in one pass.
 
@@ -129,7 +136,8 @@ def gated_residual_adaln(x: Array, h: Array, gate: Array, shift: Array, scale: A
   separate gradient reduction. In the XLA form the bias is added and the gated branch
   rounded to the promoted dtype of ``gate`` and ``h`` before the residual add, as the
   blocks always did; the kernel adds in float32. ``gate``, ``shift`` and ``scale`` may
-  instead all be ``(D,)``, shared by every example (a ViT block's LayerScale and LayerNorm).
+  instead all be ``(D,)``, shared by every example (a ViT block's LayerScale and LayerNorm);
+  ``scale_offset`` as in ``adaln_modulate``.
   """
   _check_shapes(x, shift=shift, scale=scale, gate=gate)
   if h.shape != x.shape:
@@ -141,7 +149,8 @@ def gated_residual_adaln(x: Array, h: Array, gate: Array, shift: Array, scale: A
     kernel_bias = bias if bias is not None else jnp.zeros(x.shape[-1:], h.dtype)
     modulations = _modulations(gate, shift, scale)
     out = parallel.per_device_rows(
-        functools.partial(_residual_adaln_kernel, eps=eps, out_dtype=jnp.dtype(out_dtype)),
+        functools.partial(_residual_adaln_kernel, eps=eps, out_dtype=jnp.dtype(out_dtype),
+                          scale_offset=float(scale_offset)),
         x, rows=(h,), columns=(kernel_bias,) + modulations.get("columns", ()),
         per_example=modulations.get("per_example", ()))
     if out is not None:
@@ -149,17 +158,18 @@ def gated_residual_adaln(x: Array, h: Array, gate: Array, shift: Array, scale: A
   if bias is not None:
     h = h + jnp.reshape(bias, (1,) * (h.ndim - 1) + (-1,))
   x = x + (_over_tokens(gate) * h).astype(x.dtype)
-  out = layer_norm_modulate_xla(x, shift, scale, eps)
+  out = layer_norm_modulate_xla(x, shift, scale, eps, scale_offset)
   return x, (out if out_dtype is None else out.astype(out_dtype))
 
 
 def pending_add_and_norm(x: Array, pending: layers.PendingBranch, shift: Array, scale: Array, *,
-                         eps: float, out_dtype=None, implementation: str | None = None
-                         ) -> tuple[Array, Array]:
+                         eps: float, out_dtype=None, implementation: str | None = None,
+                         scale_offset: float = 1.0) -> tuple[Array, Array]:
   """``gated_residual_adaln`` of a chained block's pending branch (see ``AdaLNBlock.chained``
   and ``layers.Block.chained``): the previous block's last residual add and this norm."""
   return gated_residual_adaln(x, pending.h, pending.gate, shift, scale, bias=pending.bias,
-                              eps=eps, out_dtype=out_dtype, implementation=implementation)
+                              eps=eps, out_dtype=out_dtype, implementation=implementation,
+                              scale_offset=scale_offset)
 
 
 def opt_in_kernels_apply(x: Array, out_dtype) -> bool:
@@ -230,7 +240,7 @@ def _modulation_index(b, columns, shared: bool):
 
 
 def _forward_kernel(*refs, residual: bool, shared: bool, tokens: int, width: int,
-                    padded_width: int, eps: float):
+                    padded_width: int, eps: float, scale_offset: float):
   if residual:
     x_ref, h_ref, bias_ref, gate_ref, shift_ref, scale_ref, x_out_ref, out_ref = refs
   else:
@@ -248,13 +258,13 @@ def _forward_kernel(*refs, residual: bool, shared: bool, tokens: int, width: int
     # The statistics are those of the stored residual, which the backward pass reads.
     x = x_out.astype(jnp.float32)
   normed, _ = _row_statistics(x, mask, width, eps)
-  out = (normed * (1.0 + _load(scale_ref, modulation, column_mask))
+  out = (normed * (scale_offset + _load(scale_ref, modulation, column_mask))
          + _load(shift_ref, modulation, column_mask))
   pl_triton.store(out_ref.at[rows, columns], out.astype(out_ref.dtype), mask=mask)
 
 
 def _backward_kernel(*refs, residual: bool, shared: bool, tokens: int, width: int,
-                     padded_width: int, eps: float, steps: int):
+                     padded_width: int, eps: float, scale_offset: float, steps: int):
   """One (example, token split) of the backward pass. ``x`` is the normed input (the new
   residual when ``residual``); with ``residual`` the output's cotangent adds the residual
   stream's own, which also flows to ``h``, its bias and ``gate``."""
@@ -267,7 +277,7 @@ def _backward_kernel(*refs, residual: bool, shared: bool, tokens: int, width: in
   columns = jnp.arange(padded_width)[None, :]
   column_mask = columns < width
   modulation = _modulation_index(b, columns, shared)
-  scale1 = 1.0 + _load(scale_ref, modulation, column_mask)
+  multiplier = scale_offset + _load(scale_ref, modulation, column_mask)
   if residual:
     gate = _load(gate_ref, modulation, column_mask)
     bias = _load(bias_ref, (columns,), column_mask)
@@ -278,7 +288,7 @@ def _backward_kernel(*refs, residual: bool, shared: bool, tokens: int, width: in
     x = _load(x_ref, (rows, cols), mask)
     grad = _load(grad_ref, (rows, cols), mask)
     normed, rstd = _row_statistics(x, mask, width, eps)
-    g = grad * scale1
+    g = grad * multiplier
     mean_g = jnp.sum(g, axis=1, keepdims=True) / width
     mean_gn = jnp.sum(g * normed, axis=1, keepdims=True) / width
     dx = (g - mean_g - normed * mean_gn) * rstd
@@ -305,7 +315,7 @@ def _flat(x: Array) -> Array:
 
 
 def _forward(x: Array, rows: tuple[Array, ...], columns: tuple[Array, ...],
-             modulations: tuple[Array, ...], *, eps: float, out_dtype):
+             modulations: tuple[Array, ...], *, eps: float, scale_offset: float, out_dtype):
   """``y`` (and the new residual first, when ``rows`` holds ``h`` and ``columns`` its bias)
   of the forward kernel."""
   batch, tokens, width = x.shape
@@ -313,7 +323,7 @@ def _forward(x: Array, rows: tuple[Array, ...], columns: tuple[Array, ...],
   residual = bool(rows)
   kernel = functools.partial(_forward_kernel, residual=residual,
                              shared=modulations[0].ndim == 1, tokens=tokens, width=width,
-                             padded_width=padded, eps=eps)
+                             padded_width=padded, eps=eps, scale_offset=scale_offset)
   out_shape = jax.ShapeDtypeStruct((batch * tokens, width), out_dtype)
   if residual:
     out_shape = (jax.ShapeDtypeStruct((batch * tokens, width), x.dtype), out_shape)
@@ -334,7 +344,8 @@ def _backward_splits(batch: int, tokens: int) -> tuple[int, int]:
 
 
 def _backward(x: Array, rows: tuple[Array, ...], columns: tuple[Array, ...],
-              modulations: tuple[Array, ...], grads: tuple[Array, ...], *, eps: float):
+              modulations: tuple[Array, ...], grads: tuple[Array, ...], *, eps: float,
+              scale_offset: float):
   """``(dx, [dh,] d scale, d shift[, d gate, d bias])``; the modulations' in their own
   shape (per example or shared), the bias's ``(D,)``, all in float32."""
   batch, tokens, width = x.shape
@@ -343,7 +354,8 @@ def _backward(x: Array, rows: tuple[Array, ...], columns: tuple[Array, ...],
   residual = bool(rows)
   shared = modulations[0].ndim == 1
   kernel = functools.partial(_backward_kernel, residual=residual, shared=shared, tokens=tokens,
-                             width=width, padded_width=padded, eps=eps, steps=steps)
+                             width=width, padded_width=padded, eps=eps,
+                             scale_offset=scale_offset, steps=steps)
   partial_sums = jax.ShapeDtypeStruct((batch, splits, width), jnp.float32)
   out_shape = [jax.ShapeDtypeStruct((batch * tokens, width), x.dtype)]
   if residual:
@@ -364,42 +376,49 @@ def _backward(x: Array, rows: tuple[Array, ...], columns: tuple[Array, ...],
 
 # The modulations' dtypes are kept as zero-size slices (they cost nothing) so that the
 # backward passes can return cotangents of the right dtype.
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _adaln_kernel(x: Array, shift: Array, scale: Array, eps: float, out_dtype) -> Array:
-  return _forward(x, (), (), (shift, scale), eps=eps, out_dtype=out_dtype)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _adaln_kernel(x: Array, shift: Array, scale: Array, eps: float, out_dtype,
+                  scale_offset: float) -> Array:
+  return _forward(x, (), (), (shift, scale), eps=eps, scale_offset=scale_offset,
+                  out_dtype=out_dtype)
 
 
-def _adaln_kernel_fwd(x, shift, scale, eps, out_dtype):
-  return _adaln_kernel(x, shift, scale, eps, out_dtype), (x, scale, shift[:0])
+def _adaln_kernel_fwd(x, shift, scale, eps, out_dtype, scale_offset):
+  return _adaln_kernel(x, shift, scale, eps, out_dtype, scale_offset), (x, scale, shift[:0])
 
 
-def _adaln_kernel_bwd(eps, out_dtype, residuals, grad):
+def _adaln_kernel_bwd(eps, out_dtype, scale_offset, residuals, grad):
   del out_dtype
   x, scale, shift_like = residuals
-  dx, dscale, dshift = _backward(x, (), (), (scale,), (grad,), eps=eps)
+  dx, dscale, dshift = _backward(x, (), (), (scale,), (grad,), eps=eps,
+                                 scale_offset=scale_offset)
   return dx, dshift.astype(shift_like.dtype), dscale.astype(scale.dtype)
 
 
 _adaln_kernel.defvjp(_adaln_kernel_fwd, _adaln_kernel_bwd)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
 def _residual_adaln_kernel(x: Array, h: Array, bias: Array, gate: Array, shift: Array,
-                           scale: Array, eps: float, out_dtype) -> tuple[Array, Array]:
-  return _forward(x, (h,), (bias,), (gate, shift, scale), eps=eps, out_dtype=out_dtype)
+                           scale: Array, eps: float, out_dtype,
+                           scale_offset: float) -> tuple[Array, Array]:
+  return _forward(x, (h,), (bias,), (gate, shift, scale), eps=eps, scale_offset=scale_offset,
+                  out_dtype=out_dtype)
 
 
-def _residual_adaln_kernel_fwd(x, h, bias, gate, shift, scale, eps, out_dtype):
-  x_new, out = _residual_adaln_kernel(x, h, bias, gate, shift, scale, eps, out_dtype)
+def _residual_adaln_kernel_fwd(x, h, bias, gate, shift, scale, eps, out_dtype, scale_offset):
+  x_new, out = _residual_adaln_kernel(x, h, bias, gate, shift, scale, eps, out_dtype,
+                                      scale_offset)
   return (x_new, out), (x_new, h, bias, gate, scale, shift[:0])
 
 
-def _residual_adaln_kernel_bwd(eps, out_dtype, residuals, grads):
+def _residual_adaln_kernel_bwd(eps, out_dtype, scale_offset, residuals, grads):
   del out_dtype
   x_new, h, bias, gate, scale, shift_like = residuals
   x_grad, grad = grads
   dx, dh, dscale, dshift, dgate, dbias = _backward(x_new, (h,), (bias,), (gate, scale),
-                                                   (grad, x_grad), eps=eps)
+                                                   (grad, x_grad), eps=eps,
+                                                   scale_offset=scale_offset)
   return (dx, dh, dbias.astype(bias.dtype), dgate.astype(gate.dtype),
           dshift.astype(shift_like.dtype), dscale.astype(scale.dtype))
 

@@ -771,21 +771,24 @@ class Block(nnx.Module):
     ``pending`` (the previous block's MLP branch before fc2's bias, that bias and its
     LayerScale) is added to ``x`` in the same fused kernel as this block's first norm, and
     the block returns ``(x, its own pending branch)``. The affine LayerNorms run as the
-    adaLN kernels with the same modulation for every example (``scale = weight - 1``).
+    adaLN kernels with the same modulation for every example (``scale = weight``,
+    ``scale_offset = 0``).
     Only for 16-bit compute where ``models.adaln.opt_in_kernels_apply``; otherwise
     ``__call__``'s exact operations run.
     """
     from softvq_jax.models import adaln  # pylint: disable=g-import-not-at-top
-    shift, scale = norm_as_modulation(self.norm1)
+    shift, weight = norm_affine(self.norm1)
     if pending is None:
-      h = adaln.adaln_modulate(x, shift, scale, eps=self.norm1.eps, out_dtype=self.dtype)
+      h = adaln.adaln_modulate(x, shift, weight, eps=self.norm1.eps, out_dtype=self.dtype,
+                               scale_offset=0.0)
     else:
-      x, h = adaln.pending_add_and_norm(x, pending, shift, scale, eps=self.norm1.eps,
-                                        out_dtype=self.dtype)
+      x, h = adaln.pending_add_and_norm(x, pending, shift, weight, eps=self.norm1.eps,
+                                        out_dtype=self.dtype, scale_offset=0.0)
     attn, bias = linear_without_bias(self.attn.proj, self.attn.attend(h, rope))
-    shift, scale = norm_as_modulation(self.norm2)
-    x, h = adaln.gated_residual_adaln(x, attn, _layerscale_gate(self.ls1, x), shift, scale,
-                                      bias=bias, eps=self.norm2.eps, out_dtype=self.dtype)
+    shift, weight = norm_affine(self.norm2)
+    x, h = adaln.gated_residual_adaln(x, attn, _layerscale_gate(self.ls1, x), shift, weight,
+                                      bias=bias, eps=self.norm2.eps, out_dtype=self.dtype,
+                                      scale_offset=0.0)
     branch, bias = linear_without_bias(self.mlp.fc2, self.mlp.hidden(h))
     return x, PendingBranch(branch, bias, _layerscale_gate(self.ls2, x))
 
@@ -808,12 +811,12 @@ class PendingBranch(NamedTuple):
   gate: Array
 
 
-def norm_as_modulation(norm: LayerNorm) -> tuple[Array, Array]:
-  """``(shift, scale)`` ``(D,)``, shared by every example, with ``LN(x) * (1 + scale) +
-  shift`` = ``norm(x)``."""
+def norm_affine(norm: LayerNorm) -> tuple[Array, Array]:
+  """``(bias, weight)`` of an affine LayerNorm in float32: the adaLN kernels' shared ``(D,)``
+  ``shift`` and ``scale`` with ``scale_offset=0``, ``LN(x) * weight + bias`` = ``norm(x)``."""
   if not norm.use_affine:
     raise ValueError("only an affine LayerNorm maps onto the adaLN kernels' modulation")
-  return (norm.bias[...].astype(jnp.float32), norm.scale[...].astype(jnp.float32) - 1.0)
+  return norm.bias[...].astype(jnp.float32), norm.scale[...].astype(jnp.float32)
 
 
 def _layerscale_gate(layerscale: "LayerScale | None", x: Array) -> Array:

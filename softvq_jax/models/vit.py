@@ -20,7 +20,7 @@ from softvq_jax.models import rope as rope_lib
 from softvq_jax.models.config import ViTConfig
 from softvq_jax.models.layers import (Attention, Block, Dtype, LayerNorm, Mlp, PatchEmbed,
                                       RopeTables, broadcast_over_batch, linear,
-                                      norm_as_modulation, trunc_normal_02)
+                                      norm_affine, trunc_normal_02)
 from softvq_jax.parallel import constrain
 
 
@@ -165,9 +165,10 @@ class VisionTransformer(nnx.Module):
       x, pending = block.chained(x, pending, self._rope(freqs, i))
       x = constrain(x, _ACTIVATIONS)
       pending = pending._replace(h=constrain(pending.h, _ACTIVATIONS))
-    shift, scale = norm_as_modulation(self.norm)
-    _, out = adaln.pending_add_and_norm(x, pending, shift, scale, eps=self.norm.eps,
-                                        out_dtype=x.dtype, implementation="pallas")
+    shift, weight = norm_affine(self.norm)
+    _, out = adaln.pending_add_and_norm(x, pending, shift, weight, eps=self.norm.eps,
+                                        out_dtype=x.dtype, implementation="pallas",
+                                        scale_offset=0.0)
     return out
 
 
