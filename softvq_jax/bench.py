@@ -118,6 +118,8 @@ SUITES = {
         "--what pipeline --model sdvae_f8 --batch 64 --steps 50 --cfg 1.5 --dtype bfloat16 --repeats 3 --no-decode",
         "--what tokenizer --model softvq_b64 --batch 64 --dtype bfloat16 --attention xla",
         "--what tokenizer --model softvq_b64 --batch 64 --dtype bfloat16 --attention einsum",
+        # Opt-in, another function: the tanh GELU folded into fc1's epilogue.
+        "--what tokenizer --model softvq_b64 --batch 64 --dtype bfloat16 --inference_gelu tanh",
         "--what tokenizer --model softvq_l64 --batch 64 --dtype bfloat16",
         "--what tokenizer --model softvq_bl64_512 --batch 8,64 --dtype bfloat16",
         "--what tokenizer --model softvq_b64 --batch 8 --dtype float32 --repeats 5",
