@@ -162,11 +162,16 @@ def gated_residual_adaln(x: Array, h: Array, gate: Array, shift: Array, scale: A
   return x, (out if out_dtype is None else out.astype(out_dtype))
 
 
-def pending_add_and_norm(x: Array, pending: layers.PendingBranch, shift: Array, scale: Array, *,
-                         eps: float, out_dtype=None, implementation: str | None = None,
+def pending_add_and_norm(x: Array, pending: layers.PendingBranch | None, shift: Array,
+                         scale: Array, *, eps: float, out_dtype=None,
+                         implementation: str | None = None,
                          scale_offset: float = 1.0) -> tuple[Array, Array]:
   """``gated_residual_adaln`` of a chained block's pending branch (see ``AdaLNBlock.chained``
-  and ``layers.Block.chained``): the previous block's last residual add and this norm."""
+  and ``layers.Block.chained``): the previous block's last residual add and this norm.
+  Without a pending branch (the first block), ``x`` as it is and ``adaln_modulate``."""
+  if pending is None:
+    return x, adaln_modulate(x, shift, scale, eps=eps, out_dtype=out_dtype,
+                             implementation=implementation, scale_offset=scale_offset)
   return gated_residual_adaln(x, pending.h, pending.gate, shift, scale, bias=pending.bias,
                               eps=eps, out_dtype=out_dtype, implementation=implementation,
                               scale_offset=scale_offset)

@@ -778,12 +778,8 @@ class Block(nnx.Module):
     """
     from softvq_jax.models import adaln  # pylint: disable=g-import-not-at-top
     shift, weight = norm_affine(self.norm1)
-    if pending is None:
-      h = adaln.adaln_modulate(x, shift, weight, eps=self.norm1.eps, out_dtype=self.dtype,
-                               scale_offset=0.0)
-    else:
-      x, h = adaln.pending_add_and_norm(x, pending, shift, weight, eps=self.norm1.eps,
-                                        out_dtype=self.dtype, scale_offset=0.0)
+    x, h = adaln.pending_add_and_norm(x, pending, shift, weight, eps=self.norm1.eps,
+                                      out_dtype=self.dtype, scale_offset=0.0)
     attn, bias = linear_without_bias(self.attn.proj, self.attn.attend(h, rope))
     shift, weight = norm_affine(self.norm2)
     x, h = adaln.gated_residual_adaln(x, attn, _layerscale_gate(self.ls1, x), shift, weight,

@@ -27,7 +27,7 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from softvq_jax.models.adaln import adaln_modulate, gated_residual_adaln, pending_add_and_norm
+from softvq_jax.models.adaln import gated_residual_adaln, pending_add_and_norm
 from softvq_jax.models.config import ConfigError
 from softvq_jax.parallel import constrain
 from softvq_jax.models.layers import (Attention, Dtype, LayerNorm, Mlp, PendingBranch, linear,
@@ -412,11 +412,8 @@ class AdaLNBlock(nnx.Module):
     """
     mod = self.adaLN_modulation[1](jax.nn.silu(c))
     shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mod, 6, axis=-1)
-    if pending is None:
-      h = adaln_modulate(x, shift_msa, scale_msa, eps=self.norm1.eps, out_dtype=self.dtype)
-    else:
-      x, h = pending_add_and_norm(x, pending, shift_msa, scale_msa, eps=self.norm1.eps,
-                                   out_dtype=self.dtype)
+    x, h = pending_add_and_norm(x, pending, shift_msa, scale_msa, eps=self.norm1.eps,
+                                out_dtype=self.dtype)
     attn, bias = linear_without_bias(self.attn.proj, self.attn.attend(h))
     x, h = gated_residual_adaln(x, attn, gate_msa, shift_mlp, scale_mlp, bias=bias,
                                 eps=self.norm2.eps, out_dtype=self.dtype)
@@ -436,11 +433,8 @@ class FinalLayer(nnx.Module):
                pending: PendingBranch | None = None) -> Array:
     """``pending``: the last block's ``(mlp output, bias, gate)``, added to ``x`` first."""
     shift, scale = jnp.split(self.adaLN_modulation[1](jax.nn.silu(c)), 2, axis=-1)
-    if pending is None:
-      h = adaln_modulate(x, shift, scale, eps=self.norm_final.eps, out_dtype=self.dtype)
-    else:
-      _, h = pending_add_and_norm(x, pending, shift, scale, eps=self.norm_final.eps,
-                                   out_dtype=self.dtype)
+    _, h = pending_add_and_norm(x, pending, shift, scale, eps=self.norm_final.eps,
+                                out_dtype=self.dtype)
     return self.linear(h)
 
 
