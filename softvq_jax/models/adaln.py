@@ -200,7 +200,7 @@ def _modulations(*modulations: Array) -> dict[str, tuple[Array, ...]]:
 
 
 def _use_kernel(x: Array, out_dtype, implementation: str | None) -> bool:
-  implementation = _ADALN.check(implementation) if implementation else adaln_implementation()
+  implementation = _ADALN.resolve(implementation)
   if implementation == "xla" or out_dtype is None:
     return False
   if not jnp.issubdtype(x.dtype, jnp.floating) or x.shape[-1] > _MAX_KERNEL_WIDTH:

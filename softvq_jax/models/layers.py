@@ -58,6 +58,10 @@ class NamedChoice:
       return self._value
     return self.check(os.environ.get(self.env, self.default), self.env)
 
+  def resolve(self, name: str | None) -> str:
+    """``name`` (checked) where a caller gives one for itself, else the current choice."""
+    return self.check(name) if name else self.get()
+
 
 def matmul_precision(dtype: Dtype | None):
   """HIGHEST for float32 compute: GPUs/TPUs otherwise round f32 matmuls to TF32/bf16."""
@@ -702,8 +706,7 @@ def gelu(x: Array, approximate: bool = False, *, implementation: str | None = No
   (``implementation``, default: the global choice, see ``GELU_IMPLEMENTATIONS``); float32
   compute always takes the formula above.
   """
-  implementation = (_GELU.check(implementation) if implementation
-                    else gelu_implementation())
+  implementation = _GELU.resolve(implementation)
   if _use_gelu_epilogue(x, approximate, implementation):
     return _tanh_gelu_epilogue(x)
   return jax.checkpoint(_gelu_float32, static_argnums=(1,))(x, approximate)
