@@ -1084,13 +1084,26 @@ def bench_kernels(args) -> list[dict[str, Any]]:
   return lines
 
 
+def _kernel_choices() -> dict[str, tuple[Callable, Callable]]:
+  """``(set, get)`` of the process-wide kernel choices the bench sets from its flags and
+  records in every line, by flag name (``--attention`` ...)."""
+  from softvq_jax.models import adaln, layers  # pylint: disable=g-import-not-at-top
+  return {
+      "attention": (layers.set_attention_implementation, layers.attention_implementation),
+      "gelu": (layers.set_gelu_implementation, layers.gelu_implementation),
+      "adaln": (adaln.set_adaln_implementation, adaln.adaln_implementation),
+      "inference_forms": (layers.set_inference_forms, layers.inference_forms),
+      "inference_gelu": (layers.set_inference_gelu, layers.inference_gelu),
+  }
+
+
 def run_suite(args) -> list[dict[str, Any]]:
   """Each entry of the suite in this process; a failing entry prints an error line and the rest go on."""
   lines = []
   extra = ((["--out", args.out] if args.out else []) + (["--tiny"] if args.tiny else [])
            + (["--profile", args.profile] if args.profile else []))
   for entry in SUITES[args.suite]:
-    kernels = [a for name in ("attention", "gelu", "adaln", "inference_forms", "inference_gelu")
+    kernels = [a for name in _kernel_choices()
                if getattr(args, name)
                and f"--{name}" not in entry for a in (f"--{name}", getattr(args, name))]
     try:
@@ -1127,14 +1140,12 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
   if args.what == "memory" and args.devices and jax.device_count() != args.devices:
     raise SystemExit(f"--devices {args.devices} needs a fresh process (JAX already has "
                      f"{jax.device_count()} devices)")
-  from softvq_jax.models import adaln, layers  # pylint: disable=g-import-not-at-top
+  from softvq_jax.models import layers  # pylint: disable=g-import-not-at-top
   # A flag left out means the environment's choice (SOFTVQ_ATTENTION...), also when a suite
   # runs several measurements in one process.
-  layers.set_attention_implementation(args.attention)
-  layers.set_gelu_implementation(args.gelu)
-  layers.set_inference_forms(args.inference_forms)
-  layers.set_inference_gelu(args.inference_gelu)
-  adaln.set_adaln_implementation(args.adaln)
+  choices = _kernel_choices()
+  for name, (set_choice, _) in choices.items():
+    set_choice(getattr(args, name))
   global _profile_root
   _profile_root = args.profile or None
   if args.what == "memory":
@@ -1151,11 +1162,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
       lines = {"tokenizer": bench_tokenizer, "sit": bench_sit, "pipeline": bench_pipeline,
                "train": bench_train}[args.what](args, matmul)
   for line in lines:
-    line.setdefault("attention", layers.attention_implementation())
-    line.setdefault("gelu", layers.gelu_implementation())
-    line.setdefault("adaln", adaln.adaln_implementation())
-    line.setdefault("inference_forms", layers.inference_forms())
-    line.setdefault("inference_gelu", layers.inference_gelu())
+    for name, (_, get_choice) in choices.items():
+      line.setdefault(name, get_choice())
     refused = layers.refused_cudnn_attention_shapes()
     if refused:
       line["cudnn_attention_refused"] = [list(shape) for shape in refused]
