@@ -4,6 +4,8 @@ import os
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()
+# The suite runs on the CPU even on a GPU host, so its numbers do not depend on the host;
+# JAX_PLATFORMS=cuda runs the GPU-only kernel tests (skipped otherwise).
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import pathlib  # noqa: E402

@@ -187,7 +187,8 @@ def test_auto_takes_the_kernel_only_for_gpu_programs_with_16_bit_outputs():
   def norm(out_dtype):
     return lambda *a: adaln.adaln_modulate(*a, eps=EPS, out_dtype=out_dtype, implementation="auto")
 
-  assert not _has_pallas_call(norm(jnp.bfloat16), x, shift, scale)  # a CPU program
+  with layers.compiling_for("cpu"):  # named: the suite also runs on GPU hosts
+    assert not _has_pallas_call(norm(jnp.bfloat16), x, shift, scale)
   with layers.compiling_for("gpu"):
     assert _has_pallas_call(norm(jnp.bfloat16), x, shift, scale)
     assert not _has_pallas_call(norm(jnp.float32), x, shift, scale)
@@ -277,7 +278,8 @@ def test_sit_blocks_with_the_kernel_match_the_xla_form():
                                atol=0.05 * scale)
 
 
-@pytest.mark.skipif(jax.default_backend() != "gpu", reason="compiles Triton kernels: needs a GPU")
+@pytest.mark.skipif(jax.default_backend() != "gpu",
+                    reason="compiles Triton kernels: needs a GPU and JAX_PLATFORMS=cuda")
 def test_kernels_on_a_gpu_match_numpy():
   # SiT-XL's training shape, a SoftVQ-B encoder's (321 tokens of width 768), an odd one.
   for shape in [(256, 64, 1152), (32, 321, 768), (5, 7, 40)]:

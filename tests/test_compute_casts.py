@@ -351,7 +351,8 @@ def test_refused_cudnn_attention_is_logged_once_per_shape(caplog, monkeypatch):
   assert len(messages) == 1 and "(1, 9, 2, 8)" in messages[0]
 
 
-@pytest.mark.skipif(jax.default_backend() != "gpu", reason="runs cuDNN: needs an NVIDIA GPU")
+@pytest.mark.skipif(jax.default_backend() != "gpu",
+                    reason="runs cuDNN: needs an NVIDIA GPU and JAX_PLATFORMS=cuda")
 def test_odd_length_cudnn_training_attention_on_a_gpu():
   """On a GPU, the padded cuDNN form's values and gradients (bfloat16) against float32 XLA
   attention and its autodiff: relative L2 errors of bfloat16 size, and cuDNN in the gradient."""
