@@ -222,20 +222,32 @@ def cuda_plugin():
 
 
 def test_tokenizer_encode_compiled_for_an_h200_shows_the_inference_forms(cuda_plugin):
-  """Without a GPU: 2 encoder blocks of the tiny tokenizer, so the q/k/v split adds 4 GEMMs
-  and the folded LayerScale makes 4 GEMMs (proj, fc2) accumulate into the residual."""
-  never = _line(_kernels("--program", "encode", "--batch", "4", "--inference_forms", "never"))
+  """Without a GPU: 2 encoder blocks of the tiny tokenizer (25 tokens). Its checkpoint form
+  runs attention in the packed short-attention kernels; the inference forms split q/k/v
+  (+2 GEMMs per block) for the library attention (+2 per block: its two products) and fold
+  LayerScale so that proj and fc2 accumulate into the residual; by default the ViT norms
+  then run as the adaLN kernels, which take those residual adds."""
+  never = _line(_kernels("--program", "encode", "--batch", "4", "--inference_forms", "never",
+                         "--adaln", "xla"))
+  forms = _line(_kernels("--program", "encode", "--batch", "4", "--adaln", "xla"))
   auto = _line(_kernels("--program", "encode", "--batch", "4"))
-  for line in (never, auto):
+  for line in (never, forms, auto):
     assert line["device_kind"] == "NVIDIA H200 141GB HBM3e" and line["timed"] is False
     assert line["compiler_options"] == {"xla_disable_hlo_passes": "dot-merger"}
     assert line["estimated_s"] > 0 and line["kernels"] == sum(line["launches_by_kind"].values())
-    # XLA's GEMMs against the FLOPs counted from the layer shapes (attention included).
+  # XLA's GEMMs against the FLOPs counted from the layer shapes (attention included).
+  for line in (forms, auto):
     assert 0.95 < line["gemm_flops"] / (line["batch"] * line["flops_per_item"]) < 1.15
-  assert auto["launches_by_kind"]["gemm"] - never["launches_by_kind"]["gemm"] == 4
-  assert (never["gemms_accumulating"], auto["gemms_accumulating"]) == (0, 4)
+  depth = 2
+  assert never["launches_by_kind"].get("custom-call") == depth  # the packed attention
+  assert forms["launches_by_kind"]["gemm"] - never["launches_by_kind"]["gemm"] == 4 * depth
+  assert (never["gemms_accumulating"], forms["gemms_accumulating"]) == (0, 2 * depth)
+  # Two norms per block and the final one; the residual adds are theirs.
+  assert auto["launches_by_kind"].get("custom-call") == 2 * depth + 1
+  assert auto["launches_by_kind"]["gemm"] == forms["launches_by_kind"]["gemm"]
+  assert auto["gemms_accumulating"] == 0
   # No device, so cuDNN refused every attention shape; the line says which ran on XLA.
-  refused = auto["cudnn_attention_refused"]
+  refused = forms["cudnn_attention_refused"]
   assert refused and all(len(shape) == 4 and shape[0] == 4 for shape in refused)
 
 

@@ -5,6 +5,8 @@ They must compute the same function, apply only where they were chosen, leave wh
 saved untouched, and reach the compiler with the option that keeps XLA from undoing them.
 """
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,7 +16,7 @@ from flax import nnx
 from softvq_jax import Generator, Tokenizer
 from softvq_jax.models import layers
 from softvq_jax.models.layers import Block
-from softvq_jax.models.sit import GeneratorConfig
+from softvq_jax.models.sit import GeneratorConfig, SiT
 from test_tokenizer_api import SMALL
 
 WIDTH, HEADS = 32, 4
@@ -244,3 +246,73 @@ def test_sharded_tokenizer_in_the_forms(forms):
     assert leaf.sharding.is_fully_replicated and len(leaf.sharding.device_set) == 8
   z, z_plain = np.asarray(sharded.encode(images)), np.asarray(plain.encode(images))
   np.testing.assert_allclose(z, z_plain, rtol=0, atol=1e-6 * np.abs(z_plain).max())
+
+
+def _pallas_kernels(fn, *args) -> set[str]:
+  """Which of the project's Pallas kernels the program of ``fn`` calls."""
+  program = str(jax.make_jaxpr(fn)(*args))
+  return {name for name in ("short_attention_fwd", "residual_adaln_fwd", "adaln_fwd")
+          if re.search(rf"\b{name}\b", program)}
+
+
+def _sit(tokens: int):
+  config = GeneratorConfig.preset("SiT-S/1", input_size=tokens, in_channels=4, hidden_size=32,
+                                  depth=1, num_heads=2)
+  return SiT(config, rngs=nnx.Rngs(0), dtype=jnp.bfloat16)
+
+
+def _sit_program(graphdef, state, tokens: int):
+  x = jnp.ones((2, tokens, 4), jnp.float32)
+  t, y = jnp.full((2,), 0.5), jnp.zeros((2,), jnp.int32)
+  return lambda state: nnx.merge(graphdef, state)(x, t, y)
+
+
+def test_gpu_inference_keeps_the_packed_qkv_where_the_packed_attention_runs(forms):
+  """Default choices, bfloat16: a GPU program of a SiT over at most MAX_TOKENS tokens keeps the
+  packed ``qkv`` that the short-attention kernels read; a longer SiT, and CPU programs, get
+  separate q/k/v for the library attention."""
+  from softvq_jax.models import short_attention  # pylint: disable=g-import-not-at-top
+  assert layers.attention_implementation() == "auto"
+  for tokens, packed in ((8, True), (short_attention.MAX_TOKENS + 1, False)):
+    with layers.compiling_for("gpu"):
+      graphdef, state = layers.split_for_inference(_sit(tokens), jnp.bfloat16)
+      kernels = _pallas_kernels(_sit_program(graphdef, state, tokens), state)
+    paths = _paths(nnx.merge(graphdef, state))
+    assert ("blocks.0.attn.qkv.kernel" in paths) == packed
+    assert ("blocks.0.attn.q_proj.kernel" in paths) == (not packed)
+    assert ("short_attention_fwd" in kernels) == packed
+  forms("always")  # CPU programs: the forms only where asked, and the library attention
+  graphdef, state = layers.split_for_inference(_sit(8), jnp.bfloat16)
+  assert "blocks.0.attn.q_proj.kernel" in _paths(nnx.merge(graphdef, state))
+  assert not _pallas_kernels(_sit_program(graphdef, state, 8), state)
+
+
+def _encode_program(tok, images):
+  """The tokenizer's compiled encode as a function of its compute state."""
+  graphdef = tok._compute_graphdef  # pylint: disable=protected-access
+  return lambda state: nnx.merge(graphdef, state).encode(images).quant
+
+
+def test_vit_norm_kernels_run_in_gpu_inference_programs(forms):
+  """Default choices, bfloat16 GPU programs: the tokenizer's inference model runs its ViT
+  LayerNorms as the adaLN kernels; the model as trained keeps XLA's norms unless "pallas" is
+  chosen."""
+  from softvq_jax.models import adaln  # pylint: disable=g-import-not-at-top
+  images = jnp.zeros((2, 32, 32, 3), jnp.float32)
+  with layers.compiling_for("gpu"):
+    tok = Tokenizer.random(SMALL, seed=1, dtype="bfloat16")
+    kernels = _pallas_kernels(_encode_program(tok, images), tok._compute_state)  # pylint: disable=protected-access
+    assert {"residual_adaln_fwd", "adaln_fwd"} <= kernels
+    trained = tok.model()
+    training = lambda m: m.encode(images).quant
+    assert not {"residual_adaln_fwd", "adaln_fwd"} & _pallas_kernels(training, trained)
+    adaln.set_adaln_implementation("pallas")
+    try:
+      # A new function: a traced one is cached with the choice it was traced under.
+      assert "residual_adaln_fwd" in _pallas_kernels(lambda m: m.encode(images).quant, trained)
+    finally:
+      adaln.set_adaln_implementation(None)
+  with layers.compiling_for("cpu"):
+    forms("always")
+    cpu = Tokenizer.random(SMALL, seed=1, dtype="bfloat16")
+    assert not _pallas_kernels(_encode_program(cpu, images), cpu._compute_state)  # pylint: disable=protected-access

@@ -105,6 +105,24 @@ def test_attention_takes_the_kernel_only_where_it_applies(pallas_attention):
     assert _pallas_calls(_attention_module(), x) == 0
 
 
+def test_auto_takes_the_kernel_in_gpu_programs_only():
+  assert layers.attention_implementation() == "auto"
+  x = jnp.ones((2, 6, 32), jnp.float32)
+  with layers.compiling_for("cpu"):
+    assert _pallas_calls(_attention_module(), x) == 0
+  with layers.compiling_for("gpu"):
+    assert _pallas_calls(_attention_module(), x) == 1
+    assert _pallas_calls(_attention_module(qk_norm=True), x) == 0
+    long = jnp.ones((1, short_attention.MAX_TOKENS + 1, 32), jnp.float32)
+    assert _pallas_calls(_attention_module(), long) == 0
+  layers.set_attention_implementation("xla")
+  try:
+    with layers.compiling_for("gpu"):
+      assert _pallas_calls(_attention_module(), x) == 0
+  finally:
+    layers.set_attention_implementation(None)
+
+
 def test_attention_module_matches_the_default_path(pallas_attention):
   del pallas_attention
   module = _attention_module()
@@ -162,7 +180,8 @@ def test_sit_trains_through_the_kernels(pallas_attention):
   assert leaves and all(bool(jnp.all(jnp.isfinite(g))) for g in leaves)
 
 
-@pytest.mark.skipif(jax.default_backend() != "gpu", reason="compiles Triton kernels: needs a GPU")
+@pytest.mark.skipif(jax.default_backend() != "gpu",
+                    reason="compiles Triton kernels: needs a GPU and JAX_PLATFORMS=cuda")
 def test_kernels_on_a_gpu_match_numpy():
   for b, t, heads, hd in [(64, 64, 16, 72), (3, 7, 2, 12)]:
     qkv, bias, grad = _inputs(b, t, heads, hd, seed=5)

@@ -182,12 +182,15 @@ class LayerNorm(nnx.Module):
 # How attention runs when compute is not float32 (float32 always takes the explicit
 # einsum path below: float32 matmuls and softmax as in the reference, which parity
 # depends on).
-#   "auto":  fused kernels where the backend has them (cuDNN flash attention on NVIDIA
-#            GPUs), XLA's fused softmax(QK^T)V elsewhere;
+#   "auto":  fused kernels where the backend has them: on NVIDIA GPUs the packed
+#            short-sequence kernels of ``models.short_attention`` where they apply (up to
+#            128 tokens, no q/k norm or rotation: SiT/DiT on 1-D tokens; 2.6x cuDNN's
+#            forward and backward at SiT-XL's training shape on an H100), cuDNN flash
+#            attention for the rest; XLA's fused softmax(QK^T)V elsewhere;
 #   "cudnn" / "xla": force one of jax.nn.dot_product_attention's implementations;
 #   "einsum": the explicit two-einsum form, for comparisons;
-#   "pallas": the packed short-sequence kernels of ``models.short_attention`` where they
-#            apply (up to 128 tokens, no q/k norm or rotation), "auto" elsewhere.
+#   "pallas": the packed kernels where they apply, also on CPUs (Pallas' interpreter, for
+#            tests), "auto" elsewhere.
 ATTENTION_IMPLEMENTATIONS = ("auto", "cudnn", "xla", "einsum", "pallas")
 _ATTENTION = NamedChoice("attention implementation", ATTENTION_IMPLEMENTATIONS,
                          "SOFTVQ_ATTENTION")
@@ -204,6 +207,13 @@ def set_attention_implementation(name: str | None) -> None:
 
 def attention_implementation() -> str:
   return _ATTENTION.get()
+
+
+def packed_attention_chosen() -> bool:
+  """Whether attention that the packed short-sequence kernels take runs on them: under
+  "pallas", and under "auto" in GPU programs."""
+  implementation = attention_implementation()
+  return implementation == "pallas" or (implementation == "auto" and compile_target() == "gpu")
 
 
 def _einsum_attention(q: Array, k: Array, v: Array, precision) -> Array:
@@ -395,21 +405,33 @@ def inference_forms_apply(dtype: Dtype | None) -> bool:
       jnp.bfloat16, jnp.float16)
 
 
-def prepare_for_inference(model: nnx.Module) -> nnx.Module:
+def prepare_for_inference(model: nnx.Module, sequence_length: int | None = None) -> nnx.Module:
   """Rewrites ``model`` in place into the inference forms (see ``INFERENCE_FORMS``).
 
-  The caller decides whether they apply (``inference_forms_apply``). The new weights are
-  new arrays: a ``State`` split from the model before still holds the original ones.
+  The caller decides whether they apply (``inference_forms_apply``). ``sequence_length``:
+  the tokens every attention layer outside the ViT blocks sees (a SiT's), if known; where
+  the packed attention kernels take it, that attention keeps its packed ``qkv``. The new
+  weights are new arrays: a ``State`` split from the model before still holds the original
+  ones.
   """
+  from softvq_jax.models import short_attention  # pylint: disable=g-import-not-at-top
   attention, forms = attention_implementation(), inference_forms()
+  # The tokenizers' sequences are longer than the packed kernels take: their attention
+  # runs on cuDNN, which reads separate q, k, v best.
+  separate_in_vit_blocks = forms == "always" or attention in ("auto", "cudnn", "pallas")
+  keep_packed = (packed_attention_chosen() and sequence_length is not None
+                 and sequence_length <= short_attention.MAX_TOKENS)
+  separate_elsewhere = (forms == "always" or attention in ("auto", "cudnn")) and not keep_packed
+  in_vit_blocks = set()
   for _, module in list(nnx.iter_modules(model)):
     if isinstance(module, Block):
       module.fold_layerscale()
-      if attention == "pallas":
-        # The tokenizers' sequences are longer than the packed kernels take: their
-        # attention stays on cuDNN, which reads separate q, k, v best.
+      module.prepared_for_inference = True
+      in_vit_blocks.add(id(module.attn))
+      if separate_in_vit_blocks:
         module.attn.separate_qkv()
-    if isinstance(module, Attention) and (forms == "always" or attention in ("auto", "cudnn")):
+  for _, module in list(nnx.iter_modules(model)):
+    if isinstance(module, Attention) and id(module) not in in_vit_blocks and separate_elsewhere:
       module.separate_qkv()
   return model
 
@@ -564,7 +586,7 @@ class Attention(nnx.Module):
   def attend(self, x: Array, rope: "RopeTables | None" = None) -> Array:
     """The heads' outputs ``(B, N, D)`` before ``proj``."""
     b, n, d = x.shape
-    if (attention_implementation() == "pallas" and self.qkv is not None and rope is None
+    if (packed_attention_chosen() and self.qkv is not None and rope is None
         and self.q_norm is None and self.qkv.dtype is not None):
       from softvq_jax.models import short_attention  # pylint: disable=g-import-not-at-top
       if short_attention.supported(n, self.head_dim, self.qkv.dtype):
@@ -755,6 +777,9 @@ class Block(nnx.Module):
     self.mlp = Mlp(dim, int(dim * mlp_ratio), dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.ls2 = (LayerScale(dim, layerscale_init, param_dtype=param_dtype)
                 if layerscale_init is not None else None)
+    # Set by ``prepare_for_inference``: the inference programs may take the fused norms
+    # (``models.adaln.vit_kernels_apply``).
+    self.prepared_for_inference = False
 
   def __call__(self, x: Array, rope: RopeTables | None = None) -> Array:
     # The residual stream stays in the input dtype (float32 by default): branch
@@ -776,7 +801,7 @@ class Block(nnx.Module):
     the block returns ``(x, its own pending branch)``. The affine LayerNorms run as the
     adaLN kernels with the same modulation for every example (``scale = weight``,
     ``scale_offset = 0``).
-    Only for 16-bit compute where ``models.adaln.opt_in_kernels_apply``; otherwise
+    Only for 16-bit compute where ``models.adaln.vit_kernels_apply``; otherwise
     ``__call__``'s exact operations run.
     """
     from softvq_jax.models import adaln  # pylint: disable=g-import-not-at-top
@@ -917,7 +942,7 @@ def split_for_inference(model: nnx.Module, dtype: Dtype | None) -> tuple[nnx.Gra
   chosen ``INFERENCE_GELU``, with the per-call weight casts to ``dtype`` done once
   (``cast_for_compute``)."""
   if inference_forms_apply(dtype):
-    prepare_for_inference(model)
+    prepare_for_inference(model, getattr(model, "sequence_length", None))
   approximate_gelu_for_inference(model, dtype)
   graphdef, state = nnx.split(model)
   return graphdef, cast_for_compute(model, state, dtype)

@@ -12,10 +12,13 @@ the scores (cheap at these lengths), and writes ``d qkv`` in the packed layout p
 per-example partial sums of the bias gradient. Nothing but the packed input is kept for
 the backward pass.
 
-Selected with ``set_attention_implementation("pallas")`` (``--attention pallas``) for
-bfloat16/float16 attention of up to ``MAX_TOKENS`` tokens without q/k norms or rotary
-embeddings; other attention keeps its path. On CPUs the kernels run in Pallas'
-interpreter (tests).
+Taken by the default attention choice ("auto") in GPU programs, and by "pallas"
+(``--attention pallas``) everywhere, for bfloat16/float16 attention of up to
+``MAX_TOKENS`` tokens without q/k norms or rotary embeddings; other attention keeps its
+path. On an H100 at SiT-XL's training shape (256 x 64 tokens, 16 heads of 72) the forward
+took 0.094 ms against cuDNN's 0.200, forward and backward 0.235 against 0.611 ms, and the
+SiT-XL train step went from 126.2 to 118.8 ms (2026-11-27). On CPUs "pallas" runs the
+kernels in Pallas' interpreter (tests).
 """
 
 from __future__ import annotations
@@ -34,9 +37,9 @@ Array = jax.Array
 
 # The whole score tile of one head lives in registers: up to 128 x 128 float32.
 MAX_TOKENS = 128
-# Triton warps per program. The backward program holds about three times the forward's
-# tiles (q, k, v, the output gradient, p, dp, ds and the three gradients), so it may want
-# more warps to keep them in registers; untuned on a device yet.
+# Triton warps per program, from a sweep on an H100 at SiT-XL's training shape: forward
+# 0.089-0.094 ms with 4 or 8 (within the noise), backward 0.14 ms with 4 and 0.21 with 8.
+# Stages do not matter: a program has no loop.
 _FORWARD_WARPS = 4
 _BACKWARD_WARPS = 4
 _STAGES = 1

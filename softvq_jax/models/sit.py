@@ -493,6 +493,11 @@ class SiT(nnx.Module):
                               for _ in range(config.depth)])
     self.final_layer = FinalLayer(d, config.out_channels, **kw)
 
+  @property
+  def sequence_length(self) -> int:
+    """The tokens every attention layer sees (``layers.prepare_for_inference``)."""
+    return self.config.input_size
+
   def __call__(self, x: Array, t: Array, y: Array, *, drop_key: Array | None = None,
                force_drop_ids: Array | None = None, return_intermediates: bool = False):
     """``x (B, T, C)``, ``t (B,)`` (float in [0, 1] for SiT, integer step for DiT), ``y (B,)``.

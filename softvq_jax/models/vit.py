@@ -144,7 +144,8 @@ class VisionTransformer(nnx.Module):
     # otherwise be free to replicate them (no-op outside a mesh; see parallel.constrain).
     x = constrain(x, _ACTIVATIONS)
     if (not self.movq and len(self.blocks)
-        and adaln.opt_in_kernels_apply(x, self.blocks[0].dtype)):
+        and adaln.vit_kernels_apply(x, self.blocks[0].dtype,
+                                    inference=self.blocks[0].prepared_for_inference)):
       return self._run_chained_blocks(x, freqs)
     for i, block in enumerate(self.blocks):
       x = block(x, latent, self._rope(freqs, i)) if self.movq else block(x, self._rope(freqs, i))
