@@ -104,7 +104,8 @@ def test_inference_forms_flag_reaches_the_benchmarked_tokenizer(monkeypatch):
   from softvq_jax.models import layers
   traced = []
   prepare = layers.prepare_for_inference
-  monkeypatch.setattr(layers, "prepare_for_inference", lambda m: traced.append(m) or prepare(m))
+  monkeypatch.setattr(layers, "prepare_for_inference",
+                      lambda m, *args: traced.append(m) or prepare(m, *args))
   try:
     lines = bench.main(["--what", "tokenizer", "--tiny", "--batch", "2", "--repeats", "1",
                         "--warmup", "0", "--matmul_size", "256", "--dtype", "bfloat16",
