@@ -126,19 +126,22 @@ def _backward_kernel(qkv_ref, bias_ref, grad_ref, dqkv_ref, dbias_ref, *, tokens
   d = jnp.arange(padded_dim)
   grad = pl_triton.load(grad_ref.at[rows[:, None], (h * head_dim + d)[None, :]], mask=mask,
                         other=0.0).astype(dtype)
-  p = _probabilities(q, k, tokens_mask, scale)
-  dv = jnp.dot(p.astype(dtype).T, grad, preferred_element_type=jnp.float32)
-  dp = jnp.dot(grad, v.T, preferred_element_type=jnp.float32)
-  ds = p * (dp - jnp.sum(p * dp, axis=1, keepdims=True))
-  ds = ds.astype(dtype)
-  dq = jnp.dot(ds, k, preferred_element_type=jnp.float32) * scale
-  dk = jnp.dot(ds.T, q, preferred_element_type=jnp.float32) * scale
   column_mask = d < head_dim
-  for columns, value in ((q_cols, dq), (k_cols, dk), (v_cols, dv)):
+
+  def store(columns, value):
     value = jnp.where(mask, value, 0.0)
     pl_triton.store(dqkv_ref.at[rows[:, None], columns[None, :]], value.astype(dqkv_ref.dtype),
                     mask=mask)
     pl_triton.store(dbias_ref.at[b, columns], jnp.sum(value, axis=0), mask=column_mask)
+
+  # Each gradient is stored as soon as it is computed, so that its float32 tile does not stay
+  # in registers while the next ones are computed.
+  p = _probabilities(q, k, tokens_mask, scale)
+  store(v_cols, jnp.dot(p.astype(dtype).T, grad, preferred_element_type=jnp.float32))
+  dp = jnp.dot(grad, v.T, preferred_element_type=jnp.float32)
+  ds = (p * (dp - jnp.sum(p * dp, axis=1, keepdims=True))).astype(dtype)
+  store(q_cols, jnp.dot(ds, k, preferred_element_type=jnp.float32) * scale)
+  store(k_cols, jnp.dot(ds.T, q, preferred_element_type=jnp.float32) * scale)
 
 
 def _call(kernel, name, qkv, num_heads, out_shape, *args, num_warps: int):
