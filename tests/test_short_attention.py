@@ -54,9 +54,26 @@ def _close(got, want, tol):
   np.testing.assert_allclose(got, want, rtol=tol, atol=tol * np.abs(want).max())
 
 
-# Token counts and head widths that do and do not fill the power-of-two tiles.
-@pytest.mark.parametrize("b,t,heads,hd", [(3, 7, 2, 12), (2, 16, 3, 16), (1, 33, 1, 40)])
-def test_kernels_match_numpy_values_and_cotangents(b, t, heads, hd):
+def test_head_pieces_cover_the_head_with_power_of_two_tiles():
+  for head_dim in range(1, 257):
+    one = short_attention._head_pieces(head_dim, split=False)  # pylint: disable=protected-access
+    split = short_attention._head_pieces(head_dim, split=True)  # pylint: disable=protected-access
+    assert len(one) == 1 and one[0][0] == 0 and one[0][1] >= max(16, head_dim)
+    starts = [start for start, _ in split]
+    assert starts == [0] + list(np.cumsum([extent for _, extent in split])[:-1])
+    covered = sum(extent for _, extent in split)
+    assert head_dim <= covered < head_dim + 16 and covered <= one[0][1]
+    assert all(extent >= 16 and extent & (extent - 1) == 0 for _, extent in split)
+  assert short_attention._head_pieces(72, split=True) == ((0, 64), (64, 16))  # pylint: disable=protected-access
+
+
+# Token counts and head widths that do and do not fill the power-of-two tiles; each head as
+# one tile and as several (40: 32 + 16, 72: 64 + 16).
+@pytest.mark.parametrize("split", [False, True])
+@pytest.mark.parametrize("b,t,heads,hd", [(3, 7, 2, 12), (2, 16, 3, 16), (1, 33, 1, 40),
+                                          (2, 5, 2, 72)])
+def test_kernels_match_numpy_values_and_cotangents(b, t, heads, hd, split, monkeypatch):
+  monkeypatch.setattr(short_attention, "_SPLIT_HEAD_DIM", split)
   qkv, bias, grad = _inputs(b, t, heads, hd)
   out, vjp = jax.vjp(lambda a, c: short_attention.packed_attention(a, c, heads), qkv, bias)
   want, want_vjp = numpy_attention(qkv, bias, heads)
@@ -182,8 +199,10 @@ def test_sit_trains_through_the_kernels(pallas_attention):
 
 @pytest.mark.skipif(jax.default_backend() != "gpu",
                     reason="compiles Triton kernels: needs a GPU and JAX_PLATFORMS=cuda")
-def test_kernels_on_a_gpu_match_numpy():
-  for b, t, heads, hd in [(64, 64, 16, 72), (3, 7, 2, 12)]:
+@pytest.mark.parametrize("split", [False, True])
+def test_kernels_on_a_gpu_match_numpy(split, monkeypatch):
+  monkeypatch.setattr(short_attention, "_SPLIT_HEAD_DIM", split)
+  for b, t, heads, hd in [(64, 64, 16, 72), (3, 7, 2, 12), (2, 5, 2, 40)]:
     qkv, bias, grad = _inputs(b, t, heads, hd, seed=5)
     out, vjp = jax.vjp(jax.jit(lambda a, c: short_attention.packed_attention(a, c, heads)),
                        qkv, bias)

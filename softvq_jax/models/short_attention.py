@@ -24,6 +24,7 @@ kernels in Pallas' interpreter (tests).
 from __future__ import annotations
 
 import functools
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -43,6 +44,11 @@ MAX_TOKENS = 128
 _FORWARD_WARPS = 4
 _BACKWARD_WARPS = 4
 _STAGES = 1
+# Whether a head's columns are covered by several power-of-two tiles (SiT-XL's 72: 64 + 16)
+# instead of one (128), so that fewer registers and less dot work go to padding. Compiled for
+# sm_90a at SiT-XL's shape: forward 106 to 80 registers per thread, backward 198 to 170 (3
+# instead of 2 programs of 4 warps per SM). Not yet timed on a device.
+_SPLIT_HEAD_DIM = False
 
 
 def supported(tokens: int, head_dim: int, dtype) -> bool:
@@ -69,88 +75,118 @@ def packed_attention(qkv: Array, bias: Array | None, num_heads: int) -> Array | 
   return parallel.per_device_rows(fn, qkv, columns=(bias.astype(qkv.dtype),))
 
 
-def _geometry(tokens: int, head_dim: int):
-  return pallas_gpu.block_extent(tokens), pallas_gpu.block_extent(head_dim)
+def _head_pieces(head_dim: int, split: bool) -> tuple[tuple[int, int], ...]:
+  """Column pieces ``(start, extent)`` that cover one head; Triton tiles are powers of two.
+  One tile of the next power of two, or (``split``) the width rounded up to 16 as a sum of
+  powers of two, largest first, so that less of each tile is padding: 72 is 64 + 16 instead
+  of 128, 96 is 64 + 32."""
+  if not split:
+    return ((0, pallas_gpu.block_extent(head_dim)),)
+  rest, start, pieces = -(-head_dim // 16) * 16, 0, []
+  while rest:
+    extent = 1 << (rest.bit_length() - 1)
+    pieces.append((start, extent))
+    start, rest = start + extent, rest - extent
+  return tuple(pieces)
 
 
-def _load_head(qkv_ref, bias_ref, which: int, rows, tokens_mask, h: int, head_dim: int,
-               padded_dim: int, width: int, dtype):
-  """q, k or v (``which`` 0, 1, 2) of head ``h``: the matmul output plus its bias, rounded to
-  ``dtype``, zero in the padding."""
-  d = jnp.arange(padded_dim)
-  columns = which * width + h * head_dim + d
-  mask = tokens_mask[:, None] & (d < head_dim)[None, :]
-  x = pl_triton.load(qkv_ref.at[rows[:, None], columns[None, :]], mask=mask, other=0.0)
-  b = pl_triton.load(bias_ref.at[columns], mask=d < head_dim, other=0.0)
-  x = x.astype(jnp.float32) + b.astype(jnp.float32)[None, :]
-  return jnp.where(mask, x, 0.0).astype(dtype), columns, mask
+class _Piece(NamedTuple):
+  """One column piece of a head's q, k, v or gradient tile."""
+  tile: Array
+  columns: Array        # (extent,) the piece's columns within q, k or v: head * head_dim + d
+  column_mask: Array    # (extent,) the real columns
+  mask: Array           # (tokens, extent) the real tokens and columns
 
 
-def _probabilities(q, k, keys_mask, scale):
-  scores = jnp.dot(q, k.T, preferred_element_type=jnp.float32) * scale
+class _Program(NamedTuple):
+  """What a (example, head) program reads: ``load(ref, part, piece, bias_ref=None)`` gives
+  columns ``piece`` of part ``part`` (q 0, k 1, v 2 of the packed ``qkv``; 0 for a
+  ``(rows, D)`` array) of this head, plus its bias, rounded to the compute dtype, zero in the
+  padding."""
+  example: Array
+  rows: Array
+  tokens_mask: Array
+  load: Callable[..., _Piece]
+
+
+def _program(*, tokens, head_dim, padded_tokens, width, dtype) -> _Program:
+  b, h = pl.program_id(0), pl.program_id(1)
+  t = jnp.arange(padded_tokens)
+  tokens_mask = t < tokens
+  rows = b * tokens + t
+
+  def load(ref, part: int, piece: tuple[int, int], bias_ref=None) -> _Piece:
+    d = piece[0] + jnp.arange(piece[1])
+    columns = h * head_dim + d
+    column_mask = d < head_dim
+    mask = tokens_mask[:, None] & column_mask[None, :]
+    x = pl_triton.load(ref.at[rows[:, None], (part * width + columns)[None, :]], mask=mask,
+                       other=0.0)
+    if bias_ref is not None:
+      bias = pl_triton.load(bias_ref.at[part * width + columns], mask=column_mask, other=0.0)
+      x = x.astype(jnp.float32) + bias.astype(jnp.float32)[None, :]
+    return _Piece(jnp.where(mask, x, 0.0).astype(dtype), columns, column_mask, mask)
+
+  return _Program(b, rows, tokens_mask, load)
+
+
+def _probabilities(qs, ks, keys_mask, scale):
+  scores = sum(jnp.dot(q.tile, k.tile.T, preferred_element_type=jnp.float32)
+               for q, k in zip(qs, ks)) * scale
   scores = jnp.where(keys_mask[None, :], scores, -jnp.inf)
   unnormalised = jnp.exp(scores - jnp.max(scores, axis=1, keepdims=True))
   return unnormalised / jnp.sum(unnormalised, axis=1, keepdims=True)
 
 
-def _forward_kernel(qkv_ref, bias_ref, out_ref, *, tokens, head_dim, padded_tokens,
-                    padded_dim, width):
-  b, h = pl.program_id(0), pl.program_id(1)
-  t = jnp.arange(padded_tokens)
-  tokens_mask = t < tokens
-  rows = b * tokens + t
+def _forward_kernel(qkv_ref, bias_ref, out_ref, *, pieces, **geometry):
   dtype = out_ref.dtype
-  load = functools.partial(_load_head, qkv_ref, bias_ref, rows=rows, tokens_mask=tokens_mask,
-                           h=h, head_dim=head_dim, padded_dim=padded_dim, width=width,
-                           dtype=dtype)
-  (q, _, mask), (k, _, _), (v, _, _) = load(which=0), load(which=1), load(which=2)
-  p = _probabilities(q, k, tokens_mask, head_dim ** -0.5)
-  out = jnp.dot(p.astype(dtype), v, preferred_element_type=jnp.float32)
-  d = jnp.arange(padded_dim)
-  pl_triton.store(out_ref.at[rows[:, None], (h * head_dim + d)[None, :]], out.astype(dtype),
-                  mask=mask)
+  program = _program(dtype=dtype, **geometry)
+  qs, ks, vs = ([program.load(qkv_ref, part, piece, bias_ref) for piece in pieces]
+                for part in range(3))
+  p = _probabilities(qs, ks, program.tokens_mask, geometry["head_dim"] ** -0.5).astype(dtype)
+  for v in vs:
+    out = jnp.dot(p, v.tile, preferred_element_type=jnp.float32)
+    pl_triton.store(out_ref.at[program.rows[:, None], v.columns[None, :]], out.astype(dtype),
+                    mask=v.mask)
 
 
-def _backward_kernel(qkv_ref, bias_ref, grad_ref, dqkv_ref, dbias_ref, *, tokens, head_dim,
-                     padded_tokens, padded_dim, width):
-  b, h = pl.program_id(0), pl.program_id(1)
-  t = jnp.arange(padded_tokens)
-  tokens_mask = t < tokens
-  rows = b * tokens + t
+def _backward_kernel(qkv_ref, bias_ref, grad_ref, dqkv_ref, dbias_ref, *, pieces, **geometry):
   dtype = qkv_ref.dtype
-  scale = head_dim ** -0.5
-  load = functools.partial(_load_head, qkv_ref, bias_ref, rows=rows, tokens_mask=tokens_mask,
-                           h=h, head_dim=head_dim, padded_dim=padded_dim, width=width,
-                           dtype=dtype)
-  (q, q_cols, mask), (k, k_cols, _), (v, v_cols, _) = load(which=0), load(which=1), load(which=2)
-  d = jnp.arange(padded_dim)
-  grad = pl_triton.load(grad_ref.at[rows[:, None], (h * head_dim + d)[None, :]], mask=mask,
-                        other=0.0).astype(dtype)
-  column_mask = d < head_dim
+  width = geometry["width"]
+  scale = geometry["head_dim"] ** -0.5
+  program = _program(dtype=dtype, **geometry)
 
-  def store(columns, value):
-    value = jnp.where(mask, value, 0.0)
-    pl_triton.store(dqkv_ref.at[rows[:, None], columns[None, :]], value.astype(dqkv_ref.dtype),
-                    mask=mask)
-    pl_triton.store(dbias_ref.at[b, columns], jnp.sum(value, axis=0), mask=column_mask)
+  def store(part: int, piece: _Piece, value):
+    value = jnp.where(piece.mask, value, 0.0)
+    columns = part * width + piece.columns
+    pl_triton.store(dqkv_ref.at[program.rows[:, None], columns[None, :]],
+                    value.astype(dqkv_ref.dtype), mask=piece.mask)
+    pl_triton.store(dbias_ref.at[program.example, columns], jnp.sum(value, axis=0),
+                    mask=piece.column_mask)
 
+  qs, ks, vs = ([program.load(qkv_ref, part, piece, bias_ref) for piece in pieces]
+                for part in range(3))
+  grads = [program.load(grad_ref, 0, piece) for piece in pieces]
   # Each gradient is stored as soon as it is computed, so that its float32 tile does not stay
-  # in registers while the next ones are computed.
-  p = _probabilities(q, k, tokens_mask, scale)
-  store(v_cols, jnp.dot(p.astype(dtype).T, grad, preferred_element_type=jnp.float32))
-  dp = jnp.dot(grad, v.T, preferred_element_type=jnp.float32)
+  # in registers while the next ones are computed (sm_90a, SiT-XL: 222 to 198 registers).
+  p = _probabilities(qs, ks, program.tokens_mask, scale)
+  for grad in grads:
+    store(2, grad, jnp.dot(p.astype(dtype).T, grad.tile, preferred_element_type=jnp.float32))
+  dp = sum(jnp.dot(grad.tile, v.tile.T, preferred_element_type=jnp.float32)
+           for grad, v in zip(grads, vs))
   ds = (p * (dp - jnp.sum(p * dp, axis=1, keepdims=True))).astype(dtype)
-  store(q_cols, jnp.dot(ds, k, preferred_element_type=jnp.float32) * scale)
-  store(k_cols, jnp.dot(ds.T, q, preferred_element_type=jnp.float32) * scale)
+  for q, k in zip(qs, ks):
+    store(0, q, jnp.dot(ds, k.tile, preferred_element_type=jnp.float32) * scale)
+    store(1, k, jnp.dot(ds.T, q.tile, preferred_element_type=jnp.float32) * scale)
 
 
 def _call(kernel, name, qkv, num_heads, out_shape, *args, num_warps: int):
   batch, tokens, width3 = qkv.shape
   width = width3 // 3
   head_dim = width // num_heads
-  padded_tokens, padded_dim = _geometry(tokens, head_dim)
-  kernel = functools.partial(kernel, tokens=tokens, head_dim=head_dim,
-                             padded_tokens=padded_tokens, padded_dim=padded_dim, width=width)
+  kernel = functools.partial(kernel, tokens=tokens, head_dim=head_dim, width=width,
+                             padded_tokens=pallas_gpu.block_extent(tokens),
+                             pieces=_head_pieces(head_dim, _SPLIT_HEAD_DIM))
   return pl.pallas_call(
       kernel, out_shape=out_shape, grid=(batch, num_heads),
       compiler_params=pl_triton.CompilerParams(num_warps=num_warps, num_stages=_STAGES),
