@@ -161,15 +161,17 @@ def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
   p.add_argument("--no-decode", dest="decode", action="store_false",
                  help="pipeline without the tokenizer decoder")
   p.add_argument("--attention", default=None,
-                 help="auto | cudnn | xla | einsum | pallas (bf16 only; pallas: the packed "
-                      "short-sequence kernels, up to 128 tokens, elsewhere auto)")
+                 help="auto | cudnn | xla | einsum | pallas (bf16 only; auto on GPUs: the "
+                      "packed short-sequence kernels up to 128 tokens, cuDNN beyond; pallas: "
+                      "those kernels on any backend, elsewhere auto)")
   p.add_argument("--gelu", default=None, choices=("auto", "epilogue", "float32"),
                  help="how the bf16 tanh GELU of SiT/DiT runs (epilogue: fused into the matmul "
                       "by cuBLASLt on GPUs)")
   p.add_argument("--adaln", default=None, choices=("auto", "pallas", "xla"),
-                 help="how the adaLN norm of SiT/DiT blocks runs (pallas: one fused kernel each "
-                      "way, and the ViT blocks' LayerNorms too, opt-in until timed; auto: the "
-                      "SiT/DiT kernels on GPUs for bf16 compute)")
+                 help="how the adaLN norm of SiT/DiT blocks and the ViT blocks' LayerNorms "
+                      "run (auto: the fused kernels on GPUs for bf16 compute, the ViTs' in "
+                      "inference only; pallas: the kernels everywhere, ViT training included; "
+                      "xla: XLA's fusions)")
   p.add_argument("--inference_forms", default=None, choices=("auto", "always", "never"),
                  help="where the inference-only matmul forms apply (separate q/k/v matmuls, "
                       "LayerScale folded into the matmul; auto: bf16 on GPUs)")
