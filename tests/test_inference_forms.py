@@ -255,9 +255,9 @@ def _pallas_kernels(fn, *args) -> set[str]:
           if re.search(rf"\b{name}\b", program)}
 
 
-def _sit(tokens: int):
+def _sit(tokens: int, qk_norm: bool = False):
   config = GeneratorConfig.preset("SiT-S/1", input_size=tokens, in_channels=4, hidden_size=32,
-                                  depth=1, num_heads=2)
+                                  depth=1, num_heads=2, qk_norm=qk_norm)
   return SiT(config, rngs=nnx.Rngs(0), dtype=jnp.bfloat16)
 
 
@@ -281,6 +281,9 @@ def test_gpu_inference_keeps_the_packed_qkv_where_the_packed_attention_runs(form
     assert ("blocks.0.attn.qkv.kernel" in paths) == packed
     assert ("blocks.0.attn.q_proj.kernel" in paths) == (not packed)
     assert ("short_attention_fwd" in kernels) == packed
+  with layers.compiling_for("gpu"):  # q/k norms: the library attention, which reads q/k/v
+    graphdef, state = layers.split_for_inference(_sit(8, qk_norm=True), jnp.bfloat16)
+  assert "blocks.0.attn.q_proj.kernel" in _paths(nnx.merge(graphdef, state))
   forms("always")  # CPU programs: the forms only where asked, and the library attention
   graphdef, state = layers.split_for_inference(_sit(8), jnp.bfloat16)
   assert "blocks.0.attn.q_proj.kernel" in _paths(nnx.merge(graphdef, state))

@@ -421,7 +421,7 @@ def prepare_for_inference(model: nnx.Module, sequence_length: int | None = None)
   separate_in_vit_blocks = forms == "always" or attention in ("auto", "cudnn", "pallas")
   keep_packed = (packed_attention_chosen() and sequence_length is not None
                  and sequence_length <= short_attention.MAX_TOKENS)
-  separate_elsewhere = (forms == "always" or attention in ("auto", "cudnn")) and not keep_packed
+  separate_elsewhere = forms == "always" or attention in ("auto", "cudnn")
   in_vit_blocks = set()
   for _, module in list(nnx.iter_modules(model)):
     if isinstance(module, Block):
@@ -432,7 +432,8 @@ def prepare_for_inference(model: nnx.Module, sequence_length: int | None = None)
         module.attn.separate_qkv()
   for _, module in list(nnx.iter_modules(model)):
     if isinstance(module, Attention) and id(module) not in in_vit_blocks and separate_elsewhere:
-      module.separate_qkv()
+      if not (keep_packed and module.q_norm is None):  # q/k norms keep the library attention
+        module.separate_qkv()
   return model
 
 
