@@ -421,19 +421,19 @@ def prepare_for_inference(model: nnx.Module, sequence_length: int | None = None)
   separate_in_vit_blocks = forms == "always" or attention in ("auto", "cudnn", "pallas")
   keep_packed = (packed_attention_chosen() and sequence_length is not None
                  and sequence_length <= short_attention.MAX_TOKENS)
+  # Wherever this separates, the ViT blocks' attention is separated too (by its block, if
+  # not here first), so it needs no test of its own.
   separate_elsewhere = forms == "always" or attention in ("auto", "cudnn")
-  in_vit_blocks = set()
   for _, module in list(nnx.iter_modules(model)):
     if isinstance(module, Block):
       module.fold_layerscale()
       module.prepared_for_inference = True
-      in_vit_blocks.add(id(module.attn))
       if separate_in_vit_blocks:
         module.attn.separate_qkv()
-  for _, module in list(nnx.iter_modules(model)):
-    if isinstance(module, Attention) and id(module) not in in_vit_blocks and separate_elsewhere:
-      if not (keep_packed and module.q_norm is None):  # q/k norms keep the library attention
-        module.separate_qkv()
+    # q/k norms keep the library attention, which reads q, k, v best separate.
+    if (isinstance(module, Attention) and separate_elsewhere
+        and not (keep_packed and module.q_norm is None)):
+      module.separate_qkv()
   return model
 
 
@@ -448,7 +448,8 @@ def prepare_for_inference(model: nnx.Module, sequence_length: int | None = None)
 #            SoftVQ encoders, batches of 8, 16, ... It is another function: it differs
 #            from the exact GELU by up to 4.7e-4 (at x = -2.70). Float32 programs keep the
 #            exact GELU, whatever the choice.
-# Opt-in (it changes the outputs beyond rounding), and not yet timed on a device.
+# Opt-in (it changes the outputs beyond rounding); on an H100 it measured no faster
+# (SoftVQ-B-64 at batch 64, 2026-11-27).
 INFERENCE_GELU = ("exact", "tanh")
 _INFERENCE_GELU = NamedChoice("inference GELU", INFERENCE_GELU, "SOFTVQ_INFERENCE_GELU",
                               default="exact")
