@@ -130,6 +130,12 @@ def _program(*, tokens, head_dim, padded_tokens, width, dtype) -> _Program:
   return _Program(b, rows, tokens_mask, load)
 
 
+def _load_qkv(program: _Program, qkv_ref, bias_ref, pieces):
+  """The head's q, k and v, each as its list of pieces."""
+  return ([program.load(qkv_ref, part, piece, bias_ref) for piece in pieces]
+          for part in range(3))
+
+
 def _probabilities(qs, ks, keys_mask, scale):
   scores = sum(jnp.dot(q.tile, k.tile.T, preferred_element_type=jnp.float32)
                for q, k in zip(qs, ks)) * scale
@@ -141,8 +147,7 @@ def _probabilities(qs, ks, keys_mask, scale):
 def _forward_kernel(qkv_ref, bias_ref, out_ref, *, pieces, **geometry):
   dtype = out_ref.dtype
   program = _program(dtype=dtype, **geometry)
-  qs, ks, vs = ([program.load(qkv_ref, part, piece, bias_ref) for piece in pieces]
-                for part in range(3))
+  qs, ks, vs = _load_qkv(program, qkv_ref, bias_ref, pieces)
   p = _probabilities(qs, ks, program.tokens_mask, geometry["head_dim"] ** -0.5).astype(dtype)
   for v in vs:
     out = jnp.dot(p, v.tile, preferred_element_type=jnp.float32)
@@ -164,14 +169,14 @@ def _backward_kernel(qkv_ref, bias_ref, grad_ref, dqkv_ref, dbias_ref, *, pieces
     pl_triton.store(dbias_ref.at[program.example, columns], jnp.sum(value, axis=0),
                     mask=piece.column_mask)
 
-  qs, ks, vs = ([program.load(qkv_ref, part, piece, bias_ref) for piece in pieces]
-                for part in range(3))
+  qs, ks, vs = _load_qkv(program, qkv_ref, bias_ref, pieces)
   grads = [program.load(grad_ref, 0, piece) for piece in pieces]
   # Each gradient is stored as soon as it is computed, so that its float32 tile does not stay
   # in registers while the next ones are computed (sm_90a, SiT-XL: 222 to 198 registers).
   p = _probabilities(qs, ks, program.tokens_mask, scale)
+  p_rounded = p.astype(dtype)
   for grad in grads:
-    store(2, grad, jnp.dot(p.astype(dtype).T, grad.tile, preferred_element_type=jnp.float32))
+    store(2, grad, jnp.dot(p_rounded.T, grad.tile, preferred_element_type=jnp.float32))
   dp = sum(jnp.dot(grad.tile, v.tile.T, preferred_element_type=jnp.float32)
            for grad, v in zip(grads, vs))
   ds = (p * (dp - jnp.sum(p * dp, axis=1, keepdims=True))).astype(dtype)
