@@ -68,12 +68,14 @@ def test_head_pieces_cover_the_head_with_power_of_two_tiles():
 
 
 # Token counts and head widths that do and do not fill the power-of-two tiles; each head as
-# one tile and as several (40: 32 + 16, 72: 64 + 16).
-@pytest.mark.parametrize("b,t,heads,hd,split", [(3, 7, 2, 12, False), (2, 16, 3, 16, False),
-                                                (1, 33, 1, 40, False), (1, 33, 1, 40, True),
-                                                (2, 5, 2, 72, True)])
-def test_kernels_match_numpy_values_and_cotangents(b, t, heads, hd, split, monkeypatch):
+# one tile and as several (40: 32 + 16, 72: 64 + 16); the backward's loads early and late.
+@pytest.mark.parametrize("b,t,heads,hd,split,late", [
+    (3, 7, 2, 12, False, False), (2, 16, 3, 16, False, False), (1, 33, 1, 40, False, False),
+    (1, 33, 1, 40, True, False), (2, 5, 2, 72, True, False), (3, 7, 2, 12, False, True),
+    (2, 5, 2, 72, True, True)])
+def test_kernels_match_numpy_values_and_cotangents(b, t, heads, hd, split, late, monkeypatch):
   monkeypatch.setattr(short_attention, "_SPLIT_HEAD_DIM", split)
+  monkeypatch.setattr(short_attention, "_LATE_LOADS", late)
   qkv, bias, grad = _inputs(b, t, heads, hd)
   out, vjp = jax.vjp(lambda a, c: short_attention.packed_attention(a, c, heads), qkv, bias)
   want, want_vjp = numpy_attention(qkv, bias, heads)
@@ -199,9 +201,11 @@ def test_sit_trains_through_the_kernels(pallas_attention):
 
 @pytest.mark.skipif(jax.default_backend() != "gpu",
                     reason="compiles Triton kernels: needs a GPU and JAX_PLATFORMS=cuda")
-@pytest.mark.parametrize("split", [False, True])
-def test_kernels_on_a_gpu_match_numpy(split, monkeypatch):
+@pytest.mark.parametrize("split,late", [(False, False), (True, False), (False, True),
+                                        (True, True)])
+def test_kernels_on_a_gpu_match_numpy(split, late, monkeypatch):
   monkeypatch.setattr(short_attention, "_SPLIT_HEAD_DIM", split)
+  monkeypatch.setattr(short_attention, "_LATE_LOADS", late)
   for b, t, heads, hd in [(64, 64, 16, 72), (3, 7, 2, 12), (2, 5, 2, 40)]:
     qkv, bias, grad = _inputs(b, t, heads, hd, seed=5)
     out, vjp = jax.vjp(jax.jit(lambda a, c: short_attention.packed_attention(a, c, heads)),

@@ -49,6 +49,12 @@ _STAGES = 1
 # sm_90a at SiT-XL's shape: forward 106 to 80 registers per thread, backward 198 to 170 (3
 # instead of 2 programs of 4 warps per SM). Not yet timed on a device.
 _SPLIT_HEAD_DIM = False
+# Whether the backward kernel loads v and the output's gradient only where it first uses
+# them, after the probabilities, instead of with q and k: fewer tiles live at once (sm_90a,
+# SiT-XL: 198 to 168 registers per thread, 152 with _SPLIT_HEAD_DIM; 3 instead of 2
+# programs of 4 warps per SM), at the cost of two more waits on memory per program. Not yet
+# timed on a device.
+_LATE_LOADS = False
 
 
 def supported(tokens: int, head_dim: int, dtype) -> bool:
@@ -130,10 +136,9 @@ def _program(*, tokens, head_dim, padded_tokens, width, dtype) -> _Program:
   return _Program(b, rows, tokens_mask, load)
 
 
-def _load_qkv(program: _Program, qkv_ref, bias_ref, pieces):
-  """The head's q, k and v, each as its list of pieces."""
-  return ([program.load(qkv_ref, part, piece, bias_ref) for piece in pieces]
-          for part in range(3))
+def _load_qkv(program: _Program, qkv_ref, bias_ref, pieces, parts=(0, 1, 2)):
+  """The head's q, k and v (or those of ``parts``), each as its list of pieces."""
+  return [[program.load(qkv_ref, part, piece, bias_ref) for piece in pieces] for part in parts]
 
 
 def _probabilities(qs, ks, keys_mask, scale):
@@ -169,14 +174,23 @@ def _backward_kernel(qkv_ref, bias_ref, grad_ref, dqkv_ref, dbias_ref, *, pieces
     pl_triton.store(dbias_ref.at[program.example, columns], jnp.sum(value, axis=0),
                     mask=piece.column_mask)
 
-  qs, ks, vs = _load_qkv(program, qkv_ref, bias_ref, pieces)
-  grads = [program.load(grad_ref, 0, piece) for piece in pieces]
+  def values():
+    return _load_qkv(program, qkv_ref, bias_ref, pieces, parts=(2,))[0]
+
+  def output_grads():
+    return [program.load(grad_ref, 0, piece) for piece in pieces]
+
+  # A load is placed in the kernel where it is traced (see _LATE_LOADS).
+  qs, ks = _load_qkv(program, qkv_ref, bias_ref, pieces, parts=(0, 1))
+  vs, grads = (None, None) if _LATE_LOADS else (values(), output_grads())
   # Each gradient is stored as soon as it is computed, so that its float32 tile does not stay
   # in registers while the next ones are computed (sm_90a, SiT-XL: 222 to 198 registers).
   p = _probabilities(qs, ks, program.tokens_mask, scale)
   p_rounded = p.astype(dtype)
+  grads = grads or output_grads()
   for grad in grads:
     store(2, grad, jnp.dot(p_rounded.T, grad.tile, preferred_element_type=jnp.float32))
+  vs = vs or values()
   dp = sum(jnp.dot(grad.tile, v.tile.T, preferred_element_type=jnp.float32)
            for grad, v in zip(grads, vs))
   ds = (p * (dp - jnp.sum(p * dp, axis=1, keepdims=True))).astype(dtype)
