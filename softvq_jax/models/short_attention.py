@@ -45,15 +45,16 @@ _FORWARD_WARPS = 4
 _BACKWARD_WARPS = 4
 _STAGES = 1
 # Whether a head's columns are covered by several power-of-two tiles (SiT-XL's 72: 64 + 16)
-# instead of one (128), so that fewer registers and less dot work go to padding. Compiled for
-# sm_90a at SiT-XL's shape: forward 106 to 80 registers per thread, backward 198 to 170 (3
-# instead of 2 programs of 4 warps per SM). Not yet timed on a device.
+# instead of one (128), so that fewer registers, less shared memory and less dot work go to
+# padding. Whether the backward kernel loads v and the output's gradient only where it first
+# uses them, after the probabilities, instead of with q and k, so that fewer tiles are live at
+# once, at the cost of two more waits on memory per program. Compiled for sm_90a at SiT-XL's
+# shape (registers per thread, shared memory, programs of 4 warps that fit on an SM):
+#   forward:  one tile 106, 48 KB, 4;   split 80, 28 KB, 6;
+#   backward: one tile 198, 96 KB, 2;   split 170, 58 KB, 2;
+#             late loads 168, 72 KB, 3; split and late loads 152, 48 KB, 3.
+# Not yet timed on a device.
 _SPLIT_HEAD_DIM = False
-# Whether the backward kernel loads v and the output's gradient only where it first uses
-# them, after the probabilities, instead of with q and k: fewer tiles live at once (sm_90a,
-# SiT-XL: 198 to 168 registers per thread, 152 with _SPLIT_HEAD_DIM; 3 instead of 2
-# programs of 4 warps per SM), at the cost of two more waits on memory per program. Not yet
-# timed on a device.
 _LATE_LOADS = False
 
 
