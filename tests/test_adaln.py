@@ -98,9 +98,13 @@ def test_shared_modulations_match_numpy_values_and_cotangents(scale_offset):
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
 
 
-@pytest.mark.parametrize("shape,shared", [(SHAPES[0], False), (SHAPES[1], False),
-                                          (SHAPES[2], False), (SHAPES[0], True)])
-def test_residual_kernel_matches_numpy_values_and_cotangents(shape, shared):
+# The last two: the backward kernel with other rows per loop step than the forward's.
+@pytest.mark.parametrize("shape,shared,backward_rows", [
+    (SHAPES[0], False, 2), (SHAPES[1], False, 2), (SHAPES[2], False, 2), (SHAPES[0], True, 2),
+    (SHAPES[0], False, 1), (SHAPES[3], True, 3)])
+def test_residual_kernel_matches_numpy_values_and_cotangents(shape, shared, backward_rows,
+                                                             monkeypatch):
+  monkeypatch.setattr(adaln, "_BACKWARD_ROWS_PER_STEP", backward_rows)
   x, shift, scale, gate, grad, x_grad = _inputs(shape, seed=1)
   # A ViT block's LayerScale and LayerNorm: (D,) for every example, the weight as the scale.
   offset = 0.0 if shared else 1.0
@@ -280,7 +284,10 @@ def test_sit_blocks_with_the_kernel_match_the_xla_form():
 
 @pytest.mark.skipif(jax.default_backend() != "gpu",
                     reason="compiles Triton kernels: needs a GPU and JAX_PLATFORMS=cuda")
-def test_kernels_on_a_gpu_match_numpy():
+@pytest.mark.parametrize("backward_rows,backward_warps", [(2, None), (1, 8), (1, 16)])
+def test_kernels_on_a_gpu_match_numpy(backward_rows, backward_warps, monkeypatch):
+  monkeypatch.setattr(adaln, "_BACKWARD_ROWS_PER_STEP", backward_rows)
+  monkeypatch.setattr(adaln, "_BACKWARD_WARPS", backward_warps)
   # SiT-XL's training shape, a SoftVQ-B encoder's (321 tokens of width 768), an odd one.
   for shape in [(256, 64, 1152), (32, 321, 768), (5, 7, 40)]:
     x, shift, scale, gate, grad, x_grad = _inputs(shape, seed=7)

@@ -62,13 +62,22 @@ _ADALN = layers.NamedChoice("adaLN implementation", ADALN_IMPLEMENTATIONS, "SOFT
 # norm's forward and backward at SiT-XL's (256, 64, 1152): 0.266 ms against 0.279 for
 # 4 rows, 8 warps, 1 stage and 0.53-2.1 ms for 8 rows, 4 warps (register spills).
 _ROWS_PER_STEP = 2
+# The backward kernel's own rows per loop step and warps (None: from the tile size), so that
+# a sweep can set them apart from the forward's. Compiled for sm_90a at SiT-XL's shape the
+# residual backward holds its loop-invariant modulation rows and four running sums in
+# registers: 254 per thread with 2 rows and 4 warps (2 programs, 8 warps per SM); 1 row and
+# 8 warps: 128 (2 programs, 16 warps); 1 row and 16 warps: 64 (2 programs, 32 warps). Those
+# are not yet timed on a device; the forward has 72 registers (7 programs per SM).
+_BACKWARD_ROWS_PER_STEP = 2
+_BACKWARD_WARPS: int | None = None
 # The backward kernel's grid is (examples, splits of the token axis); each split writes
 # its own partial sums of d scale / d shift. Enough programs to fill a GPU several times
 # over, few enough that the partial sums stay small next to the activations.
 _MIN_BACKWARD_PROGRAMS = 512
 # A tile row holds the whole padded width in registers; wider rows take the XLA form.
 _MAX_KERNEL_WIDTH = 8192
-# Triton's warps per program (None: from the tile size) and software-pipelining stages.
+# Triton's warps per program of the forward kernel (None: from the tile size) and
+# software-pipelining stages.
 _WARPS: int | None = None
 _STAGES = 3
 
@@ -218,16 +227,15 @@ def _use_kernel(x: Array, out_dtype, implementation: str | None) -> bool:
   return layers.compile_target() == "gpu" and jnp.dtype(out_dtype).itemsize == 2
 
 
-def _compiler_params(padded_width: int):
-  warps = _WARPS or min(8, max(4, _ROWS_PER_STEP * padded_width // 1024))
+def _compiler_params(padded_width: int, rows: int, warps: int | None):
+  warps = warps or min(8, max(4, rows * padded_width // 1024))
   return pl_triton.CompilerParams(num_warps=warps, num_stages=_STAGES)
 
 
-def _tile(batch_index, first_token, tokens: int, width: int, padded_width: int):
+def _tile(batch_index, first_token, rows: int, tokens: int, width: int, padded_width: int):
   """Row indices into the flattened ``(B * T, D)`` arrays, column indices and the mask of a
-  ``(_ROWS_PER_STEP, padded_width)`` tile that starts at ``first_token`` of example
-  ``batch_index``."""
-  token = first_token + jnp.arange(_ROWS_PER_STEP)
+  ``(rows, padded_width)`` tile that starts at ``first_token`` of example ``batch_index``."""
+  token = first_token + jnp.arange(rows)
   column = jnp.arange(padded_width)
   mask = (token < tokens)[:, None] & (column < width)[None, :]
   rows = batch_index * tokens + token
@@ -259,7 +267,8 @@ def _forward_kernel(*refs, residual: bool, shared: bool, tokens: int, width: int
   else:
     x_ref, shift_ref, scale_ref, out_ref = refs
   b = pl.program_id(0)
-  rows, columns, mask = _tile(b, pl.program_id(1) * _ROWS_PER_STEP, tokens, width, padded_width)
+  rows, columns, mask = _tile(b, pl.program_id(1) * _ROWS_PER_STEP, _ROWS_PER_STEP, tokens,
+                              width, padded_width)
   column_mask = columns < width
   modulation = _modulation_index(b, columns, shared)
   x = _load(x_ref, (rows, columns), mask)
@@ -296,8 +305,8 @@ def _backward_kernel(*refs, residual: bool, shared: bool, tokens: int, width: in
     bias = _load(bias_ref, (columns,), column_mask)
 
   def step(i, sums):
-    rows, cols, mask = _tile(b, (split * steps + i) * _ROWS_PER_STEP, tokens, width,
-                             padded_width)
+    rows, cols, mask = _tile(b, (split * steps + i) * _BACKWARD_ROWS_PER_STEP,
+                             _BACKWARD_ROWS_PER_STEP, tokens, width, padded_width)
     x = _load(x_ref, (rows, cols), mask)
     grad = _load(grad_ref, (rows, cols), mask)
     normed, rstd = _row_statistics(x, mask, width, eps)
@@ -342,15 +351,15 @@ def _forward(x: Array, rows: tuple[Array, ...], columns: tuple[Array, ...],
     out_shape = (jax.ShapeDtypeStruct((batch * tokens, width), x.dtype), out_shape)
   out = pl.pallas_call(
       kernel, out_shape=out_shape, grid=(batch, pl.cdiv(tokens, _ROWS_PER_STEP)),
-      compiler_params=_compiler_params(padded), interpret=pallas_gpu.interpret(),
-      name="residual_adaln_fwd" if residual else "adaln_fwd",
+      compiler_params=_compiler_params(padded, _ROWS_PER_STEP, _WARPS),
+      interpret=pallas_gpu.interpret(), name="residual_adaln_fwd" if residual else "adaln_fwd",
   )(_flat(x), *map(_flat, rows), *columns, *modulations)
   return jax.tree.map(lambda a: a.reshape(x.shape), out)
 
 
 def _backward_splits(batch: int, tokens: int) -> tuple[int, int]:
   """``(splits of the token axis, loop steps per split)`` of the backward grid."""
-  row_steps = pl.cdiv(tokens, _ROWS_PER_STEP)
+  row_steps = pl.cdiv(tokens, _BACKWARD_ROWS_PER_STEP)
   splits = min(row_steps, max(1, pl.cdiv(_MIN_BACKWARD_PROGRAMS, batch)))
   steps = pl.cdiv(row_steps, splits)
   return pl.cdiv(row_steps, steps), steps
@@ -376,8 +385,8 @@ def _backward(x: Array, rows: tuple[Array, ...], columns: tuple[Array, ...],
   out_shape += [partial_sums] * (4 if residual else 2)
   out = pl.pallas_call(
       kernel, out_shape=tuple(out_shape), grid=(batch, splits),
-      compiler_params=_compiler_params(padded), interpret=pallas_gpu.interpret(),
-      name="residual_adaln_bwd" if residual else "adaln_bwd",
+      compiler_params=_compiler_params(padded, _BACKWARD_ROWS_PER_STEP, _BACKWARD_WARPS),
+      interpret=pallas_gpu.interpret(), name="residual_adaln_bwd" if residual else "adaln_bwd",
   )(_flat(x), *map(_flat, rows), *columns, *modulations, *map(_flat, grads))
   n_rows = 2 if residual else 1
   # Partial sums are per (example, token split); the bias is always shared.
