@@ -227,15 +227,17 @@ def _use_kernel(x: Array, out_dtype, implementation: str | None) -> bool:
   return layers.compile_target() == "gpu" and jnp.dtype(out_dtype).itemsize == 2
 
 
-def _compiler_params(padded_width: int, rows: int, warps: int | None):
-  warps = warps or min(8, max(4, rows * padded_width // 1024))
+def _compiler_params(padded_width: int, tile_rows: int, warps: int | None):
+  warps = warps or min(8, max(4, tile_rows * padded_width // 1024))
   return pl_triton.CompilerParams(num_warps=warps, num_stages=_STAGES)
 
 
-def _tile(batch_index, first_token, rows: int, tokens: int, width: int, padded_width: int):
+def _tile(batch_index, first_token, tile_rows: int, tokens: int, width: int,
+          padded_width: int):
   """Row indices into the flattened ``(B * T, D)`` arrays, column indices and the mask of a
-  ``(rows, padded_width)`` tile that starts at ``first_token`` of example ``batch_index``."""
-  token = first_token + jnp.arange(rows)
+  ``(tile_rows, padded_width)`` tile that starts at ``first_token`` of example
+  ``batch_index``."""
+  token = first_token + jnp.arange(tile_rows)
   column = jnp.arange(padded_width)
   mask = (token < tokens)[:, None] & (column < width)[None, :]
   rows = batch_index * tokens + token
