@@ -255,10 +255,10 @@ def _pallas_kernels(fn, *args) -> set[str]:
           if re.search(rf"\b{name}\b", program)}
 
 
-def _sit(tokens: int, qk_norm: bool = False):
-  config = GeneratorConfig.preset("SiT-S/1", input_size=tokens, in_channels=4, hidden_size=32,
-                                  depth=1, num_heads=2, qk_norm=qk_norm)
-  return SiT(config, rngs=nnx.Rngs(0), dtype=jnp.bfloat16)
+def _sit(tokens: int, qk_norm: bool = False, hidden_size: int = 32, dtype=jnp.bfloat16):
+  config = GeneratorConfig.preset("SiT-S/1", input_size=tokens, in_channels=4,
+                                  hidden_size=hidden_size, depth=1, num_heads=2, qk_norm=qk_norm)
+  return SiT(config, rngs=nnx.Rngs(0), dtype=dtype)
 
 
 def _sit_program(graphdef, state, tokens: int):
@@ -284,7 +284,13 @@ def test_gpu_inference_keeps_the_packed_qkv_where_the_packed_attention_runs(form
   with layers.compiling_for("gpu"):  # q/k norms: the library attention, which reads q/k/v
     graphdef, state = layers.split_for_inference(_sit(8, qk_norm=True), jnp.bfloat16)
   assert "blocks.0.attn.q_proj.kernel" in _paths(nnx.merge(graphdef, state))
-  forms("always")  # CPU programs: the forms only where asked, and the library attention
+  forms("always")
+  with layers.compiling_for("gpu"):  # float32, and heads wider than the kernels take
+    for model, dtype in ((_sit(8, dtype=None), None), (_sit(8, hidden_size=2 * 264), jnp.bfloat16)):
+      graphdef, state = layers.split_for_inference(model, dtype)
+      assert "blocks.0.attn.q_proj.kernel" in _paths(nnx.merge(graphdef, state))
+      assert "short_attention_fwd" not in _pallas_kernels(_sit_program(graphdef, state, 8), state)
+  # CPU programs: the forms only where asked, and the library attention
   graphdef, state = layers.split_for_inference(_sit(8), jnp.bfloat16)
   assert "blocks.0.attn.q_proj.kernel" in _paths(nnx.merge(graphdef, state))
   assert not _pallas_kernels(_sit_program(graphdef, state, 8), state)

@@ -414,13 +414,10 @@ def prepare_for_inference(model: nnx.Module, sequence_length: int | None = None)
   weights are new arrays: a ``State`` split from the model before still holds the original
   ones.
   """
-  from softvq_jax.models import short_attention  # pylint: disable=g-import-not-at-top
   attention, forms = attention_implementation(), inference_forms()
   # The tokenizers' sequences are longer than the packed kernels take: their attention
   # runs on cuDNN, which reads separate q, k, v best.
   separate_in_vit_blocks = forms == "always" or attention in ("auto", "cudnn", "pallas")
-  keep_packed = (packed_attention_chosen() and sequence_length is not None
-                 and sequence_length <= short_attention.MAX_TOKENS)
   # Wherever this separates, the ViT blocks' attention is separated too (by its block, if
   # not here first), so it needs no test of its own.
   separate_elsewhere = forms == "always" or attention in ("auto", "cudnn")
@@ -430,9 +427,10 @@ def prepare_for_inference(model: nnx.Module, sequence_length: int | None = None)
       module.prepared_for_inference = True
       if separate_in_vit_blocks:
         module.attn.separate_qkv()
-    # q/k norms keep the library attention, which reads q, k, v best separate.
+    # The packed kernels read the packed qkv; the library attention (q/k norms, float32,
+    # long sequences, wide heads) reads q, k, v best separate.
     if (isinstance(module, Attention) and separate_elsewhere
-        and not (keep_packed and module.q_norm is None)):
+        and not (sequence_length is not None and module.packed_kernels_take(sequence_length))):
       module.separate_qkv()
   return model
 
@@ -585,17 +583,25 @@ class Attention(nnx.Module):
   def __call__(self, x: Array, rope: "RopeTables | None" = None) -> Array:
     return self.proj(self.attend(x, rope))
 
+  def packed_kernels_take(self, tokens: int) -> bool:
+    """Whether this attention, over ``tokens`` tokens without rotary embeddings, runs on the
+    packed short-attention kernels (which read the packed ``qkv``) on the compile target.
+    Sharded activations may still send it elsewhere (``packed_attention``)."""
+    if not (packed_attention_chosen() and self.qkv is not None and self.q_norm is None
+            and self.qkv.dtype is not None):
+      return False
+    from softvq_jax.models import short_attention  # pylint: disable=g-import-not-at-top
+    return short_attention.supported(tokens, self.head_dim, self.qkv.dtype)
+
   def attend(self, x: Array, rope: "RopeTables | None" = None) -> Array:
     """The heads' outputs ``(B, N, D)`` before ``proj``."""
     b, n, d = x.shape
-    if (packed_attention_chosen() and self.qkv is not None and rope is None
-        and self.q_norm is None and self.qkv.dtype is not None):
+    if rope is None and self.packed_kernels_take(n):
       from softvq_jax.models import short_attention  # pylint: disable=g-import-not-at-top
-      if short_attention.supported(n, self.head_dim, self.qkv.dtype):
-        qkv, bias = linear_without_bias(self.qkv, x)
-        out = short_attention.packed_attention(qkv, bias, self.num_heads)
-        if out is not None:
-          return out
+      qkv, bias = linear_without_bias(self.qkv, x)
+      out = short_attention.packed_attention(qkv, bias, self.num_heads)
+      if out is not None:
+        return out
     q, k, v = self.split_heads(x)
     if self.q_norm is not None:
       # In float32 (LayerNorm's own rule) whatever the compute dtype, and at every
