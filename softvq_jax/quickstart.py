@@ -25,7 +25,7 @@ from absl import logging
 from tqdm import tqdm
 
 from softvq_jax.tokenizer import Tokenizer
-from softvq_jax.utils.images import make_grid, save_png, to_uint8
+from softvq_jax.utils.images import make_grid, samples_to_uint8, save_png, to_uint8
 
 
 class _Subset:
@@ -116,7 +116,7 @@ def sample_classes(sit_workdir: str, tok: Tokenizer, out_dir: str, *, per_class:
   labels = np.repeat(np.arange(classes), per_class).astype(np.int32)
   noise = jax.random.normal(jax.random.key(seed), (len(labels),) + gen_config.latent_shape)
   z = gen.sample(noise, labels, method="euler", num_steps=num_steps, cfg_scale=cfg_scale)
-  images = to_uint8(tok.decode(tok.denormalize(np.asarray(z))))
+  images = samples_to_uint8(tok.decode(tok.denormalize(np.asarray(z))))
   os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
   for i, (img, y) in enumerate(zip(images, labels)):
     save_png(os.path.join(out_dir, "images", f"{i:05d}_class{y}.png"), img)

@@ -22,7 +22,7 @@ from softvq_jax.generator import Generator
 from softvq_jax.models.sit import GeneratorConfig
 from softvq_jax.tokenizer import Tokenizer
 from softvq_jax.utils import fs
-from softvq_jax.utils.images import make_grid, save_png, to_uint8
+from softvq_jax.utils.images import make_grid, samples_to_uint8, save_png
 
 
 def _load_models(config: ml_collections.ConfigDict, mesh) -> tuple[Generator, Tokenizer]:
@@ -84,7 +84,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   sit = gen.kind == "sit"
 
   def write(start: int, y: np.ndarray, part: str, decoded: jax.Array) -> None:
-    images = to_uint8(np.clip(np.asarray(decoded), -1, 1))
+    images = samples_to_uint8(decoded)
     with fs.staged_file(part, ".npz") as tmp:
       np.savez(tmp, images=images, labels=y)
     if config.get("save_pngs", True):

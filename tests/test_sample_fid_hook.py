@@ -51,7 +51,9 @@ def _identity_hook(reference, features, tmp_path, ref, **kw):
     return np.broadcast_to(np.asarray(labels, np.float32)[:, None, None], noise.shape)
 
   def decode(z):
-    return from_uint8(reference[np.asarray(z)[:, 0, 0].astype(int)])
+    # The middle of each level's bin: sample quantisation truncates (x + 1) / 2 * 255.
+    levels = reference[np.asarray(z)[:, 0, 0].astype(int)].astype(np.float32)
+    return (levels + 0.5) / 127.5 - 1.0
 
   return SampleFID(sample, decode, latent_shape=(2, 3), num_classes=NUM, reference=ref,
                    every=10, total_steps=25, num_samples=NUM, batch_size=4, features=features,

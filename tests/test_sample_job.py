@@ -81,7 +81,7 @@ def test_next_batch_is_dispatched_before_the_previous_is_written(tmp_path, monke
     def decode(self, z):
       return jnp.zeros((z.shape[0], 8, 8, 3))
 
-  real_to_uint8 = sample.to_uint8
+  real_to_uint8 = sample.samples_to_uint8
 
   def to_uint8(x):
     events.append("write")
@@ -89,10 +89,21 @@ def test_next_batch_is_dispatched_before_the_previous_is_written(tmp_path, monke
 
   monkeypatch.setattr(sample, "_load_models", lambda config, mesh: (FakeGenerator(),
                                                                     FakeTokenizer()))
-  monkeypatch.setattr(sample, "to_uint8", to_uint8)
+  monkeypatch.setattr(sample, "samples_to_uint8", to_uint8)
   config = ml_collections.ConfigDict(dict(
       num_samples=3, batch_size=1, seed=0, save_pngs=False,
       sampler=dict(method="euler", num_steps=2, cfg_scale=1.0, guidance_interval=(0.0, 1.0))))
   out = sample.run(config, str(tmp_path))
   assert out["num_samples"] == 3
   assert events == ["sample 0", "sample 1", "write", "sample 2", "write", "write"]
+
+
+def test_samples_are_quantised_as_the_reference_sampling_scripts_do():
+  """clamp(255 (x + 1) / 2) truncated: 0.0 -> 127.5 -> 127 (real images and reconstructions
+  use 127.5 x + 128 -> 128 instead); out-of-range values clamp."""
+  from softvq_jax.utils.images import samples_to_uint8, to_uint8  # pylint: disable=g-import-not-at-top
+  x = np.array([-3.0, -1.0, -0.999, 0.0, 0.5, 0.999, 1.0, 2.0], np.float32)
+  np.testing.assert_array_equal(samples_to_uint8(x), [0, 0, 0, 127, 191, 254, 255, 255])
+  assert to_uint8(np.float32(0.0)) == 128
+  levels = np.arange(256, dtype=np.float32)
+  np.testing.assert_array_equal(samples_to_uint8((levels + 0.5) / 127.5 - 1.0), levels)

@@ -35,7 +35,7 @@ from softvq_jax import parallel
 from softvq_jax.eval import adm
 from softvq_jax.eval import fid as fid_lib
 from softvq_jax.eval.eval_recon import ReconstructionMetrics
-from softvq_jax.utils.images import to_uint8
+from softvq_jax.utils.images import samples_to_uint8, to_uint8
 
 
 def ema_reconstruct_fn(graphdef) -> Callable[[Any, np.ndarray], jax.Array]:
@@ -215,7 +215,7 @@ class SampleFID:
       end = start + self.batch_size
       z = self._sample(state, self.noise[start:end], self.labels[start:end])
       z = parallel.to_host(z).astype(np.float32)
-      out.append(to_uint8(parallel.to_host(self._decode(z))))
+      out.append(samples_to_uint8(parallel.to_host(self._decode(z))))
     return np.concatenate(out)[:self.num_samples]
 
   def evaluate(self, state) -> float:

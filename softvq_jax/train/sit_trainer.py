@@ -31,7 +31,7 @@ from softvq_jax.train.loop import train_loop
 from softvq_jax.transport.loss import sit_loss
 from softvq_jax.transport.samplers import euler_sampler
 from softvq_jax.utils import fs
-from softvq_jax.utils.images import make_grid, save_png, to_uint8
+from softvq_jax.utils.images import make_grid, samples_to_uint8, save_png, to_uint8
 
 
 def load_tokenizer(config: ml_collections.ConfigDict, mesh=None) -> Tokenizer:
@@ -276,7 +276,7 @@ class SampleGrid:
       return
     z = parallel.to_host(self._draw(state)).astype(np.float32)
     images = parallel.to_host(self.tok.decode(self.tok.denormalize(z)))
-    grid = make_grid([to_uint8(images)])
+    grid = make_grid([samples_to_uint8(images)])
     if jax.process_index() == 0:
       save_png(os.path.join(self.dir, f"step_{step:08d}.png"), grid)
     if self.writer is not None:

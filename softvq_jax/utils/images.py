@@ -11,9 +11,20 @@ from softvq_jax.utils import fs
 
 
 def to_uint8(images) -> np.ndarray:
-  """[-1, 1] floats -> uint8 with the reference's rounding (127.5 x + 128, truncated)."""
+  """[-1, 1] floats -> uint8 with the reference's rounding for real images and
+  reconstructions (127.5 x + 128, truncated). Generated samples: ``samples_to_uint8``."""
   x = np.asarray(images, np.float32)
   return np.clip(127.5 * x + 128.0, 0, 255).astype(np.uint8)
+
+
+def samples_to_uint8(images) -> np.ndarray:
+  """Generated [-1, 1] floats -> uint8 as the reference's sampling scripts write them:
+  clamped, mapped to [0, 1], times 255, truncated (float32 throughout). Half a level
+  below ``to_uint8`` on average (0.0 becomes 127, not 128); gFID against the reference's
+  numbers needs this one."""
+  x = np.clip(np.asarray(images, np.float32), -1.0, 1.0)
+  unit = (x + np.float32(1.0)) / np.float32(2.0)
+  return np.clip(np.float32(255.0) * unit, 0, 255).astype(np.uint8)
 
 
 def from_uint8(images) -> np.ndarray:
