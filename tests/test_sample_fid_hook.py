@@ -46,8 +46,8 @@ class Writer:
 def _identity_hook(reference, features, tmp_path, ref, **kw):
   """Latents carry the label; 'decoding' returns that reference image: samples == reference."""
 
-  def sample(state, noise, labels):
-    del state
+  def sample(state, noise, labels, batch):
+    del state, batch
     return np.broadcast_to(np.asarray(labels, np.float32)[:, None, None], noise.shape)
 
   def decode(z):

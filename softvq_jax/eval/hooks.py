@@ -127,8 +127,9 @@ def _local_result(metrics: ReconstructionMetrics) -> dict[str, float]:
 class SampleFID:
   """Every ``every`` steps (and at the last): FID of ``num_samples`` generated images.
 
-  Stage 2's counterpart of :class:`HeldoutRFID`. ``sample``: ``(state, noise, labels) ->
-  latents`` (the trainers' compiled EMA sampler, the one their sample grids use);
+  Stage 2's counterpart of :class:`HeldoutRFID`. ``sample``: ``(state, noise, labels,
+  batch) -> latents`` (the trainers' compiled EMA sampler, the one their sample grids use;
+  ``batch``, the batch's index, tells a stochastic sampler to draw that batch's own noise);
   ``decode``: ``latents -> images`` float in [-1, 1] (the frozen tokenizer). The same
   class-balanced labels and noise are drawn at every evaluation, in batches of
   ``batch_size`` (the last one padded), so the sampler compiles once and successive
@@ -213,7 +214,8 @@ class SampleFID:
     out = []
     for start in range(0, len(self.noise), self.batch_size):
       end = start + self.batch_size
-      z = self._sample(state, self.noise[start:end], self.labels[start:end])
+      z = self._sample(state, self.noise[start:end], self.labels[start:end],
+                       start // self.batch_size)
       z = parallel.to_host(z).astype(np.float32)
       out.append(samples_to_uint8(parallel.to_host(self._decode(z))))
     return np.concatenate(out)[:self.num_samples]

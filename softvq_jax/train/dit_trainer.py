@@ -13,6 +13,7 @@ import os
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from flax import nnx
 
 from softvq_jax.generator import dit_model_fn
@@ -57,17 +58,21 @@ def make_loss_fn(diff: diffusion_lib.GaussianDiffusion):
 
 def ema_sampler(graphdef, gen_config: GeneratorConfig, diffusion: ml_collections.ConfigDict, *,
                 num_steps: int, cfg_scale: float, key: jax.Array):
-  """``(state, noise, labels) -> latents``: DDPM samples (``num_steps`` respaced steps) of the
-  EMA model with the fixed ``key``, compiled once per batch shape."""
+  """``(state, noise, labels, batch=0) -> latents``: DDPM samples (``num_steps`` respaced
+  steps) of the EMA model, compiled once per batch shape. Each batch index draws its own
+  step noise (``key`` folded with it), the same at every call: the FID hook's batches are
+  independent, and its successive evaluations differ only by the weights."""
   diff = make_diffusion(diffusion, learn_sigma=gen_config.learn_sigma, respacing=str(num_steps))
   guided = cfg_scale != 1.0 and gen_config.has_null_label
 
-  def sample(ema, rest, noise, labels, key):
+  def sample(ema, rest, noise, labels, batch):
     model = nnx.merge(graphdef, ema, rest)
-    return diff.p_sample_loop(dit_model_fn(model, labels, cfg_scale, guided), noise, key=key)
+    return diff.p_sample_loop(dit_model_fn(model, labels, cfg_scale, guided), noise,
+                              key=jax.random.fold_in(key, batch))
 
   jitted = jax.jit(sample, compiler_options=inference_compiler_options())
-  return lambda state, noise, labels: jitted(state.ema, state.rest, noise, labels, key)
+  return lambda state, noise, labels, batch=0: jitted(state.ema, state.rest, noise, labels,
+                                                      np.int32(batch))
 
 
 class SampleGrid(sit_trainer.SampleGrid):

@@ -241,8 +241,9 @@ def make_loss_fn(transport: ml_collections.ConfigDict):
 
 
 def ema_sampler(graphdef, gen_config: GeneratorConfig, *, num_steps: int, cfg_scale: float):
-  """``(state, noise, labels) -> latents``: Euler ODE samples of the EMA model, compiled once
-  per batch shape (the sample grid's and the FID hook's sampler)."""
+  """``(state, noise, labels, batch=0) -> latents``: Euler ODE samples of the EMA model,
+  compiled once per batch shape (the sample grid's and the FID hook's sampler). The ODE
+  draws no noise of its own, so the batch index changes nothing."""
   null = gen_config.null_label
 
   def sample(ema, rest, noise, labels):
@@ -252,7 +253,7 @@ def ema_sampler(graphdef, gen_config: GeneratorConfig, *, num_steps: int, cfg_sc
                          null_label=null)
 
   jitted = jax.jit(sample, compiler_options=inference_compiler_options())
-  return lambda state, noise, labels: jitted(state.ema, state.rest, noise, labels)
+  return lambda state, noise, labels, batch=0: jitted(state.ema, state.rest, noise, labels)
 
 
 class SampleGrid:
