@@ -1,7 +1,9 @@
 """MAETok-B-128 at 512x512: ViT-B encoder with mixed RoPE, MoVQ ViT-B decoder, 128 tokens of 32.
 
-Train (upstream recipe: batch 512, 200 epochs, mask ratio 0.4-0.6, auxiliary
-HOG/DINOv2/SigLIP decoders, adaptive discriminator weight 0.4 from step 30k):
+Train (upstream batch 512, 200 epochs, adaptive discriminator weight 0.4 from step 30k).
+MAETok's mask modeling (token masking 0.4-0.6, decoder drop-path, auxiliary HOG/DINOv2/SigLIP
+decoders) is not implemented: this trains the plain autoencoder with the SoftVQ objective
+(MSE + LPIPS + GAN), so the released model's rFID is not what it reaches:
 
   python -m softvq_jax.main --config=configs/maetok_b128_512.py --workdir=gs://BUCKET/maetok_b128_512
 
@@ -9,7 +11,7 @@ Shrunk for 2 CPU cores with offline data:
 
   python -m softvq_jax.main --config=configs/maetok_b128_512.py:runlocal --workdir=/tmp/maetok_b128_512
 
-Expected (the released maetok-b-128-512, reference README, ImageNet 512x512): rFID 0.62;
+For comparison (the released maetok-b-128-512, reference README, ImageNet 512x512): rFID 0.62;
 SiT-XL on its latents: gFID 2.79 without guidance, 1.69 with CFG.
 The released latent statistics (vq_mean, vq_std) come from the checkpoint's config.json.
 """

@@ -803,8 +803,8 @@ def _train_setup(args, batch: int, mesh):
 
 
 def _stage1_config(args, batch: int, strategy: str):
-  """The stage-1 recipe of ``--model``: MAETok's (token masking, auxiliary feature decoders)
-  for MAETok, the SoftVQ one otherwise."""
+  """The stage-1 recipe of ``--model``: MAETok's settings (its batch and discriminator; the
+  trainer has no mask modeling) for MAETok, the SoftVQ one otherwise."""
   from softvq_jax.config_lib import maetok_recipe, tokenizer_recipe  # pylint: disable=g-import-not-at-top
   from softvq_jax.models.released import RELEASED_MAETOK, RELEASED_TOKENIZERS  # pylint: disable=g-import-not-at-top
   name = TOKENIZER_ALIASES.get(args.model, args.model)
@@ -822,8 +822,8 @@ def _stage1_config(args, batch: int, strategy: str):
 
 
 def _stage1_setup(args, batch: int, mesh, strategy: str, abstract: bool):
-  """The tokenizer trainer's own stage-1 step (LPIPS, DINO discriminator, REPA or MAETok's
-  auxiliary decoders; random frozen networks of the recipe's sizes) for ``--objective full``,
+  """The tokenizer trainer's own stage-1 step (LPIPS, DINO discriminator, REPA where the
+  recipe has it; random frozen networks of the recipe's sizes) for ``--objective full``,
   fed uint8 images as the trainer feeds it."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top

@@ -170,11 +170,15 @@ def tokenizer_recipe(name: str, arg: str | None) -> ml_collections.ConfigDict:
 
 
 def maetok_recipe(name: str, arg: str | None) -> ml_collections.ConfigDict:
-  """MAETok's stage-1 recipe (upstream configs/maetok-b-64.yaml of 2025-05-29).
+  """MAETok's stage-1 settings (upstream configs/maetok-b-64.yaml of 2025-05-29), as far as
+  this trainer implements them: the plain autoencoder (no quantizer) trained from scratch
+  with the SoftVQ objective (MSE, LPIPS, DINO discriminator; no entropy term, no REPA) at
+  MAETok's batch, epochs and discriminator settings.
 
-  A plain autoencoder (no quantizer) trained with encoder token masking
-  (40-60 %) and auxiliary decoders predicting HOG, DINOv2 and SigLIP features
-  of the masked patches, each with weight 1, plus the SoftVQ losses.
+  Not implemented: MAETok's mask modeling, that is encoder token masking (40-60 %),
+  decoder drop-path 0.05 and the auxiliary decoders predicting HOG, DINOv2 and SigLIP
+  features of the masked patches. Their keys are here, off; the trainer refuses other
+  values (``check_recipe_config``) rather than train without them silently.
   """
   from softvq_jax.models.released import RELEASED_MAETOK  # pylint: disable=g-import-not-at-top
   c = tokenizer_recipe("softvq-b-64", arg)
@@ -186,9 +190,10 @@ def maetok_recipe(name: str, arg: str | None) -> ml_collections.ConfigDict:
   c.model = model
   c.released_name = name
   c.encoder_init = "random" if runlocal else "scratch"   # MAETok trains its encoder from scratch
-  c.mask_ratio_min, c.mask_ratio_max = 0.4, 0.6
-  c.decoder_drop_path = 0.05
-  c.aux_targets = ("hog", "dinov2", "siglip")
+  # Upstream: 0.4-0.6, 0.05 and ("hog", "dinov2", "siglip"); not implemented (see above).
+  c.mask_ratio_min, c.mask_ratio_max = 0.0, 0.0
+  c.decoder_drop_path = 0.0
+  c.aux_targets = ()
   c.loss.entropy_loss_ratio = 0.0
   c.loss.repa = False
   if not runlocal:

@@ -386,15 +386,15 @@ def test_stage1_train_line():
 
 
 def test_stage1_recipe_follows_the_tokenizer():
-  """MAETok's stage-1 step is its own recipe (token masking, auxiliary feature decoders), not
+  """MAETok's stage-1 step is its own recipe (plain autoencoder, no entropy term or REPA), not
   SoftVQ's; an unreleased name is refused by name."""
   def config(model):
     args = bench._parse_args(["--what", "train", "--model", model, "--objective", "full"])
     return bench._stage1_config(args, 8, "dp")
   maetok, softvq = config("maetok_b128"), config("softvq_b64")
-  assert maetok.released_name == "maetok-b-128" and maetok.mask_ratio_max > 0
-  assert tuple(maetok.aux_targets) == ("hog", "dinov2", "siglip")
-  assert softvq.released_name == "softvq-b-64" and "aux_targets" not in softvq
+  assert maetok.released_name == "maetok-b-128" and maetok.model.bottleneck == "ae"
+  assert not maetok.loss.repa and maetok.loss.entropy_loss_ratio == 0
+  assert softvq.released_name == "softvq-b-64" and softvq.loss.repa
   assert config("maetok_b128_512").model.image_size == 512
   with pytest.raises(SystemExit, match="needs a released tokenizer, not 'vqgan'"):
     config("vqgan")

@@ -102,6 +102,16 @@ def test_maetok_configs(name, release):
   assert config.global_batch_size == 512 and config.loss.disc_start == 30_000
   local = TokenizerConfig.from_json_dict(load_config(name, "runlocal").model.to_dict())
   assert local.image_size == 64 and local.use_rope
+  # MAETok's mask modeling is not implemented: its settings are refused, by name, rather
+  # than silently trained without.
+  from softvq_jax.train.tokenizer_trainer import check_recipe_config  # pylint: disable=g-import-not-at-top
+  check_recipe_config(config)
+  for key, value in (("mask_ratio_max", 0.6), ("decoder_drop_path", 0.05),
+                     ("aux_targets", ("hog",))):
+    upstream = load_config(name)
+    setattr(upstream, key, value)
+    with pytest.raises(ValueError, match=f"{key}=.*mask modeling .* not implemented"):
+      check_recipe_config(upstream)
 
 
 def test_quickstart_pipeline_end_to_end(tmp_path):

@@ -166,7 +166,25 @@ def build_teacher(config: ml_collections.ConfigDict, image_size: int, dtype):
                       dtype=dtype, seed=config.seed + 202)
 
 
+def check_recipe_config(config: ml_collections.ConfigDict) -> None:
+  """Refuses settings of recipes this trainer does not implement (MAETok's mask modeling)."""
+  unsupported = {
+      "mask_ratio_max": float(config.get("mask_ratio_max", 0.0) or 0.0) > 0,
+      "mask_ratio_min": float(config.get("mask_ratio_min", 0.0) or 0.0) > 0,
+      "decoder_drop_path": float(config.get("decoder_drop_path", 0.0) or 0.0) > 0,
+      "aux_targets": bool(tuple(config.get("aux_targets", ()) or ())),
+  }
+  named = [f"{key}={config.get(key)!r}" for key, on in unsupported.items() if on]
+  if named:
+    raise ValueError(
+        f"{', '.join(named)}: MAETok's mask modeling (encoder token masking, decoder "
+        "drop-path, auxiliary HOG/DINOv2/SigLIP decoders) is not implemented by this trainer; "
+        "set mask_ratio_min/max=0, decoder_drop_path=0 and aux_targets=() to train the plain "
+        "autoencoder objective")
+
+
 def check_loss_config(config: ml_collections.ConfigDict, tok_config: TokenizerConfig) -> None:
+  check_recipe_config(config)
   loss = config.loss
   if loss.get("disc_weight", 0) > 0 and loss.get("disc_type", "dino") != "dino":
     raise ValueError(f"loss.disc_type={loss.disc_type!r}: only the DINO discriminator ('dino') "
