@@ -194,7 +194,7 @@ def maetok_recipe(name: str, arg: str | None) -> ml_collections.ConfigDict:
   c.mask_ratio_min, c.mask_ratio_max = 0.0, 0.0
   c.decoder_drop_path = 0.0
   c.aux_targets = ()
-  c.loss.entropy_loss_ratio = 0.0
+  c.model.entropy_loss_ratio = 0.0
   c.loss.repa = False
   if not runlocal:
     c.global_batch_size = 512

@@ -393,7 +393,7 @@ def test_stage1_recipe_follows_the_tokenizer():
     return bench._stage1_config(args, 8, "dp")
   maetok, softvq = config("maetok_b128"), config("softvq_b64")
   assert maetok.released_name == "maetok-b-128" and maetok.model.bottleneck == "ae"
-  assert not maetok.loss.repa and maetok.loss.entropy_loss_ratio == 0
+  assert not maetok.loss.repa and maetok.model.entropy_loss_ratio == 0
   assert softvq.released_name == "softvq-b-64" and softvq.loss.repa
   assert config("maetok_b128_512").model.image_size == 512
   with pytest.raises(SystemExit, match="needs a released tokenizer, not 'vqgan'"):
