@@ -111,6 +111,10 @@ def tokenizer_recipe(name: str, arg: str | None) -> ml_collections.ConfigDict:
   c.loss.disc_checkpoint = ""
   c.loss.disc_backbone = ml_collections.ConfigDict()  # DinoBackbone overrides (tests, tiny runs)
   c.loss.entropy_temperature = 0.01
+  # The reference computes the entropy term on each of its 8 GPUs' 32 images and averages
+  # the gradients; the term is not linear in the batch, so it is computed per group of 32
+  # here, whatever the device count (0: over the whole global batch).
+  c.loss.entropy_group_size = 32
   c.loss.repa = True
   c.loss.repa_model = "vit_large_patch14_dinov2.lvd142m"
   c.loss.repa_checkpoint = ""         # local timm DINOv2 weights; empty: random, with a warning

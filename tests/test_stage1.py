@@ -37,7 +37,8 @@ def gan_config(**loss):
       perceptual_weight=1.0, perceptual_warmup=10, lpips_dropout=False, disc_start=2,
       disc_backbone=dict(img_size=32, patch_size=8, embed_dim=16, depth=3, num_heads=2),
       repa=True, repa_model_kwargs=dict(embed_dim=16, depth=1, num_heads=2), repa_proj_dim=16,
-      repa_patch_size=8, diff_aug=False, disc_cr_weight=0.0))
+      repa_patch_size=8, diff_aug=False, disc_cr_weight=0.0,
+      entropy_group_size=4))  # two groups, as two data-parallel ranks in the reference
   c.loss.update(loss)
   c.ema_decay = 0.9
   return c
@@ -98,7 +99,7 @@ def test_generator_and_discriminator_losses_equal_their_terms(single, images):
   mse = np.mean((r - x) ** 2)
   lpips = nnx.merge(setup.frozen_graphs.lpips, setup.frozen_states["lpips"])
   lp = float(np.mean(lpips(images, recon)))
-  ent = float(entropy_loss(enc.softvq.logits, 0.01))
+  ent = float(entropy_loss(enc.softvq.logits, 0.01, group_size=4))
   # REPA: project each latent, repeat it over its N/L patch tokens, negative cosine.
   teacher = nnx.merge(setup.frozen_graphs.teacher, setup.frozen_states["teacher"])
   target = np.asarray(teacher_features(teacher, images), np.float64)

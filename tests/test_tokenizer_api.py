@@ -150,17 +150,36 @@ def test_softvq_equals_numpy(tok):
   assert rel_err(out.probs, ref_probs) < 1e-5
 
 
-def test_entropy_loss_equals_numpy():
-  logits = np.random.default_rng(4).uniform(-1, 1, (2, 6, 10)).astype(np.float32)
-  flat = logits.reshape(-1, 10).astype(np.float64) / 0.01
+def _numpy_entropy_loss(logits: np.ndarray) -> float:
+  flat = logits.reshape(-1, logits.shape[-1]).astype(np.float64) / 0.01
   p = np.exp(flat - flat.max(-1, keepdims=True))
   p /= p.sum(-1, keepdims=True)
   sample = -np.mean(np.sum(p * np.log(p + 1e-300), -1))
   avg = p.mean(0)
-  expected = sample - (-np.sum(avg * np.log(avg + 1e-6)))
-  np.testing.assert_allclose(entropy_loss(jnp.asarray(logits)), expected, rtol=1e-4, atol=1e-5)
+  return sample - (-np.sum(avg * np.log(avg + 1e-6)))
+
+
+def test_entropy_loss_equals_numpy():
+  logits = np.random.default_rng(4).uniform(-1, 1, (2, 6, 10)).astype(np.float32)
+  np.testing.assert_allclose(entropy_loss(jnp.asarray(logits)), _numpy_entropy_loss(logits),
+                             rtol=1e-4, atol=1e-5)
   # Uniform logits: every row has the full entropy, and so does the mean: loss is ~0.
   assert abs(float(entropy_loss(jnp.zeros((4, 10))))) < 1e-5
+
+
+def test_entropy_loss_per_group_is_the_mean_of_each_groups_loss():
+  """As data-parallel PyTorch computes it: on each rank's examples, averaged; the pooled
+  batch gives a different number (the batch-mean entropy is not linear)."""
+  logits = np.random.default_rng(5).uniform(-1, 1, (6, 4, 10)).astype(np.float32)
+  logits[3:] += np.linspace(0, 3, 10, dtype=np.float32)  # the groups favour other codes
+  per_rank = np.mean([_numpy_entropy_loss(logits[i:i + 3]) for i in (0, 3)])
+  grouped = float(entropy_loss(jnp.asarray(logits), group_size=3))
+  np.testing.assert_allclose(grouped, per_rank, rtol=1e-4, atol=1e-5)
+  assert abs(float(entropy_loss(jnp.asarray(logits))) - per_rank) > 1e-2
+  np.testing.assert_allclose(entropy_loss(jnp.asarray(logits), group_size=6),
+                             _numpy_entropy_loss(logits), rtol=1e-4, atol=1e-5)
+  with pytest.raises(ValueError, match="group size 4 does not divide the batch of 6"):
+    entropy_loss(jnp.asarray(logits), group_size=4)
 
 
 def test_code_usage_statistics(tok, images):

@@ -71,20 +71,32 @@ class SoftVectorQuantizer(nnx.Module):
     )
 
 
-def entropy_loss(logits: jax.Array, temperature: float = 0.01) -> jax.Array:
+def entropy_loss(logits: jax.Array, temperature: float = 0.01,
+                 group_size: int | None = None) -> jax.Array:
   """Sample entropy minus the entropy of the batch-mean distribution.
 
   All rows (every token of every codebook in the batch) are pooled, as in the
   reference's ``compute_entropy_loss``; ``logits`` are the cosine logits before
-  ``1/tau``. Multiply by ``entropy_loss_ratio`` for the training loss.
+  ``1/tau``, ``(B, ...)``. Multiply by ``entropy_loss_ratio`` for the training loss.
+
+  ``group_size``: the term is computed on each group of that many consecutive examples and
+  averaged over the groups, as the reference's data-parallel training computes it on each
+  GPU's share of the batch (the batch-mean entropy is not linear in the batch, so the
+  pooled value differs). None, or at least B: one group.
   """
-  flat = logits.reshape(-1, logits.shape[-1]).astype(jnp.float32) / temperature
+  batch = logits.shape[0]
+  groups = 1
+  if group_size is not None and 0 < group_size < batch:
+    if batch % group_size:
+      raise ValueError(f"entropy group size {group_size} does not divide the batch of {batch}")
+    groups = batch // group_size
+  flat = logits.reshape(groups, -1, logits.shape[-1]).astype(jnp.float32) / temperature
   probs = jax.nn.softmax(flat, axis=-1)
   log_probs = jax.nn.log_softmax(flat, axis=-1)
-  sample_entropy = -jnp.mean(jnp.sum(probs * log_probs, axis=-1))
-  avg_probs = jnp.mean(probs, axis=0)
-  avg_entropy = -jnp.sum(avg_probs * jnp.log(avg_probs + 1e-6))
-  return sample_entropy - avg_entropy
+  sample_entropy = -jnp.mean(jnp.sum(probs * log_probs, axis=-1), axis=-1)
+  avg_probs = jnp.mean(probs, axis=1)
+  avg_entropy = -jnp.sum(avg_probs * jnp.log(avg_probs + 1e-6), axis=-1)
+  return jnp.mean(sample_entropy - avg_entropy)
 
 
 def code_usage(out: SoftVQOutput, num_codebooks: int,

@@ -83,6 +83,7 @@ class Objective:
   lpips_dropout: bool = True
   entropy_ratio: float = 0.01
   entropy_temperature: float = 0.01
+  entropy_group_size: int = 0   # 0: the whole global batch
   kl_weight: float = 1e-6
   gan: bool = True
   disc_weight: float = 0.2
@@ -108,6 +109,7 @@ class Objective:
         lpips_dropout=bool(loss.get("lpips_dropout", False)),
         entropy_ratio=float(config.model.get("entropy_loss_ratio", 0.0)),
         entropy_temperature=float(loss.get("entropy_temperature", 0.01)),
+        entropy_group_size=int(loss.get("entropy_group_size", 0) or 0),
         kl_weight=float(config.model.get("kl_loss_weight", 1e-6)),
         gan=float(loss.get("disc_weight", 0.0)) > 0,
         disc_weight=float(loss.get("disc_weight", 0.0)),
@@ -186,7 +188,8 @@ def make_stage1_step(graphdef, disc_graphdef, frozen: FrozenGraphs, objective: O
       other = jnp.zeros((), jnp.float32)
       if enc.softvq is not None:
         if obj.entropy_ratio > 0:
-          ent = entropy_loss(enc.softvq.logits, obj.entropy_temperature)
+          ent = entropy_loss(enc.softvq.logits, obj.entropy_temperature,
+                             obj.entropy_group_size or None)
           other = other + obj.entropy_ratio * ent
           metrics["entropy"] = ent
         stats = code_usage(enc.softvq, num_codebooks)

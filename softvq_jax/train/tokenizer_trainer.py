@@ -186,6 +186,10 @@ def check_recipe_config(config: ml_collections.ConfigDict) -> None:
 def check_loss_config(config: ml_collections.ConfigDict, tok_config: TokenizerConfig) -> None:
   check_recipe_config(config)
   loss = config.loss
+  group, batch = int(loss.get("entropy_group_size", 0) or 0), int(config.global_batch_size)
+  if group < 0 or (0 < group < batch and batch % group):
+    raise ValueError(f"loss.entropy_group_size={group} must be 0 (the whole batch) or divide "
+                     f"global_batch_size={batch}")
   if loss.get("disc_weight", 0) > 0 and loss.get("disc_type", "dino") != "dino":
     raise ValueError(f"loss.disc_type={loss.disc_type!r}: only the DINO discriminator ('dino') "
                      "of the reference is implemented")
