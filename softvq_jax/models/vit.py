@@ -125,6 +125,10 @@ class VisionTransformer(nnx.Module):
     (``no_embed_class``) before, so the prefix tokens get no position.
     """
     b = tokens.shape[0]
+    # As PyTorch's cat and add promote: with 16-bit patch embeddings and float32 tokens and
+    # positions (autocast), the residual stream that starts here is float32.
+    params = [p for p in (self.cls_token, self.reg_token, self.pos_embed) if p is not None]
+    tokens = tokens.astype(jnp.result_type(tokens.dtype, *(p.dtype for p in params)))
     prefix = [jnp.broadcast_to(p[...], (b,) + p.shape[1:]).astype(tokens.dtype)
               for p in (self.cls_token, self.reg_token) if p is not None]
     pos = (broadcast_over_batch(self.pos_embed[...], b).astype(tokens.dtype)
@@ -199,8 +203,9 @@ class ViTEncoder(nnx.Module):
     """Input of the first block: ``[cls, patches (+pos), latents (+latent pos)]``."""
     x = self.model.add_cls_and_positions(self.model.patch_embed(images))
     latents = broadcast_over_batch(self.latent_tokens[...] + self.latent_pos_embed[...],
-                                   x.shape[0]).astype(x.dtype)
-    return jnp.concatenate([x, latents], axis=1)
+                                   x.shape[0])
+    dtype = jnp.result_type(x.dtype, latents.dtype)  # promoted, as torch.cat does
+    return jnp.concatenate([x.astype(dtype), latents.astype(dtype)], axis=1)
 
   def __call__(self, images: jax.Array) -> jax.Array:
     freqs = self.freqs[...] if self.freqs is not None else None
@@ -257,9 +262,12 @@ class ViTDecoder(nnx.Module):
     b = latents.shape[0]
     num_patches = self.grid_size**2
     masks = jnp.broadcast_to(self.mask_token[...], (b, num_patches, self.mask_token.shape[-1]))
-    x = self.model.add_cls_and_positions(masks.astype(latents.dtype))
-    latents = latents + broadcast_over_batch(self.latent_pos_embed[...], b).astype(latents.dtype)
-    return jnp.concatenate([x, latents], axis=1)
+    # Promoted as PyTorch promotes: 16-bit projected latents plus float32 positions are float32,
+    # so under autocast the residual stream is float32.
+    x = self.model.add_cls_and_positions(masks)
+    latents = latents + broadcast_over_batch(self.latent_pos_embed[...], b)
+    dtype = jnp.result_type(x.dtype, latents.dtype)
+    return jnp.concatenate([x.astype(dtype), latents.astype(dtype)], axis=1)
 
   def normed_tokens(self, latents: jax.Array, raw_latents: jax.Array | None = None) -> jax.Array:
     """Final-norm output of every row; ``raw_latents`` (before post_quant_conv) drive MoVQ."""
