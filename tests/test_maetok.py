@@ -209,3 +209,21 @@ def test_a_checkpoint_at_another_resolution(tmp_path):
   tok = Tokenizer.random(cfg, seed=0)
   images = np.random.default_rng(0).uniform(-1, 1, (2, 64, 64, 3)).astype(np.float32)
   assert tok.decode(tok.encode(images)).shape == images.shape
+
+
+def test_a_training_checkpoint_with_the_auxiliary_decoders(tmp_path):
+  """MAETok training checkpoints also hold the HOG target's filter buffers and the auxiliary
+  decoders: converted, and listed as ignored."""
+  from safetensors.numpy import load_file, save_file  # pylint: disable=g-import-not-at-top
+  tensors = load_file(str(HF / "model.safetensors"))
+  aux = {"hog_generator.weight_x": np.zeros((3, 1, 3, 3), np.float32),
+         "hog_generator.gaussian_kernel": np.zeros((16, 16), np.float32),
+         "decoder_hog.mask_token": np.zeros((1, 1, 8), np.float32),
+         "to_pixel_hog.weight": np.zeros((108, 8), np.float32),
+         "clip_model.pos_embed": np.zeros((1, 4, 8), np.float32)}
+  save_file(dict(tensors, **aux), str(tmp_path / "train.safetensors"))
+  out = tmp_path / "converted"
+  assert convert_main(["--checkpoint", str(tmp_path / "train.safetensors"), "--config",
+                       str(HF / "config.json"), "--out", str(out)]) == 0
+  report = json.load(open(out / "conversion.json"))
+  assert set(aux) <= set(report["ignored_tensors"])

@@ -49,6 +49,7 @@ TOKENIZER_IGNORED: list[str] = [
     # MAETok training checkpoints: auxiliary HOG/DINOv2/SigLIP decoders and teachers.
     r"(decoder|post_quant_conv|to_pixel)_(hog|dino|clip)(\..*)?",
     r"clip_model\..*",
+    r"hog_generator\..*",   # the HOG target's fixed filters (persistent buffers)
 ]
 
 # Tensors a checkpoint may hold although this model does not use them: the
