@@ -149,6 +149,9 @@ def test_decode_modes_to_rgb_uint8():
       "rgba_png": (_encode(Image.fromarray(rgba, "RGBA"), "PNG"), rgb),
       "gray16_png": (_encode(Image.fromarray(gray16), "PNG"),
                      np.repeat(((gray16.astype(np.int64) + 128) // 257)[..., None], 3, -1)),
+      # A dark 16-bit image is scaled as a bright one is (200 / 257 -> 1), not read as 8-bit.
+      "dark16_png": (_encode(Image.fromarray(np.full((8, 10), 200, np.uint16)), "PNG"),
+                     np.full((8, 10, 3), 1, np.uint8)),
       "gray_png": (_encode(Image.fromarray(rgb[..., 0]), "PNG"), np.repeat(rgb[..., :1], 3, -1)),
       "palette_png": (_encode(Image.fromarray(rgb).quantize(16), "PNG"), None),
       "la_png": (_encode(Image.fromarray(rgba[..., [0, 3]], "LA"), "PNG"),

@@ -20,7 +20,8 @@ def test_sample_batch_round_trip_and_streaming(tmp_path):
   assert np.array_equal(got, images) and np.array_equal(got_labels, labels)
   assert npz.array_shape(str(tmp_path / "s.npz")) == (11, 8, 6, 3)
   np.savez_compressed(tmp_path / "c.npz", arr_0=images)
-  for name in ("s.npz", "c.npz"):
+  np.savez(tmp_path / "f.npz", arr_0=np.asfortranarray(images))  # read whole, as ADM does
+  for name in ("s.npz", "c.npz", "f.npz"):
     batches = list(npz.iter_images(str(tmp_path / name), 4))
     assert [len(b) for b in batches] == [4, 4, 3]
     assert np.array_equal(np.concatenate(batches), images)

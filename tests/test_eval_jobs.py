@@ -74,6 +74,10 @@ def test_eval_recon_job_matches_metrics_computed_here(tmp_path, tokenizer_dir, f
   from softvq_jax.eval.lpips import load_lpips
   lpips = float(np.mean(load_lpips()(from_uint8(originals), from_uint8(recons))))
   np.testing.assert_allclose(got["lpips"], lpips, rtol=1e-4)
+  # The in-training hook makes new metrics at every evaluation: LPIPS loads and compiles once.
+  from softvq_jax.eval.eval_recon import ReconstructionMetrics  # pylint: disable=g-import-not-at-top
+  first, second = (ReconstructionMetrics(None, lpips=True) for _ in range(2))
+  assert first._lpips is second._lpips  # pylint: disable=protected-access
   a, b = features(originals), features(recons)
   rfid = fid.frechet_distance(a["pool"].mean(0), np.cov(a["pool"], rowvar=False),
                               b["pool"].mean(0), np.cov(b["pool"], rowvar=False))

@@ -37,6 +37,9 @@ def _wide_to_uint8(a: np.ndarray) -> np.ndarray:
     # Float images are conventionally in [0, 1]; larger values mean [0, 255].
     scale = 255.0 if a.size and a.max() <= 1.0 else 1.0
     return np.clip(np.round(a * scale), 0, 255).astype(np.uint8)
+  if a.dtype == np.uint16:
+    # 16-bit data (PNG "I;16" modes) whatever its values: a dark image stays dark.
+    return ((a.astype(np.int64) + 128) // 257).astype(np.uint8)
   a = a.astype(np.int64)
   if a.size and a.max() > 255:
     # 16-bit data (PNG "I;16"/"I" modes): PIL's own convert would clip at 255

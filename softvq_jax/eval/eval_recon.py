@@ -21,6 +21,7 @@ reconstructions) to the workdir.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import time
@@ -49,6 +50,15 @@ def _pad(x: np.ndarray, size: int) -> np.ndarray:
   return np.concatenate([x, np.repeat(x[-1:], size - len(x), axis=0)])
 
 
+@functools.lru_cache(maxsize=1)
+def _lpips_program():
+  """``(jitted, weights)`` of LPIPS, loaded and compiled once per process: the in-training
+  hook makes new metrics at every evaluation."""
+  from softvq_jax.eval.lpips import load_lpips  # pylint: disable=g-import-not-at-top
+  graphdef, state = nnx.split(load_lpips())
+  return jax.jit(lambda s, x, y: nnx.merge(graphdef, s)(x, y)), state
+
+
 class ReconstructionMetrics:
   """Accumulates the per-image metrics and Inception statistics of uint8 image pairs.
 
@@ -67,10 +77,7 @@ class ReconstructionMetrics:
     self.count = 0
     self._lpips = None
     if lpips:
-      from softvq_jax.eval.lpips import load_lpips  # pylint: disable=g-import-not-at-top
-      graphdef, state = nnx.split(load_lpips())
-      self._lpips_state = state
-      self._lpips = jax.jit(lambda s, x, y: nnx.merge(graphdef, s)(x, y))
+      self._lpips, self._lpips_state = _lpips_program()
 
   def add(self, originals_u8: np.ndarray, recons_u8: np.ndarray) -> None:
     originals_u8, recons_u8 = np.asarray(originals_u8), np.asarray(recons_u8)

@@ -99,7 +99,12 @@ def iter_images(path: str, batch_size: int, key: str = "arr_0") -> Iterator[np.n
       archive.open(_npy_member(archive, key)) as f:
     shape, fortran, dtype = _read_header(f)
     if fortran:
-      raise ValueError(f"{path}:{key} is Fortran-ordered; cannot stream it")
+      # Its rows are not contiguous: read it whole, as ADM's evaluator does.
+      f.seek(0)
+      whole = np.lib.format.read_array(f, allow_pickle=False)
+      for start in range(0, shape[0], batch_size):
+        yield np.ascontiguousarray(whole[start:start + batch_size])
+      return
     row = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
     for start in range(0, shape[0], batch_size):
       count = min(batch_size, shape[0] - start)
