@@ -237,6 +237,8 @@ class Generator(LoadedModel):
       raise ValueError(f"labels must have shape ({n},), got {tuple(y.shape)}")
     if not jnp.issubdtype(y.dtype, jnp.integer):
       raise TypeError(f"labels must be integers, got {y.dtype}")
+    if isinstance(y, jax.Array) and y.is_fully_addressable:
+      y = np.asarray(y)  # a few integers: checked here, as an out-of-range gather would clamp
     if isinstance(y, np.ndarray):
       top = self.config.null_label if self.config.has_null_label else self.config.num_classes - 1
       if y.min() < 0 or y.max() > top:

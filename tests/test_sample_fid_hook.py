@@ -135,3 +135,15 @@ def test_dit_trainer_logs_fid(tmp_path, monkeypatch, features):
   dit_trainer.run(config, str(tmp_path))
   rows = [r for r in _jsonl(str(tmp_path)) if "fid" in r]
   assert [r["step"] for r in rows] == [2] and np.isfinite(rows[0]["fid"])
+
+
+def test_guided_training_samples_need_the_null_class_row():
+  """A model without the null-class row (class_dropout_prob = 0) cannot be guided: an
+  out-of-range label would be clamped to the last class by the gather, silently."""
+  from softvq_jax.models.sit import GeneratorConfig  # pylint: disable=g-import-not-at-top
+  from softvq_jax.train import sit_trainer  # pylint: disable=g-import-not-at-top
+  config = GeneratorConfig(kind="sit", input_size=4, in_channels=2, hidden_size=8, depth=1,
+                           num_heads=2, num_classes=3, class_dropout_prob=0.0)
+  with pytest.raises(ValueError, match="cfg_scale=1.5: classifier-free guidance needs"):
+    sit_trainer.ema_sampler(None, config, num_steps=2, cfg_scale=1.5)
+  assert sit_trainer.ema_sampler(None, config, num_steps=2, cfg_scale=1.0) is not None

@@ -128,6 +128,9 @@ def test_generator_call_and_input_checks(gen, ref):
     gen(ref["in/x"][:, :8], ref["in/t"], ref["in/y"])
   with pytest.raises(ValueError, match="labels"):
     gen(ref["in/x"], ref["in/t"], np.array([0, 1, 2, 1001]))
+  # jax arrays too: a gather would clamp the label to the last row, silently.
+  with pytest.raises(ValueError, match=r"labels must lie in \[0, 1000\]"):
+    gen(ref["in/x"], ref["in/t"], jnp.array([0, 1, 2, 1001]))
 
 
 def test_user_path_convert_save_load(ref, tmp_path):

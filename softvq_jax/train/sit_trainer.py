@@ -245,6 +245,9 @@ def ema_sampler(graphdef, gen_config: GeneratorConfig, *, num_steps: int, cfg_sc
   compiled once per batch shape (the sample grid's and the FID hook's sampler). The ODE
   draws no noise of its own, so the batch index changes nothing."""
   null = gen_config.null_label
+  if cfg_scale > 1.0 and not gen_config.has_null_label:
+    raise ValueError(f"sample.cfg_scale={cfg_scale}: classifier-free guidance needs the null-"
+                     "class row, which a model trained with class_dropout_prob=0 does not have")
 
   def sample(ema, rest, noise, labels):
     model = nnx.merge(graphdef, ema, rest)
