@@ -48,6 +48,11 @@ def _encode_fn(graphdef, state, images):
   return model.encode(images).quant
 
 
+# The entries of ``encode(return_info=True)`` with one row per example (the rest are batch
+# statistics).
+_PER_EXAMPLE_INFO = frozenset({"h", "probs", "mean", "logvar"})
+
+
 def _encode_info_fn(graphdef, state, images, num_valid):
   from softvq_jax.models.quantizers import code_usage  # pylint: disable=g-import-not-at-top
   model = nnx.merge(graphdef, state)
@@ -123,8 +128,10 @@ class Tokenizer(LoadedModel):
     images, n = self._shard_batch(images)
     if return_info:
       quant, info = self._encode_info(self._compute_leaves, images, np.int32(n))
-      return self._trim(quant, n), jax.tree.map(
-          lambda a: self._trim(a, n) if a.ndim and a.shape[0] == images.shape[0] else a, info)
+      # By name, not by shape: a per-codebook statistic can be as long as the padded batch.
+      return self._trim(quant, n), {
+          key: self._trim(value, n) if key in _PER_EXAMPLE_INFO else value
+          for key, value in info.items()}
     return self._trim(self._encode(self._compute_leaves, images), n)
 
   def decode(self, latents) -> jax.Array:
@@ -171,8 +178,9 @@ class Tokenizer(LoadedModel):
     return images
 
   def _check_latents(self, latents) -> jax.Array:
-    shape = tuple(getattr(latents, "shape", np.shape(latents)))
-    dtype = getattr(latents, "dtype", np.asarray(latents).dtype)
+    if getattr(latents, "dtype", None) is None:  # nested lists, as encode accepts them
+      latents = np.asarray(latents)
+    shape, dtype = tuple(latents.shape), latents.dtype
     want = self.config.latent_shape
     if len(shape) != 3 or shape[1:] != want:
       raise ValueError(f"latents must have shape (B, {want[0]}, {want[1]}), got {shape}")

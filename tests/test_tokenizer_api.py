@@ -95,11 +95,40 @@ def test_bfloat16_compute_keeps_float32_where_it_matters(tok, images):
   x = bf16.decode(tok.encode(images))
   assert x.dtype == jnp.float32
   assert rel_err(x, tok.decode(tok.encode(images))) < 0.05
+  # float16 too, on the CPU as well (whose dot has no float16 -> float32 form).
+  f16 = Tokenizer(tok.model(), dtype="float16")
+  assert rel_err(f16.encode(images), tok.encode(images)) < 0.01
+  assert rel_err(f16.decode(tok.encode(images)), tok.decode(tok.encode(images))) < 0.01
+  # Latents as nested lists, as encode takes images.
+  z = tok.encode(images)
+  np.testing.assert_allclose(tok.decode(np.asarray(z).tolist()), tok.decode(z), rtol=1e-5,
+                             atol=1e-6)
   # Parameters stay float32 whatever the compute dtype.
   leaves = jax.tree.leaves(bf16.state)
   assert all(leaf.dtype == jnp.float32 for leaf in leaves)
   with pytest.raises(ValueError, match="dtype must be one of"):
     Tokenizer(tok.model(), dtype="int8")
+
+
+def test_bfloat16_residual_stream_is_float32_as_under_autocast(images):
+  """PyTorch's cat/add promote 16-bit patch embeddings and projected latents with the float32
+  tokens and position tables, so under autocast the blocks' residual stream is float32;
+  a 16-bit stream would round small LayerScaled updates away."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from softvq_jax.models.tokenizer import TokenizerModel  # pylint: disable=g-import-not-at-top
+  for extra in ({}, dict(use_rope=True, rope_mixed=True, use_ape=False, dec_cls_token=False)):
+    cfg = TokenizerConfig.from_json_dict(dict(SMALL, **extra))
+    model = TokenizerModel(cfg, rngs=nnx.Rngs(0), dtype=jnp.bfloat16)
+    assert model.encoder.embed(jnp.asarray(images)).dtype == jnp.float32
+    latents = jnp.zeros((2, 8, 32), jnp.bfloat16)  # post_quant_conv's 16-bit output
+    assert model.decoder.embed(latents).dtype == jnp.float32
+  # A LayerScale of 1e-5 on O(1) activations: its updates survive in the stream.
+  cfg = TokenizerConfig.from_json_dict(dict(SMALL, decoder_kwargs=dict(
+      SMALL["decoder_kwargs"], init_values=1e-5)))
+  model = TokenizerModel(cfg, rngs=nnx.Rngs(0), dtype=jnp.bfloat16)
+  x = model.decoder.embed(jnp.ones((2, 8, 32), jnp.bfloat16))
+  moved = model.decoder.model.blocks[0](x) != x
+  assert float(jnp.mean(moved)) > 0.5
 
 
 def test_normalize_roundtrip(tok, images):
@@ -250,3 +279,9 @@ def test_sharded_info_statistics_ignore_the_padding(tok, images):
   for name in ("usage", "perplexity", "avg_probs", "max_probs", "zq_z_cos"):
     np.testing.assert_allclose(info[name], single[name], rtol=1e-5, err_msg=name)
   assert info["probs"].shape[0] == 3
+  # One image padded to a batch of 2, as long as the per-codebook statistics (2 codebooks):
+  # those keep their length.
+  pair = Tokenizer(tok.model(), mesh=jax.sharding.Mesh(np.array(jax.devices()[:2]), ("data",)))
+  _, info = pair.encode(images[:1], return_info=True)
+  assert info["usage"].shape == info["perplexity"].shape == (SMALL["num_codebooks"],)
+  assert info["probs"].shape[0] == info["h"].shape[0] == 1

@@ -235,7 +235,7 @@ class TokenizerConfig:
         decoder=decoder,
         num_latent_tokens=cfg["num_latent_tokens"],
         codebook_embed_dim=cfg["codebook_embed_dim"],
-        codebook_size=cfg.get("codebook_size", 8192),
+        codebook_size=cfg.get("codebook_size", 16384),  # the reference ModelArgs default
         num_codebooks=cfg.get("num_codebooks", 1),
         tau=float(cfg.get("tau", 0.1)),
         codebook_l2_norm=bool(cfg.get("codebook_l2_norm", True)),

@@ -310,6 +310,10 @@ def dot_product_attention(q: Array, k: Array, v: Array, *, precision=None) -> Ar
   impl = attention_implementation()
   if q.dtype == jnp.float32 or impl == "einsum":
     return _einsum_attention_batched(q, k, v, precision)
+  if q.dtype == jnp.float16 and compile_target() == "cpu":
+    # XLA's CPU dot has no float16 x float16 -> float32 form: attend in float32.
+    f32 = lambda t: t.astype(jnp.float32)
+    return _einsum_attention_batched(f32(q), f32(k), f32(v), precision).astype(q.dtype)
   if impl in ("auto", "pallas"):
     if _cudnn_supported(q):
       try:
@@ -372,8 +376,9 @@ def _log_attention_fallback(q: Array, reason: Exception) -> None:
 #     ``inference_compiler_options()``.
 #   folded LayerScale: ``(h @ W + b) * gamma`` becomes ``h @ (W * gamma) + b * gamma``
 #     (folded in float32, rounded once to the compute dtype). Without the multiply between
-#     them, XLA's GEMM rewriter makes the residual add the matmul's C operand (cuBLASLt
-#     beta=1) instead of a separate kernel re-reading the branch output and the residual.
+#     them, XLA's GEMM rewriter can make the residual add the matmul's C operand (cuBLASLt
+#     beta=1) where the stream has the matmul's dtype; the tokenizers' float32 stream (as
+#     under autocast) has not, and by default their ViT norm kernels take the adds instead.
 # INFERENCE_FORMS chooses where they apply:
 #   "auto":   NVIDIA GPUs with bfloat16/float16 compute (separate q/k/v only where
 #             attention takes cuDNN);
