@@ -89,6 +89,44 @@ def _run(step, state, images, setup, at_step):
   return before, _host(new_state), _host(metrics)
 
 
+def test_l1_reconstruction_loss(images):
+  """``loss.reconstruction="l1"`` (the reference's --reconstruction-loss l1): mean |x - x'|
+  replaces the MSE in the loss; the MSE is still logged."""
+  config = gan_config(reconstruction="l1", perceptual_weight=0.0, disc_weight=0.0, repa=False)
+  setup, _, state, step = _setup(config, jax.devices()[:1])
+  before, _, metrics = _run(step, state, images, setup, at_step=0)
+  model = nnx.merge(setup.graphdef, before.params, before.rest)
+  recon, enc = model.tokenizer(images)
+  error = np.asarray(recon, np.float64) - np.asarray(images, np.float64)
+  ent = float(entropy_loss(enc.softvq.logits, 0.01, group_size=4))
+  np.testing.assert_allclose(metrics["l1"], np.mean(np.abs(error)), rtol=2e-5)
+  np.testing.assert_allclose(metrics["mse"], np.mean(error**2), rtol=2e-5)
+  np.testing.assert_allclose(metrics["loss"], np.mean(np.abs(error)) + 0.01 * ent, rtol=2e-5)
+  with pytest.raises(ValueError, match="loss.reconstruction='l3'"):
+    tokenizer_trainer.build_stage1(gan_config(reconstruction="l3"), total_steps=10)
+
+
+def test_weight_decay_skips_vectors_and_biases():
+  """The reference's AdamW groups: no decay for tensors of at most one dimension or *.bias."""
+  import optax  # pylint: disable=g-import-not-at-top
+  params = {"blocks": {0: {"attn": {"qkv": {"kernel": jnp.ones((4, 12)), "bias": jnp.ones(12)}},
+                           "norm1": {"scale": jnp.ones(4)}}},
+            "pos_embed": jnp.ones((1, 5, 4)), "conv": {"bias": jnp.ones((1, 3))}}
+  mask = tokenizer_trainer.weight_decay_mask(params)
+  assert mask["blocks"][0]["attn"]["qkv"] == {"kernel": True, "bias": False}
+  assert not mask["blocks"][0]["norm1"]["scale"] and mask["pos_embed"]
+  assert not mask["conv"]["bias"]  # by name, though 2-D
+  optim = ml_collections.ConfigDict(dict(name="adamw", lr=0.1, b1=0.9, b2=0.95, eps=1e-8,
+                                         weight_decay=0.5, schedule="constant"))
+  tx, _ = tokenizer_trainer.make_stage1_optimizer(optim, 10)
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  updates, _ = tx.update(zeros, tx.init(params), params)
+  new = optax.apply_updates(params, updates)
+  np.testing.assert_allclose(new["blocks"][0]["attn"]["qkv"]["kernel"], 1 - 0.1 * 0.5, rtol=1e-6)
+  np.testing.assert_array_equal(new["blocks"][0]["attn"]["qkv"]["bias"], 1.0)
+  np.testing.assert_array_equal(new["blocks"][0]["norm1"]["scale"], 1.0)
+
+
 def test_generator_and_discriminator_losses_equal_their_terms(single, images):
   """Every term recomputed here from the modules, weighted as SPEC §3.1 / §3.3 say."""
   config, setup, _, state, step = single

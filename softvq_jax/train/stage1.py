@@ -78,6 +78,7 @@ class Objective:
   """The weights and switches of the stage-1 loss (from ``config.loss``)."""
 
   reconstruction_weight: float = 1.0
+  reconstruction: str = "l2"   # the reference's --reconstruction-loss: "l2" (MSE) or "l1"
   perceptual_weight: float = 1.0
   perceptual_warmup: int = 10_000
   lpips_dropout: bool = True
@@ -104,6 +105,7 @@ class Objective:
     lecam = loss.get("lecam_weight", 0.001)
     return cls(
         reconstruction_weight=float(loss.get("reconstruction_weight", 1.0)),
+        reconstruction=str(loss.get("reconstruction", "l2")),
         perceptual_weight=float(loss.get("perceptual_weight", 1.0)),
         perceptual_warmup=max(int(loss.get("perceptual_warmup", 1)), 1),
         lpips_dropout=bool(loss.get("lpips_dropout", False)),
@@ -176,10 +178,15 @@ def make_stage1_step(graphdef, disc_graphdef, frozen: FrozenGraphs, objective: O
     def generator_losses(params, disc_rest):
       model = nnx.merge(graphdef, params, state.rest)
       recon, enc = model.tokenizer(images, sample_key=k_sample if kl_bottleneck else None)
-      mse = jnp.mean(jnp.square(recon.astype(jnp.float32) - images))
+      error = recon.astype(jnp.float32) - images
+      mse = jnp.mean(jnp.square(error))
       p_weight = obj.perceptual_weight * jnp.minimum(1.0, global_step / obj.perceptual_warmup)
-      nll = obj.reconstruction_weight * mse
       metrics = {"mse": mse, "perceptual_weight": p_weight}
+      if obj.reconstruction == "l1":
+        metrics["l1"] = jnp.mean(jnp.abs(error))
+        nll = obj.reconstruction_weight * metrics["l1"]
+      else:
+        nll = obj.reconstruction_weight * mse
       if obj.perceptual_weight > 0:
         lpips = nnx.merge(frozen.lpips, frozen_states["lpips"])
         lp = jnp.mean(lpips(images, recon, dropout_key=k_lpips if obj.lpips_dropout else None))

@@ -118,6 +118,16 @@ def timm_cosine_schedule(lr: float, *, total_steps: int, warmup_steps: int, warm
   return schedule
 
 
+def weight_decay_mask(params):
+  """True where AdamW decays: the reference's ``param_groups_weight_decay`` skips every
+  tensor of at most one dimension and every ``*.bias``."""
+  def decays(path, leaf) -> bool:
+    names = [str(getattr(k, "key", getattr(k, "name", ""))) for k in path]
+    names = [n for n in names if n and n != "value"]
+    return jnp.ndim(leaf) > 1 and not (names and names[-1] == "bias")
+  return jax.tree_util.tree_map_with_path(decays, params)
+
+
 def make_stage1_optimizer(optim: ml_collections.ConfigDict, total_steps: int):
   """``(tx, schedule)``: Adam (the reference's default, no weight decay) or AdamW, clipped."""
   lr = float(optim.lr)
@@ -135,7 +145,7 @@ def make_stage1_optimizer(optim: ml_collections.ConfigDict, total_steps: int):
     base = optax.adam(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps)
   elif name == "adamw":
     base = optax.adamw(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps,
-                       weight_decay=optim.get("weight_decay", 0.0))
+                       weight_decay=optim.get("weight_decay", 0.0), mask=weight_decay_mask)
   else:
     raise ValueError(f"optim.name must be 'adam' or 'adamw', got {name!r}")
   parts = [optax.clip_by_global_norm(optim.grad_clip)] if optim.get("grad_clip") else []
@@ -186,6 +196,8 @@ def check_recipe_config(config: ml_collections.ConfigDict) -> None:
 def check_loss_config(config: ml_collections.ConfigDict, tok_config: TokenizerConfig) -> None:
   check_recipe_config(config)
   loss = config.loss
+  if loss.get("reconstruction", "l2") not in ("l1", "l2"):
+    raise ValueError(f"loss.reconstruction={loss.reconstruction!r}; known: ['l1', 'l2']")
   group, batch = int(loss.get("entropy_group_size", 0) or 0), int(config.global_batch_size)
   if group < 0 or (0 < group < batch and batch % group):
     raise ValueError(f"loss.entropy_group_size={group} must be 0 (the whole batch) or divide "
