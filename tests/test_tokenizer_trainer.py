@@ -78,3 +78,19 @@ def test_fine_tune_from_a_converted_checkpoint(tmp_path):
   tuned = Tokenizer.load(str(tmp_path / "ft" / "tokenizer"))
   z = tuned.encode(ref["in/images"].transpose(0, 2, 3, 1))
   np.testing.assert_allclose(z, ref["out/quant"], rtol=1e-5, atol=1e-6)
+
+
+def test_warm_up_fits_the_run():
+  """``:runlocal`` warms up over a few steps, not over an epoch of the real data (7,500 steps
+  of Fashion-MNIST at batch 8, longer than its 60-step run); ``optim.warmup_steps``
+  overrides ``warmup_epochs`` in any config."""
+  c = tiny_config(60)
+  c.optim.schedule = "cosine"
+  c.optim.lr = tokenizer_recipe("softvq-b-64", "runlocal").optim.lr
+  setup = tokenizer_trainer.build_stage1(c, total_steps=60, steps_per_epoch=7500)
+  peak = c.optim.lr * c.global_batch_size / 256
+  assert float(setup.lr_fn(5)) > 0.95 * peak  # the cosine has begun (timm: no warm-up offset)
+  assert float(setup.lr_fn(30)) > 0.5 * peak
+  c.optim.warmup_steps, c.optim.warmup_epochs = None, 1  # the recipe's epoch: never warm
+  setup = tokenizer_trainer.build_stage1(c, total_steps=60, steps_per_epoch=7500)
+  assert float(setup.lr_fn(59)) < 0.01 * peak + c.optim.warmup_lr

@@ -314,7 +314,12 @@ def build_stage1(config: ml_collections.ConfigDict, *, total_steps: int,
   dtype = {"float32": None, "bfloat16": jnp.bfloat16}[config.get("dtype", "float32")]
   optim = ml_collections.ConfigDict(config.optim.to_dict())
   optim.lr = config.optim.lr * config.global_batch_size / 256  # the reference's scaling rule
-  optim.warmup_steps = int(config.optim.get("warmup_epochs", 0) * steps_per_epoch)
+  if config.optim.get("warmup_steps") is None:
+    optim.warmup_steps = int(config.optim.get("warmup_epochs", 0) * steps_per_epoch)
+  if optim.warmup_steps >= total_steps:
+    logging.warning("The warm-up (%d steps) is as long as the run (%d steps): the learning rate "
+                    "never reaches optim.lr. Set optim.warmup_steps (or warmup_epochs) lower.",
+                    optim.warmup_steps, total_steps)
   frozen_graphs, frozen_states = {}, {}
   if objective.perceptual_weight > 0:
     frozen_graphs["lpips"], frozen_states["lpips"] = _split_frozen(
