@@ -190,6 +190,8 @@ def test_run_end_to_end(tmp_path):
     rows = [json.loads(line) for line in f]
   assert [r["step"] for r in rows] == [2, 4]
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["4"]
+  from softvq_jax.generator import Generator  # pylint: disable=g-import-not-at-top
+  assert Generator.load(os.path.join(workdir, "generator")).config.kind == "dit"
   # The loop logs the parameter norm (outside the step): the saved parameters' L2 norm.
   import orbax.checkpoint as ocp
   saved = ocp.StandardCheckpointer().restore(os.path.join(workdir, "checkpoints", "4", "state"))

@@ -235,6 +235,15 @@ def test_scanned_rematerialised_sit_trains(tmp_path):
   step, params = _final_params(str(tmp_path))
   assert step == 4
   assert np.asarray(params["params"]["blocks"]["attn"]["qkv"]["kernel"]["value"]).shape[0] == 2
+  # The EMA generator is exported, unstacked, for Generator.load and the sample job.
+  from softvq_jax.generator import Generator
+  gen = Generator.load(os.path.join(str(tmp_path), "generator"))
+  stacked = np.asarray(params["ema"]["blocks"]["attn"]["qkv"]["kernel"]["value"])
+  for i in range(2):
+    np.testing.assert_array_equal(gen.model().blocks[i].attn.qkv.kernel[...], stacked[i])
+  noise = np.random.default_rng(0).normal(size=(2,) + gen.config.latent_shape)
+  assert np.isfinite(np.asarray(gen.sample(noise.astype(np.float32), np.array([0, 1]),
+                                           method="euler", num_steps=2))).all()
   # The stacked checkpoint decides the layout of a resumed "auto" run; an explicit per-block
   # model is refused before anything is restored.
   from softvq_jax.checkpoint import TrainCheckpointer

@@ -408,14 +408,33 @@ def prepare_training(config: ml_collections.ConfigDict, workdir: str,
 
 def finish_training(config: ml_collections.ConfigDict, workdir: str, run: GeneratorTraining,
                     hooks: list, meta: dict) -> dict:
-  """The training loop to ``config.total_steps``; returns the last logged metrics."""
-  _, last = train_loop(state=run.state, train_step=run.step_fn, data=run.data, mesh=run.mesh,
-                       workdir=workdir, total_steps=config.total_steps, checkpointer=run.ckpt,
-                       log_every=config.log_every, ckpt_every=config.ckpt_every,
-                       hooks=tuple(hooks), writer=run.writer, meta=meta,
-                       **common.profile_options(config))
+  """The training loop to ``config.total_steps``, then the EMA generator exported to
+  ``workdir/generator`` (``Generator.load``; the ``sample`` job's ``generator_dir``);
+  returns the last logged metrics."""
+  state, last = train_loop(state=run.state, train_step=run.step_fn, data=run.data,
+                           mesh=run.mesh, workdir=workdir, total_steps=config.total_steps,
+                           checkpointer=run.ckpt, log_every=config.log_every,
+                           ckpt_every=config.ckpt_every, hooks=tuple(hooks), writer=run.writer,
+                           meta=meta, **common.profile_options(config))
   run.ckpt.close()
+  if int(state.step) >= config.total_steps:
+    export_ema_generator(run.graphdef, state, run.gen_config, os.path.join(workdir, "generator"))
   return last
+
+
+def export_ema_generator(graphdef, state, gen_config: GeneratorConfig, directory: str) -> None:
+  """Writes the EMA weights of a training ``state`` as a ``Generator`` directory (scanned
+  layers unstacked). Every process takes part in gathering sharded leaves; one writes."""
+  from softvq_jax.generator import Generator, build_model  # pylint: disable=g-import-not-at-top
+  from softvq_jax.models.sit import unstack_layers  # pylint: disable=g-import-not-at-top
+  ema, rest = (jax.tree.map(parallel.to_host, t) for t in (state.ema, state.rest))
+  if jax.process_index() != 0:
+    return
+  model = nnx.merge(graphdef, ema, rest)
+  flat = {tuple(path): np.asarray(variable.get_value())
+          for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Not(nnx.RngState)))}
+  Generator(build_model(gen_config, unstack_layers(flat))).save(directory, overwrite=True)
+  logging.info("Exported the EMA generator to %s (load with Generator.load)", directory)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
