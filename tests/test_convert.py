@@ -5,6 +5,7 @@ import io
 import json
 import os
 import pickle
+import sys
 import zipfile
 
 import numpy as np
@@ -199,7 +200,7 @@ def test_not_a_checkpoint(tmp_path):
     read_checkpoint(str(bad))
   garbage = tmp_path / "model.pt"
   garbage.write_bytes(b"\x80\x02}q\x00.")
-  with pytest.raises(CheckpointFormatError, match="not a PyTorch zip checkpoint"):
+  with pytest.raises(CheckpointFormatError, match="not a PyTorch checkpoint"):
     read_checkpoint(str(garbage))
   with pytest.raises(FileNotFoundError):
     read_checkpoint(str(tmp_path / "absent.safetensors"))
@@ -267,3 +268,86 @@ def test_generator_cli_user_path(kind, tmp_path):
   expected = ref["out/forward"]
   assert rel_err(gen(x, t, y), expected) < TOL
   assert json.load(open(out / "conversion.json"))["kind"] == kind
+
+
+def _write_legacy_torch_file(path, state: dict, monkeypatch) -> None:
+  """torch.save's pre-1.6 format, written here without torch: magic, protocol and system
+  pickles, the object graph (storages as persistent ids, tensors rebuilt by
+  torch._utils._rebuild_tensor_v2), the storage keys, then each storage as an int64 element
+  count and its bytes. Stand-in ``torch`` modules give pickle the globals to name."""
+  import collections
+  import pickle
+  import types
+  torch_mod, utils_mod = types.ModuleType("torch"), types.ModuleType("torch._utils")
+  kinds = {np.dtype(np.float32): "FloatStorage", np.dtype(np.float16): "HalfStorage",
+           np.dtype(np.int64): "LongStorage"}
+  for kind in kinds.values():
+    setattr(torch_mod, kind, type(kind, (), {"__module__": "torch", "__qualname__": kind}))
+  def _rebuild_tensor_v2(*args):
+    del args
+  _rebuild_tensor_v2.__module__ = "torch._utils"
+  _rebuild_tensor_v2.__qualname__ = "_rebuild_tensor_v2"
+  utils_mod._rebuild_tensor_v2 = _rebuild_tensor_v2
+  torch_mod._utils = utils_mod
+  monkeypatch.setitem(sys.modules, "torch", torch_mod)
+  monkeypatch.setitem(sys.modules, "torch._utils", utils_mod)
+
+  class Storage:
+    def __init__(self, key, data, view=None):
+      self.key, self.data, self.view = key, data, view
+
+  class Tensor:
+    def __init__(self, storage, offset, shape, strides):
+      self.args = (storage, offset, shape, strides)
+
+    def __reduce_ex__(self, protocol):
+      return (_rebuild_tensor_v2, self.args + (False, collections.OrderedDict()))
+
+  class Pickler(pickle.Pickler):
+    def persistent_id(self, obj):
+      if isinstance(obj, Storage):
+        kind = getattr(torch_mod, kinds[obj.data.dtype])
+        return ("storage", kind, obj.key, "cpu", obj.data.size, obj.view)
+      return None
+
+  graph, storages = collections.OrderedDict(), {}
+  for i, (name, value) in enumerate(state.items()):
+    if name == "view":  # elements 3..8 of the first storage, as a storage view
+      root = storages["0"]
+      graph[name] = Tensor(Storage("0", root.data, view=("v", 3, 6)), 0, (2, 3), (3, 1))
+      continue
+    value = np.ascontiguousarray(value)
+    storages[str(i)] = Storage(str(i), value.reshape(-1))
+    strides = tuple(st // value.itemsize for st in value.strides)
+    graph[name] = Tensor(storages[str(i)], 0, value.shape, strides)
+  with open(path, "wb") as f:
+    for header in (0x1950A86A20F9469CFC6C, 1001,
+                   {"protocol_version": 1001, "little_endian": True,
+                    "type_sizes": {"short": 2, "int": 4, "long": 4}}):
+      pickle.dump(header, f, protocol=2)
+    Pickler(f, protocol=2).dump({"model": graph, "steps": 3})
+    pickle.dump(sorted(storages), f, protocol=2)
+    for key in sorted(storages):
+      data = storages[key].data
+      f.write(np.int64(data.size).tobytes())
+      f.write(data.tobytes())
+
+
+def test_legacy_torch_files_are_read_without_running_code(tmp_path, monkeypatch):
+  """The pre-1.6 torch.save format (e.g. pytorch-fid's 2019 Inception weights)."""
+  rng = np.random.default_rng(0)
+  state = {"fc.weight": rng.normal(size=(6, 12)).astype(np.float32),
+           "fc.bias": rng.normal(size=6).astype(np.float16),
+           "steps": np.arange(4, dtype=np.int64), "view": None}
+  path = str(tmp_path / "legacy.pth")
+  with monkeypatch.context() as patch:
+    _write_legacy_torch_file(path, state, patch)
+  got = read_checkpoint(path, weights="model")
+  for name in ("fc.weight", "fc.bias", "steps"):
+    np.testing.assert_array_equal(got[name], state[name])
+    assert got[name].dtype == state[name].dtype
+  np.testing.assert_array_equal(got["view"], state["fc.weight"].reshape(-1)[3:9].reshape(2, 3))
+  truncated = tmp_path / "truncated.pth"
+  truncated.write_bytes(open(path, "rb").read()[:-10])
+  with pytest.raises(CheckpointFormatError, match="truncated"):
+    read_checkpoint(str(truncated), weights="model")

@@ -1,7 +1,8 @@
-"""Reads PyTorch ``.pt``/``.bin`` zip checkpoints without torch and without running pickled code.
+"""Reads PyTorch ``.pt``/``.bin``/``.pth`` checkpoints without torch and without running pickled code.
 
 ``torch.save`` writes a zip holding ``<root>/data.pkl`` (the object graph) and
-``<root>/data/<n>`` (raw tensor storages). The unpickler below resolves only an
+``<root>/data/<n>`` (raw tensor storages); before torch 1.6 it wrote the legacy stream
+(pickles, then the storages' bytes), which is read too. The unpickler below resolves only an
 allow-list of globals to local, side-effect-free handlers; every other global
 becomes an inert placeholder, so no callable named by the file is imported or run.
 """
@@ -128,14 +129,142 @@ class _RestrictedUnpickler(pickle.Unpickler):
     return self._storages[key]
 
 
+# The legacy (before torch 1.6, or ``_use_new_zipfile_serialization=False``) format: five
+# pickles in a row (magic number, protocol, system info, the object graph, the sorted storage
+# keys), then each storage as an int64 element count and its raw bytes.
+_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+_LEGACY_PROTOCOL = 1001
+
+
+class _PendingStorage:
+  """A legacy storage named by the object graph, whose bytes come after it."""
+
+  def __init__(self, key: str, dtype: np.dtype, view: tuple | None):
+    self.key, self.dtype, self.view = key, dtype, view
+
+
+class _PendingTensor:
+  def __init__(self, storage: _PendingStorage, args: tuple):
+    self.storage, self.args = storage, args
+
+
+def _rebuild_tensor_or_pending(storage, *args):
+  if isinstance(storage, _PendingStorage):
+    return _PendingTensor(storage, args)
+  return _rebuild_tensor(storage, *args)
+
+
+class _PlainUnpickler(pickle.Unpickler):
+  """The legacy header's pickles hold numbers, strings and dicts only."""
+
+  def find_class(self, module: str, name: str):
+    raise TorchCheckpointError(f"unexpected global {module}.{name} in a checkpoint header")
+
+
+class _LegacyUnpickler(_RestrictedUnpickler):
+
+  def __init__(self, file):
+    super().__init__(file, None, "")
+
+  def find_class(self, module: str, name: str):
+    if module == "torch._utils" and name in ("_rebuild_tensor_v2", "_rebuild_tensor"):
+      return _rebuild_tensor_or_pending
+    return super().find_class(module, name)
+
+  def persistent_load(self, pid):
+    if not (isinstance(pid, tuple) and len(pid) == 6 and pid[0] == "storage"):
+      raise TorchCheckpointError(f"unsupported persistent id in legacy checkpoint: {pid!r}")
+    _, storage_type, key, _location, _numel, view = pid
+    if isinstance(storage_type, _StorageType):
+      dtype = storage_type.dtype
+    elif isinstance(storage_type, _TorchDtype):
+      dtype = np.dtype(_TORCH_DTYPES[storage_type.name])
+    else:
+      raise TorchCheckpointError(f"unsupported storage type {storage_type!r}")
+    return _PendingStorage(str(key), dtype, view)
+
+
+def _resolve(obj: Any, storages: dict[str, np.ndarray]) -> Any:
+  """``obj`` with every pending tensor built from ``storages``."""
+  if isinstance(obj, _PendingTensor):
+    pending = obj.storage
+    if pending.key not in storages:
+      raise TorchCheckpointError(f"legacy checkpoint is missing storage {pending.key}")
+    data = storages[pending.key].view(pending.dtype)
+    if pending.view is not None:  # (view key, element offset, element count)
+      _, offset, count = pending.view
+      data = data[offset:offset + count]
+    return _rebuild_tensor(data, *obj.args)
+  if isinstance(obj, dict):
+    resolved = {k: _resolve(v, storages) for k, v in obj.items()}
+    return type(obj)(resolved) if isinstance(obj, collections.OrderedDict) else resolved
+  if isinstance(obj, (list, tuple)):
+    return type(obj)(_resolve(v, storages) for v in obj)
+  if isinstance(obj, Opaque):
+    obj.args = tuple(_resolve(v, storages) for v in obj.args)
+    if hasattr(obj, "state"):
+      obj.state = _resolve(obj.state, storages)
+  return obj
+
+
+def _load_legacy(path: str, f) -> Any:
+  try:
+    magic = _PlainUnpickler(f).load()
+  except (pickle.UnpicklingError, EOFError, TorchCheckpointError, ValueError) as e:
+    raise TorchCheckpointError(f"{path} is not a PyTorch checkpoint (neither a torch.save zip "
+                               "nor the legacy format)") from e
+  if magic != _LEGACY_MAGIC:
+    raise TorchCheckpointError(f"{path} is not a PyTorch checkpoint (neither a torch.save zip "
+                               "nor the legacy format)")
+  try:
+    protocol = _PlainUnpickler(f).load()
+    if protocol != _LEGACY_PROTOCOL:
+      raise TorchCheckpointError(f"{path}: legacy protocol {protocol} is not supported")
+    info = _PlainUnpickler(f).load()
+    if not info.get("little_endian", True):
+      raise TorchCheckpointError(f"{path} was written big-endian; not supported")
+    graph = _LegacyUnpickler(f).load()
+    keys = _PlainUnpickler(f).load()
+  except (pickle.UnpicklingError, EOFError) as e:
+    raise TorchCheckpointError(f"{path}: truncated or corrupt legacy checkpoint ({e})") from e
+  needed: dict[str, np.dtype] = {}
+
+  def collect(obj):
+    if isinstance(obj, _PendingTensor):
+      needed.setdefault(obj.storage.key, obj.storage.dtype)
+    elif isinstance(obj, dict):
+      for v in obj.values():
+        collect(v)
+    elif isinstance(obj, (list, tuple)):
+      for v in obj:
+        collect(v)
+    elif isinstance(obj, Opaque):
+      collect(obj.args)
+      collect(getattr(obj, "state", None))
+
+  collect(graph)
+  storages: dict[str, np.ndarray] = {}
+  for key in keys:
+    header = f.read(8)
+    if len(header) != 8:
+      raise TorchCheckpointError(f"{path}: truncated at storage {key}")
+    count = int(np.frombuffer(header, "<i8")[0])
+    dtype = needed.get(str(key), np.dtype(np.uint8))
+    raw = f.read(count * dtype.itemsize)
+    if len(raw) != count * dtype.itemsize:
+      raise TorchCheckpointError(f"{path}: truncated at storage {key}")
+    storages[str(key)] = np.frombuffer(raw, dtype)
+  return _resolve(graph, storages)
+
+
 def load_torch_zip(path: str) -> Any:
-  """Loads the object graph of a ``torch.save`` zip file; tensors become numpy arrays."""
+  """Loads the object graph of a ``torch.save`` file (zip, or the legacy format of torch
+  before 1.6); tensors become numpy arrays."""
   try:
     archive = zipfile.ZipFile(path)
-  except zipfile.BadZipFile as e:
-    raise TorchCheckpointError(
-        f"{path} is not a PyTorch zip checkpoint (legacy non-zip torch.save files are not "
-        "supported; re-save with a current torch or convert to safetensors)") from e
+  except zipfile.BadZipFile:
+    with open(path, "rb") as f:
+      return _load_legacy(path, f)
   with archive:
     pickles = [n for n in archive.namelist() if n.endswith("/data.pkl") or n == "data.pkl"]
     if not pickles:
