@@ -105,6 +105,17 @@ def write_param_dir(out_dir: str, flat_params: Mapping[Path, np.ndarray], config
   then uploaded with ``config.json`` last: readers require it, so they never load
   a partial upload.
   """
+  if overwrite and fs.isdir(out_dir):
+    # Only an earlier output of this writer is replaced, never a folder holding anything
+    # else (e.g. the very checkpoint being converted).
+    names = fs.listdir(out_dir)
+    earlier_output = {_CONFIG, _PARAMS} <= set(names)
+    foreign = [name for name in names
+               if not (name in (_CONFIG, _PARAMS) or (earlier_output and name.endswith(".json")))]
+    if foreign:
+      raise FileExistsError(f"refusing to overwrite {out_dir}: it holds files this writer "
+                            f"did not make ({', '.join(foreign[:5])}"
+                            f"{', ...' if len(foreign) > 5 else ''}); choose another folder")
   if fs.is_remote(out_dir):
     if fs.exists(out_dir) and not overwrite:
       raise FileExistsError(f"{out_dir} already exists; pass overwrite=True (--overwrite) to "
@@ -167,6 +178,9 @@ def read_param_dir(directory: str, target: Mapping[Path, jax.ShapeDtypeStruct],
     meta = ckptr.metadata(params_dir)
     tree_meta = getattr(meta, "item_metadata", meta)
     tree_meta = getattr(tree_meta, "tree", tree_meta)
+    if not isinstance(tree_meta, Mapping):
+      raise CheckpointError(f"{params_dir} holds no Orbax checkpoint metadata: an incomplete "
+                            "or foreign params/ directory")
     stored = _flatten(tree_meta)
     problems = []
     for path in sorted(set(target) - set(stored), key=str):
@@ -184,7 +198,8 @@ def read_param_dir(directory: str, target: Mapping[Path, jax.ShapeDtypeStruct],
     for path, spec in target.items():
       sharding = (shardings or {}).get(path)
       if sharding is None:
-        sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        # This process's own device: in a multi-process job jax.devices()[0] is process 0's.
+        sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
       restore_args[path] = ocp.ArrayRestoreArgs(sharding=sharding, global_shape=tuple(spec.shape),
                                                 dtype=spec.dtype)
     restored = ckptr.restore(params_dir, args=ocp.args.PyTreeRestore(

@@ -92,8 +92,16 @@ def test_existing_output_is_never_overwritten(tmp_path, capsys):
   assert convert_main(args) == 2
   assert "already exists" in capsys.readouterr().err
   assert (out / "notes.txt").read_text() == "user data"
+  # --overwrite replaces an earlier output only, never a folder holding other files (such
+  # as the checkpoint being converted).
+  assert convert_main(args + ["--overwrite"]) == 2
+  assert "refusing to overwrite" in capsys.readouterr().err
+  assert (out / "notes.txt").read_text() == "user data"
+  (out / "notes.txt").unlink()
+  out.rmdir()
+  assert convert_main(args) == 0
   assert convert_main(args + ["--overwrite"]) == 0
-  assert (out / "config.json").exists() and not (out / "notes.txt").exists()
+  assert (out / "config.json").exists() and (out / "conversion.json").exists()
   # No temporary directories are left next to the output.
   assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]
 
@@ -215,6 +223,12 @@ def test_load_rejects_a_directory_that_does_not_match(converted, tmp_path):
   json.dump(cfg, open(bad / "config.json", "w"))
   with pytest.raises(ValueError, match="missing parameter decoder.model.blocks.2"):
     Tokenizer.load(str(bad))
+  hollow = tmp_path / "hollow"  # a params/ folder with no Orbax checkpoint in it
+  shutil.copytree(converted, hollow)
+  shutil.rmtree(hollow / "params")
+  (hollow / "params").mkdir()
+  with pytest.raises(ValueError, match="params holds no Orbax checkpoint metadata"):
+    Tokenizer.load(str(hollow))
 
 
 @pytest.mark.parametrize("change, needle", [

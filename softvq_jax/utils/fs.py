@@ -63,6 +63,13 @@ def isfile(path: str) -> bool:
   return os.path.isfile(path)
 
 
+def listdir(path: str) -> list[str]:
+  """Names of the entries of a directory (local or bucket), sorted."""
+  if is_remote(path):
+    return sorted(p.name for p in _remote(path).iterdir())
+  return sorted(os.listdir(path))
+
+
 def rmtree(path: str) -> None:
   if is_remote(path):
     _remote(path).rmtree()
