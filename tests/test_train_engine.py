@@ -1,5 +1,6 @@
 """The training engine: sharded steps equal single-device steps, exact resume, NaN guard."""
 
+import json
 import os
 import signal
 import subprocess
@@ -7,6 +8,7 @@ import sys
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 import ml_collections
 import numpy as np
 import optax
@@ -175,10 +177,16 @@ def test_resume_after_sigterm_is_bit_exact(uninterrupted, tmp_path, monkeypatch)
   sit_trainer.run(tiny_config(8, sample_every=1), workdir)  # stops at 5 (SIGTERM)
   monkeypatch.setattr(sit_trainer, "SampleGrid", original)
   assert _final_params(workdir)[0] == 5
+  # As if the run had logged step 6 and died before its next checkpoint (plus a torn line).
+  with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
+    f.write(json.dumps({"step": 6, "loss": 1.0}) + "\n" + '{"step": 7, "lo')
   sit_trainer.run(tiny_config(8), workdir)
   step, params = _final_params(workdir)
   assert step == uninterrupted[0] == 8
   _assert_same_state(params, uninterrupted[1])
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    steps = [json.loads(line)["step"] for line in f]
+  assert steps == sorted(set(steps)) and steps[-1] == 8 and 6 in steps
 
 
 @pytest.mark.slow
@@ -227,6 +235,33 @@ def test_nan_guard_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
   assert _final_params(workdir)[0] == 3
 
 
+def test_nan_guard_sees_nan_gradients_behind_a_finite_loss(tmp_path, monkeypatch):
+  """sqrt(|w - stop_gradient(w)|) is 0 but its gradient is not finite: the loss stays finite
+  while the update of step 6, a checkpoint step, turns the weights into NaN. It is not saved."""
+  workdir = str(tmp_path)
+  real = sit_trainer.make_loss_fn
+
+  def poisoned(transport):
+    fn = real(transport)
+
+    def loss(model, batch, key, step):
+      value, aux = fn(model, batch, key, step)
+      w = jax.tree.leaves(nnx.state(model, nnx.Param))[0]
+      # Before step 6 (a checkpoint step) the square root is taken at 1 (gradient 0
+      # through the select).
+      gap = jnp.where(step >= 5, w - jax.lax.stop_gradient(w), 1.0)
+      spike = jnp.sum(jnp.sqrt(jnp.abs(gap))) - jnp.where(step >= 5, 0.0, w.size)
+      return value + spike, aux
+    return loss
+
+  monkeypatch.setattr(sit_trainer, "make_loss_fn", poisoned)
+  with pytest.raises(FloatingPointError, match="param_norm is nan at step 6.*last good "
+                                               "checkpoint is step 3"):
+    sit_trainer.run(tiny_config(8, log_every=1), workdir)
+  step, saved = _final_params(workdir)
+  assert step == 3 and all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(saved))
+
+
 def test_scanned_rematerialised_sit_trains(tmp_path):
   config = tiny_config(4, log_every=1)
   config.model.update(depth=2, scan_layers=True, remat_policy="nothing_saveable")
@@ -261,3 +296,18 @@ def test_scanned_rematerialised_sit_trains(tmp_path):
   run.ckpt.close()
   assert int(run.state.step) == 4
   assert run.state.params["blocks"]["attn"]["qkv"]["kernel"][...].shape[0] == 2
+
+
+def test_multi_process_runs_leave_sigterm_to_jax(monkeypatch):
+  """jax.distributed's preemption sync needs its own SIGTERM handler: the loop's flag takes
+  the signal only in single-process runs."""
+  from softvq_jax.train.loop import PreemptionFlag
+  before = signal.getsignal(signal.SIGTERM)
+  flag = PreemptionFlag()
+  assert signal.getsignal(signal.SIGTERM) != before
+  flag.restore()
+  assert signal.getsignal(signal.SIGTERM) == before
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  flag = PreemptionFlag()
+  assert signal.getsignal(signal.SIGTERM) == before
+  flag.restore()

@@ -22,12 +22,20 @@ Hook = Callable[[int, Any], None]
 
 
 class PreemptionFlag:
-  """Set by SIGTERM (what TPU/SLURM preemption sends); the loop checkpoints and stops."""
+  """Set by SIGTERM (what TPU/SLURM preemption sends); the loop checkpoints and stops.
+
+  Single-process runs only. In a multi-process job ``jax.distributed`` handles SIGTERM
+  itself and agrees with the other processes on the step to stop at
+  (``checkpointer.reached_preemption``); a Python handler would replace its handler, and
+  each process would stop on its own signal, at its own step, leaving the others waiting
+  in a collective.
+  """
 
   def __init__(self):
     self.requested = False
     self._previous = None
-    if threading.current_thread() is threading.main_thread():
+    if (jax.process_count() == 1
+        and threading.current_thread() is threading.main_thread()):
       self._previous = signal.signal(signal.SIGTERM, self._handle)
 
   def _handle(self, signum, frame):  # pylint: disable=unused-argument
@@ -49,6 +57,24 @@ class JsonlWriter:
   def write(self, step: int, scalars: dict[str, float]) -> None:
     if self.enabled:
       fs.append_text(self.path, json.dumps({"step": step, **scalars}, sort_keys=True) + "\n")
+
+  def drop_after(self, step: int) -> None:
+    """Removes the rows of steps after ``step``: a run that died after logging them resumes
+    from an earlier checkpoint and logs those steps again."""
+    if not (self.enabled and fs.exists(self.path)):
+      return
+    with fs.open(self.path) as f:
+      lines = f.read().splitlines(keepends=True)
+    kept = [line for line in lines if _row_step(line) <= step]
+    if len(kept) != len(lines):
+      fs.write_bytes_atomic(self.path, "".join(kept).encode())
+
+
+def _row_step(line: str) -> float:
+  try:
+    return float(json.loads(line).get("step", -1))
+  except (json.JSONDecodeError, AttributeError):
+    return float("inf")  # a torn last line from a killed run
 
 
 def _to_scalars(metrics) -> dict[str, float]:
@@ -95,6 +121,7 @@ def train_loop(*, state, train_step, data: Iterator, mesh, workdir: str, total_s
                                        first_profile=profile_first_step, every_steps=None,
                                        every_secs=None)
   jsonl = JsonlWriter(os.path.join(workdir, "metrics.jsonl"))
+  jsonl.drop_after(step)
   preempt = PreemptionFlag()
   last = {}
   try:
@@ -116,10 +143,16 @@ def train_loop(*, state, train_step, data: Iterator, mesh, workdir: str, total_s
         params = getattr(_tree(state), "params", None)
         if params is not None:
           last["param_norm"] = float(state_lib.param_norm(params))
-        if not math.isfinite(last.get("loss", 0.0)):
+        # The loss comes from the parameters before the update; the norms see the update
+        # itself (a finite loss with infinite gradients leaves NaN weights behind).
+        bad = {k: v for k, v in last.items()
+               if (k in ("grad_norm", "param_norm") or k.endswith("loss"))
+               and not math.isfinite(v)}
+        if bad:
           checkpointer.wait()
+          named = ", ".join(f"{k} is {v}" for k, v in sorted(bad.items()))
           raise FloatingPointError(
-              f"loss is {last['loss']} at step {step}; stopping without saving. The last good "
+              f"{named} at step {step}; stopping without saving. The last good "
               f"checkpoint is step {checkpointer.latest_step()} in {checkpointer.directory}")
         if log_now:
           if writer is not None:
