@@ -198,6 +198,9 @@ def maetok_recipe(name: str, arg: str | None) -> ml_collections.ConfigDict:
                  decoder_kwargs=dict(TINY_VIT))
   c.model = model
   c.released_name = name
+  if not runlocal:  # the data follow the model's size (512 for maetok-b-128-512)
+    size = int(model.image_size)
+    c.data.image_size, c.data.min_resize, c.data.max_resize = size, size, size * 5 // 4
   c.encoder_init = "random" if runlocal else "scratch"   # MAETok trains its encoder from scratch
   # Upstream: 0.4-0.6, 0.05 and ("hog", "dinov2", "siglip"); not implemented (see above).
   c.mask_ratio_min, c.mask_ratio_max = 0.0, 0.0

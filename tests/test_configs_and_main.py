@@ -100,6 +100,9 @@ def test_maetok_configs(name, release):
   assert built == TokenizerConfig.from_json_dict(RELEASED_MAETOK[release])
   assert built.use_rope and built.decoder.movq and built.bottleneck == "ae"
   assert config.global_batch_size == 512 and config.loss.disc_start == 30_000
+  size = built.image_size  # the data pipeline's crop follows the model (512 for -512)
+  assert (config.data.image_size, config.data.min_resize, config.data.max_resize) == (
+      size, size, size * 5 // 4)
   local = TokenizerConfig.from_json_dict(load_config(name, "runlocal").model.to_dict())
   assert local.image_size == 64 and local.use_rope
   # MAETok's mask modeling is not implemented: its settings are refused, by name, rather
