@@ -140,6 +140,27 @@ def test_other_tokenizer_cannot_resume(source, cache):
                                      process_count=1, progress=False)
 
 
+def test_a_cache_is_for_one_tokenizer_at_one_precision(tok, source, cache):
+  """Another compute dtype cannot resume it; a SiT run with another tokenizer (same latent
+  shape and statistics) cannot train on it; fingerprints allow summation-order rounding."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from softvq_jax.train import sit_trainer  # pylint: disable=g-import-not-at-top
+  out, _ = cache
+  bf16 = Tokenizer(tok.model(), dtype="bfloat16")
+  with pytest.raises(ValueError, match=r"different settings \(compute_dtype"):
+    cache_latents.write_latent_cache(bf16, source, out, batch_size=BATCH,
+                                     examples_per_shard=PER_SHARD, process_index=0,
+                                     process_count=1, progress=False)
+  config = ml_collections.ConfigDict(dict(data=dict(cache_dir=out), global_batch_size=4, seed=0))
+  assert sit_trainer._cache_iterator(config, tok) is not None  # pylint: disable=protected-access
+  with pytest.raises(ValueError, match="written by another tokenizer"):
+    sit_trainer._cache_iterator(config, sensitive_tokenizer(seed=2))  # pylint: disable=protected-access
+  same = cache_latents.same_tokenizer
+  assert same("abc-10-1.234567e+03", "abc-10-1.234568e+03")
+  assert not same("abc-10-1.234567e+03", "abc-10-1.235567e+03")
+  assert not same("abc-10-1.234567e+03", "abd-10-1.234567e+03")
+
+
 def test_reader_pipeline(cache):
   out, _ = cache
   recs = read_all(out)

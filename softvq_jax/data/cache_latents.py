@@ -74,6 +74,22 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
   return f"{digest}-{len(leaves)}-{checksum:.6e}"
 
 
+def _dtype_name(dtype) -> str:
+  return np.dtype(dtype).name if dtype is not None else "float32"
+
+
+def same_tokenizer(cached: str, current: str) -> bool:
+  """Whether two fingerprints name one tokenizer: the same config and weight count, and
+  weight checksums equal up to float32 summation order (another mesh sums otherwise)."""
+  try:
+    config_a, count_a, sum_a = cached.rsplit("-", 2)
+    config_b, count_b, sum_b = current.rsplit("-", 2)
+    a, b = float(sum_a), float(sum_b)
+  except (AttributeError, ValueError):
+    return cached == current
+  return (config_a, count_a) == (config_b, count_b) and abs(a - b) <= 1e-5 * max(abs(a), abs(b))
+
+
 def read_info(cache_dir: str) -> dict[str, Any]:
   path = os.path.join(cache_dir, CACHE_INFO)
   if not fs.exists(path):
@@ -86,7 +102,11 @@ def read_info(cache_dir: str) -> dict[str, Any]:
 
 def _check_resumable(cache_dir: str, info: dict[str, Any]) -> None:
   old = read_info(cache_dir)
-  bad = [k for k in _MUST_MATCH if old.get(k) != info.get(k)]
+  bad = [k for k in _MUST_MATCH if old.get(k) != info.get(k)
+         and not (k == "tokenizer" and same_tokenizer(old.get(k), info.get(k)))]
+  # Caches written before the compute dtype was recorded resume under any dtype.
+  if "compute_dtype" in old and old["compute_dtype"] != info["compute_dtype"]:
+    bad.append("compute_dtype")
   if bad:
     diffs = "; ".join(f"{k}: cache has {old.get(k)!r}, this run {info.get(k)!r}" for k in bad)
     raise ValueError(f"latent cache {cache_dir} was written with different settings ({diffs}); "
@@ -119,7 +139,8 @@ def write_latent_cache(tokenizer: Any, source: Any, out_dir: str, *, batch_size:
           "examples_per_shard": examples_per_shard, "latent_shape": list(tokenizer.latent_shape),
           "image_size": size, "tokenizer": tokenizer_fingerprint(tokenizer),
           "vq_mean": float(tokenizer.config.vq_mean), "vq_std": float(tokenizer.config.vq_std),
-          "source": name, "transform": "adm_center_crop"}
+          "source": name, "transform": "adm_center_crop",
+          "compute_dtype": _dtype_name(getattr(tokenizer, "dtype", None))}
   fs.makedirs(out_dir)
   if fs.exists(os.path.join(out_dir, CACHE_INFO)):
     _check_resumable(out_dir, info)
