@@ -68,7 +68,10 @@ def tokenizer_recipe(name: str, arg: str | None) -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict()
   c.data.dataset = "imagenet2012"
   c.data.source = "tfds"                        # tfds | folder | array_record | offline | ...
-  c.data.kwargs = ml_collections.ConfigDict(dict(dataset="imagenet2012"))
+  # Every source's arguments, declared so that flags can set them (empty: unset); each
+  # source reads its own: tfds dataset/data_dir, folder root, array_record paths.
+  c.data.kwargs = ml_collections.ConfigDict(dict(dataset="imagenet2012", data_dir="", root="",
+                                                 paths=""))
   c.data.train_split, c.data.eval_split = "train", "validation"
   c.data.image_size = c.model.image_size
   c.data.min_resize = c.model.image_size        # random short-side resize in [min, max]

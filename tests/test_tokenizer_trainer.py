@@ -7,6 +7,7 @@ import json
 
 import ml_collections
 import numpy as np
+import pytest
 from conftest import FIXTURES
 
 from softvq_jax import Tokenizer
@@ -94,3 +95,27 @@ def test_warm_up_fits_the_run():
   c.optim.warmup_steps, c.optim.warmup_epochs = None, 1  # the recipe's epoch: never warm
   setup = tokenizer_trainer.build_stage1(c, total_steps=60, steps_per_epoch=7500)
   assert float(setup.lr_fn(59)) < 0.01 * peak + c.optim.warmup_lr
+
+
+def test_the_recipes_switch_data_source_by_flags(tmp_path):
+  """--config.data.source=folder --config.data.kwargs.root=DIR on an ImageNet recipe: the
+  kwargs every source takes are declared, and each source reads its own."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from softvq_jax.data import sources  # pylint: disable=g-import-not-at-top
+  for label in ("a", "b"):
+    (tmp_path / label).mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / label / "x.png")
+  c = tokenizer_recipe("softvq-b-64", None)
+  c.data.source, c.data.kwargs.root = "folder", str(tmp_path)
+  source = tokenizer_trainer.resolve_source(c.data, "train")
+  assert isinstance(source, sources.ImageFolderSource) and len(source) == 2
+  c.data.source = "fashion_mnist"  # "validation" (ImageNet's) is its "test"
+  try:
+    held_out = tokenizer_trainer.resolve_source(c.data, "eval")
+    assert held_out.name.startswith("Fashion-MNIST test")
+  except FileNotFoundError as e:  # the Debian package is absent: the named error, not the split's
+    assert "dataset-fashion-mnist" in str(e)
+  assert sources.split_kwargs("fashion_mnist", {"split": "x", "root": "r", "dataset": "d"}) == (
+      {"split": "x", "root": "r"}, {"dataset": "d"})
+  with pytest.raises(ValueError, match="unknown data source 'imagefolder'"):
+    sources.split_kwargs("imagefolder", {})

@@ -319,15 +319,31 @@ class SyntheticSource:
 SOURCES = ("synthetic", "folder", "array_record", "tfds", "fashion_mnist", "skimage")
 
 
+def _source_classes() -> dict[str, type]:
+  return {"synthetic": SyntheticSource, "folder": ImageFolderSource,
+          "array_record": ArrayRecordSource, "tfds": TfdsSource,
+          "fashion_mnist": FashionMnistSource, "skimage": SkimagePhotosSource}
+
+
 def make_source(kind: str, **kwargs: Any) -> Any:
   """Builds a source by name: one of ``SOURCES``; ``kwargs`` go to its constructor.
 
   ``folder`` takes ``root``; ``array_record`` takes ``paths``; ``tfds`` takes
   ``dataset``, ``split``, ``data_dir``; ``fashion_mnist`` takes ``split``.
   """
-  classes = {"synthetic": SyntheticSource, "folder": ImageFolderSource,
-             "array_record": ArrayRecordSource, "tfds": TfdsSource,
-             "fashion_mnist": FashionMnistSource, "skimage": SkimagePhotosSource}
+  classes = _source_classes()
   if kind not in classes:
     raise ValueError(f"unknown data source {kind!r}; choose one of {', '.join(SOURCES)}")
   return classes[kind](**kwargs)
+
+
+def split_kwargs(kind: str, kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+  """``(taken, ignored)``: the arguments source ``kind`` takes, and the others (configs declare
+  every source's arguments, so that flags can set them, and only one source reads each)."""
+  import inspect  # pylint: disable=g-import-not-at-top
+  cls = _source_classes().get(kind)
+  if cls is None:
+    raise ValueError(f"unknown data source {kind!r}; choose one of {', '.join(SOURCES)}")
+  names = set(inspect.signature(cls.__init__).parameters) - {"self"}
+  return ({k: v for k, v in kwargs.items() if k in names},
+          {k: v for k, v in kwargs.items() if k not in names})

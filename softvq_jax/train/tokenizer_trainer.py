@@ -59,8 +59,13 @@ def resolve_source(data: ml_collections.ConfigDict, split: str):
   if kind in ("tfds", "fashion_mnist") and "split" not in kwargs:
     kwargs["split"] = data.get("train_split" if split == "train" else "eval_split",
                                "train" if split == "train" else "test")
+    if kind == "fashion_mnist" and kwargs["split"] not in ("train", "test"):
+      kwargs["split"] = "test"  # its only held-out split (ImageNet recipes say "validation")
   if kind == "synthetic" and split != "train":
     kwargs["seed"] = kwargs.get("seed", 0) + 1
+  kwargs, ignored = sources.split_kwargs(kind, kwargs)
+  if ignored:
+    logging.info("data.source=%s ignores data.kwargs %s", kind, sorted(ignored))
   return sources.make_source(kind, **kwargs)
 
 
