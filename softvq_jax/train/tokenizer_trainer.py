@@ -420,8 +420,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   writer = common.make_writer(workdir)
   eval_source = resolve_source(config.data, "eval")
+  # The same images on every process (the grid's PSNR is logged, and the reconstruct program
+  # is replicated): not this host's shard.
   heldout = next(iter(image_pipeline(eval_source, batch_size=min(8, len(eval_source)),
-                                     image_size=size, train=False)))["image"]
+                                     image_size=size, train=False, shard_index=0,
+                                     shard_count=1)))["image"]
   grid = ReconstructionGrid(graphdef, heldout, workdir=workdir, every=config.vis_every,
                             total_steps=total_steps, writer=writer)
   hooks = [grid]
