@@ -21,7 +21,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if not config.get("tokenizer_dir"):
     raise ValueError("config.tokenizer_dir is required: a converted or trained tokenizer directory")
   tok = Tokenizer.load(config.tokenizer_dir, dtype=config.get("dtype", "float32"))
-  source = resolve_source(config.data, config.get("split", "train"))
+  # ``split`` names the dataset's own split ("train", "test", "train[:1%]"...), read as is.
+  data = ml_collections.ConfigDict(config.data.to_dict())
+  data.train_split = str(config.get("split", "train"))
+  source = resolve_source(data, "train")
   info = write_latent_cache(tok, source, workdir, batch_size=config.batch_size,
                             examples_per_shard=config.examples_per_shard,
                             max_skipped=config.get("max_skipped", 100))

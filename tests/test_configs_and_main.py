@@ -203,3 +203,21 @@ def test_extract_job_writes_a_cache_equal_to_encode(tmp_path):
   z = np.asarray(tok.encode(images.astype(np.float32) / 127.5 - 1))
   for row, i in enumerate((0, 7, 19)):
     np.testing.assert_allclose(cache[i]["latent"], z[row], atol=1e-5)
+
+
+def test_extract_reads_the_named_split(monkeypatch, tmp_path):
+  """``split=`` names the dataset's own split (TFDS "train[:1%]", Fashion-MNIST "test"), not a
+  train/held-out switch."""
+  from softvq_jax import extract
+  from softvq_jax.train import tokenizer_trainer
+  seen = []
+  monkeypatch.setattr(extract.Tokenizer, "load", staticmethod(lambda *a, **k: None))
+  monkeypatch.setattr("softvq_jax.data.cache_latents.write_latent_cache",
+                      lambda tok, source, *a, **k: {})
+  real = tokenizer_trainer.resolve_source
+  monkeypatch.setattr(tokenizer_trainer, "resolve_source",
+                      lambda data, split: seen.append((data.train_split, split)) or real(data, split))
+  for split in ("test", "train[:1%]"):
+    config = load_config("extract_latents", f"tokenizer_dir=x,source=synthetic,split={split}")
+    extract.run(config, str(tmp_path))
+  assert seen == [("test", "train"), ("train[:1%]", "train")]

@@ -59,7 +59,7 @@ def resolve_source(data: ml_collections.ConfigDict, split: str):
   if kind in ("tfds", "fashion_mnist") and "split" not in kwargs:
     kwargs["split"] = data.get("train_split" if split == "train" else "eval_split",
                                "train" if split == "train" else "test")
-    if kind == "fashion_mnist" and kwargs["split"] not in ("train", "test"):
+    if kind == "fashion_mnist" and split != "train" and kwargs["split"] not in ("train", "test"):
       kwargs["split"] = "test"  # its only held-out split (ImageNet recipes say "validation")
   if kind == "synthetic" and split != "train":
     kwargs["seed"] = kwargs.get("seed", 0) + 1
