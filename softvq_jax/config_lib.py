@@ -34,10 +34,13 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
       if value.lower() not in ("true", "false", "1", "0"):
         raise ValueError(f"config argument {key}={value!r} is not a boolean")
       result[key] = value.lower() in ("true", "1")
-    elif isinstance(default, int):
-      result[key] = int(value)
-    elif isinstance(default, float):
-      result[key] = float(value)
+    elif isinstance(default, (int, float)):
+      kind = type(default)
+      try:
+        result[key] = kind(value)
+      except ValueError as e:
+        noun = "an integer" if kind is int else "a number"
+        raise ValueError(f"config argument {key}={value!r} is not {noun}") from e
     else:
       result[key] = value
   return result

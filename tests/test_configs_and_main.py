@@ -56,6 +56,8 @@ def test_parse_arg():
     parse_arg("stpes=3", steps=1)
   with pytest.raises(ValueError, match="not a boolean"):
     parse_arg("runlocal=maybe", runlocal=False)
+  with pytest.raises(ValueError, match="num_samples='5k' is not an integer"):
+    parse_arg("num_samples=5k", num_samples=1)
 
 
 def test_reconstruct_job(tmp_path):

@@ -91,6 +91,9 @@ def same_tokenizer(cached: str, current: str) -> bool:
 
 
 def read_info(cache_dir: str) -> dict[str, Any]:
+  if not cache_dir:
+    raise FileNotFoundError("no latent cache given: set config.data.cache_dir to the workdir of "
+                            "an extract run (configs/extract_latents.py)")
   path = os.path.join(cache_dir, CACHE_INFO)
   if not fs.exists(path):
     if not fs.isdir(cache_dir):
