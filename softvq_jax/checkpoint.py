@@ -255,6 +255,15 @@ class TrainCheckpointer:
         meta=ocp.args.JsonRestore()))
     return restored["state"], dict(restored["data"] or {}), dict(restored["meta"] or {})
 
+  def meta(self, step: int | None = None) -> dict[str, Any]:
+    """The ``meta`` saved with ``step`` (default: the latest), without reading any array."""
+    ocp = self._ocp
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise CheckpointError(f"no checkpoint in {self.directory}")
+    restored = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    return dict(restored["meta"] or {})
+
   def state_paths(self, step: int | None = None) -> list[tuple[str, ...]]:
     """Key paths of the saved train state of ``step`` (default: the latest), read from the
     checkpoint's metadata without reading any array."""

@@ -184,6 +184,10 @@ def test_init_from_mismatch_names_the_tensor(tmp_path):
   _saved_generator(tmp_path / "deep", dataclasses.replace(gen, depth=3), seed=1)
   with pytest.raises(checkpoint.CheckpointError, match=r"unexpected parameter blocks\.2\."):
     common.init_generator_from(None, str(tmp_path / "deep"), gen)
+  # Twice the heads at the same width: the same shapes, another function.
+  _saved_generator(tmp_path / "heads", dataclasses.replace(gen, num_heads=4), seed=1)
+  with pytest.raises(ValueError, match="is another sit: num_heads: 4 there, 2 here"):
+    common.init_generator_from(None, str(tmp_path / "heads"), gen)
   # A SiT directory is not a DiT.
   with pytest.raises(ValueError, match="holds a sit"):
     common.init_generator_from(None, str(tmp_path / "wide"), dataclasses.replace(

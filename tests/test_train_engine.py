@@ -298,6 +298,18 @@ def test_scanned_rematerialised_sit_trains(tmp_path):
   assert run.state.params["blocks"]["attn"]["qkv"]["kernel"][...].shape[0] == 2
 
 
+def test_resuming_with_other_model_settings_is_refused_by_name(tmp_path):
+  """Twice the heads at the same width: every array keeps its shape, so only the saved
+  settings tell the runs apart."""
+  from softvq_jax.models.config import ConfigError
+  config = tiny_config(2)
+  sit_trainer.run(config, str(tmp_path))
+  config.total_steps = 4
+  config.model.num_heads *= 2
+  with pytest.raises(ConfigError, match=r"generator.num_heads: checkpoint 2, this run 4"):
+    sit_trainer.run(config, str(tmp_path))
+
+
 def test_multi_process_runs_leave_sigterm_to_jax(monkeypatch):
   """jax.distributed's preemption sync needs its own SIGTERM handler: the loop's flag takes
   the signal only in single-process runs."""

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+from typing import Any
 
 import jax
 import ml_collections
@@ -70,6 +72,33 @@ def train_checkpointer(workdir: str, keep: int) -> TrainCheckpointer:
   return TrainCheckpointer(os.path.join(fs.abspath(workdir), "checkpoints"), keep=keep)
 
 
+def check_resumable(checkpointer: TrainCheckpointer, current: dict[str, Any],
+                    ignore: tuple[str, ...] = ()) -> None:
+  """Refuses to resume a workdir whose checkpoint was written with other model settings:
+  ``current`` maps names of the saved ``meta`` to this run's values (dicts compared field by
+  field, ``ignore`` naming fields that may change between runs)."""
+  if checkpointer.latest_step() is None:
+    return
+  stored = checkpointer.meta()
+  # As the meta was saved: JSON (tuples are lists there).
+  current = json.loads(json.dumps(current, default=str))
+  diffs = []
+  for name, value in current.items():
+    if name not in stored:
+      continue  # written before the field was recorded
+    old = stored[name]
+    if isinstance(value, dict) and isinstance(old, dict):
+      for key in sorted(set(value) | set(old)):
+        if key not in ignore and value.get(key) != old.get(key):
+          diffs.append(f"{name}.{key}: checkpoint {old.get(key)!r}, this run {value.get(key)!r}")
+    elif value != old:
+      diffs.append(f"{name}: checkpoint {old!r}, this run {value!r}")
+  if diffs:
+    from softvq_jax.models.config import ConfigError  # pylint: disable=g-import-not-at-top
+    raise ConfigError(f"{checkpointer.directory} holds a run with other settings ("
+                      + "; ".join(diffs) + "): resume with its settings or use a new workdir")
+
+
 def init_or_restore(model_fn, tx, mesh, *, seed: int, strategy: str, workdir: str, keep: int,
                     data=None, checkpointer: TrainCheckpointer | None = None):
   """Restores the latest checkpoint of ``workdir`` if there is one, else initialises.
@@ -134,6 +163,18 @@ def init_generator_from(state: state_lib.TrainState, directory: str, gen_config,
   if kind != gen_config.kind:
     raise ValueError(f"init_from={directory!r} holds a {kind}, this trainer trains a "
                      f"{gen_config.kind}")
+  # Settings that change the function without changing any shape (heads at one width...).
+  from softvq_jax.models.sit import GeneratorConfig  # pylint: disable=g-import-not-at-top
+  try:
+    theirs = GeneratorConfig.from_json_dict(stored).to_json_dict()
+  except (KeyError, TypeError, ValueError):
+    theirs = {}
+  ours = gen_config.to_json_dict()
+  differ = [f"{k}: {theirs[k]!r} there, {ours[k]!r} here" for k in ("num_heads", "mlp_ratio",
+                                                                     "qk_norm", "patch_size")
+            if k in theirs and k in ours and theirs[k] != ours[k]]
+  if differ:
+    raise ValueError(f"init_from={directory!r} is another {kind}: " + "; ".join(differ))
   try:
     flat = checkpoint.read_param_dir(directory, generator_lib.variable_shapes(gen_config))
   except checkpoint.CheckpointError as e:

@@ -386,6 +386,12 @@ def prepare_training(config: ml_collections.ConfigDict, workdir: str,
 
   tx, lr_fn = common.make_optimizer(config.optim, config.total_steps)
   rules = common.sharding_rules(config)
+  try:
+    common.check_resumable(ckpt, {"generator": gen_config.to_json_dict(),
+                                  "vq_mean": tok.config.vq_mean, "vq_std": tok.config.vq_std})
+  except ConfigError:
+    ckpt.close()
+    raise
   graphdef, state, shardings, ckpt = common.init_or_restore(
       model_fn, tx, mesh, seed=config.seed, strategy=rules, workdir=workdir,
       keep=config.get("keep_checkpoints", 3), data=data, checkpointer=ckpt)
