@@ -210,7 +210,7 @@ def _resolve(obj: Any, storages: dict[str, np.ndarray]) -> Any:
 def _load_legacy(path: str, f) -> Any:
   try:
     magic = _PlainUnpickler(f).load()
-  except (pickle.UnpicklingError, EOFError, TorchCheckpointError, ValueError) as e:
+  except Exception as e:  # pylint: disable=broad-except  (arbitrary bytes fail in many ways)
     raise TorchCheckpointError(f"{path} is not a PyTorch checkpoint (neither a torch.save zip "
                                "nor the legacy format)") from e
   if magic != _LEGACY_MAGIC:
@@ -225,8 +225,10 @@ def _load_legacy(path: str, f) -> Any:
       raise TorchCheckpointError(f"{path} was written big-endian; not supported")
     graph = _LegacyUnpickler(f).load()
     keys = _PlainUnpickler(f).load()
-  except (pickle.UnpicklingError, EOFError) as e:
-    raise TorchCheckpointError(f"{path}: truncated or corrupt legacy checkpoint ({e})") from e
+  except TorchCheckpointError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    raise TorchCheckpointError(f"{path}: truncated or corrupt legacy checkpoint ({e!r})") from e
   needed: dict[str, np.dtype] = {}
 
   def collect(obj):

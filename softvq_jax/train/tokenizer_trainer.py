@@ -365,8 +365,12 @@ def init_or_restore(setup: Stage1Setup, mesh, *, strategy: str, workdir: str, ke
   shardings = stage1_shardings(abstract, mesh, strategy)
   ckpt = TrainCheckpointer(os.path.join(fs.abspath(workdir), "checkpoints"), keep=keep)
   # Loss weights carried in the model config may change between runs; the architecture not.
-  common.check_resumable(ckpt, {"tokenizer": setup.tok_config.to_json_dict()},
-                         ignore=("entropy_loss_ratio", "entropy_temperature", "kl_loss_weight"))
+  try:
+    common.check_resumable(ckpt, {"tokenizer": setup.tok_config.to_json_dict()},
+                           ignore=("entropy_loss_ratio", "entropy_temperature", "kl_loss_weight"))
+  except ValueError:
+    ckpt.close()
+    raise
   latest = ckpt.latest_step()
   if latest is None:
     state = jax.jit(setup.init, out_shardings=shardings)()
