@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -241,6 +242,12 @@ def test_array_record_source_matches_folder(odd_folder, tmp_path):
   assert a.num_skipped == b.num_skipped == 1
   with pytest.raises(FileNotFoundError, match="no ArrayRecord files match"):
     sources.ArrayRecordSource(str(tmp_path / "missing-*.array_record"))
+  # Records without the label field read as class 0, with one warning that says so.
+  unlabelled = sources.ArrayRecordSource(path, label_key="class_id")
+  with mock.patch.object(sources.logging, "warning") as warning:
+    assert [unlabelled[i]["label"] for i in range(3)] == [0, 0, 0]
+  assert warning.call_count == 1 and "no 'class_id' field" in warning.call_args[0][0] % (
+      warning.call_args[0][1:])
 
 
 def test_synthetic_source_is_deterministic():

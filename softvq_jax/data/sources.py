@@ -15,7 +15,7 @@ from __future__ import annotations
 import gzip
 import os
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 from absl import logging
@@ -107,7 +107,7 @@ class ArrayRecordSource:
     if self.image_key not in record:
       raise KeyError(f"record {index} of {self.name} has no {self.image_key!r} field "
                      f"(fields: {sorted(record)})")
-    return {"image": record[self.image_key], "label": int(record.get(self.label_key, 0)),
+    return {"image": record[self.image_key], "label": _label(self, record),
             "name": str(record.get("name", f"record {index}"))}
 
   def __repr__(self) -> str:
@@ -172,7 +172,7 @@ class TfdsSource:
     name = ex.get(self.name_key) if self.name_key else None
     if isinstance(name, bytes):
       name = name.decode("utf-8", "replace")
-    return {"image": ex[self.image_key], "label": int(ex.get(self.label_key, 0)),
+    return {"image": ex[self.image_key], "label": _label(self, ex),
             "name": str(name) if name is not None else f"{self.dataset}/{self.split}[{index}]"}
 
   def __repr__(self) -> str:
@@ -317,6 +317,17 @@ class SyntheticSource:
 
 
 SOURCES = ("synthetic", "folder", "array_record", "tfds", "fashion_mnist", "skimage")
+
+
+def _label(source: Any, record: Mapping[str, Any]) -> int:
+  """The record's class label; 0 where it has none (tokenizers need no labels), said once."""
+  if source.label_key in record:
+    return int(record[source.label_key])
+  if not getattr(source, "_said_unlabelled", False):
+    source._said_unlabelled = True  # pylint: disable=protected-access
+    logging.warning("%s: records have no %r field; their label is 0 (class-conditional "
+                    "generators need labels: set label_key)", source.name, source.label_key)
+  return 0
 
 
 def _source_classes() -> dict[str, type]:
