@@ -37,7 +37,7 @@ def get_config(arg=None):
   tok.global_batch_size = 32
   tok.total_steps = args.tokenizer_steps
   tok.optim.lr = 1e-3 * 256 / 32        # 1e-3 after the reference's batch/256 scaling
-  tok.optim.warmup_epochs = 0
+  tok.optim.warmup_steps = 0           # no warm-up (it overrides warmup_epochs)
   # LPIPS-VGG16 costs seconds per step on 2 CPU cores, so the quickstart trains
   # with MSE + entropy; real configs keep the reference's LPIPS weight of 1.
   tok.loss.perceptual_weight = 0.0
