@@ -369,6 +369,10 @@ def test_xla_flop_count_is_the_whole_program_on_any_mesh():
   assert 1.0 < dp / lines[0]["model_flops_per_item"] < 1.5  # plus norms, optimizer, loss
 
 
+# About 70 s on 2 cores, and the suite is near CI's 20 minutes: `-m extended` only. The
+# stage-1 step itself is tested term by term in test_stage1.py.
+@pytest.mark.slow
+@pytest.mark.extended
 def test_stage1_train_line():
   """``--objective full``: the tokenizer trainer's stage-1 step (LPIPS, DINO discriminator,
   REPA), fed uint8 images as the trainer feeds it."""
