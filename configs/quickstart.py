@@ -10,8 +10,9 @@ trained on it, and 8 samples of each class decoded to PNG (plus an ADM-format np
 
 Measured on 2 CPU cores: tokenizer MSE about 0.08 after 2000 steps, held-out PSNR 17.9-18.2 dB
 and SSIM 0.56-0.57 on 512 test images, SiT loss from about 2.6 (step 100) to 1.1-1.3 (step
-1000) over the recent runs (multi-threaded CPU reductions make runs differ a little), samples
-that look like garments (rows are classes); 3.5 to 6 minutes in all (4 min 37 s on the last run).
+1000) over the recent runs (each run is deterministic, but training amplifies rounding-level
+changes between code versions), samples that look like garments (rows are classes); 3.5 to 6
+minutes in all (4 min 37 s on the last run).
 `summary.json` in the workdir has every number and each stage's wall time.
 """
 
