@@ -127,8 +127,7 @@ def weight_decay_mask(params):
   """True where AdamW decays: the reference's ``param_groups_weight_decay`` skips every
   tensor of at most one dimension and every ``*.bias``."""
   def decays(path, leaf) -> bool:
-    names = [str(getattr(k, "key", getattr(k, "name", ""))) for k in path]
-    names = [n for n in names if n and n != "value"]
+    names = parallel.path_parts(path)
     return jnp.ndim(leaf) > 1 and not (names and names[-1] == "bias")
   return jax.tree_util.tree_map_with_path(decays, params)
 
