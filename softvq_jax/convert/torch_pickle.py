@@ -165,6 +165,7 @@ class _LegacyUnpickler(_RestrictedUnpickler):
 
   def __init__(self, file):
     super().__init__(file, None, "")
+    self.storage_dtypes: dict[str, np.dtype] = {}  # by key, as the graph names them
 
   def find_class(self, module: str, name: str):
     if module == "torch._utils" and name in ("_rebuild_tensor_v2", "_rebuild_tensor"):
@@ -181,6 +182,7 @@ class _LegacyUnpickler(_RestrictedUnpickler):
       dtype = np.dtype(_TORCH_DTYPES[storage_type.name])
     else:
       raise TorchCheckpointError(f"unsupported storage type {storage_type!r}")
+    self.storage_dtypes.setdefault(str(key), dtype)
     return _PendingStorage(str(key), dtype, view)
 
 
@@ -223,28 +225,14 @@ def _load_legacy(path: str, f) -> Any:
     info = _PlainUnpickler(f).load()
     if not info.get("little_endian", True):
       raise TorchCheckpointError(f"{path} was written big-endian; not supported")
-    graph = _LegacyUnpickler(f).load()
+    unpickler = _LegacyUnpickler(f)
+    graph = unpickler.load()
     keys = _PlainUnpickler(f).load()
   except TorchCheckpointError:
     raise
   except Exception as e:  # pylint: disable=broad-except
     raise TorchCheckpointError(f"{path}: truncated or corrupt legacy checkpoint ({e!r})") from e
-  needed: dict[str, np.dtype] = {}
-
-  def collect(obj):
-    if isinstance(obj, _PendingTensor):
-      needed.setdefault(obj.storage.key, obj.storage.dtype)
-    elif isinstance(obj, dict):
-      for v in obj.values():
-        collect(v)
-    elif isinstance(obj, (list, tuple)):
-      for v in obj:
-        collect(v)
-    elif isinstance(obj, Opaque):
-      collect(obj.args)
-      collect(getattr(obj, "state", None))
-
-  collect(graph)
+  needed = unpickler.storage_dtypes
   storages: dict[str, np.ndarray] = {}
   for key in keys:
     header = f.read(8)
