@@ -82,10 +82,12 @@ def _cache_iterator(config: ml_collections.ConfigDict, tok: Tokenizer):
     raise ValueError(f"latent cache {config.data.cache_dir} holds latents {info['latent_shape']}, "
                      f"the tokenizer makes {tok.latent_shape}")
   from softvq_jax.data.cache_latents import same_tokenizer, tokenizer_fingerprint  # pylint: disable=g-import-not-at-top
-  if "tokenizer" in info and not same_tokenizer(info["tokenizer"], tokenizer_fingerprint(tok)):
-    raise ValueError(f"latent cache {config.data.cache_dir} was written by another tokenizer "
-                     f"(fingerprint {info['tokenizer']}, this run's tokenizer_dir gives "
-                     f"{tokenizer_fingerprint(tok)}): its latents would be decoded wrongly")
+  if "tokenizer" in info:
+    ours = tokenizer_fingerprint(tok)
+    if not same_tokenizer(info["tokenizer"], ours):
+      raise ValueError(f"latent cache {config.data.cache_dir} was written by another tokenizer "
+                       f"(fingerprint {info['tokenizer']}, this run's tokenizer_dir gives "
+                       f"{ours}): its latents would be decoded wrongly")
   if (info["vq_mean"], info["vq_std"]) != (tok.config.vq_mean, tok.config.vq_std):
     raise ValueError(f"latent cache {config.data.cache_dir} was written with vq_mean/vq_std "
                      f"{info['vq_mean']}/{info['vq_std']}, the tokenizer has "
