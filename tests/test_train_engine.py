@@ -217,8 +217,8 @@ def test_resume_after_sigkill_is_bit_exact(uninterrupted, tmp_path):
   _assert_same_state(params, uninterrupted[1])
 
 
-def test_nan_guard_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
-  workdir = str(tmp_path)
+def _poison_the_loss(monkeypatch, poison):
+  """The SiT trainer's loss becomes ``poison(model, loss value, step)``."""
   real = sit_trainer.make_loss_fn
 
   def poisoned(transport):
@@ -226,10 +226,15 @@ def test_nan_guard_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
 
     def loss(model, batch, key, step):
       value, aux = fn(model, batch, key, step)
-      return jnp.where(step >= 4, jnp.nan, value), aux
+      return poison(model, value, step), aux
     return loss
 
   monkeypatch.setattr(sit_trainer, "make_loss_fn", poisoned)
+
+
+def test_nan_guard_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+  workdir = str(tmp_path)
+  _poison_the_loss(monkeypatch, lambda model, value, step: jnp.where(step >= 4, jnp.nan, value))
   with pytest.raises(FloatingPointError, match="last good checkpoint is step 3"):
     sit_trainer.run(tiny_config(8, log_every=1), workdir)
   assert _final_params(workdir)[0] == 3
@@ -239,22 +244,15 @@ def test_nan_guard_sees_nan_gradients_behind_a_finite_loss(tmp_path, monkeypatch
   """sqrt(|w - stop_gradient(w)|) is 0 but its gradient is not finite: the loss stays finite
   while the update of step 6, a checkpoint step, turns the weights into NaN. It is not saved."""
   workdir = str(tmp_path)
-  real = sit_trainer.make_loss_fn
 
-  def poisoned(transport):
-    fn = real(transport)
+  def spiked(model, value, step):
+    w = jax.tree.leaves(nnx.state(model, nnx.Param))[0]
+    # Before step 6 (a checkpoint step) the square root is taken at 1 (gradient 0 through
+    # the select).
+    gap = jnp.where(step >= 5, w - jax.lax.stop_gradient(w), 1.0)
+    return value + jnp.sum(jnp.sqrt(jnp.abs(gap))) - jnp.where(step >= 5, 0.0, w.size)
 
-    def loss(model, batch, key, step):
-      value, aux = fn(model, batch, key, step)
-      w = jax.tree.leaves(nnx.state(model, nnx.Param))[0]
-      # Before step 6 (a checkpoint step) the square root is taken at 1 (gradient 0
-      # through the select).
-      gap = jnp.where(step >= 5, w - jax.lax.stop_gradient(w), 1.0)
-      spike = jnp.sum(jnp.sqrt(jnp.abs(gap))) - jnp.where(step >= 5, 0.0, w.size)
-      return value + spike, aux
-    return loss
-
-  monkeypatch.setattr(sit_trainer, "make_loss_fn", poisoned)
+  _poison_the_loss(monkeypatch, spiked)
   with pytest.raises(FloatingPointError, match="param_norm is nan at step 6.*last good "
                                                "checkpoint is step 3"):
     sit_trainer.run(tiny_config(8, log_every=1), workdir)
