@@ -10,12 +10,14 @@ asked to, after the new one is complete.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import shutil
 import tempfile
 from typing import Any, Iterator, Mapping
 
+from absl import logging
 import jax
 import numpy as np
 
@@ -208,8 +210,70 @@ def read_param_dir(directory: str, target: Mapping[Path, jax.ShapeDtypeStruct],
   return _flatten(restored)
 
 
+_DATA_ITEM = "data_per_process"
+
+
+def _process_file() -> str:
+  """This process's file among the per-process files of one item."""
+  return f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+
+
+@functools.cache
+def _per_process_json():
+  """An Orbax handler and its save/restore args for one JSON value per process.
+
+  The data iterator's state differs between hosts (each reads its own shard and
+  skips its own unreadable records), so each process writes and reads its own file.
+  Restoring with another process count gives ``None``: the saved positions index
+  shards that no longer exist.
+  """
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+
+  class PerProcessJsonHandler(ocp.CheckpointHandler):
+
+    def save(self, directory, args):
+      directory.mkdir(parents=True, exist_ok=True)
+      path = directory / _process_file()
+      path.write_text(json.dumps(args.item))
+
+    def restore(self, directory, args=None):
+      del args
+      path = directory / _process_file()
+      if not path.exists():
+        saved = sorted(p.name for p in directory.iterdir() if p.name.startswith("process_"))
+        logging.warning("The data iterator states in %s were saved by another number of "
+                        "processes (%s) than this run, which wants %s: the data iterators start "
+                        "afresh.", directory, ", ".join(saved) or "none", path.name)
+        return None
+      return json.loads(path.read_text())
+
+    def metadata(self, directory):
+      del directory
+      return None
+
+    def finalize(self, directory):
+      del directory
+
+    def close(self):
+      pass
+
+  @ocp.args.register_with_handler(PerProcessJsonHandler, for_save=True)
+  @dataclasses.dataclass
+  class PerProcessJsonSave(ocp.args.CheckpointArgs):
+    item: Any
+
+  @ocp.args.register_with_handler(PerProcessJsonHandler, for_restore=True)
+  @dataclasses.dataclass
+  class PerProcessJsonRestore(ocp.args.CheckpointArgs):
+    pass
+
+  return PerProcessJsonHandler, PerProcessJsonSave, PerProcessJsonRestore
+
+
 class TrainCheckpointer:
-  """Orbax ``CheckpointManager`` for training: the whole train state plus the data iterator.
+  """Orbax ``CheckpointManager`` for training: the whole train state plus each process's
+  data iterator state.
 
   Saves are asynchronous and atomic (Orbax finalises a step directory only when
   every file is written), the newest ``keep`` steps are kept, and restoring
@@ -225,10 +289,12 @@ class TrainCheckpointer:
                                            enable_async_checkpointing=asynchronous)
     # Handlers named up front, so that a fresh manager can read a step's metadata
     # (state_paths) before anything is saved or restored through it.
+    # `data` is the single data state of checkpoints written before states were per process.
+    handler, self._save_data, self._restore_data = _per_process_json()
     self._manager = ocp.CheckpointManager(
         directory, options=options,
-        item_handlers=dict(state=ocp.StandardCheckpointHandler(),
-                           data=ocp.JsonCheckpointHandler(), meta=ocp.JsonCheckpointHandler()))
+        item_handlers={"state": ocp.StandardCheckpointHandler(), _DATA_ITEM: handler(),
+                       "data": ocp.JsonCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -241,19 +307,27 @@ class TrainCheckpointer:
     ocp = self._ocp
     return self._manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state),
-        data=ocp.args.JsonSave(dict(data_state or {})),
-        meta=ocp.args.JsonSave(dict(meta or {}))), force=force)
+        meta=ocp.args.JsonSave(dict(meta or {})),
+        **{_DATA_ITEM: self._save_data(dict(data_state or {}))}), force=force)
 
   def restore(self, abstract_state, step: int | None = None):
-    """Returns ``(state, data_state, meta)`` of ``step`` (default: the latest)."""
+    """Returns ``(state, data_state, meta)`` of ``step`` (default: the latest).
+
+    ``data_state`` is this process's, or ``{}`` where none applies to it.
+    """
     ocp = self._ocp
     step = self.latest_step() if step is None else step
     if step is None:
       raise CheckpointError(f"no checkpoint in {self.directory}")
-    restored = self._manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(),
-        meta=ocp.args.JsonRestore()))
-    return restored["state"], dict(restored["data"] or {}), dict(restored["meta"] or {})
+    saved_items = set(self._manager.item_metadata(step).keys())
+    data_item = _DATA_ITEM if _DATA_ITEM in saved_items else "data"
+    data_args = self._restore_data() if data_item == _DATA_ITEM else ocp.args.JsonRestore()
+    items = dict(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore())
+    if data_item in saved_items:
+      items[data_item] = data_args
+    restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+    return (restored["state"], dict(restored.get(data_item) or {}),
+            dict(restored["meta"] or {}))
 
   def meta(self, step: int | None = None) -> dict[str, Any]:
     """The ``meta`` saved with ``step`` (default: the latest), without reading any array."""
