@@ -152,13 +152,29 @@ def test_a_cache_is_for_one_tokenizer_at_one_precision(tok, source, cache):
                                      examples_per_shard=PER_SHARD, process_index=0,
                                      process_count=1, progress=False)
   config = ml_collections.ConfigDict(dict(data=dict(cache_dir=out), global_batch_size=4, seed=0))
-  assert sit_trainer._cache_iterator(config, tok) is not None  # pylint: disable=protected-access
+  assert sit_trainer._cache_iterator(config, tok, 7) is not None  # pylint: disable=protected-access
   with pytest.raises(ValueError, match="written by another tokenizer"):
-    sit_trainer._cache_iterator(config, sensitive_tokenizer(seed=2))  # pylint: disable=protected-access
+    sit_trainer._cache_iterator(config, sensitive_tokenizer(seed=2), 7)  # pylint: disable=protected-access
   same = cache_latents.same_tokenizer
   assert same("abc-10-1.234567e+03", "abc-10-1.234568e+03")
   assert not same("abc-10-1.234567e+03", "abc-10-1.235567e+03")
   assert not same("abc-10-1.234567e+03", "abd-10-1.234567e+03")
+
+
+def test_labels_beyond_the_generator_classes_are_refused(cache):
+  """The cache holds labels 0..6; a 5-class generator would silently train label 5 as its
+  unconditional row. Reading such a record names it and the class count."""
+  out, _ = cache
+  labels = [int(r["label"]) for r in read_all(out)]
+  assert max(labels) == 6
+  ok = cache_latents.latent_pipeline(out, batch_size=4, train=False, num_classes=7,
+                                     shard_index=0, shard_count=1)
+  assert sorted(np.concatenate([b["label"] for b in ok]).tolist()) == sorted(labels)
+  first_bad = next(i for i, label in enumerate(labels) if label >= 5)
+  bad = cache_latents.latent_pipeline(out, batch_size=4, train=False, num_classes=5,
+                                      shard_index=0, shard_count=1)
+  with pytest.raises(ValueError, match=rf"record {first_bad} .* has label \d, outside \[0, 5\)"):
+    list(bad)
 
 
 def test_reader_pipeline(cache):
@@ -265,3 +281,14 @@ def test_cache_on_a_bucket_is_written_there_and_mirrored_for_reading(tok, source
   (bucket / "latents" / cache_latents.shard_name(0, 3)).write_bytes(b"corrupt")
   again_src = cache_latents.LatentCacheSource(url, mirror_dir=mirror, progress=False)
   assert again_src[0]["index"] == 0
+
+
+def test_in_memory_labels_beyond_the_generator_classes_are_refused(tok):
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from softvq_jax.train import sit_trainer  # pylint: disable=g-import-not-at-top
+  config = ml_collections.ConfigDict(dict(
+      data=dict(source="synthetic", num_examples=6, num_classes=6), global_batch_size=2, seed=0))
+  with pytest.raises(ValueError, match=r"labels in \[0, 5\], the generator has num_classes=4"):
+    sit_trainer.latent_data(config, tok, 4)
+  batch = next(sit_trainer.latent_data(config, tok, 6))
+  assert batch["latent"].shape == (2, *tok.latent_shape)

@@ -277,34 +277,44 @@ class LatentCacheSource:
 class PickLatent(grain.transforms.RandomMap):
   """Training: the flipped latents with probability 1/2; eval: always the unflipped ones."""
 
-  def __init__(self, train: bool, mean: float = 0.0, std: float = 1.0):
-    self.train, self.mean, self.std = train, mean, std
+  def __init__(self, train: bool, mean: float = 0.0, std: float = 1.0,
+               num_classes: int | None = None):
+    self.train, self.mean, self.std, self.num_classes = train, mean, std, num_classes
 
   def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+    label = int(element["label"])
+    if self.num_classes is not None and not 0 <= label < self.num_classes:
+      # The generator's embedding lookup would not fail: it would read the
+      # unconditional row (label == num_classes) or clamp.
+      raise ValueError(
+          f"latent cache record {element.get('index')} ({element.get('name')}) has label "
+          f"{label}, outside [0, {self.num_classes}): the generator has num_classes="
+          f"{self.num_classes}; set it to the dataset's number of classes")
     flip = self.train and rng.random() < 0.5
     z = np.asarray(element["latent_flip" if flip else "latent"], np.float32)
     if self.mean != 0.0 or self.std != 1.0:
       z = (z - np.float32(self.mean)) / np.float32(self.std)
-    return {"latent": z, "label": np.int32(element["label"])}
+    return {"latent": z, "label": np.int32(label)}
 
 
 def latent_pipeline(cache: str | LatentCacheSource, *, batch_size: int, train: bool = True,
                     seed: int = 0, num_epochs: int | None = None, normalize: bool = False,
                     shard_index: int | None = None, shard_count: int | None = None,
                     num_threads: int = 4, prefetch_buffer_size: int = 256,
-                    worker_count: int = 0) -> grain.IterDataset:
+                    worker_count: int = 0, num_classes: int | None = None) -> grain.IterDataset:
   """Batches ``{"latent": (B, L, d) float32, "label": (B,) int32}`` from a latent cache.
 
   ``normalize`` applies the tokenizer's ``(z - vq_mean) / vq_std`` stored in
   the cache info. Training shuffles, repeats forever and drops the remainder;
-  eval reads once in order.
+  eval reads once in order. With ``num_classes``, a label outside
+  ``[0, num_classes)`` raises ``ValueError`` when its record is read.
   """
   source = cache if isinstance(cache, LatentCacheSource) else LatentCacheSource(cache)
   mean, std = ((source.info["vq_mean"], source.info["vq_std"]) if normalize else (0.0, 1.0))
   if num_epochs is None and not train:
     num_epochs = 1
   return pipeline.build_pipeline(
-      source, PickLatent(train, mean, std), batch_size=batch_size, seed=seed, shuffle=train,
+      source, PickLatent(train, mean, std, num_classes), batch_size=batch_size, seed=seed, shuffle=train,
       num_epochs=num_epochs, drop_remainder=train, shard_index=shard_index,
       shard_count=shard_count, num_threads=num_threads,
       prefetch_buffer_size=prefetch_buffer_size, worker_count=worker_count, max_skipped=None)

@@ -73,7 +73,7 @@ def encode_dataset(tok: Tokenizer, images: np.ndarray, batch_size: int) -> np.nd
   return np.concatenate(out)
 
 
-def _cache_iterator(config: ml_collections.ConfigDict, tok: Tokenizer):
+def _cache_iterator(config: ml_collections.ConfigDict, tok: Tokenizer, num_classes: int):
   """Normalised latents from a cache written by ``softvq_jax.data.cache_latents``."""
   from softvq_jax.data.cache_latents import LatentCacheSource, latent_pipeline  # pylint: disable=g-import-not-at-top
   source = LatentCacheSource(config.data.cache_dir)
@@ -94,14 +94,22 @@ def _cache_iterator(config: ml_collections.ConfigDict, tok: Tokenizer):
                      f"{tok.config.vq_mean}/{tok.config.vq_std}")
   logging.info("Training on %d cached latents from %s", len(source), config.data.cache_dir)
   return iter(latent_pipeline(source, batch_size=config.global_batch_size // jax.process_count(),
-                              train=True, seed=config.seed, normalize=True))
+                              train=True, seed=config.seed, normalize=True,
+                              num_classes=num_classes))
 
 
-def latent_data(config: ml_collections.ConfigDict, tok: Tokenizer):
-  """Checkpointable iterator of normalised latent batches: a latent cache, or images encoded now."""
+def latent_data(config: ml_collections.ConfigDict, tok: Tokenizer, num_classes: int):
+  """Checkpointable iterator of normalised latent batches: a latent cache, or images encoded now.
+
+  Labels must lie in ``[0, num_classes)``, the generator's classes.
+  """
   if config.data.source == "latent_cache":
-    return _cache_iterator(config, tok)
+    return _cache_iterator(config, tok, num_classes)
   images, labels = load_images(config.data, tok.image_size)
+  if labels.size and not 0 <= labels.min() <= labels.max() < num_classes:
+    raise ValueError(f"data.source={config.data.source!r} gives labels in [{labels.min()}, "
+                     f"{labels.max()}], the generator has num_classes={num_classes}: set "
+                     "data.num_classes and model.num_classes alike")
   latents = encode_dataset(tok, images, config.get("encode_batch_size", 16))
   logging.info("Encoded %d images into latents %s (and their mirror images)", len(images),
                latents.shape[2:])
@@ -363,7 +371,7 @@ def prepare_training(config: ml_collections.ConfigDict, workdir: str,
   common.check_batch(config.global_batch_size, mesh)
   tok = load_tokenizer(config, mesh)
   gen_config = generator_config(config, tok, kind=kind)
-  data = latent_data(config, tok)
+  data = latent_data(config, tok, gen_config.num_classes)
   dtype = {"float32": None, "bfloat16": jnp.bfloat16}[config.get("dtype", "float32")]
   ckpt = common.train_checkpointer(workdir, config.get("keep_checkpoints", 3))
   options = graph_options(config)
