@@ -105,7 +105,8 @@ def write_param_dir(out_dir: str, flat_params: Mapping[Path, np.ndarray], config
 
   A bucket URL (``gs://...``) is written to a local temporary folder first and
   then uploaded with ``config.json`` last: readers require it, so they never load
-  a partial upload.
+  a partial upload. Replacing a folder on a bucket is not atomic (no rename): the
+  old one is deleted, ``config.json`` first, before the upload.
   """
   if overwrite and fs.isdir(out_dir):
     # Only an earlier output of this writer is replaced, never a folder holding anything
@@ -126,6 +127,10 @@ def write_param_dir(out_dir: str, flat_params: Mapping[Path, np.ndarray], config
       staged = write_param_dir(os.path.join(local, "out"), flat_params, config,
                                extra_json=extra_json)
       if fs.exists(out_dir):
+        # A bucket has no rename: the old folder goes before the new one arrives. Its
+        # config.json goes first, so no reader loads it while its params are deleted.
+        if fs.exists(f"{out_dir}/{_CONFIG}"):
+          fs.remove(f"{out_dir}/{_CONFIG}")
         fs.rmtree(out_dir)
       fs.upload_tree(staged, out_dir, last=_CONFIG)
     return out_dir

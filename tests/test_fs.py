@@ -44,7 +44,7 @@ def test_png_is_one_upload(bucket):
   assert bucket.writes == ["run/grids/step_10.png"]
 
 
-def test_parameter_directory_uploads_config_last_and_refuses_to_overwrite(bucket):
+def test_parameter_directory_uploads_config_last_and_refuses_to_overwrite(bucket, monkeypatch):
   flat = {("a", "kernel"): np.ones((2, 3), np.float32), ("b",): np.arange(4, dtype=np.float32)}
   out = checkpoint.write_param_dir("gs://bucket/run/tokenizer", flat, {"name": "x"},
                                    extra_json={"extra.json": {"k": 1}})
@@ -61,7 +61,15 @@ def test_parameter_directory_uploads_config_last_and_refuses_to_overwrite(bucket
   assert listing(bucket / "run/tokenizer") == listing(local)
   with pytest.raises(FileExistsError, match="already exists"):
     checkpoint.write_param_dir("gs://bucket/run/tokenizer", flat, {"name": "y"})
+  config_when_deleting = []
+  rmtree = fs.rmtree
+  def recording_rmtree(path):
+    config_when_deleting.append((bucket / "run/tokenizer/config.json").exists())
+    rmtree(path)
+  monkeypatch.setattr(fs, "rmtree", recording_rmtree)
   checkpoint.write_param_dir("gs://bucket/run/tokenizer", flat, {"name": "y"}, overwrite=True)
+  # No reader could take the old folder for complete while its params were being deleted.
+  assert config_when_deleting == [False]
   assert checkpoint.read_config("gs://bucket/run/tokenizer") == {"name": "y"}
   assert not (bucket / "run/tokenizer/extra.json").exists()  # the old folder was replaced
 

@@ -77,6 +77,14 @@ def rmtree(path: str) -> None:
     shutil.rmtree(path)
 
 
+def remove(path: str) -> None:
+  """Deletes one file (local or bucket object)."""
+  if is_remote(path):
+    _remote(path).unlink()
+  else:
+    os.remove(path)
+
+
 def open(path: str, mode: str = "r") -> IO[Any]:  # pylint: disable=redefined-builtin
   return _remote(path).open(mode) if is_remote(path) else builtins.open(path, mode)
 
