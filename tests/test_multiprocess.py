@@ -75,7 +75,7 @@ from softvq_jax.train import sit_trainer
 import numpy as np
 
 
-def interleaved(config, tok):
+def interleaved(config, tok, num_classes):
   source = LatentCacheSource(config.data.cache_dir)
   shards = [iter(latent_pipeline(source, batch_size=config.global_batch_size // 2, train=True,
                                  seed=config.seed, normalize=True, shard_index=i, shard_count=2))
