@@ -314,8 +314,8 @@ def latent_pipeline(cache: str | LatentCacheSource, *, batch_size: int, train: b
   if num_epochs is None and not train:
     num_epochs = 1
   return pipeline.build_pipeline(
-      source, PickLatent(train, mean, std, num_classes), batch_size=batch_size, seed=seed, shuffle=train,
-      num_epochs=num_epochs, drop_remainder=train, shard_index=shard_index,
+      source, PickLatent(train, mean, std, num_classes), batch_size=batch_size, seed=seed,
+      shuffle=train, num_epochs=num_epochs, drop_remainder=train, shard_index=shard_index,
       shard_count=shard_count, num_threads=num_threads,
       prefetch_buffer_size=prefetch_buffer_size, worker_count=worker_count, max_skipped=None)
 
