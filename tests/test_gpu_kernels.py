@@ -275,6 +275,8 @@ def test_sit_forward_for_an_h200_folds_gelu_into_the_matmul(cuda_plugin):
   assert formula["launches_by_kind"]["kLoop"] - epilogue["launches_by_kind"]["kLoop"] == depth
 
 
+# Several GPU compilations (about 40 s of CPU): outside CI's time budget.
+@pytest.mark.extended
 def test_sampling_loop_counts_every_step(cuda_plugin):
   """The 2- and 3-step pipelines differ by one sampler step inside the compiled loop: exactly
   the GEMMs of one generator forward, compiled on its own."""
@@ -362,6 +364,8 @@ bench.main("--what kernels --program train --model softvq_b64 --batch 32 --dtype
 """
 
 
+# Several GPU compilations (about 40 s of CPU): outside CI's time budget.
+@pytest.mark.extended
 def test_learned_position_tables_keep_the_backward_pass_batch_major(cuda_plugin):
   """XLA's GPU layout assignment lays a batch-only reduction's operand out batch-minor, and
   the layout spreads through the residual stream of the backward pass (a transpose after

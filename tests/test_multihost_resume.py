@@ -150,8 +150,11 @@ def test_gpu_node_runs_the_command_this_test_runs_on_cpu(tmp_path):
 
 # Three runs of two processes: 120-140 s (plus 16-20 s for the cache) measured on 2 CPU cores
 # shared with other jobs (load average 5-9; about 95 s of CPU time in all). Running the
-# first two side by side saved nothing.
+# first two side by side saved nothing. Outside CI's time budget (`-m extended`, with
+# test_multiprocess.py's two-process kill/resume); CI covers the single-process SIGKILL
+# resume (test_train_engine.py) and each process's data state (test_data_state_per_process.py).
 @pytest.mark.slow
+@pytest.mark.extended
 def test_kill_and_resume_through_the_launcher_equals_unbroken_run(config, tmp_path, launched):
   cache = tmp_path / "jax_cache"
   ref_dir, run_dir = tmp_path / "unbroken", tmp_path / "broken"

@@ -171,9 +171,9 @@ def cache(tmp_path_factory):
 
 # 91 s (load average ~4) to 120 s (~6) measured on 2 shared cores: three runs, each
 # importing JAX and TensorFlow (clu), building its tokenizer and compiling its train step;
-# two processes compile side by side. Outside CI's time budget (`-m extended`): CI runs the
-# same kill/resume through the launcher (test_multihost_resume.py) and the single-process
-# SIGKILL resume (test_train_engine.py).
+# two processes compile side by side. Outside CI's time budget (`-m extended`), as is the
+# same kill/resume through the launcher (test_multihost_resume.py); CI runs the
+# single-process SIGKILL resume (test_train_engine.py).
 @pytest.mark.slow
 @pytest.mark.extended
 def test_two_processes_kill_resume_equals_one_process(cache, tmp_path):

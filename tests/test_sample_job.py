@@ -42,9 +42,10 @@ def test_sample_job_writes_adm_npz_and_pngs(tmp_path, config, method):
   again = run_job(config, workdir, "--config.sampler.num_steps=3", "--config.batch_size=5")
   assert again.returncode == 0, again.stderr[-3000:]
   np.testing.assert_array_equal(np.load(workdir / "samples.npz")["arr_0"], images)
-  # Other settings in the same workdir are refused rather than mixed in.
-  other = run_job(config, workdir, "--config.sampler.num_steps=4", "--config.batch_size=5")
-  assert other.returncode != 0 and "other settings" in other.stderr
+  if method == "euler_maruyama":  # the check is the same for both; one run shows it
+    # Other settings in the same workdir are refused rather than mixed in.
+    other = run_job(config, workdir, "--config.sampler.num_steps=4", "--config.batch_size=5")
+    assert other.returncode != 0 and "other settings" in other.stderr
 
 
 def test_balanced_labels():
