@@ -252,6 +252,8 @@ def test_tokenizer_encode_compiled_for_an_h200_shows_the_inference_forms(cuda_pl
   assert refused and all(len(shape) == 4 and shape[0] == 4 for shape in refused)
 
 
+# Two GPU compilations of the tokenizer (about 25 s of CPU): outside CI's time budget.
+@pytest.mark.extended
 def test_tokenizer_encode_for_an_h200_folds_the_chosen_tanh_gelu_into_the_matmul(cuda_plugin):
   """Opt-in ``--inference_gelu tanh``: each of the tiny encoder's 2 blocks loses its GELU
   kernel to fc1's bias+GELU epilogue; the exact GELU (the default) has no epilogue. (XLA
