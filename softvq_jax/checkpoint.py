@@ -353,14 +353,14 @@ class TrainCheckpointer:
     if step is None:
       raise CheckpointError(f"no checkpoint in {self.directory}")
     saved_items = set(self._manager.item_metadata(step).keys())
-    data_item = _DATA_ITEM if _DATA_ITEM in saved_items else "data"
-    data_args = self._restore_data() if data_item == _DATA_ITEM else ocp.args.JsonRestore()
     items = dict(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore())
-    if data_item in saved_items:
-      items[data_item] = data_args
+    if _DATA_ITEM in saved_items:
+      items[_DATA_ITEM] = self._restore_data()
+    elif "data" in saved_items:  # written before data states were per process
+      items["data"] = ocp.args.JsonRestore()
     restored = self._manager.restore(step, args=ocp.args.Composite(**items))
-    return (restored["state"], dict(restored.get(data_item) or {}),
-            dict(restored["meta"] or {}))
+    data_state = restored.get(_DATA_ITEM) or restored.get("data") or {}
+    return restored["state"], dict(data_state), dict(restored["meta"] or {})
 
   def meta(self, step: int | None = None) -> dict[str, Any]:
     """The ``meta`` saved with ``step`` (default: the latest), without reading any array."""
