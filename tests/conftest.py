@@ -8,6 +8,7 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
 # JAX_PLATFORMS=cuda runs the GPU-only kernel tests (skipped otherwise).
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import contextlib  # noqa: E402
 import pathlib  # noqa: E402
 
 import jax  # noqa: E402
@@ -43,6 +44,28 @@ def jaxpr_equations(jaxpr):
       inner = getattr(param, "jaxpr", param)
       if hasattr(inner, "eqns"):
         yield from jaxpr_equations(inner)
+
+
+_BACKEND_COMPILE = "/jax/core/compile/backend_compile_duration"
+_compiles = []
+
+
+def _compile_listener(event, duration_secs, **kwargs):
+  del duration_secs, kwargs
+  if event == _BACKEND_COMPILE:
+    _compiles.append(event)
+
+
+jax.monitoring.register_event_duration_secs_listener(_compile_listener)
+
+
+@contextlib.contextmanager
+def count_compiles():
+  """``with count_compiles() as n:`` -> ``n[0]``, the XLA compilations inside the block."""
+  start = len(_compiles)
+  counter = [0]
+  yield counter
+  counter[0] = len(_compiles) - start
 
 
 def rel_err(actual, expected) -> float:

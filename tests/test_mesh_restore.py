@@ -64,21 +64,17 @@ def test_saving_a_replicated_state_compiles_nothing(tmp_path):
   """One process writes every byte of a replicated array anyway; splitting the write among
   its 8 devices (Orbax's replica parallelism) costs an eager slice, and a compilation per
   array shape, on the first save of every run."""
-  from jax import monitoring  # pylint: disable=g-import-not-at-top
-  compiles = []
-  monitoring.register_event_duration_secs_listener(
-      lambda event, secs, **kw: compiles.append(event)
-      if event == "/jax/core/compile/backend_compile_duration" else None)
+  from conftest import count_compiles  # pylint: disable=g-import-not-at-top
   mesh = parallel.create_mesh([("data", 8)])
   _, state, _ = state_lib.create_train_state(model_fn, optax.adamw(1e-3), mesh, seed=3,
                                              strategy="dp")
   assert all(leaf.sharding.is_fully_replicated for leaf in jax.tree.leaves(state))
   jax.block_until_ready(state)
   ckpt = TrainCheckpointer(str(tmp_path / "checkpoints"))
-  before = len(compiles)
-  ckpt.save(1, state, force=True)
-  ckpt.wait()
-  assert len(compiles) == before
+  with count_compiles() as compiles:
+    ckpt.save(1, state, force=True)
+    ckpt.wait()
+  assert compiles[0] == 0
   abstract, _ = state_lib.abstract_train_state(model_fn, optax.adamw(1e-3), mesh, seed=0,
                                                strategy="dp")
   restored, _, _ = ckpt.restore(abstract)

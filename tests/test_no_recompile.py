@@ -1,40 +1,17 @@
 """Nothing recompiles across steps or batches of the same shape (counted by JAX's compile events)."""
 
-import contextlib
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from jax import monitoring
+from conftest import count_compiles
 
 from softvq_jax import Generator, GeneratorConfig, Tokenizer, parallel
 from softvq_jax.models import layers
 from softvq_jax.models.sit import SiT
 from softvq_jax.train import state as state_lib
 from softvq_jax.transport.loss import sit_loss
-
-_BACKEND_COMPILE = "/jax/core/compile/backend_compile_duration"
-_compiles = []
-
-
-def _listener(event, duration_secs, **kwargs):
-  del duration_secs, kwargs
-  if event == _BACKEND_COMPILE:
-    _compiles.append(event)
-
-
-monitoring.register_event_duration_secs_listener(_listener)
-
-
-@contextlib.contextmanager
-def count_compiles():
-  start = len(_compiles)
-  counter = [0]
-  yield counter
-  counter[0] = len(_compiles) - start
-
 
 TOK = dict(enc_type="vit", dec_type="vit", encoder_model="vit_small_patch14_dinov2.lvd142m",
            decoder_model="vit_small_patch14_dinov2.lvd142m",
