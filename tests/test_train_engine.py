@@ -180,6 +180,10 @@ def test_resume_after_sigterm_is_bit_exact(uninterrupted, tmp_path, monkeypatch)
   # As if the run had logged step 6 and died before its next checkpoint (plus a torn line).
   with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
     f.write(json.dumps({"step": 6, "loss": 1.0}) + "\n" + '{"step": 7, "lo')
+  from clu import metric_writers  # pylint: disable=g-import-not-at-top
+  killed_writer = metric_writers.create_default_writer(workdir)
+  killed_writer.write_scalars(6, {"loss": 1.0})
+  killed_writer.close()
   sit_trainer.run(tiny_config(8), workdir)
   step, params = _final_params(workdir)
   assert step == uninterrupted[0] == 8
@@ -187,6 +191,13 @@ def test_resume_after_sigterm_is_bit_exact(uninterrupted, tmp_path, monkeypatch)
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     steps = [json.loads(line)["step"] for line in f]
   assert steps == sorted(set(steps)) and steps[-1] == 8 and 6 in steps
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  logged = []
+  for name in os.listdir(workdir):
+    if name.startswith("events.out.tfevents."):
+      logged += [event.step for event in tf.compat.v1.train.summary_iterator(
+          os.path.join(workdir, name)) for value in event.summary.value if value.tag == "loss"]
+  assert sorted(logged) == steps  # TensorBoard: each logged step once
 
 
 @pytest.mark.slow

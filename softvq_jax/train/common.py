@@ -13,6 +13,7 @@ from absl import logging
 
 from softvq_jax import parallel
 from softvq_jax.checkpoint import TrainCheckpointer
+from softvq_jax.train import events
 from softvq_jax.train import state as state_lib
 from softvq_jax.utils import fs
 
@@ -63,8 +64,12 @@ def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int):
   return optax.chain(*parts), schedule
 
 
-def make_writer(workdir: str):
+def make_writer(workdir: str, resumed_step: int = 0):
+  """TensorBoard (process 0) and log writer. ``resumed_step``: the step restored from a
+  checkpoint; earlier runs' events after it are removed first (they are logged again)."""
   from clu import metric_writers  # pylint: disable=g-import-not-at-top  (imports TensorFlow)
+  if jax.process_index() == 0 and resumed_step > 0:
+    events.drop_events_after(workdir, resumed_step)
   return metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
 
 

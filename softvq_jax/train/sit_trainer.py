@@ -424,7 +424,7 @@ def prepare_training(config: ml_collections.ConfigDict, workdir: str,
   else:
     step_fn = parallel.with_activation_sharding(make_step(remat), mesh, rules)
   return GeneratorTraining(mesh, tok, gen_config, data, graphdef, state, ckpt, step_fn,
-                           common.make_writer(workdir))
+                           common.make_writer(workdir, resumed_step=int(state.step)))
 
 
 def finish_training(config: ml_collections.ConfigDict, workdir: str, run: GeneratorTraining,

@@ -424,7 +424,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   common.log_parameter_overview(state)
   step_fn = setup.make_step(config, mesh, shardings)
 
-  writer = common.make_writer(workdir)
+  writer = common.make_writer(workdir, resumed_step=int(state.step))
   eval_source = resolve_source(config.data, "eval")
   # The same images on every process (the grid's PSNR is logged, and the reconstruct program
   # is replicated): not this host's shard.
