@@ -18,7 +18,8 @@ import time
 import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-SCRIPTS = sorted(p.relative_to(REPO).as_posix() for p in (REPO / "launch").rglob("*.sh"))
+SCRIPTS = sorted(p.relative_to(REPO).as_posix()
+                 for d in ("launch", "benchmarks") for p in (REPO / d).rglob("*.sh"))
 TOOLS = ("gcloud", "xpk", "kubectl", "sbatch", "srun", "tar")
 TPU_ENV = dict(TPU_NAME="softvq-v4-32", ZONE="us-central2-b", ACCELERATOR_TYPE="v4-32",
                RUNTIME_VERSION="tpu-ubuntu2204-base")
@@ -75,7 +76,7 @@ def _remote(cmd: list[str]) -> str:
 def test_launch_scripts_found():
   assert {"launch/tpu/pod.sh", "launch/tpu/worker.sh", "launch/tpu/xpk.sh",
           "launch/gpu/single_node.sh", "launch/gpu/slurm.sh",
-          "launch/local_multiprocess.sh"} <= set(SCRIPTS)
+          "launch/local_multiprocess.sh", "benchmarks/gpu_checks.sh"} <= set(SCRIPTS)
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -355,3 +356,16 @@ def test_local_multiprocess_stops_the_others_when_one_fails(stubs, tmp_path):
               env=dict(PYTHON="python", COORDINATOR_PORT="5555"), check=False)
   assert proc.returncode == 3, (proc.stdout, proc.stderr)
   assert "process 0 stopped" in proc.stdout and time.time() - start < 30
+
+
+def test_gpu_checks_skip_what_the_budget_cannot_hold(tmp_path):
+  """The GPU check list runs on any machine: with under a minute of budget it starts no
+  step, names each as skipped, and succeeds."""
+  proc = subprocess.run(["bash", "benchmarks/gpu_checks.sh", str(tmp_path / "out")], cwd=REPO,
+                        env=dict(os.environ, DEADLINE="30"), capture_output=True, text=True,
+                        timeout=120)
+  assert proc.returncode == 0, proc.stderr
+  log = (tmp_path / "out" / "log.txt").read_text()
+  skipped = [line.split()[1].rstrip(":") for line in log.splitlines() if "skipped" in line]
+  assert skipped[:3] == ["gpu-tests", "sit-train", "tokenizer-b64"] and len(skipped) == 9
+  assert "rc " not in log and not (tmp_path / "out" / "gpu.jsonl").exists()
