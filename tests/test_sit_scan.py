@@ -1,5 +1,7 @@
 """Scan-over-layers with rematerialisation: same numbers and same checkpoint layout as the loop."""
 
+from types import SimpleNamespace
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,6 +12,7 @@ from flax import nnx
 from softvq_jax.generator import build_model
 from softvq_jax.models.config import ConfigError
 from softvq_jax.models.sit import GeneratorConfig, SiT, stack_layers, unstack_layers
+from softvq_jax.train.sit_trainer import ema_sampler
 from softvq_jax.utils.nnx_utils import model_from_flat
 
 CFG = GeneratorConfig(kind="sit", input_size=8, in_channels=4, hidden_size=32, depth=3,
@@ -68,6 +71,26 @@ def _assert_scan_equals_loop(scanned, looped, inputs):
 
 def _flat_grads(grads):
   return {tuple(p): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(grads)}
+
+
+@pytest.mark.parametrize("scan,policy", [(True, "none"), (True, "dots_with_no_batch_dims_saveable"),
+                                         (False, "nothing_saveable")])
+def test_training_layouts_run_inside_the_samplers_loop(looped, scan, policy):
+  """The trainers' sample grid and FID hook call the training model (scanned,
+  rematerialised) inside the sampler's ``lax.scan``: NNX transforms had refused its
+  modules there (another trace level), so a scanned run crashed at its first grid."""
+  model, flat = looped
+  trained = _load(SiT(CFG, rngs=nnx.Rngs(1), scan_layers=scan, remat_policy=policy),
+                  stack_layers(flat, CFG.depth) if scan else flat)
+  noise = jax.random.normal(jax.random.key(2), (2, 8, 4))
+  labels = jnp.array([1, 3])
+
+  def sample(m):
+    graphdef, params, rest = nnx.split(m, nnx.Param, ...)
+    sampler = ema_sampler(graphdef, CFG, num_steps=3, cfg_scale=1.5)
+    return sampler(SimpleNamespace(ema=params, rest=rest), noise, labels)
+
+  np.testing.assert_allclose(sample(trained), sample(model), rtol=1e-5, atol=1e-6)
 
 
 def test_layouts_convert_both_ways_and_count_the_same(looped):

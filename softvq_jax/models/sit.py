@@ -18,6 +18,7 @@ Attribute names mirror the PyTorch state dict (``blocks.3.adaLN_modulation.1``,
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Mapping
 
@@ -336,11 +337,21 @@ REMAT_POLICIES = {
 
 
 def _maybe_remat(block, policy: str, method: str = "__call__"):
-  """``block.<method>`` under ``nnx.remat`` with the named policy, or as it is for "none"."""
+  """``block.<method>`` rematerialised with the named policy, or as it is for "none".
+
+  ``jax.checkpoint`` over the block's split state rather than ``nnx.remat``: a model
+  merged outside a JAX transform is called inside one by the samplers (``lax.scan``
+  over the steps), and NNX transforms refuse modules from another trace level.
+  """
   if policy == "none":
     return getattr(block, method)
-  fn = nnx.remat(lambda b, *args: getattr(b, method)(*args), policy=REMAT_POLICIES[policy])
-  return lambda *args: fn(block, *args)
+  graphdef, state = nnx.split(block)
+
+  @functools.partial(jax.checkpoint, policy=REMAT_POLICIES[policy])
+  def run(block_state, *args):
+    return getattr(nnx.merge(graphdef, block_state), method)(*args)
+
+  return lambda *args: run(state, *args)
 
 
 def stack_layers(flat: Mapping[tuple, Any], depth: int) -> dict[tuple, Any]:
@@ -542,13 +553,15 @@ class SiT(nnx.Module):
     return (out, taps) if return_intermediates else out
 
   def _scan_blocks(self, h: Array, c: Array) -> Array:
+    # lax.scan over the split state, not nnx.scan: see _maybe_remat.
     policy = self.remat_policy
+    graphdef, stacked = nnx.split(self.blocks)
 
-    @nnx.scan(in_axes=(nnx.Carry, 0, None), out_axes=nnx.Carry)
-    def run(x, block, cond):
-      return constrain(_maybe_remat(block, policy)(x, cond), _ACT)
+    def run(x, layer_state):
+      block = nnx.merge(graphdef, layer_state)
+      return constrain(_maybe_remat(block, policy)(x, c), _ACT), None
 
-    return run(h, self.blocks, c)
+    return jax.lax.scan(run, h, stacked)[0]
 
   def forward_with_cfg(self, x: Array, t: Array, y: Array, cfg_scale: float | Array) -> Array:
     """The reference DiT's guided call on a ``[half, half]`` batch (labels ``[y, null]``).
