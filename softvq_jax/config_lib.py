@@ -286,7 +286,8 @@ def sit_recipe(tokenizer: str, arg: str | None, *, size: str = "XL") -> ml_colle
                        encoder_kwargs=dict(TINY_VIT), decoder_kwargs=dict(TINY_VIT))
     c.model.update(hidden_size=64, depth=2, num_heads=2, num_classes=8, scan_layers=False,
                    remat_policy="none")
-    c.data = ml_collections.ConfigDict(dict(source="skimage", num_classes=8))
+    # cache_dir stays settable: --config.data.cache_dir=DIR trains on a latent cache.
+    c.data = ml_collections.ConfigDict(dict(source="skimage", cache_dir="", num_classes=8))
     c.global_batch_size = 8
     c.total_steps = 40
     c.dtype = "float32"

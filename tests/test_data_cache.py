@@ -161,6 +161,26 @@ def test_a_cache_is_for_one_tokenizer_at_one_precision(tok, source, cache):
   assert not same("abc-10-1.234567e+03", "abd-10-1.234567e+03")
 
 
+def test_runlocal_recipe_trains_on_a_cache_given_by_flag(tok, cache):
+  """``configs/sit_*.py:runlocal --config.data.cache_dir=DIR``: the shrunk recipe's data
+  (offline images) had no ``cache_dir`` field, so the flag was refused."""
+  from softvq_jax.config_lib import sit_recipe  # pylint: disable=g-import-not-at-top
+  from softvq_jax.train import sit_trainer  # pylint: disable=g-import-not-at-top
+  out, _ = cache
+  config = sit_recipe("softvq-b-64", "runlocal")
+  config.data.cache_dir = out
+  config.global_batch_size = 4
+  batch = next(iter(sit_trainer.latent_data(config, tok, 7)))
+  assert batch["latent"].shape == (4,) + tok.latent_shape
+  cached = {tuple(np.round(r[key].ravel()[:4], 4)) for r in read_all(out)
+            for key in ("latent", "latent_flip")}
+  assert len(cached) == 2 * N
+  first = np.asarray(batch["latent"][0])
+  # Normalised latents of the cache, not of the offline images the recipe would encode.
+  raw = first * tok.config.vq_std + tok.config.vq_mean
+  assert tuple(np.round(raw.ravel()[:4], 4)) in cached
+
+
 def test_labels_beyond_the_generator_classes_are_refused(cache):
   """The cache holds labels 0..6; a 5-class generator would silently train label 5 as its
   unconditional row. Reading such a record names it and the class count."""

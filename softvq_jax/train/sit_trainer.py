@@ -101,9 +101,13 @@ def _cache_iterator(config: ml_collections.ConfigDict, tok: Tokenizer, num_class
 def latent_data(config: ml_collections.ConfigDict, tok: Tokenizer, num_classes: int):
   """Checkpointable iterator of normalised latent batches: a latent cache, or images encoded now.
 
-  Labels must lie in ``[0, num_classes)``, the generator's classes.
+  Labels must lie in ``[0, num_classes)``, the generator's classes. A ``data.cache_dir``
+  selects the cache whatever ``data.source`` says (a ``:runlocal`` run pointed at a cache).
   """
-  if config.data.source == "latent_cache":
+  if config.data.source == "latent_cache" or config.data.get("cache_dir"):
+    if config.data.source != "latent_cache":
+      logging.info("data.cache_dir is set: training on that latent cache, not data.source=%r",
+                   config.data.source)
     return _cache_iterator(config, tok, num_classes)
   images, labels = load_images(config.data, tok.image_size)
   if labels.size and not 0 <= labels.min() <= labels.max() < num_classes:
