@@ -316,6 +316,26 @@ def test_make_source_unknown_kind():
     sources.make_source("imagenet")
 
 
+@pytest.mark.parametrize("config_file,arg,missing", [
+    ("configs/fid_stats.py", "source=folder", "root"),
+    ("configs/eval_recon.py", "source=array_record", "paths")])
+def test_a_source_without_its_required_argument_names_the_flag(config_file, arg, missing):
+  """A job config naming a source whose location is unset: the error names the flag
+  (it had been a TypeError about a constructor argument)."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  from softvq_jax.train.tokenizer_trainer import resolve_source  # pylint: disable=g-import-not-at-top
+  path = os.path.join(os.path.dirname(__file__), os.pardir, config_file)
+  spec = importlib.util.spec_from_file_location("job_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config(arg)
+  with pytest.raises(ValueError, match=rf"needs data.kwargs {missing} .*--config.data.kwargs.{missing}="):
+    resolve_source(config.data, "eval")
+  assert sources.required_arguments("skimage") == set()
+  with pytest.raises(ValueError, match="no root directory given"):
+    sources.make_source("folder", root="")
+
+
 def test_no_tensorflow_import():
   code = ("import sys, softvq_jax, softvq_jax.data.photos\n"
           "from softvq_jax.data import pipeline, sources, cache_latents\n"

@@ -13,6 +13,7 @@ and reads prepared ArrayRecord datasets with NumPy decoding only.
 from __future__ import annotations
 
 import gzip
+import inspect
 import os
 from collections.abc import Sequence
 from typing import Any, Mapping
@@ -37,6 +38,8 @@ class ImageFolderSource:
   def __init__(self, root: str, extensions: Sequence[str] = IMAGE_EXTENSIONS):
     root = os.fspath(root)
     self.name = f"image folder {root}"
+    if not root:
+      raise ValueError("image folder: no root directory given")
     if not os.path.exists(root):
       raise FileNotFoundError(f"image folder {root} does not exist")
     if not os.path.isdir(root):
@@ -330,10 +333,13 @@ def _label(source: Any, record: Mapping[str, Any]) -> int:
   return 0
 
 
-def _source_classes() -> dict[str, type]:
-  return {"synthetic": SyntheticSource, "folder": ImageFolderSource,
-          "array_record": ArrayRecordSource, "tfds": TfdsSource,
-          "fashion_mnist": FashionMnistSource, "skimage": SkimagePhotosSource}
+def _source_class(kind: str) -> type:
+  classes = {"synthetic": SyntheticSource, "folder": ImageFolderSource,
+             "array_record": ArrayRecordSource, "tfds": TfdsSource,
+             "fashion_mnist": FashionMnistSource, "skimage": SkimagePhotosSource}
+  if kind not in classes:
+    raise ValueError(f"unknown data source {kind!r}; choose one of {', '.join(SOURCES)}")
+  return classes[kind]
 
 
 def make_source(kind: str, **kwargs: Any) -> Any:
@@ -342,19 +348,23 @@ def make_source(kind: str, **kwargs: Any) -> Any:
   ``folder`` takes ``root``; ``array_record`` takes ``paths``; ``tfds`` takes
   ``dataset``, ``split``, ``data_dir``; ``fashion_mnist`` takes ``split``.
   """
-  classes = _source_classes()
-  if kind not in classes:
-    raise ValueError(f"unknown data source {kind!r}; choose one of {', '.join(SOURCES)}")
-  return classes[kind](**kwargs)
+  return _source_class(kind)(**kwargs)
+
+
+def _parameters(kind: str) -> dict[str, inspect.Parameter]:
+  return {name: p for name, p in inspect.signature(_source_class(kind).__init__).parameters.items()
+          if name != "self"}
+
+
+def required_arguments(kind: str) -> set[str]:
+  """The constructor arguments of source ``kind`` that have no default."""
+  return {name for name, p in _parameters(kind).items()
+          if p.default is inspect.Parameter.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
 
 
 def split_kwargs(kind: str, kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
   """``(taken, ignored)``: the arguments source ``kind`` takes, and the others (configs declare
   every source's arguments, so that flags can set them, and only one source reads each)."""
-  import inspect  # pylint: disable=g-import-not-at-top
-  cls = _source_classes().get(kind)
-  if cls is None:
-    raise ValueError(f"unknown data source {kind!r}; choose one of {', '.join(SOURCES)}")
-  names = set(inspect.signature(cls.__init__).parameters) - {"self"}
+  names = set(_parameters(kind))
   return ({k: v for k, v in kwargs.items() if k in names},
           {k: v for k, v in kwargs.items() if k not in names})

@@ -66,6 +66,11 @@ def resolve_source(data: ml_collections.ConfigDict, split: str):
   kwargs, ignored = sources.split_kwargs(kind, kwargs)
   if ignored:
     logging.info("data.source=%s ignores data.kwargs %s", kind, sorted(ignored))
+  missing = sources.required_arguments(kind) - set(kwargs)
+  if missing:
+    flags = " ".join(f"--config.data.kwargs.{name}=..." for name in sorted(missing))
+    raise ValueError(f"data.source={kind} needs data.kwargs {', '.join(sorted(missing))} "
+                     f"(unset or empty): add {flags}")
   return sources.make_source(kind, **kwargs)
 
 
