@@ -39,8 +39,10 @@ def _records(data: bytes) -> Iterator[tuple[int, int]]:
 
 
 def _event_step(payload: bytes) -> int | None:
-  from tensorboard.compat.proto import event_pb2  # pylint: disable=g-import-not-at-top
+  """The step of a serialised ``Event``; None for bytes that do not parse as one."""
+  # Imported on use: inference never needs TensorBoard's protos.
   from google.protobuf.message import DecodeError  # pylint: disable=g-import-not-at-top
+  from tensorboard.compat.proto import event_pb2  # pylint: disable=g-import-not-at-top
   try:
     return int(event_pb2.Event.FromString(payload).step)
   except DecodeError:
