@@ -23,6 +23,7 @@ from softvq_jax.models.sit import GeneratorConfig, SiT
 from softvq_jax.utils.nnx_utils import model_from_flat
 from softvq_jax.transport import diffusion as diffusion_lib
 from softvq_jax.transport import samplers
+from softvq_jax.transport.paths import PATHS
 
 Path = tuple
 SIT_METHODS = ("euler", "heun", "euler_maruyama", "dopri5")
@@ -76,6 +77,34 @@ def dit_model_fn(model: SiT, labels, cfg_scale, guided: bool):
   return fn
 
 
+def _check_sampler_options(sit: bool, *, num_steps, guidance_interval, path, eta, noise_schedule,
+                           rtol, timestep_respacing, method) -> None:
+  """Refuses the other family's options and malformed values, which would otherwise be
+  ignored silently."""
+  kind = "a SiT" if sit else "a DiT"
+  given = {"eta": eta != 0.0, "noise_schedule": noise_schedule is not None,
+           "timestep_respacing": timestep_respacing is not None} if sit else {
+               "path": path != "linear", "rtol": rtol != 1e-3,
+               "guidance_interval": tuple(guidance_interval) != (0.0, 1.0)}
+  foreign = sorted(name for name, is_set in given.items() if is_set)
+  if foreign:
+    raise ValueError(f"{', '.join(foreign)}: not an option of {kind}'s samplers "
+                     f"({'SiT' if not sit else 'DiT'} only)")
+  if isinstance(num_steps, bool) or int(num_steps) != num_steps or num_steps < 1:
+    raise ValueError(f"num_steps must be an integer >= 1, got {num_steps!r}")
+  if sit:
+    if path not in PATHS:
+      raise ValueError(f"path must be one of {PATHS}, got {path!r}")
+    low, high = (float(g) for g in guidance_interval)
+    if not 0.0 <= low <= high <= 1.0:
+      raise ValueError(f"guidance_interval must be (low, high) with 0 <= low <= high <= 1, "
+                       f"got {tuple(guidance_interval)!r}")
+    if method == "dopri5" and not rtol > 0:
+      raise ValueError(f"rtol must be positive, got {rtol!r}")
+  elif eta != 0.0 and method != "ddim":
+    raise ValueError(f"eta is a DDIM option; method {method!r} does not take it")
+
+
 def _sample_fn(graphdef, static, state, noise, labels, cfg_scale, key, step_noise):
   method, num_steps, guided, interval, path, eta, schedule, rtol = static
   model = nnx.merge(graphdef, state)
@@ -91,7 +120,8 @@ def _sample_fn(graphdef, static, state, noise, labels, cfg_scale, key, step_nois
                                            **common)
     return samplers.euler_sampler(_velocity_fn(model), noise, labels, heun=method == "heun",
                                   **common)
-  diff = diffusion_lib.create_diffusion(num_steps, schedule, learn_sigma=model.config.learn_sigma)
+  diff = diffusion_lib.create_diffusion(num_steps, schedule, learn_sigma=model.config.learn_sigma,
+                                        diffusion_steps=model.config.diffusion_steps)
   model_fn = dit_model_fn(model, labels, cfg_scale, guided)
   if method == "ddpm":
     return diff.p_sample_loop(model_fn, noise, key=key, noise=step_noise)
@@ -148,10 +178,36 @@ class Generator(LoadedModel):
     (x, t, y), n = self._shard(x, t, y)
     return self._trim(self._forward(self._compute_leaves, x, t, y), n)
 
+  def check_sample_options(self, *, method: str | None = None, num_steps: int = 250,
+                           cfg_scale: float = 1.0, guidance_interval=(0.0, 1.0),
+                           path: str = "linear", eta: float = 0.0,
+                           noise_schedule: str | None = None, rtol: float = 1e-3,
+                           timestep_respacing: str | None = None) -> str:
+    """Raises for the options :meth:`sample` would refuse (the other family's, malformed
+    ones, guidance without a null class), before anything runs; returns the method."""
+    sit = self.config.kind == "sit"
+    methods = SIT_METHODS if sit else DIT_METHODS
+    method = method or ("euler_maruyama" if sit else "ddpm")
+    if method not in methods:
+      raise ValueError(f"method must be one of {methods} for a {self.config.kind}, got {method!r}")
+    if float(cfg_scale) > 1.0 and not self.config.has_null_label:
+      raise ValueError("this model has no null-class row (class_dropout_prob = 0), so it "
+                       "cannot be sampled with classifier-free guidance")
+    _check_sampler_options(sit, num_steps=num_steps, guidance_interval=guidance_interval,
+                           path=path, eta=eta, noise_schedule=noise_schedule, rtol=rtol,
+                           timestep_respacing=timestep_respacing, method=method)
+    if not sit:
+      # Built here so that a bad respacing string or schedule fails with its own message.
+      diffusion_lib.create_diffusion(
+          str(timestep_respacing) if timestep_respacing is not None else str(int(num_steps)),
+          noise_schedule or self.config.noise_schedule, learn_sigma=self.config.learn_sigma,
+          diffusion_steps=self.config.diffusion_steps)
+    return method
+
   def sample(self, noise, labels, *, method: str | None = None, num_steps: int = 250,
              cfg_scale: float = 1.0, guidance_interval: tuple[float, float] = (0.0, 1.0),
              key: jax.Array | None = None, step_noise=None, path: str = "linear",
-             eta: float = 0.0, noise_schedule: str = "cosine", rtol: float = 1e-3,
+             eta: float = 0.0, noise_schedule: str | None = None, rtol: float = 1e-3,
              timestep_respacing: str | None = None) -> jax.Array:
     """Generates normalised latents ``(B, T, C)`` from ``noise`` (x at t = 1 / step T).
 
@@ -167,29 +223,29 @@ class Generator(LoadedModel):
       key: PRNG key for the stochastic samplers (SDE, DDPM, DDIM with eta > 0).
       step_noise: recorded per-step noise to replay instead of ``key``
         (SDE ``(num_steps - 1, B, T, C)``, DDPM/DDIM ``(num_steps, B, T, C)``).
-      path: SDE interpolant (``linear`` | ``cosine``) for the velocity-to-score conversion.
-      eta: DDIM noise level.
-      noise_schedule: DiT diffusion schedule the model was trained with (``cosine`` | ``linear``).
+      path: SiT only: interpolant (``linear`` | ``cosine``) for the SDE's velocity-to-score
+        conversion.
+      eta: DiT only: DDIM noise level.
+      noise_schedule: DiT only: the diffusion schedule (``cosine`` | ``linear``); default the
+        one the model was trained with (``config.noise_schedule``).
+      rtol: SiT ``dopri5`` only: relative tolerance. Adaptive steps are shared by the batch,
+        so a sample depends on its batch companions (and padding rows on a mesh) to within
+        about this tolerance.
       timestep_respacing: DiT only: the reference's respacing string in place of
         ``num_steps`` (``"ddim25"`` = integer stride, ``"10,15,20"`` = per-section counts);
         ``num_steps=N`` is ``"N"``.
     """
     sit = self.config.kind == "sit"
-    methods = SIT_METHODS if sit else DIT_METHODS
-    method = method or ("euler_maruyama" if sit else "ddpm")
-    if method not in methods:
-      raise ValueError(f"method must be one of {methods} for a {self.config.kind}, got {method!r}")
+    method = self.check_sample_options(
+        method=method, num_steps=num_steps, cfg_scale=cfg_scale,
+        guidance_interval=guidance_interval, path=path, eta=eta, noise_schedule=noise_schedule,
+        rtol=rtol, timestep_respacing=timestep_respacing)
     noise = self._check_latents(noise, "noise")
     n = noise.shape[0]
     labels = self._check_labels(labels, n)
     guided = float(cfg_scale) > 1.0
-    if guided and not self.config.has_null_label:
-      raise ValueError("this model has no null-class row (class_dropout_prob = 0), so it "
-                       "cannot be sampled with classifier-free guidance")
-    if not sit and tuple(guidance_interval) != (0.0, 1.0):
-      raise ValueError("guidance_interval is a SiT sampler option; DiT guides every step")
-    if sit and timestep_respacing is not None:
-      raise ValueError("timestep_respacing is a DiT sampler option; SiT samplers take num_steps")
+    if noise_schedule is None:
+      noise_schedule = self.config.noise_schedule
     steps: int | str = int(num_steps)
     if not sit:
       # The DiT loop runs on the respaced process; "N" is what num_steps=N means.
@@ -200,10 +256,6 @@ class Generator(LoadedModel):
     static = (method, steps, guided, tuple(float(g) for g in guidance_interval), path,
               float(eta), noise_schedule, float(rtol))
     if static not in self._samplers:
-      if not sit:
-        # The process _sample_fn will trace, built once here so that a bad respacing
-        # string or schedule fails with its own message rather than under jit.
-        diffusion_lib.create_diffusion(steps, noise_schedule, learn_sigma=self.config.learn_sigma)
       self._samplers[static] = self._program(_sample_fn, static,
                                              compiler_options=inference_compiler_options())
     pad_axes = [0, 0]

@@ -51,8 +51,34 @@ def balanced_labels(num_samples: int, num_classes: int) -> np.ndarray:
   return (np.arange(num_samples) * num_classes // num_samples).astype(np.int32)
 
 
+def sampler_options(sampler: ml_collections.ConfigDict, gen: Generator) -> dict:
+  """The ``Generator.sample`` options of ``config.sampler`` for this generator's family.
+
+  A field of the other family set to other than its default is refused by
+  ``Generator.check_sample_options`` (e.g. a guidance interval for a DiT, which guides
+  every step), rather than left out silently.
+  """
+  options = dict(method=sampler.method, num_steps=sampler.num_steps, cfg_scale=sampler.cfg_scale)
+  if tuple(sampler.get("guidance_interval", (0.0, 1.0))) != (0.0, 1.0) or gen.kind == "sit":
+    options["guidance_interval"] = tuple(sampler.get("guidance_interval", (0.0, 1.0)))
+  if sampler.get("path", "linear") != "linear" or gen.kind == "sit":
+    options["path"] = sampler.get("path", "linear")
+  if gen.kind == "dit" or sampler.get("eta", 0.0):
+    options["eta"] = sampler.get("eta", 0.0)
+  # Empty: the schedule the DiT was trained with (its config.json).
+  if sampler.get("noise_schedule") or gen.kind == "dit":
+    options["noise_schedule"] = sampler.get("noise_schedule") or gen.config.noise_schedule
+  if sampler.get("timestep_respacing"):
+    options["timestep_respacing"] = sampler.timestep_respacing
+  gen.check_sample_options(**options)
+  return options
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  fs.makedirs(os.path.join(workdir, "parts"))
+  for name in ("num_samples", "batch_size"):
+    value = config[name]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+      raise ValueError(f"{name} must be a positive integer, got {value!r}")
   mesh = None
   if jax.device_count() > 1:
     from softvq_jax import parallel  # pylint: disable=g-import-not-at-top
@@ -60,17 +86,19 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   gen, tok = _load_models(config, mesh)
   num_classes = gen.config.num_classes
   labels = balanced_labels(config.num_samples, num_classes)
-  s = config.sampler
+  options = sampler_options(config.sampler, gen)
   settings = {
-      "method": s.method, "num_steps": s.num_steps, "cfg_scale": s.cfg_scale,
-      "guidance_interval": list(s.guidance_interval), "path": s.get("path", "linear"),
-      "noise_schedule": s.get("noise_schedule", "cosine"), "eta": s.get("eta", 0.0),
+      **{k: list(v) if isinstance(v, tuple) else v for k, v in options.items()},
+      "kind": gen.kind,
       "seed": config.seed, "precision": config.get("dtype", "float32"),
       "num_samples": config.num_samples, "batch_size": config.batch_size,
       "generator_dir": config.get("generator_dir", ""),
       "tokenizer_dir": config.get("tokenizer_dir", ""),
       "vq_mean": tok.config.vq_mean, "vq_std": tok.config.vq_std,
   }
+  if gen.kind == "dit":
+    settings["diffusion_steps"] = gen.config.diffusion_steps
+  fs.makedirs(os.path.join(workdir, "parts"))
   settings_path = os.path.join(workdir, "sampling.json")
   if fs.exists(settings_path):
     with fs.open(settings_path) as f:
@@ -81,7 +109,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   fs.write_json_atomic(settings_path, settings)
 
   batches = range(0, config.num_samples, config.batch_size)
-  sit = gen.kind == "sit"
 
   def write(start: int, y: np.ndarray, part: str, decoded: jax.Array) -> None:
     images = samples_to_uint8(decoded)
@@ -102,12 +129,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     key = jax.random.fold_in(jax.random.key(config.seed), b)
     noise_key, sample_key = jax.random.split(key)
     noise = jax.random.normal(noise_key, (len(y),) + gen.latent_shape)
-    kwargs = dict(method=s.method, num_steps=s.num_steps, cfg_scale=s.cfg_scale, key=sample_key)
-    if sit:
-      kwargs.update(guidance_interval=tuple(s.guidance_interval), path=s.get("path", "linear"))
-    else:
-      kwargs.update(noise_schedule=s.get("noise_schedule", "cosine"), eta=s.get("eta", 0.0))
-    decoded = tok.decode(tok.denormalize(gen.sample(noise, y, **kwargs)))
+    decoded = tok.decode(tok.denormalize(gen.sample(noise, y, key=sample_key, **options)))
     if pending is not None:
       write(*pending)
     pending = (start, y, part, decoded)

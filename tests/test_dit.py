@@ -223,6 +223,66 @@ def test_user_path_convert_save_load(ref, tmp_path):
                                 gen(ref["in/x"], ref["in/t"], ref["in/y"]))
 
 
+def test_sampling_defaults_to_the_process_the_model_was_trained_on(gen, ref, tmp_path):
+  """A DiT trained on the linear schedule records it in config.json (the trainers export
+  it); sampling without noise_schedule= then runs that process, not cosine."""
+  gen.save(str(tmp_path / "dit"))
+  config_path = tmp_path / "dit" / "config.json"
+  cfg = json.loads(config_path.read_text())
+  assert (cfg["noise_schedule"], cfg["diffusion_steps"]) == ("cosine", 1000)
+  cfg["noise_schedule"] = "linear"
+  config_path.write_text(json.dumps(cfg))
+  linear = Generator.load(str(tmp_path / "dit"))
+  assert linear.config.noise_schedule == "linear"
+  z, y = ref["in/sample_z"], ref["in/sample_y"]
+  out = linear.sample(z, y, method="ddpm", num_steps=5, step_noise=ref["in/ddpm_linear5_eps"])
+  assert rel_err(out, ref["out/ddpm_linear5"]) < TOL
+
+
+def test_trainer_exports_its_diffusion_settings():
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from types import SimpleNamespace  # pylint: disable=g-import-not-at-top
+  from softvq_jax.train import sit_trainer  # pylint: disable=g-import-not-at-top
+  config = ml_collections.ConfigDict(dict(
+      model=dict(hidden_size=32, depth=1, num_heads=2, num_classes=4, class_dropout_prob=0.1,
+                 scan_layers=False, remat_policy="none"),
+      diffusion=dict(noise_schedule="linear", num_steps=500)))
+  tok = SimpleNamespace(latent_shape=(8, 4))
+  gen_config = sit_trainer.generator_config(config, tok, kind="dit")
+  assert (gen_config.noise_schedule, gen_config.diffusion_steps) == ("linear", 500)
+  back = GeneratorConfig.from_json_dict(gen_config.to_json_dict())
+  assert back == gen_config
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(method="ddpm", path="cosine"), "path: not an option of a DiT"),
+    (dict(method="ddim", rtol=1e-2), "rtol: not an option of a DiT"),
+    (dict(method="ddpm", eta=0.5), "eta is a DDIM option"),
+    (dict(method="ddim", num_steps=2.5), "num_steps must be an integer"),
+    (dict(method="ddim", num_steps=0), "num_steps must be an integer"),
+    (dict(method="ddim", timestep_respacing="ddimx"), "expected 'ddimN'"),
+    (dict(method="ddim", noise_schedule="quadratic"), "noise_schedule must be one of")])
+def test_dit_sampler_options_are_checked(gen, ref, kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    gen.sample(ref["in/sample_z"], ref["in/sample_y"], key=jax.random.key(0), **kwargs)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(eta=0.5), "eta: not an option of a SiT"),
+    (dict(noise_schedule="linear"), "noise_schedule: not an option of a SiT"),
+    (dict(timestep_respacing="ddim5"), "timestep_respacing: not an option of a SiT"),
+    (dict(path="vp"), "path must be one of"),
+    (dict(cfg_scale=2.0, guidance_interval=(0.7, 0.0)), "guidance_interval must be"),
+    (dict(num_steps=2.5), "num_steps must be an integer")])
+def test_sit_sampler_options_are_checked(kwargs, match):
+  sit = Generator.random(GeneratorConfig(kind="sit", input_size=4, in_channels=2, hidden_size=8,
+                                         depth=1, num_heads=2, num_classes=3), seed=0)
+  with pytest.raises(ValueError, match=match):
+    sit.sample(np.zeros((1, 4, 2), np.float32), [0], method="euler", **kwargs)
+  with pytest.raises(Exception, match="DiT options"):
+    GeneratorConfig(kind="sit", noise_schedule="linear")
+
+
 def test_vb_gradient_reaches_only_the_variance_channels(model, ref):
   # The VB term must not push the eps half: its gradient flows to the variance channels only.
   d = D.create_diffusion("", "cosine")

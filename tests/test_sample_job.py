@@ -70,6 +70,9 @@ def test_next_batch_is_dispatched_before_the_previous_is_written(tmp_path, monke
     kind = "sit"
     latent_shape = (2, 2)
 
+    def check_sample_options(self, **kwargs):
+      del kwargs
+
     def sample(self, noise, y, **kwargs):
       del kwargs
       events.append(f"sample {int(y[0])}")
@@ -110,3 +113,46 @@ def test_samples_are_quantised_as_the_reference_sampling_scripts_do():
   assert to_uint8(np.float32(0.0)) == 128
   levels = np.arange(256, dtype=np.float32)
   np.testing.assert_array_equal(samples_to_uint8((levels + 0.5) / 127.5 - 1.0), levels)
+
+
+def _job_config(name, arg, **sampler):
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location("sample_config", ROOT / "configs" / name)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config(arg)
+  config.sampler.update(sampler)
+  return config
+
+
+@pytest.mark.parametrize("name,sampler,match", [
+    # A DiT guides every step: the interval had been recorded in sampling.json but not used.
+    ("sample_dit_xl_softvq_l64.py", dict(guidance_interval=(0.0, 0.5)),
+     "guidance_interval: not an option of a DiT"),
+    ("sample_sit_xl_softvq_b64.py", dict(method="ddpm"), "method must be one of"),
+    ("sample_dit_xl_softvq_l64.py", dict(timestep_respacing="ddimx"), "expected 'ddimN'")])
+def test_settings_are_checked_before_anything_is_written(tmp_path, name, sampler, match):
+  from softvq_jax import sample  # pylint: disable=g-import-not-at-top
+  with pytest.raises(ValueError, match=match):
+    sample.run(_job_config(name, "runlocal,num_samples=2", **sampler), str(tmp_path))
+  assert list(tmp_path.iterdir()) == []  # no sampling.json to block the corrected rerun
+
+
+def test_zero_samples_is_a_named_error(tmp_path):
+  from softvq_jax import sample  # pylint: disable=g-import-not-at-top
+  with pytest.raises(ValueError, match="num_samples must be a positive integer, got 0"):
+    sample.run(_job_config("sample_sit_xl_softvq_b64.py", "runlocal,num_samples=0"),
+               str(tmp_path))
+
+
+def test_dit_job_takes_the_reference_respacing_and_the_models_schedule(tmp_path):
+  from softvq_jax import sample  # pylint: disable=g-import-not-at-top
+  config = _job_config("sample_dit_xl_softvq_l64.py", "runlocal,num_samples=2",
+                       timestep_respacing="ddim2", method="ddim")
+  config.save_pngs = False
+  out = sample.run(config, str(tmp_path))
+  settings = json.loads((tmp_path / "sampling.json").read_text())
+  assert settings["timestep_respacing"] == "ddim2" and out["num_samples"] == 2
+  # The schedule is the model's own (random DiT: the reference's cosine), not a config guess.
+  assert settings["noise_schedule"] == "cosine" and settings["diffusion_steps"] == 1000
+  assert "guidance_interval" not in settings and "path" not in settings

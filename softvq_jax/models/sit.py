@@ -33,6 +33,7 @@ from softvq_jax.models.config import ConfigError
 from softvq_jax.parallel import constrain
 from softvq_jax.models.layers import (Attention, Dtype, LayerNorm, Mlp, PendingBranch, linear,
                                       linear_without_bias)
+from softvq_jax.transport.diffusion import SCHEDULES as DIFFUSION_SCHEDULES
 
 Array = jax.Array
 KINDS = ("sit", "dit")
@@ -56,6 +57,8 @@ class GeneratorConfig:
   width C (the tokenizer's ``num_latent_tokens`` / ``codebook_embed_dim``).
   ``qk_norm`` (SiT only, as in the reference) adds an affine LayerNorm on each
   head's q and k in every block (``blocks.N.attn.q_norm`` / ``k_norm``).
+  ``noise_schedule`` and ``diffusion_steps`` (DiT only) are the diffusion process the
+  model was trained on (the reference's: cosine, 1000 steps); samplers respace it.
   """
 
   kind: str = "sit"
@@ -69,6 +72,8 @@ class GeneratorConfig:
   class_dropout_prob: float = 0.1
   learn_sigma: bool = False
   qk_norm: bool = False
+  noise_schedule: str = "cosine"
+  diffusion_steps: int = 1000
 
   def __post_init__(self):
     if self.kind not in KINDS:
@@ -94,6 +99,15 @@ class GeneratorConfig:
     if self.kind == "dit" and self.qk_norm:
       # The reference DiT's constructor has no such argument, so no DiT checkpoint has them.
       raise ConfigError("qk_norm is a SiT option; the reference DiT has no q/k norms")
+    if self.noise_schedule not in DIFFUSION_SCHEDULES:
+      raise ConfigError(f"noise_schedule must be one of {DIFFUSION_SCHEDULES}, "
+                        f"got {self.noise_schedule!r}")
+    if (not isinstance(self.diffusion_steps, int) or isinstance(self.diffusion_steps, bool)
+        or self.diffusion_steps < 2):
+      raise ConfigError(f"diffusion_steps must be an integer >= 2, got {self.diffusion_steps!r}")
+    if self.kind == "sit" and (self.noise_schedule, self.diffusion_steps) != ("cosine", 1000):
+      raise ConfigError("noise_schedule and diffusion_steps are DiT options; a SiT's "
+                        "interpolant is chosen when sampling (path=)")
 
   @classmethod
   def preset(cls, name: str, **overrides) -> "GeneratorConfig":
@@ -146,7 +160,8 @@ class GeneratorConfig:
         "vae_1d": True,
     }
     if self.kind == "dit":
-      out["learn_sigma"] = self.learn_sigma
+      out.update(learn_sigma=self.learn_sigma, noise_schedule=self.noise_schedule,
+                 diffusion_steps=self.diffusion_steps)
     else:
       out.update(decoder_hidden_size=self.hidden_size, qk_norm=self.qk_norm)
     return out
@@ -205,12 +220,14 @@ class GeneratorConfig:
         class_dropout_prob=float(cfg.get("class_dropout_prob", 0.1)),
         learn_sigma=learn_sigma,
         qk_norm=cfg.get("qk_norm", False),
+        **({"noise_schedule": cfg.get("noise_schedule", "cosine"),
+            "diffusion_steps": cfg.get("diffusion_steps", 1000)} if kind == "dit" else {}),
     )
 
 
 _KNOWN_FIELDS = {"kind", "input_size", "in_channels", "hidden_size", "decoder_hidden_size", "depth",
                  "num_heads", "mlp_ratio", "num_classes", "class_dropout_prob", "learn_sigma",
-                 "patch_size", "vae_1d", "qk_norm"}
+                 "patch_size", "vae_1d", "qk_norm", "noise_schedule", "diffusion_steps"}
 # Recorded by PyTorchModelHubMixin or used only outside the network (the REPA
 # projector sizes are passed to the reference SiT, which never reads them).
 _IGNORED_FIELDS = {"license", "repo_url", "tags", "path_type", "use_cfg", "fused_attn",

@@ -138,6 +138,9 @@ def generator_config(config: ml_collections.ConfigDict, tok: Tokenizer,
   fields.update(input_size=tok.latent_shape[0], in_channels=tok.latent_shape[1], vae_1d=True)
   if kind == "dit":
     fields.setdefault("learn_sigma", True)
+    # The process it is trained on travels with the exported model (samplers respace it).
+    fields.update(noise_schedule=config.diffusion.noise_schedule,
+                  diffusion_steps=config.diffusion.num_steps)
   return GeneratorConfig.from_json_dict(fields, kind=kind)
 
 

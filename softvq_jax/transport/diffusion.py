@@ -17,6 +17,7 @@ bind the labels (and the guidance) in the closure.
 from __future__ import annotations
 
 import math
+import re
 from typing import Callable, Sequence
 
 import jax
@@ -50,6 +51,10 @@ def space_timesteps(num_timesteps: int, section_counts: str | int | Sequence[int
   if isinstance(section_counts, int):
     section_counts = [section_counts]
   if isinstance(section_counts, str):
+    text = section_counts
+    if not re.fullmatch(r"ddim[1-9][0-9]*|[0-9]+(,[0-9]+)*", text):
+      raise ValueError(f"timestep respacing {text!r}: expected 'ddimN' or comma-separated step "
+                       "counts such as '250' or '10,15,20'")
     if section_counts.startswith("ddim"):
       desired = int(section_counts[len("ddim"):])
       for stride in range(1, num_timesteps):
@@ -69,6 +74,8 @@ def space_timesteps(num_timesteps: int, section_counts: str | int | Sequence[int
       steps.append(start + round(cur))
       cur += stride
     start += size
+  if not steps:
+    raise ValueError(f"timestep respacing {section_counts!r} keeps no step")
   return sorted(set(steps))
 
 
