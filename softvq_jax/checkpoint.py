@@ -108,6 +108,9 @@ def write_param_dir(out_dir: str, flat_params: Mapping[Path, np.ndarray], config
   a partial upload. Replacing a folder on a bucket is not atomic (no rename): the
   old one is deleted, ``config.json`` first, before the upload.
   """
+  if overwrite and fs.exists(out_dir) and not fs.isdir(out_dir):
+    raise FileExistsError(f"refusing to overwrite {out_dir}: it is a file, not an earlier "
+                          "output of this writer (a folder); choose another path")
   if overwrite and fs.isdir(out_dir):
     # Only an earlier output of this writer is replaced, never a folder holding anything
     # else (e.g. the very checkpoint being converted).

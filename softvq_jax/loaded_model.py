@@ -63,6 +63,12 @@ class LoadedModel:
     # Auto axes: the programs place batches with NamedSharding and let XLA propagate.
     self.mesh = parallel.auto_mesh(mesh) if mesh is not None else None
     self.data_axis = data_axis
+    if mesh is not None:
+      missing = [a for a in (data_axis if isinstance(data_axis, tuple) else (data_axis,))
+                 if a not in mesh.shape]
+      if missing:
+        raise ValueError(f"the mesh has no axis {', '.join(map(repr, missing))} to split batches "
+                         f"over (its axes: {', '.join(mesh.axis_names)}); pass data_axis=")
     # The graph of a model built for the compute dtype, with the given weights.
     compute_model = self.abstract(self.config, self.dtype)
     self.graphdef, _ = nnx.split(compute_model)

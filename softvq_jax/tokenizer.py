@@ -143,12 +143,12 @@ class Tokenizer(LoadedModel):
   def reconstruct(self, images) -> jax.Array:
     return self.decode(self.encode(images))
 
-  def normalize(self, latents):
+  def normalize(self, latents) -> jax.Array:
     """``(z - vq_mean) / vq_std``: the latents generators are trained on."""
-    return (latents - self.config.vq_mean) / self.config.vq_std
+    return (jnp.asarray(latents) - self.config.vq_mean) / self.config.vq_std
 
-  def denormalize(self, latents):
-    return latents * self.config.vq_std + self.config.vq_mean
+  def denormalize(self, latents) -> jax.Array:
+    return jnp.asarray(latents) * self.config.vq_std + self.config.vq_mean
 
   # ------------------------------------------------------------- validation
   def _check_images(self, images) -> jax.Array:

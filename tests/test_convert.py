@@ -99,6 +99,12 @@ def test_existing_output_is_never_overwritten(tmp_path, capsys):
   assert (out / "notes.txt").read_text() == "user data"
   (out / "notes.txt").unlink()
   out.rmdir()
+  # Nor a file of that name (it had been replaced, and left behind as a hidden backup).
+  out.write_text("user file")
+  assert convert_main(args + ["--overwrite"]) == 2
+  assert "it is a file" in capsys.readouterr().err
+  assert out.read_text() == "user file" and sorted(os.listdir(tmp_path)) == ["mine"]
+  out.unlink()
   assert convert_main(args) == 0
   assert convert_main(args + ["--overwrite"]) == 0
   assert (out / "config.json").exists() and (out / "conversion.json").exists()

@@ -187,3 +187,19 @@ def test_jobs_name_what_is_missing(tmp_path):
     job_utils.eval_source(eval_recon_config.get_config("source=skimage,max_images=-1"))
   with pytest.raises(ValueError, match="at least 2"):
     job_utils.eval_source(eval_recon_config.get_config("source=skimage,max_images=1"))
+  # Without rFID one image is enough (PSNR/SSIM of a single reconstruction).
+  one = job_utils.eval_source(eval_recon_config.get_config("source=skimage,max_images=1"),
+                              frechet=False)
+  assert len(one) == 1
+
+
+def test_eval_recon_of_one_image_without_rfid(tmp_path, tokenizer_dir):
+  from softvq_jax.eval import eval_recon  # pylint: disable=g-import-not-at-top
+  config = load_config("eval_recon").get_config(
+      f"tokenizer_dir={tokenizer_dir},source=skimage,max_images=1,rfid=false,lpips=false")
+  result = eval_recon.run(config, str(tmp_path))
+  assert result["num_images"] == 1 and "rfid" not in result
+  images = skimage_images(1)
+  recon = to_uint8(Tokenizer.load(str(tokenizer_dir)).reconstruct(from_uint8(images)))
+  mse = np.mean((images.astype(np.float64) - recon.astype(np.float64)) ** 2)
+  np.testing.assert_allclose(result["psnr"], 10 * np.log10(255.0 ** 2 / mse), rtol=1e-5)

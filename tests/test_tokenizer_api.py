@@ -135,6 +135,17 @@ def test_normalize_roundtrip(tok, images):
   z = tok.encode(images)
   np.testing.assert_allclose(tok.normalize(z), (np.asarray(z) - 0.5) / 2.0, rtol=1e-6)
   np.testing.assert_allclose(tok.denormalize(tok.normalize(z)), z, atol=1e-6)
+  # Nested lists, as encode and decode take them.
+  as_list = np.asarray(z).tolist()
+  np.testing.assert_allclose(tok.normalize(as_list), tok.normalize(z), rtol=1e-6)
+  np.testing.assert_allclose(tok.denormalize(as_list), tok.denormalize(z), rtol=1e-6)
+
+
+def test_a_mesh_without_the_batch_axis_is_refused_when_built(tok):
+  mesh = jax.make_mesh((8,), ("batch",))
+  with pytest.raises(ValueError, match="the mesh has no axis 'data' .*its axes: batch.*data_axis="):
+    Tokenizer(tok.model(), mesh=mesh)
+  assert Tokenizer(tok.model(), mesh=mesh, data_axis="batch").data_axis == "batch"
 
 
 def test_save_and_load_roundtrip(tok, images, tmp_path):

@@ -138,7 +138,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     from softvq_jax import parallel  # pylint: disable=g-import-not-at-top
     mesh = parallel.create_mesh([("data", -1)])
   tok = Tokenizer.load(config.tokenizer_dir, dtype=config.get("dtype", "float32"), mesh=mesh)
-  source = job_utils.eval_source(config)
+  source = job_utils.eval_source(config, frechet=bool(config.get("rfid", True)))
   batch = int(config.batch_size)
   index, count = host_shard()
   local = len(range(index, len(source), count))

@@ -28,8 +28,9 @@ class Subset:
     return self.source[index]
 
 
-def eval_source(config: ml_collections.ConfigDict) -> Any:
-  """The images a job reads: ``config.data`` resolved for the eval split, cut to ``max_images``."""
+def eval_source(config: ml_collections.ConfigDict, *, frechet: bool = True) -> Any:
+  """The images a job reads: ``config.data`` resolved for the eval split, cut to ``max_images``;
+  ``frechet``: the job computes Fréchet distances, which need 2 images or more."""
   from softvq_jax.train.tokenizer_trainer import resolve_source  # pylint: disable=g-import-not-at-top
   source = resolve_source(config.data, "eval")
   limit = int(config.get("max_images", 0) or 0)
@@ -37,9 +38,9 @@ def eval_source(config: ml_collections.ConfigDict) -> Any:
     raise ValueError(f"max_images must be >= 0 (0 = all), got {limit}")
   if limit and limit < len(source):
     source = Subset(source, limit)
-  if len(source) < 2:
-    raise ValueError(f"{getattr(source, 'name', source)} has {len(source)} image(s); Fréchet "
-                     "distances need at least 2")
+  if len(source) < (2 if frechet else 1):
+    raise ValueError(f"{getattr(source, 'name', source)} has {len(source)} image(s)"
+                     + ("; Fréchet distances need at least 2" if frechet else ""))
   return source
 
 
