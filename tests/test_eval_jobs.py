@@ -203,3 +203,24 @@ def test_eval_recon_of_one_image_without_rfid(tmp_path, tokenizer_dir):
   recon = to_uint8(Tokenizer.load(str(tokenizer_dir)).reconstruct(from_uint8(images)))
   mse = np.mean((images.astype(np.float64) - recon.astype(np.float64)) ** 2)
   np.testing.assert_allclose(result["psnr"], 10 * np.log10(255.0 ** 2 / mse), rtol=1e-5)
+
+
+def test_adm_evaluator_takes_a_statistics_only_reference(tmp_path, features):
+  """A fid_stats output without images (mu, sigma, mu_s, sigma_s): FID and sFID as with the
+  images, precision/recall left out (they need the reference's features)."""
+  images = skimage_images()
+  ref_images, sample = tmp_path / "ref.npz", tmp_path / "sample.npz"
+  np.savez(ref_images, arr_0=images)
+  np.savez(sample, arr_0=images[::-1][:4])
+  full = adm.evaluate(str(ref_images), str(sample), features)
+  pool, spatial = features.npz_activations(str(ref_images)).stats()
+  stats_only = tmp_path / "stats.npz"
+  np.savez(stats_only, mu=pool.mean, sigma=pool.covariance, mu_s=spatial.mean,
+           sigma_s=spatial.covariance)
+  got = adm.evaluate(str(stats_only), str(sample), features)
+  assert got["fid"] == pytest.approx(full["fid"], rel=1e-6)
+  assert got["sfid"] == pytest.approx(full["sfid"], rel=1e-6)
+  assert "precision" in full and "precision" not in got and "num_ref" not in got
+  np.savez(tmp_path / "bad.npz", mu=pool.mean)
+  with pytest.raises(ValueError, match="neither images"):
+    adm.evaluate(str(tmp_path / "bad.npz"), str(sample), features)

@@ -143,22 +143,29 @@ def _mu_sigma(acts: Activations, stored: dict[str, np.ndarray] | None):
   return pool.mean, pool.covariance, spatial.mean, spatial.covariance
 
 
-def evaluate_activations(ref: Activations, sample: Activations, *,
+def evaluate_activations(ref: Activations | None, sample: Activations, *,
                          ref_stats: dict[str, np.ndarray] | None = None,
                          sample_stats: dict[str, np.ndarray] | None = None,
                          split_size: int = 5000,
                          distance_dtype: str = "float16") -> dict[str, float]:
-  """ADM's metrics from activations; stored statistics (mu, sigma, mu_s, sigma_s) win, as in ADM."""
+  """ADM's metrics from activations; stored statistics (mu, sigma, mu_s, sigma_s) win, as in ADM.
+
+  ``ref=None``: a reference of statistics only (``ref_stats`` has all four); precision and
+  recall, which need the reference's features, are left out.
+  """
   mu, sigma, mu_s, sigma_s = _mu_sigma(ref, ref_stats)
   smu, ssigma, smu_s, ssigma_s = _mu_sigma(sample, sample_stats)
-  results = {"num_samples": float(len(sample.pool)), "num_ref": float(len(ref.pool))}
+  results = {"num_samples": float(len(sample.pool))}
+  if ref is not None:
+    results["num_ref"] = float(len(ref.pool))
   if sample.logits is not None:
     results["inception_score"] = fid_lib.inception_score(sample.logits, split_size=split_size)
   results["fid"] = fid_lib.frechet_distance(smu, ssigma, mu, sigma)
   results["sfid"] = fid_lib.frechet_distance(smu_s, ssigma_s, mu_s, sigma_s)
-  precision, recall = pr_lib.precision_recall(ref.pool, sample.pool,
-                                              distance_dtype=distance_dtype)
-  results["precision"], results["recall"] = precision, recall
+  if ref is not None:
+    precision, recall = pr_lib.precision_recall(ref.pool, sample.pool,
+                                                distance_dtype=distance_dtype)
+    results["precision"], results["recall"] = precision, recall
   return results
 
 
@@ -166,11 +173,20 @@ def evaluate(ref_batch: str, sample_batch: str, features: InceptionFeatures | No
              **kwargs) -> dict[str, float]:
   """ADM's ``evaluator.py REF_BATCH SAMPLE_BATCH`` with our Inception."""
   features = features or InceptionFeatures()
-  logging.info("Reference batch %s: %s", ref_batch, npz.array_shape(ref_batch))
-  ref = features.npz_activations(ref_batch)
+  ref_stats = npz.read_reference_stats(ref_batch)
+  if npz.has_array(ref_batch):
+    logging.info("Reference batch %s: %s", ref_batch, npz.array_shape(ref_batch))
+    ref = features.npz_activations(ref_batch)
+  elif set(ref_stats) == {"mu", "sigma", "mu_s", "sigma_s"}:
+    logging.warning("Reference %s holds statistics only (no arr_0 images): FID and sFID are "
+                    "computed, precision and recall are not", ref_batch)
+    ref = None
+  else:
+    raise ValueError(f"reference {ref_batch} holds neither images (arr_0) nor the statistics "
+                     f"mu, sigma, mu_s, sigma_s (it has {sorted(ref_stats)})")
   logging.info("Sample batch %s: %s", sample_batch, npz.array_shape(sample_batch))
   sample = features.npz_activations(sample_batch)
-  results = evaluate_activations(ref, sample, ref_stats=npz.read_reference_stats(ref_batch),
+  results = evaluate_activations(ref, sample, ref_stats=ref_stats,
                                  sample_stats=npz.read_reference_stats(sample_batch), **kwargs)
   if "inception_score" not in results:
     logging.warning("No logits weight loaded: Inception Score not computed")
