@@ -15,6 +15,9 @@ from absl import logging
 from softvq_jax.tokenizer import Tokenizer
 
 
+_TRAIN_AND_HELD_OUT_ONLY = ("offline", "synthetic", "skimage")
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   from softvq_jax.data.cache_latents import write_latent_cache  # pylint: disable=g-import-not-at-top
   from softvq_jax.train.tokenizer_trainer import resolve_source  # pylint: disable=g-import-not-at-top
@@ -23,8 +26,16 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   tok = Tokenizer.load(config.tokenizer_dir, dtype=config.get("dtype", "float32"))
   # ``split`` names the dataset's own split ("train", "test", "train[:1%]"...), read as is.
   data = ml_collections.ConfigDict(config.data.to_dict())
-  data.train_split = str(config.get("split", "train"))
-  source = resolve_source(data, "train")
+  split = str(config.get("split", "train"))
+  if data.source in _TRAIN_AND_HELD_OUT_ONLY:
+    # These sources have a training part and a held-out part, no named splits.
+    if split not in ("train", "test", "validation"):
+      raise ValueError(f"data.source={data.source} has a training and a held-out part: split "
+                       f"must be 'train' or 'test', got {split!r}")
+    source = resolve_source(data, "train" if split == "train" else "eval")
+  else:
+    data.train_split = split
+    source = resolve_source(data, "train")
   info = write_latent_cache(tok, source, workdir, batch_size=config.batch_size,
                             examples_per_shard=config.examples_per_shard,
                             max_skipped=config.get("max_skipped", 100))

@@ -6,6 +6,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -209,17 +210,29 @@ def test_extract_job_writes_a_cache_equal_to_encode(tmp_path):
 
 def test_extract_reads_the_named_split(monkeypatch, tmp_path):
   """``split=`` names the dataset's own split (TFDS "train[:1%]", Fashion-MNIST "test"), not a
-  train/held-out switch."""
+  train/held-out switch; sources with only a training and a held-out part (offline,
+  synthetic, scikit-image) take "train" or "test", which had been ignored."""
   from softvq_jax import extract
   from softvq_jax.train import tokenizer_trainer
-  seen = []
+  seen, sources = [], []
   monkeypatch.setattr(extract.Tokenizer, "load", staticmethod(lambda *a, **k: None))
   monkeypatch.setattr("softvq_jax.data.cache_latents.write_latent_cache",
-                      lambda tok, source, *a, **k: {})
+                      lambda tok, source, *a, **k: sources.append(source.name) or {})
   real = tokenizer_trainer.resolve_source
-  monkeypatch.setattr(tokenizer_trainer, "resolve_source",
-                      lambda data, split: seen.append((data.train_split, split)) or real(data, split))
-  for split in ("test", "train[:1%]"):
-    config = load_config("extract_latents", f"tokenizer_dir=x,source=synthetic,split={split}")
+
+  def resolve(data, role):
+    seen.append((data.source, data.train_split, role))
+    return real(data, role) if data.source == "synthetic" else types.SimpleNamespace(name="x")
+
+  monkeypatch.setattr(tokenizer_trainer, "resolve_source", resolve)
+  for source, split in (("tfds", "train[:1%]"), ("fashion_mnist", "test"), ("synthetic", "test"),
+                        ("synthetic", "train"), ("offline", "test")):
+    config = load_config("extract_latents", f"tokenizer_dir=x,source={source},split={split}")
     extract.run(config, str(tmp_path))
-  assert seen == [("test", "train"), ("train[:1%]", "train")]
+  assert seen == [("tfds", "train[:1%]", "train"), ("fashion_mnist", "test", "train"),
+                  ("synthetic", "train", "eval"), ("synthetic", "train", "train"),
+                  ("offline", "train", "eval")]
+  assert sources[2] != sources[3]  # the held-out synthetic images are others
+  with pytest.raises(ValueError, match="split must be 'train' or 'test'"):
+    extract.run(load_config("extract_latents", "tokenizer_dir=x,source=skimage,split=train[:1%]"),
+                str(tmp_path))
