@@ -176,6 +176,10 @@ def test_prefixed_and_wrapped_torch_checkpoint(tmp_path, ref):
   assert rel_err(tok.encode(images), ref["out/quant"]) < TOL
   # Asking for the non-EMA weights gives the (zero) model entry.
   assert not np.any(read_checkpoint(str(path), weights="model")["quant_conv.weight"])
+  # A plain state dict has nothing to choose between: the choice is refused, not ignored.
+  for weights in ("ema", "model"):
+    with pytest.raises(CheckpointFormatError, match="one set of weights"):
+      read_checkpoint(str(HF / "model.safetensors"), weights=weights)
 
 
 def test_torch_bfloat16_and_strided_tensors(tmp_path):

@@ -32,6 +32,7 @@ def read_checkpoint(path: str, *, weights: str = "auto") -> dict[str, np.ndarray
       state = load_file(path)
     except (SafetensorError, OSError, ValueError) as e:
       raise CheckpointFormatError(f"cannot read {path} as safetensors: {e}") from e
+    state = _select_state_dict(state, weights, path)  # one flat state dict: checks weights
   else:
     try:
       obj = load_torch_zip(path)
@@ -44,11 +45,15 @@ def read_checkpoint(path: str, *, weights: str = "auto") -> dict[str, np.ndarray
 def _select_state_dict(obj: Any, weights: str, path: str) -> Mapping[str, np.ndarray]:
   if not isinstance(obj, Mapping):
     raise CheckpointFormatError(f"{path} holds a {type(obj).__name__}, not a state dict")
-  if all(isinstance(v, np.ndarray) for v in obj.values()):
-    return obj
   order = {"auto": ("ema", "model", "state_dict"), "ema": ("ema",), "model": ("model",)}
   if weights not in order:
     raise ValueError(f"weights must be one of {sorted(order)}, got {weights!r}")
+  if all(isinstance(v, np.ndarray) for v in obj.values()):
+    if weights != "auto":
+      raise CheckpointFormatError(
+          f"{path} holds one set of weights (a plain state dict, no 'ema' or 'model' entry), so "
+          f"weights={weights!r} has nothing to choose; leave it at 'auto' (--weights auto)")
+    return obj
   for key in order[weights]:
     if isinstance(obj.get(key), Mapping):
       return obj[key]
