@@ -77,6 +77,22 @@ def test_reconstruct_job(tmp_path):
   assert latents["latents"].shape == (8, 16, 32)
 
 
+def test_reconstruct_perplexity_covers_the_whole_set(tmp_path):
+  """The codebook perplexity of the job is that of all its images' mean assignment, as the
+  model's own statistic over one batch of all of them, whatever the job's batch size."""
+  from softvq_jax.eval import reconstruct  # pylint: disable=g-import-not-at-top
+  config = load_config("reconstruct", None)
+  got = {}
+  for batch in (1, 3):
+    config.batch_size = batch
+    got[batch] = reconstruct.run(config, str(tmp_path / str(batch)))["codebook_perplexity"]
+  tok = reconstruct.load_tokenizer(config)
+  images, _ = reconstruct.load_images(config, tok.image_size)
+  _, info = tok.encode(images, return_info=True)
+  np.testing.assert_allclose(got[1], np.asarray(info["perplexity"]), rtol=1e-4)
+  np.testing.assert_allclose(got[3], got[1], rtol=1e-6)
+
+
 def test_main_rejects_unknown_trainer(tmp_path):
   proc = subprocess.run(
       [sys.executable, "-m", "softvq_jax.main", "--config=configs/reconstruct.py",

@@ -53,14 +53,20 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   logging.info("Reconstructing %d images of %dx%d; latents %s", len(images), tok.image_size,
                tok.image_size, tok.latent_shape)
   batch = config.batch_size
-  latents, recons, usage = [], [], []
+  latents, recons = [], []
+  # Per codebook, the soft assignments summed over every token of every image: the
+  # perplexity of their mean covers the whole set whatever the batch size.
+  prob_sums = None
   start = time.time()
   for i in tqdm(range(0, len(images), batch), desc="reconstruct", unit="batch"):
     z, info = tok.encode(images[i:i + batch], return_info=True)
     latents.append(np.asarray(z))
     recons.append(np.asarray(tok.decode(z)))
-    if "usage" in info:
-      usage.append(np.asarray(info["perplexity"]))
+    if "probs" in info:
+      probs = np.asarray(info["probs"], np.float64)
+      groups = tok.config.num_codebooks
+      summed = probs.reshape(len(probs), groups, -1, probs.shape[-1]).sum(axis=(0, 2))
+      prob_sums = summed if prob_sums is None else prob_sums + summed
   seconds = time.time() - start
   latents, recons = np.concatenate(latents), np.concatenate(recons)
   originals_u8, recons_u8 = to_uint8(images), to_uint8(recons)
@@ -74,8 +80,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       "seconds": seconds,
       "random_weights": not config.get("tokenizer_dir"),
   }
-  if usage:
-    metrics["codebook_perplexity"] = [float(v) for v in np.mean(usage, axis=0)]
+  if prob_sums is not None:
+    mean = prob_sums / prob_sums.sum(axis=-1, keepdims=True)
+    perplexity = np.exp(-np.sum(mean * np.log(mean + 1e-10), axis=-1))
+    metrics["codebook_perplexity"] = [float(v) for v in perplexity]
   save_png(os.path.join(workdir, "reconstructions.png"), make_grid([originals_u8, recons_u8]))
   with fs.staged_file(os.path.join(workdir, "latents.npz"), ".npz") as tmp:
     np.savez(tmp, latents=latents, normalized=np.asarray(tok.normalize(latents)),
