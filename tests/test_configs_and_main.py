@@ -80,8 +80,13 @@ def test_reconstruct_job(tmp_path):
 def test_reconstruct_perplexity_covers_the_whole_set(tmp_path):
   """The codebook perplexity of the job is that of all its images' mean assignment, as the
   model's own statistic over one batch of all of them, whatever the job's batch size."""
+  from softvq_jax.convert.__main__ import main as convert_main  # pylint: disable=g-import-not-at-top
   from softvq_jax.eval import reconstruct  # pylint: disable=g-import-not-at-top
+  hf = ROOT / "tests" / "fixtures" / "softvq_tiny_hf"  # trained-like: peaked assignments
+  assert convert_main(["--checkpoint", str(hf / "model.safetensors"), "--config",
+                       str(hf / "config.json"), "--out", str(tmp_path / "tok")]) == 0
   config = load_config("reconstruct", None)
+  config.tokenizer_dir = str(tmp_path / "tok")
   got = {}
   for batch in (1, 3):
     config.batch_size = batch
