@@ -319,6 +319,24 @@ def test_resuming_with_other_model_settings_is_refused_by_name(tmp_path):
     sit_trainer.run(config, str(tmp_path))
 
 
+def test_checkpoints_from_before_a_config_field_existed_resume():
+  """A field added to the model config since the checkpoint was written (a DiT's
+  noise_schedule and diffusion_steps) is not a difference; a changed or dropped one is."""
+  from types import SimpleNamespace  # pylint: disable=g-import-not-at-top
+  from softvq_jax.models.config import ConfigError  # pylint: disable=g-import-not-at-top
+  from softvq_jax.train import common  # pylint: disable=g-import-not-at-top
+  stored = {"generator": {"kind": "dit", "num_heads": 2}, "diffusion": {"noise_schedule": "cosine"}}
+  ckpt = SimpleNamespace(latest_step=lambda: 10, meta=lambda: stored, directory="ckpt")
+  current = {"generator": {"kind": "dit", "num_heads": 2, "noise_schedule": "cosine",
+                           "diffusion_steps": 1000}, "diffusion": {"noise_schedule": "cosine"}}
+  common.check_resumable(ckpt, current)
+  with pytest.raises(ConfigError, match=r"diffusion.noise_schedule: checkpoint 'cosine', this "
+                                        r"run 'linear'"):
+    common.check_resumable(ckpt, dict(current, diffusion={"noise_schedule": "linear"}))
+  with pytest.raises(ConfigError, match=r"generator.num_heads: checkpoint 2, this run None"):
+    common.check_resumable(ckpt, dict(current, generator={"kind": "dit"}))
+
+
 def test_multi_process_runs_leave_sigterm_to_jax(monkeypatch):
   """jax.distributed's preemption sync needs its own SIGTERM handler: the loop's flag takes
   the signal only in single-process runs."""

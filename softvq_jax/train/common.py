@@ -93,8 +93,9 @@ def check_resumable(checkpointer: TrainCheckpointer, current: dict[str, Any],
       continue  # written before the field was recorded
     old = stored[name]
     if isinstance(value, dict) and isinstance(old, dict):
+      # A field the checkpoint lacks was added to the config after it was written.
       for key in sorted(set(value) | set(old)):
-        if key not in ignore and value.get(key) != old.get(key):
+        if key not in ignore and key in old and value.get(key) != old.get(key):
           diffs.append(f"{name}.{key}: checkpoint {old.get(key)!r}, this run {value.get(key)!r}")
     elif value != old:
       diffs.append(f"{name}: checkpoint {old!r}, this run {value!r}")
