@@ -63,7 +63,10 @@ def ema_sampler(graphdef, gen_config: GeneratorConfig, diffusion: ml_collections
   step noise (``key`` folded with it), the same at every call: the FID hook's batches are
   independent, and its successive evaluations differ only by the weights."""
   diff = make_diffusion(diffusion, learn_sigma=gen_config.learn_sigma, respacing=str(num_steps))
-  guided = cfg_scale != 1.0 and gen_config.has_null_label
+  if cfg_scale > 1.0 and not gen_config.has_null_label:
+    raise ValueError(f"sample.cfg_scale={cfg_scale}: classifier-free guidance needs the null-"
+                     "class row, which a model trained with class_dropout_prob=0 does not have")
+  guided = cfg_scale > 1.0  # the reference's condition for guided sampling
 
   def sample(ema, rest, noise, labels, batch):
     model = nnx.merge(graphdef, ema, rest)
