@@ -144,7 +144,7 @@ def tokenizer_recipe(name: str, arg: str | None) -> ml_collections.ConfigDict:
   c.eval_num_images = 1000
   c.eval_lpips = False
 
-  c.mesh = [("data", -1)]
+  c.mesh = (("data", -1),)  # a tuple, so that --config.mesh=... can override it
   c.log_every = 50
   c.vis_every = 5000
   c.ckpt_every = 10_000
@@ -158,7 +158,6 @@ def tokenizer_recipe(name: str, arg: str | None) -> ml_collections.ConfigDict:
     c.model.codebook_size = 256
     c.data.dataset = "offline"
     c.data.source = "offline"                   # Fashion-MNIST if installed, else the photos
-    c.data.kwargs = ml_collections.ConfigDict()
     c.data.image_size = 64
     c.data.min_resize, c.data.max_resize = 64, 80
     c.global_batch_size = 8
@@ -251,7 +250,10 @@ def sit_recipe(tokenizer: str, arg: str | None, *, size: str = "XL") -> ml_colle
       # explicit value (true/false; a policy of models.sit.REMAT_POLICIES).
       remat_policy="auto"))
   c.model.scan_layers = ml_collections.FieldReference("auto", field_type=object)
-  c.data = ml_collections.ConfigDict(dict(source="latent_cache", cache_dir="", num_classes=1000))
+  # source: latent_cache (cache_dir: an extract run's workdir), or images encoded at start:
+  # skimage, synthetic (num_examples, seed).
+  c.data = ml_collections.ConfigDict(dict(source="latent_cache", cache_dir="", num_classes=1000,
+                                          num_examples=64, seed=0))
   c.transport = ml_collections.ConfigDict(dict(path="linear", weighting="lognormal"))
   c.optim = ml_collections.ConfigDict(dict(name="adamw", lr=1e-4, b1=0.9, b2=0.999, eps=1e-8,
                                            weight_decay=0.0, grad_clip=1.0))
@@ -262,7 +264,7 @@ def sit_recipe(tokenizer: str, arg: str | None, *, size: str = "XL") -> ml_colle
   # The residual stream between blocks: float32 as PyTorch autocast keeps it, or "bfloat16"
   # (about 5% faster on GPUs, estimated; rounds the stream once per block).
   c.residual_dtype = "float32"
-  c.mesh = [("data", -1)]
+  c.mesh = (("data", -1),)  # a tuple, so that --config.mesh=... can override it
   c.sharding = "dp"                    # preset: "dp" | "fsdp" (softvq_jax.parallel.PRESETS)
   c.sharding_rules = ()                # [(regex over param path, logical axes)], before the preset's
   c.logical_axis_rules = ()            # [(logical axis, mesh axes)], before the preset's
@@ -280,6 +282,10 @@ def sit_recipe(tokenizer: str, arg: str | None, *, size: str = "XL") -> ml_colle
   c.eval_num_samples = 1000
   c.eval_batch_size = 32
   c.eval_ref = ""
+  # Real images for the reference instead (source "" = unset): a tokenizer-style data config.
+  c.eval_data = ml_collections.ConfigDict(dict(
+      source="", eval_split="validation",
+      kwargs=dict(dataset="imagenet2012", data_dir="", root="", paths="", num_examples=64)))
   c.eval_inception_batch_size = 50
   if args.runlocal:
     c.tokenizer.update(image_size=64, num_latent_tokens=16, codebook_size=256,
@@ -287,7 +293,8 @@ def sit_recipe(tokenizer: str, arg: str | None, *, size: str = "XL") -> ml_colle
     c.model.update(hidden_size=64, depth=2, num_heads=2, num_classes=8, scan_layers=False,
                    remat_policy="none")
     # cache_dir stays settable: --config.data.cache_dir=DIR trains on a latent cache.
-    c.data = ml_collections.ConfigDict(dict(source="skimage", cache_dir="", num_classes=8))
+    c.data = ml_collections.ConfigDict(dict(source="skimage", cache_dir="", num_classes=8,
+                                            num_examples=64, seed=0))
     c.global_batch_size = 8
     c.total_steps = 40
     c.dtype = "float32"

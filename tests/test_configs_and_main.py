@@ -107,6 +107,25 @@ def test_main_rejects_unknown_trainer(tmp_path):
   assert "config.trainer='nope' is not available" in proc.stderr
 
 
+@pytest.mark.parametrize("config,overrides", [
+    ("configs/sit_xl_softvq_b64.py:runlocal",
+     ['--config.mesh=(("data",2),("fsdp",4))', "--config.data.source=synthetic",
+      "--config.data.num_examples=16", "--config.eval_data.source=skimage",
+      "--config.eval_data.kwargs.num_examples=8"]),
+    ("configs/softvq_b64.py:runlocal",
+     ["--config.data.source=folder", "--config.data.kwargs.root=/images"]),
+    ("configs/softvq_b64.py", ['--config.mesh=(("data",-1),("fsdp",8))']),
+])
+def test_documented_settings_can_be_set_by_flag(tmp_path, config, overrides):
+  """Fields the README and error messages tell users to set exist in the (shrunk) configs:
+  ml_collections refuses flags for undeclared fields and for list-valued ones."""
+  proc = subprocess.run(
+      [sys.executable, "-m", "softvq_jax.main", f"--config={config}", f"--workdir={tmp_path}",
+       *overrides, "--config.trainer=nope"],  # stops right after the flags are read
+      cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert "config.trainer='nope' is not available" in proc.stderr, proc.stderr[-2000:]
+
+
 def test_package_import_does_not_load_tensorflow():
   code = ("import sys, numpy as np, softvq_jax; from softvq_jax import Tokenizer;"
           "import softvq_jax.convert.__main__;"

@@ -316,7 +316,7 @@ def reference_images(config: ml_collections.ConfigDict, image_size: int, num: in
   eval split; otherwise the training data's held-out counterpart: ``synthetic`` with the next
   seed, ``skimage`` (no split: the training photos, with a warning).
   """
-  if config.get("eval_data"):
+  if config.get("eval_data") and config.eval_data.get("source"):
     from softvq_jax.data.pipeline import image_pipeline  # pylint: disable=g-import-not-at-top
     from softvq_jax.train.tokenizer_trainer import resolve_source  # pylint: disable=g-import-not-at-top
     source = resolve_source(config.eval_data, "eval")
