@@ -81,6 +81,28 @@ def test_fine_tune_from_a_converted_checkpoint(tmp_path):
   np.testing.assert_allclose(z, ref["out/quant"], rtol=1e-5, atol=1e-6)
 
 
+def test_init_from_refuses_same_shaped_other_settings(tmp_path, caplog):
+  """Twice the heads at one width keeps every shape: only the saved config tells them apart
+  (a 2-head run had trained from 3-head weights without a word)."""
+  import logging  # pylint: disable=g-import-not-at-top
+  from softvq_jax.convert.__main__ import main as convert_main  # pylint: disable=g-import-not-at-top
+  from softvq_jax.models.config import TokenizerConfig  # pylint: disable=g-import-not-at-top
+  hf = FIXTURES / "softvq_tiny_hf"
+  converted = tmp_path / "converted"
+  assert convert_main(["--checkpoint", str(hf / "model.safetensors"), "--config",
+                       str(hf / "config.json"), "--out", str(converted)]) == 0
+  cfg = json.load(open(converted / "config.json"))
+  tokenizer_trainer.check_init_from(str(converted), TokenizerConfig.from_json_dict(cfg))
+  heads = cfg["encoder_kwargs"]["num_heads"]
+  other = dict(cfg, encoder_kwargs=dict(cfg["encoder_kwargs"], num_heads=1), tau=0.5)
+  with pytest.raises(ValueError, match=rf"encoder.num_heads: {heads} there, 1 here; tau: "):
+    tokenizer_trainer.check_init_from(str(converted), TokenizerConfig.from_json_dict(other))
+  with caplog.at_level(logging.WARNING):
+    tokenizer_trainer.check_init_from(
+        str(converted), TokenizerConfig.from_json_dict(dict(cfg, vq_mean=0.0, vq_std=1.0)))
+  assert f"--config.model.vq_mean={cfg['vq_mean']}" in caplog.text
+
+
 def test_warm_up_fits_the_run():
   """``:runlocal`` warms up over a few steps, not over an epoch of the real data (7,500 steps
   of Fashion-MNIST at batch 8, longer than its 60-step run); ``optim.warmup_steps``

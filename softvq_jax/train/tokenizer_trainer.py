@@ -247,8 +247,37 @@ def _replace_params(state, params):
   return state.replace(params=params, ema=jax.tree.map(jnp.copy, params))
 
 
+# Settings that change the function without changing any parameter shape.
+_SHAPE_FREE_VIT = ("num_heads", "mlp_ratio", "movq")
+_SHAPE_FREE_TOKENIZER = ("bottleneck", "num_codebooks", "tau", "codebook_l2_norm", "use_rope",
+                         "decoder_use_ape", "decoder_cls_token")
+
+
+def check_init_from(directory: str, tok_config: TokenizerConfig) -> None:
+  """Refuses a tokenizer directory built with other settings of the same shapes (twice the
+  heads at one width...), which the shape check of the weights cannot see; warns when its
+  latent statistics differ from the config's, which the exported tokenizer records."""
+  theirs = TokenizerConfig.from_json_dict(checkpoint.read_config(directory))
+  differ = [f"{part}.{name}: {getattr(getattr(theirs, part), name)!r} there, "
+            f"{getattr(getattr(tok_config, part), name)!r} here"
+            for part in ("encoder", "decoder") for name in _SHAPE_FREE_VIT
+            if getattr(getattr(theirs, part), name) != getattr(getattr(tok_config, part), name)]
+  differ += [f"{name}: {getattr(theirs, name)!r} there, {getattr(tok_config, name)!r} here"
+             for name in _SHAPE_FREE_TOKENIZER
+             if getattr(theirs, name) != getattr(tok_config, name)]
+  if differ:
+    raise ValueError(f"init_from={directory!r} is another tokenizer: " + "; ".join(differ))
+  if (theirs.vq_mean, theirs.vq_std) != (tok_config.vq_mean, tok_config.vq_std):
+    logging.warning(
+        "init_from=%s has vq_mean/vq_std %s/%s, this config %s/%s, which the exported "
+        "tokenizer will record; --config.model.vq_mean=%s --config.model.vq_std=%s keeps its own",
+        directory, theirs.vq_mean, theirs.vq_std, tok_config.vq_mean, tok_config.vq_std,
+        theirs.vq_mean, theirs.vq_std)
+
+
 def _init_from(state, directory: str, tok_config: TokenizerConfig):
   """Starts from converted weights (parameters only; optimizer and EMA start fresh)."""
+  check_init_from(directory, tok_config)
   flat = checkpoint.read_param_dir(directory, param_shapes(tok_config))
   params = jax.tree.map(lambda x: x, state.params)
   for path, value in flat.items():
