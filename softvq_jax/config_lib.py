@@ -94,7 +94,12 @@ def tokenizer_recipe(name: str, arg: str | None) -> ml_collections.ConfigDict:
   c.optim.warmup_lr = 1e-5
   c.optim.min_lr_ratio = 0.1         # the reference: min_lr = 0.1 * (scaled) lr
   c.optim.grad_clip = 1.0
-  c.disc_optim = ml_collections.ConfigDict()   # overrides of `optim` for the discriminator
+  # The discriminator's optimizer: `optim`, with these fields replaced where set (lr is
+  # scaled by global_batch_size / 256 as optim.lr is).
+  c.disc_optim = ml_collections.ConfigDict({
+      name: ml_collections.config_dict.placeholder(float)
+      for name in ("lr", "b1", "b2", "eps", "weight_decay", "warmup_lr", "min_lr_ratio",
+                   "grad_clip")})
 
   c.loss = ml_collections.ConfigDict()
   c.loss.reconstruction = "l2"

@@ -113,7 +113,8 @@ def test_main_rejects_unknown_trainer(tmp_path):
       "--config.data.num_examples=16", "--config.eval_data.source=skimage",
       "--config.eval_data.kwargs.num_examples=8"]),
     ("configs/softvq_b64.py:runlocal",
-     ["--config.data.source=folder", "--config.data.kwargs.root=/images"]),
+     ["--config.data.source=folder", "--config.data.kwargs.root=/images",
+      "--config.disc_optim.lr=1e-4"]),
     ("configs/softvq_b64.py", ['--config.mesh=(("data",-1),("fsdp",8))']),
 ])
 def test_documented_settings_can_be_set_by_flag(tmp_path, config, overrides):

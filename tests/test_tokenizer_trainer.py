@@ -103,6 +103,20 @@ def test_init_from_refuses_same_shaped_other_settings(tmp_path, caplog):
   assert f"--config.model.vq_mean={cfg['vq_mean']}" in caplog.text
 
 
+def test_discriminator_optimizer_takes_its_overrides(monkeypatch):
+  seen = []
+  real = tokenizer_trainer.make_stage1_optimizer
+  monkeypatch.setattr(tokenizer_trainer, "make_stage1_optimizer",
+                      lambda optim, steps: seen.append(optim) or real(optim, steps))
+  c = tiny_config(4)
+  c.disc_optim.lr, c.disc_optim.b2 = 2e-4, 0.99
+  tokenizer_trainer.build_stage1(c, total_steps=4, steps_per_epoch=10)
+  gen, disc = seen
+  scale = c.global_batch_size / 256
+  assert gen.lr == pytest.approx(c.optim.lr * scale) and gen.b2 == c.optim.b2
+  assert disc.lr == pytest.approx(2e-4 * scale) and disc.b2 == 0.99 and disc.b1 == gen.b1
+
+
 def test_warm_up_fits_the_run():
   """``:runlocal`` warms up over a few steps, not over an epoch of the real data (7,500 steps
   of Fashion-MNIST at batch 8, longer than its 60-step run); ``optim.warmup_steps``

@@ -380,7 +380,11 @@ def build_stage1(config: ml_collections.ConfigDict, *, total_steps: int,
     disc_fn = lambda rngs: None
   tx, lr_fn = make_stage1_optimizer(optim, total_steps)
   disc_optim = ml_collections.ConfigDict(optim.to_dict())
-  disc_optim.update(dict(config.get("disc_optim", {}) or {}))
+  overrides = {k: v for k, v in dict(config.get("disc_optim", {}) or {}).items()
+               if v is not None}  # unset placeholders keep optim's value
+  if "lr" in overrides:
+    overrides["lr"] *= config.global_batch_size / 256  # scaled as optim.lr is
+  disc_optim.update(overrides)
   disc_tx, _ = make_stage1_optimizer(disc_optim, total_steps)
   init = functools.partial(stage1.init_stage1_state, model_fn, disc_fn, tx, disc_tx, config.seed)
   graphdef = nnx.graphdef(nnx.eval_shape(lambda: model_fn(nnx.Rngs(0))))
