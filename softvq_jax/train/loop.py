@@ -133,32 +133,25 @@ def train_loop(*, state, train_step, data: Iterator, mesh, workdir: str, total_s
       report(step)
       if profile is not None:
         profile(step)
+      log_now = step % log_every == 0 or step == total_steps
+      scheduled_save = step % ckpt_every == 0 or step == total_steps
+      checked = None
+      if log_now or scheduled_save:
+        # Before the hooks: a diverged state must not reach their grids and FID rows.
+        checked = _checked_scalars(metrics, state, step, checkpointer)
       for hook in hooks:
         hook(step, state)
       stopping = preempt.requested or checkpointer.reached_preemption(step)
-      log_now = step % log_every == 0 or step == total_steps
-      save_now = step % ckpt_every == 0 or step == total_steps or stopping
-      if log_now or save_now:
-        last = _to_scalars(metrics)
-        params = getattr(_tree(state), "params", None)
-        if params is not None:
-          last["param_norm"] = float(state_lib.param_norm(params))
-        # The loss comes from the parameters before the update; the norms see the update
-        # itself (a finite loss with infinite gradients leaves NaN weights behind).
-        bad = {k: v for k, v in last.items()
-               if (k in ("grad_norm", "param_norm") or k.endswith("loss"))
-               and not math.isfinite(v)}
-        if bad:
-          checkpointer.wait()
-          named = ", ".join(f"{k} is {v}" for k, v in sorted(bad.items()))
-          raise FloatingPointError(
-              f"{named} at step {step}; stopping without saving. The last good "
-              f"checkpoint is step {checkpointer.latest_step()} in {checkpointer.directory}")
-        if log_now:
-          if writer is not None:
-            writer.write_scalars(step, last)
-          jsonl.write(step, last)
-          logging.info("step %d: %s", step, ", ".join(f"{k}={v:.5g}" for k, v in sorted(last.items())))
+      save_now = scheduled_save or stopping
+      if save_now and checked is None:
+        checked = _checked_scalars(metrics, state, step, checkpointer)
+      if checked is not None:
+        last = checked
+      if log_now:
+        if writer is not None:
+          writer.write_scalars(step, last)
+        jsonl.write(step, last)
+        logging.info("step %d: %s", step, ", ".join(f"{k}={v:.5g}" for k, v in sorted(last.items())))
       if save_now:
         data_state = data.get_state() if hasattr(data, "get_state") else {}
         checkpointer.save(step, _tree(state), data_state=data_state,
@@ -176,6 +169,26 @@ def train_loop(*, state, train_step, data: Iterator, mesh, workdir: str, total_s
     if writer is not None:
       writer.flush()
   return _tree(state), last
+
+
+def _checked_scalars(metrics, state, step: int, checkpointer: TrainCheckpointer) -> dict:
+  """The step's metrics (and the parameter norm) as floats; raises if any loss or norm is
+  not finite, before anything of this step is written."""
+  scalars = _to_scalars(metrics)
+  params = getattr(_tree(state), "params", None)
+  if params is not None:
+    scalars["param_norm"] = float(state_lib.param_norm(params))
+  # The loss comes from the parameters before the update; the norms see the update
+  # itself (a finite loss with infinite gradients leaves NaN weights behind).
+  bad = {k: v for k, v in scalars.items()
+         if (k in ("grad_norm", "param_norm") or k.endswith("loss")) and not math.isfinite(v)}
+  if bad:
+    checkpointer.wait()
+    named = ", ".join(f"{k} is {v}" for k, v in sorted(bad.items()))
+    raise FloatingPointError(
+        f"{named} at step {step}; stopping without saving. The last good "
+        f"checkpoint is step {checkpointer.latest_step()} in {checkpointer.directory}")
+  return scalars
 
 
 def _tree(state):
