@@ -47,8 +47,12 @@ def test_short_run_learns_and_exports(tmp_path):
   config.data = ml_collections.ConfigDict(dict(source="offline", min_resize=32, max_resize=36))
   config.eval_every, config.eval_num_images = 80, 16     # the held-out rFID hook, at the end
   last = tokenizer_trainer.run(config, str(workdir))
-  logs = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  logs = [row for row in rows if "mse" in row]
   assert logs[0]["step"] == 5 and logs[-1]["step"] == 80
+  # The held-out metrics reach metrics.jsonl too, not only TensorBoard.
+  (heldout,) = [row for row in rows if "heldout_rfid" in row]
+  assert heldout["step"] == 80 and heldout["heldout_rfid"] == last["heldout_rfid"]
   first = np.mean([l["mse"] for l in logs[:2]])
   final = np.mean([l["mse"] for l in logs[-2:]])
   assert final < 0.8 * first, (first, final)

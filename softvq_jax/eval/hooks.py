@@ -60,7 +60,8 @@ class HeldoutRFID:
   def __init__(self, graphdef, images: np.ndarray, *, every: int, total_steps: int,
                writer=None, features: adm.InceptionFeatures | None = None,
                reconstruct: Callable[[Any, np.ndarray], jax.Array] | None = None,
-               batch_size: int = 64, lpips: bool = False, prefix: str = "heldout_"):
+               batch_size: int = 64, lpips: bool = False, prefix: str = "heldout_",
+               jsonl_path: str | None = None):
     images = np.asarray(images, np.float32)
     if images.ndim != 4 or images.shape[-1] != 3 or len(images) < 2:
       raise ValueError(f"held-out images must be (N >= 2, H, W, 3), got {images.shape}")
@@ -71,6 +72,7 @@ class HeldoutRFID:
     self.images, self.every, self.total, self.writer = images, every, total_steps, writer
     self.originals_u8 = to_uint8(images)
     self.features, self.batch_size, self.lpips, self.prefix = features, batch_size, lpips, prefix
+    self.jsonl_path = jsonl_path
     self._reconstruct = reconstruct or ema_reconstruct_fn(graphdef)
     self._reference: tuple | None = None
     self.last: dict[str, float] | None = None
@@ -113,8 +115,12 @@ class HeldoutRFID:
     self.history.append((step, out))
     logging.info("step %d held-out (%d images): rFID %.3f, PSNR %.2f dB, SSIM %.4f", step,
                  out["num_images"], out["rfid"], out["psnr"], out["ssim"])
+    scalars = {f"{self.prefix}{k}": float(v) for k, v in out.items()}
     if self.writer is not None:
-      self.writer.write_scalars(step, {f"{self.prefix}{k}": float(v) for k, v in out.items()})
+      self.writer.write_scalars(step, scalars)
+    if self.jsonl_path:
+      from softvq_jax.train.loop import JsonlWriter  # pylint: disable=g-import-not-at-top
+      JsonlWriter(self.jsonl_path).write(step, scalars)
 
 
 def _local_result(metrics: ReconstructionMetrics) -> dict[str, float]:

@@ -479,7 +479,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     images = next(iter(image_pipeline(eval_source, batch_size=count, image_size=size,
                                       train=False, shard_index=0, shard_count=1)))["image"]
     rfid = HeldoutRFID(graphdef, images, every=config.eval_every, total_steps=total_steps,
-                       writer=writer, lpips=bool(config.get("eval_lpips", False)))
+                       writer=writer, lpips=bool(config.get("eval_lpips", False)),
+                       jsonl_path=os.path.join(workdir, "metrics.jsonl"))
     hooks.append(rfid)
   state, last = train_loop(state=state, train_step=step_fn, data=data, mesh=mesh, workdir=workdir,
                            total_steps=total_steps, checkpointer=ckpt, log_every=config.log_every,
