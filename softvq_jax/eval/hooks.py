@@ -36,6 +36,7 @@ from softvq_jax.eval import adm
 from softvq_jax.eval import fid as fid_lib
 from softvq_jax.eval.eval_recon import ReconstructionMetrics
 from softvq_jax.utils.images import samples_to_uint8, to_uint8
+from softvq_jax.utils.periodic import PeriodicHook
 
 
 def ema_reconstruct_fn(graphdef) -> Callable[[Any, np.ndarray], jax.Array]:
@@ -48,7 +49,7 @@ def ema_reconstruct_fn(graphdef) -> Callable[[Any, np.ndarray], jax.Array]:
   return lambda state, x: reconstruct(state.ema, state.rest, x)
 
 
-class HeldoutRFID:
+class HeldoutRFID(PeriodicHook):
   """Every ``every`` steps: rFID/PSNR/SSIM of ``images`` reconstructed by the model in ``state``.
 
   ``images``: float ``(N, H, W, 3)`` in [-1, 1], N >= 2 (the same on every process).
@@ -108,7 +109,7 @@ class HeldoutRFID:
     return out
 
   def __call__(self, step: int, state) -> None:
-    if step % self.every and step != self.total:
+    if not self.due(step):
       return
     out = self.evaluate(state)
     self.last = out
@@ -130,7 +131,7 @@ def _local_result(metrics: ReconstructionMetrics) -> dict[str, float]:
   return out
 
 
-class SampleFID:
+class SampleFID(PeriodicHook):
   """Every ``every`` steps (and at the last): FID of ``num_samples`` generated images.
 
   Stage 2's counterpart of :class:`HeldoutRFID`. ``sample``: ``(state, noise, labels,
@@ -232,7 +233,7 @@ class SampleFID:
     return fid_lib.frechet_distance(stats.mean, stats.covariance, mu, sigma)
 
   def __call__(self, step: int, state) -> None:
-    if step % self.every and step != self.total:
+    if not self.due(step):
       return
     value = self.evaluate(state)
     self.last = value

@@ -136,8 +136,9 @@ def train_loop(*, state, train_step, data: Iterator, mesh, workdir: str, total_s
       log_now = step % log_every == 0 or step == total_steps
       scheduled_save = step % ckpt_every == 0 or step == total_steps
       checked = None
-      if log_now or scheduled_save:
-        # Before the hooks: a diverged state must not reach their grids and FID rows.
+      # Before the hooks that act now: a diverged state must not reach their grids and
+      # scores. (Hooks without ``due`` are not waited for: that would sync every step.)
+      if log_now or scheduled_save or any(getattr(h, "due", lambda s: False)(step) for h in hooks):
         checked = _checked_scalars(metrics, state, step, checkpointer)
       for hook in hooks:
         hook(step, state)

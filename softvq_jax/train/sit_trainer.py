@@ -32,6 +32,7 @@ from softvq_jax.transport.loss import sit_loss
 from softvq_jax.transport.samplers import euler_sampler
 from softvq_jax.utils import fs
 from softvq_jax.utils.images import make_grid, samples_to_uint8, save_png, to_uint8
+from softvq_jax.utils.periodic import PeriodicHook
 
 
 def load_tokenizer(config: ml_collections.ConfigDict, mesh=None) -> Tokenizer:
@@ -281,7 +282,7 @@ def ema_sampler(graphdef, gen_config: GeneratorConfig, *, num_steps: int, cfg_sc
   return lambda state, noise, labels, batch=0: jitted(state.ema, state.rest, noise, labels)
 
 
-class SampleGrid:
+class SampleGrid(PeriodicHook):
   """Every ``every`` steps: Euler ODE samples of the EMA model, decoded, as a PNG grid."""
 
   def __init__(self, graphdef, tok: Tokenizer, gen_config: GeneratorConfig, *, workdir: str,
@@ -298,7 +299,7 @@ class SampleGrid:
     return self._sample(state, self.noise, self.labels)
 
   def __call__(self, step: int, state) -> None:
-    if step % self.every and step != self.total:
+    if not self.due(step):
       return
     z = parallel.to_host(self._draw(state)).astype(np.float32)
     images = parallel.to_host(self.tok.decode(self.tok.denormalize(z)))

@@ -38,6 +38,7 @@ from softvq_jax.train import stage1
 from softvq_jax.train.loop import train_loop
 from softvq_jax.utils import fs
 from softvq_jax.utils.images import make_grid, save_png, to_uint8
+from softvq_jax.utils.periodic import PeriodicHook
 
 
 
@@ -74,7 +75,7 @@ def resolve_source(data: ml_collections.ConfigDict, split: str):
   return sources.make_source(kind, **kwargs)
 
 
-class ReconstructionGrid:
+class ReconstructionGrid(PeriodicHook):
   """Every ``every`` steps: held-out images above their reconstructions by the EMA model."""
 
   def __init__(self, graphdef, images: np.ndarray, *, workdir: str, every: int,
@@ -89,7 +90,7 @@ class ReconstructionGrid:
     self._reconstruct = jax.jit(reconstruct)
 
   def __call__(self, step: int, state) -> None:
-    if step % self.every and step != self.total:
+    if not self.due(step):
       return
     recon = parallel.to_host(self._reconstruct(state.ema, state.rest, self.images))
     originals, recons = to_uint8(self.images), to_uint8(recon)
