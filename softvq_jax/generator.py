@@ -230,7 +230,7 @@ class Generator(LoadedModel):
         one the model was trained with (``config.noise_schedule``).
       rtol: SiT ``dopri5`` only: relative tolerance. Adaptive steps are shared by the batch,
         so a sample depends on its batch companions (and padding rows on a mesh) to within
-        about this tolerance.
+        a few times this tolerance.
       timestep_respacing: DiT only: the reference's respacing string in place of
         ``num_steps`` (``"ddim25"`` = integer stride, ``"10,15,20"`` = per-section counts);
         ``num_steps=N`` is ``"N"``.

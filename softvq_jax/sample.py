@@ -103,9 +103,20 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if fs.exists(settings_path):
     with fs.open(settings_path) as f:
       previous = json.load(f)
-    if previous != settings:
-      raise ValueError(f"{workdir} holds samples made with other settings ({settings_path}); "
-                       "use a new workdir")
+    if "kind" not in previous:
+      # Written by an earlier version, which recorded every sampler field for both families
+      # and not the ones added since: the settings both record must agree.
+      shared = set(previous) & set(settings)
+      previous = {k: v for k, v in previous.items() if k in shared}
+      compared = {k: v for k, v in settings.items() if k in shared}
+    else:
+      compared = settings
+    if previous != compared:
+      diffs = "; ".join(f"{k}: {previous.get(k)!r} there, {compared.get(k)!r} now"
+                        for k in sorted(set(previous) | set(compared))
+                        if previous.get(k) != compared.get(k))
+      raise ValueError(f"{workdir} holds samples made with other settings ({settings_path}: "
+                       f"{diffs}); use a new workdir")
   fs.write_json_atomic(settings_path, settings)
 
   batches = range(0, config.num_samples, config.batch_size)

@@ -156,3 +156,26 @@ def test_dit_job_takes_the_reference_respacing_and_the_models_schedule(tmp_path)
   # The schedule is the model's own (random DiT: the reference's cosine), not a config guess.
   assert settings["noise_schedule"] == "cosine" and settings["diffusion_steps"] == 1000
   assert "guidance_interval" not in settings and "path" not in settings
+
+
+def test_a_workdir_of_the_earlier_settings_format_resumes(tmp_path):
+  """sampling.json written before the settings were recorded per family (every sampler
+  field, no ``kind``): a rerun with the same settings resumes, other settings are named."""
+  from softvq_jax import sample  # pylint: disable=g-import-not-at-top
+
+  def config(steps):
+    c = _job_config("sample_sit_xl_softvq_b64.py", "runlocal,num_samples=2", num_steps=steps)
+    c.save_pngs = False
+    return c
+
+  sample.run(config(2), str(tmp_path / "new"))
+  settings = json.loads((tmp_path / "new" / "sampling.json").read_text())
+  legacy = {k: v for k, v in settings.items() if k != "kind"}
+  legacy.update(noise_schedule="cosine", eta=0.0)  # recorded for SiT runs too, unused
+  old = tmp_path / "old"
+  old.mkdir()
+  (old / "sampling.json").write_text(json.dumps(legacy))
+  with pytest.raises(ValueError, match=r"num_steps: 2 there, 3 now"):
+    sample.run(config(3), str(old))
+  assert sample.run(config(2), str(old))["num_samples"] == 2
+  assert json.loads((old / "sampling.json").read_text()) == settings
