@@ -120,8 +120,7 @@ def _sample_fn(graphdef, static, state, noise, labels, cfg_scale, key, step_nois
                                            **common)
     return samplers.euler_sampler(_velocity_fn(model), noise, labels, heun=method == "heun",
                                   **common)
-  diff = diffusion_lib.create_diffusion(num_steps, schedule, learn_sigma=model.config.learn_sigma,
-                                        diffusion_steps=model.config.diffusion_steps)
+  diff = diffusion_lib.model_diffusion(model.config, num_steps, schedule)
   model_fn = dit_model_fn(model, labels, cfg_scale, guided)
   if method == "ddpm":
     return diff.p_sample_loop(model_fn, noise, key=key, noise=step_noise)
@@ -198,10 +197,10 @@ class Generator(LoadedModel):
                            timestep_respacing=timestep_respacing, method=method)
     if not sit:
       # Built here so that a bad respacing string or schedule fails with its own message.
-      diffusion_lib.create_diffusion(
+      diffusion_lib.model_diffusion(
+          self.config,
           str(timestep_respacing) if timestep_respacing is not None else str(int(num_steps)),
-          noise_schedule or self.config.noise_schedule, learn_sigma=self.config.learn_sigma,
-          diffusion_steps=self.config.diffusion_steps)
+          noise_schedule)
     return method
 
   def sample(self, noise, labels, *, method: str | None = None, num_steps: int = 250,

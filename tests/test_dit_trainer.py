@@ -22,7 +22,6 @@ from softvq_jax.transport import diffusion as diffusion_lib
 
 GEN = GeneratorConfig(kind="dit", input_size=8, in_channels=4, hidden_size=32, depth=2,
                       num_heads=2, num_classes=4, learn_sigma=True)
-DIFF = ml_collections.ConfigDict(dict(noise_schedule="cosine", num_steps=1000))
 
 
 def model_fn(rngs):
@@ -39,7 +38,7 @@ def _latents(n=16, seed=0):
 
 
 def _setup(tx, mesh):
-  diff = dit_trainer.make_diffusion(DIFF, learn_sigma=True)
+  diff = diffusion_lib.model_diffusion(GEN)
   graphdef, state, shardings = state_lib.create_train_state(model_fn, tx, mesh, seed=1)
   step = state_lib.make_train_step(graphdef, tx, dit_trainer.make_loss_fn(diff), ema_decay=0.9999,
                                    state_shardings=shardings,
@@ -117,7 +116,7 @@ def test_step_loss_equals_training_losses_for_fixed_t_and_noise():
 
 
 def test_vb_term_trains_only_the_variance_channels():
-  diff = dit_trainer.make_diffusion(DIFF, learn_sigma=True)
+  diff = diffusion_lib.model_diffusion(GEN)
   rng = np.random.default_rng(0)
   x0 = jnp.asarray(rng.normal(size=(4, 8, 4)), jnp.float32)
   noise = jnp.asarray(rng.normal(size=(4, 8, 4)), jnp.float32)
@@ -205,7 +204,7 @@ def test_fid_sampler_draws_each_batch_its_own_noise():
   share their step noise, yet a batch index redraws the same samples at every evaluation."""
   mesh = jax.make_mesh((1,), ("data",))
   _, graphdef, state, _ = _setup(optax.sgd(0.0), mesh)
-  sample = dit_trainer.ema_sampler(graphdef, GEN, DIFF, num_steps=3, cfg_scale=1.0,
+  sample = dit_trainer.ema_sampler(graphdef, GEN, num_steps=3, cfg_scale=1.0,
                                    key=jax.random.key(0))
   noise = jax.random.normal(jax.random.key(1), (2,) + GEN.latent_shape)
   labels = jnp.arange(2, dtype=jnp.int32)

@@ -150,12 +150,9 @@ def test_guided_training_samples_need_the_null_class_row():
   # The DiT trainer's sampler likewise (it had sampled unguided without a word).
   import dataclasses  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
-  import ml_collections  # pylint: disable=g-import-not-at-top
   from softvq_jax.train import dit_trainer  # pylint: disable=g-import-not-at-top
   dit = dataclasses.replace(config, kind="dit", learn_sigma=True)
-  diffusion = ml_collections.ConfigDict(dict(noise_schedule="cosine", num_steps=1000))
   with pytest.raises(ValueError, match="cfg_scale=1.5: classifier-free guidance needs"):
-    dit_trainer.ema_sampler(None, dit, diffusion, num_steps=2, cfg_scale=1.5,
-                            key=jax.random.key(0))
-  assert dit_trainer.ema_sampler(None, dit, diffusion, num_steps=2, cfg_scale=1.0,
+    dit_trainer.ema_sampler(None, dit, num_steps=2, cfg_scale=1.5, key=jax.random.key(0))
+  assert dit_trainer.ema_sampler(None, dit, num_steps=2, cfg_scale=1.0,
                                  key=jax.random.key(0)) is not None

@@ -28,13 +28,6 @@ def generator_config(config: ml_collections.ConfigDict, tok: Tokenizer) -> Gener
   return sit_trainer.generator_config(config, tok, kind="dit")
 
 
-def make_diffusion(diffusion: ml_collections.ConfigDict, *, learn_sigma: bool,
-                   respacing: str = "") -> diffusion_lib.GaussianDiffusion:
-  return diffusion_lib.create_diffusion(respacing, diffusion.noise_schedule,
-                                        diffusion_steps=diffusion.num_steps,
-                                        learn_sigma=learn_sigma)
-
-
 def dit_loss_terms(model: SiT, diff: diffusion_lib.GaussianDiffusion, batch, key):
   """Per-sample ADM terms for one batch, with ``t``, noise and label dropout drawn from ``key``."""
   x0 = batch["latent"]
@@ -56,13 +49,13 @@ def make_loss_fn(diff: diffusion_lib.GaussianDiffusion):
   return loss_fn
 
 
-def ema_sampler(graphdef, gen_config: GeneratorConfig, diffusion: ml_collections.ConfigDict, *,
-                num_steps: int, cfg_scale: float, key: jax.Array):
+def ema_sampler(graphdef, gen_config: GeneratorConfig, *, num_steps: int, cfg_scale: float,
+                key: jax.Array):
   """``(state, noise, labels, batch=0) -> latents``: DDPM samples (``num_steps`` respaced
   steps) of the EMA model, compiled once per batch shape. Each batch index draws its own
   step noise (``key`` folded with it), the same at every call: the FID hook's batches are
   independent, and its successive evaluations differ only by the weights."""
-  diff = make_diffusion(diffusion, learn_sigma=gen_config.learn_sigma, respacing=str(num_steps))
+  diff = diffusion_lib.model_diffusion(gen_config, str(num_steps))
   if cfg_scale > 1.0 and not gen_config.has_null_label:
     raise ValueError(f"sample.cfg_scale={cfg_scale}: classifier-free guidance needs the null-"
                      "class row, which a model trained with class_dropout_prob=0 does not have")
@@ -81,9 +74,9 @@ def ema_sampler(graphdef, gen_config: GeneratorConfig, diffusion: ml_collections
 class SampleGrid(sit_trainer.SampleGrid):
   """Every ``every`` steps: DDPM samples (few respaced steps) of the EMA model, decoded, as PNGs."""
 
-  def __init__(self, graphdef, tok: Tokenizer, gen_config: GeneratorConfig,
-               diffusion: ml_collections.ConfigDict, *, workdir: str, every: int, total_steps: int,
-               num: int, num_steps: int, cfg_scale: float, seed: int, writer=None):
+  def __init__(self, graphdef, tok: Tokenizer, gen_config: GeneratorConfig, *, workdir: str,
+               every: int, total_steps: int, num: int, num_steps: int, cfg_scale: float,
+               seed: int, writer=None):
     # The parent's decode/grid/write path is reused; only the sampler differs, so the
     # parent's (ODE-building) constructor is not called.
     self.tok, self.every, self.total, self.writer = tok, every, total_steps, writer
@@ -91,23 +84,24 @@ class SampleGrid(sit_trainer.SampleGrid):
     noise_key, self.key = jax.random.split(jax.random.key(seed))
     self.noise = jax.random.normal(noise_key, (num,) + gen_config.latent_shape)
     self.labels = jnp.arange(num) % gen_config.num_classes  # class-balanced
-    self._sample = ema_sampler(graphdef, gen_config, diffusion, num_steps=num_steps,
-                               cfg_scale=cfg_scale, key=self.key)
+    self._sample = ema_sampler(graphdef, gen_config, num_steps=num_steps, cfg_scale=cfg_scale,
+                               key=self.key)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  make_loss = lambda g: make_loss_fn(make_diffusion(config.diffusion, learn_sigma=g.learn_sigma))
+  # The process as the generator config records it (from config.diffusion; exported with it).
+  make_loss = lambda g: make_loss_fn(diffusion_lib.model_diffusion(g))
   r = sit_trainer.prepare_training(config, workdir, make_loss, kind="dit")
   tok, gen_config = r.tok, r.gen_config
   hooks = []
   if config.get("sample_every"):
-    hooks.append(SampleGrid(r.graphdef, tok, gen_config, config.diffusion, workdir=workdir,
+    hooks.append(SampleGrid(r.graphdef, tok, gen_config, workdir=workdir,
                             every=config.sample_every, total_steps=config.total_steps,
                             num=config.sample.num, num_steps=config.sample.num_steps,
                             cfg_scale=config.sample.cfg_scale, seed=config.seed, writer=r.writer))
   if config.get("eval_every"):
-    sampler = ema_sampler(r.graphdef, gen_config, config.diffusion,
-                          num_steps=config.sample.num_steps, cfg_scale=config.sample.cfg_scale,
+    sampler = ema_sampler(r.graphdef, gen_config, num_steps=config.sample.num_steps,
+                          cfg_scale=config.sample.cfg_scale,
                           key=jax.random.key(config.seed + 2))
     hooks.append(sit_trainer.sample_fid_hook(config, sampler, tok, gen_config, workdir=workdir,
                                              writer=r.writer))

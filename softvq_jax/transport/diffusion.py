@@ -339,6 +339,14 @@ class GaussianDiffusion:
     return terms
 
 
+def model_diffusion(config, timestep_respacing: str | int | Sequence[int] | None = "",
+                    noise_schedule: str | None = None) -> GaussianDiffusion:
+  """The process a DiT was trained on, as its ``GeneratorConfig`` records it (schedule, step
+  count, learned variance), respaced; ``noise_schedule`` overrides the recorded one."""
+  return create_diffusion(timestep_respacing, noise_schedule or config.noise_schedule,
+                          diffusion_steps=config.diffusion_steps, learn_sigma=config.learn_sigma)
+
+
 def create_diffusion(timestep_respacing: str | int | Sequence[int] | None = "",
                      noise_schedule: str = "linear", *, diffusion_steps: int = 1000,
                      learn_sigma: bool = True) -> GaussianDiffusion:
