@@ -116,12 +116,17 @@ class HeldoutRFID(PeriodicHook):
     self.history.append((step, out))
     logging.info("step %d held-out (%d images): rFID %.3f, PSNR %.2f dB, SSIM %.4f", step,
                  out["num_images"], out["rfid"], out["psnr"], out["ssim"])
-    scalars = {f"{self.prefix}{k}": float(v) for k, v in out.items()}
-    if self.writer is not None:
-      self.writer.write_scalars(step, scalars)
-    if self.jsonl_path:
-      from softvq_jax.train.loop import JsonlWriter  # pylint: disable=g-import-not-at-top
-      JsonlWriter(self.jsonl_path).write(step, scalars)
+    _write_scalars(self.writer, self.jsonl_path, step,
+                   {f"{self.prefix}{k}": float(v) for k, v in out.items()})
+
+
+def _write_scalars(writer, jsonl_path: str | None, step: int, scalars: dict[str, float]) -> None:
+  """A hook's scores to TensorBoard and to the run's metrics.jsonl, where given."""
+  if writer is not None:
+    writer.write_scalars(step, scalars)
+  if jsonl_path:
+    from softvq_jax.train.loop import JsonlWriter  # pylint: disable=g-import-not-at-top
+    JsonlWriter(jsonl_path).write(step, scalars)
 
 
 def _local_result(metrics: ReconstructionMetrics) -> dict[str, float]:
@@ -239,9 +244,4 @@ class SampleFID(PeriodicHook):
     self.last = value
     self.history.append((step, value))
     logging.info("step %d: FID %.4f (%d samples)", step, value, self.num_samples)
-    scalars = {f"{self.prefix}fid": float(value)}
-    if self.writer is not None:
-      self.writer.write_scalars(step, scalars)
-    if self.jsonl_path:
-      from softvq_jax.train.loop import JsonlWriter  # pylint: disable=g-import-not-at-top
-      JsonlWriter(self.jsonl_path).write(step, scalars)
+    _write_scalars(self.writer, self.jsonl_path, step, {f"{self.prefix}fid": float(value)})

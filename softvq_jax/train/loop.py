@@ -47,6 +47,11 @@ class PreemptionFlag:
       signal.signal(signal.SIGTERM, self._previous)
 
 
+def metrics_path(workdir: str) -> str:
+  """The run's plain-text metrics file, which the loop and the evaluation hooks append to."""
+  return os.path.join(workdir, "metrics.jsonl")
+
+
 class JsonlWriter:
   """A plain-text copy of every logged scalar, one JSON object per line."""
 
@@ -120,7 +125,7 @@ def train_loop(*, state, train_step, data: Iterator, mesh, workdir: str, total_s
                                        num_profile_steps=profile_steps, profile_duration_ms=None,
                                        first_profile=profile_first_step, every_steps=None,
                                        every_secs=None)
-  jsonl = JsonlWriter(os.path.join(workdir, "metrics.jsonl"))
+  jsonl = JsonlWriter(metrics_path(workdir))
   jsonl.drop_after(step)
   preempt = PreemptionFlag()
   last = {}

@@ -27,7 +27,7 @@ from softvq_jax.tokenizer import Tokenizer
 from softvq_jax.train import common
 from softvq_jax.train import state as state_lib
 from softvq_jax.train.inputs import ArrayIterator
-from softvq_jax.train.loop import train_loop
+from softvq_jax.train.loop import metrics_path, train_loop
 from softvq_jax.transport.loss import sit_loss
 from softvq_jax.transport.samplers import euler_sampler
 from softvq_jax.utils import fs
@@ -350,7 +350,7 @@ def sample_fid_hook(config: ml_collections.ConfigDict, sample, tok: Tokenizer,
                    reference=reference, every=config.eval_every, total_steps=config.total_steps,
                    num_samples=num, batch_size=int(config.get("eval_batch_size", 32)),
                    seed=config.seed + 1, writer=writer,
-                   jsonl_path=os.path.join(workdir, "metrics.jsonl"),
+                   jsonl_path=metrics_path(workdir),
                    inception_batch_size=int(config.get("eval_inception_batch_size", 50)))
 
 

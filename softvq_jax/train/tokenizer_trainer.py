@@ -35,7 +35,7 @@ from softvq_jax.models.config import TokenizerConfig
 from softvq_jax.tokenizer import Tokenizer, param_shapes
 from softvq_jax.train import common
 from softvq_jax.train import stage1
-from softvq_jax.train.loop import train_loop
+from softvq_jax.train.loop import metrics_path, train_loop
 from softvq_jax.utils import fs
 from softvq_jax.utils.images import make_grid, save_png, to_uint8
 from softvq_jax.utils.periodic import PeriodicHook
@@ -481,7 +481,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                       train=False, shard_index=0, shard_count=1)))["image"]
     rfid = HeldoutRFID(graphdef, images, every=config.eval_every, total_steps=total_steps,
                        writer=writer, lpips=bool(config.get("eval_lpips", False)),
-                       jsonl_path=os.path.join(workdir, "metrics.jsonl"))
+                       jsonl_path=metrics_path(workdir))
     hooks.append(rfid)
   state, last = train_loop(state=state, train_step=step_fn, data=data, mesh=mesh, workdir=workdir,
                            total_steps=total_steps, checkpointer=ckpt, log_every=config.log_every,
