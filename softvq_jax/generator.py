@@ -105,7 +105,7 @@ def _check_sampler_options(sit: bool, *, num_steps, guidance_interval, path, eta
     raise ValueError(f"eta is a DDIM option; method {method!r} does not take it")
 
 
-def _sample_fn(graphdef, static, state, noise, labels, cfg_scale, key, step_noise):
+def _sample_fn(graphdef, static, state, noise, labels, cfg_scale, key, step_noise, num_valid):
   method, num_steps, guided, interval, path, eta, schedule, rtol = static
   model = nnx.merge(graphdef, state)
   if method in SIT_METHODS:
@@ -117,7 +117,7 @@ def _sample_fn(graphdef, static, state, noise, labels, cfg_scale, key, step_nois
     if method == "dopri5":
       del common["num_steps"]  # adaptive: the tolerance sets the steps
       return samplers.adaptive_ode_sampler(_velocity_fn(model), noise, labels, rtol=rtol,
-                                           **common)
+                                           num_valid=num_valid, **common)
     return samplers.euler_sampler(_velocity_fn(model), noise, labels, heun=method == "heun",
                                   **common)
   diff = diffusion_lib.model_diffusion(model.config, num_steps, schedule)
@@ -227,9 +227,9 @@ class Generator(LoadedModel):
       eta: DiT only: DDIM noise level.
       noise_schedule: DiT only: the diffusion schedule (``cosine`` | ``linear``); default the
         one the model was trained with (``config.noise_schedule``).
-      rtol: SiT ``dopri5`` only: relative tolerance. Adaptive steps are shared by the batch,
-        so a sample depends on its batch companions (and padding rows on a mesh) to within
-        a few times this tolerance.
+      rtol: SiT ``dopri5`` only: relative tolerance. Adaptive steps are shared by the batch
+        (as in the reference), so a sample depends on its batch companions to within a few
+        times this tolerance; the rows that fill a mesh's shards take no part.
       timestep_respacing: DiT only: the reference's respacing string in place of
         ``num_steps`` (``"ddim25"`` = integer stride, ``"10,15,20"`` = per-section counts);
         ``num_steps=N`` is ``"N"``.
@@ -266,7 +266,7 @@ class Generator(LoadedModel):
     noise, labels = arrays[0], arrays[1]
     step_noise = arrays[2] if step_noise is not None else None
     out = self._samplers[static](self._compute_leaves, noise, labels, jnp.float32(cfg_scale), key,
-                                 step_noise)
+                                 step_noise, jnp.int32(n))
     return self._trim(out, n)
 
   # ------------------------------------------------------------- validation

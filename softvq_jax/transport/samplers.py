@@ -217,6 +217,23 @@ def euler_maruyama_sampler(velocity_fn: VelocityFn, noise: jax.Array, labels: ja
   return x + as_dtype(dt)[last] * drift(x, last, jnp.asarray(mask)[last])
 
 
+def _leading_rows_rms(num_valid: int | jax.Array | None):
+  """The root mean square over the first ``num_valid`` rows of every leaf (all rows if None)."""
+
+  def norm(tree):
+    total, count = jnp.float32(0.0), jnp.float32(0.0)
+    for leaf in jax.tree.leaves(tree):
+      leaf = jnp.asarray(leaf, jnp.float32)
+      rows = leaf.shape[0] if num_valid is None else jnp.minimum(num_valid, leaf.shape[0])
+      kept = jnp.arange(leaf.shape[0]) < rows
+      per_row = jnp.sum(jnp.square(leaf).reshape(leaf.shape[0], -1), axis=1)
+      total = total + jnp.sum(jnp.where(kept, per_row, 0.0))
+      count = count + jnp.asarray(rows, jnp.float32) * (leaf.size // leaf.shape[0])
+    return jnp.sqrt(total / count)
+
+  return norm
+
+
 ADAPTIVE_SOLVERS = ("dopri5", "tsit5", "dopri8")
 
 
@@ -226,12 +243,17 @@ def adaptive_ode_sampler(velocity_fn: VelocityFn, noise: jax.Array, labels: jax.
                          guidance_interval: tuple[float, float] = (0.0, 1.0),
                          null_label: int = 1000, guided: bool | None = None,
                          max_steps: int = 4096, model_dtype=jnp.float32,
+                         num_valid: int | jax.Array | None = None,
                          return_num_steps: bool = False):
   """The probability-flow ODE from t = 1 to t = 0 with an adaptive Runge-Kutta solver.
 
   Uses diffrax (``Dopri5`` by default, as the SiT repository's torchdiffeq ODE
   sampler does) with a PID step-size controller; the step count follows from
   ``rtol``/``atol``. Guidance is applied wherever ``low <= t <= high``.
+
+  The step size is shared by the batch: it follows the RMS of the scaled error over
+  all samples, as torchdiffeq's does. ``num_valid`` restricts that RMS to the first
+  ``num_valid`` rows, so that rows added to fill a mesh do not steer the real ones.
   """
   import diffrax  # pylint: disable=g-import-not-at-top
   solvers = {"dopri5": diffrax.Dopri5, "tsit5": diffrax.Tsit5, "dopri8": diffrax.Dopri8}
@@ -252,7 +274,8 @@ def adaptive_ode_sampler(velocity_fn: VelocityFn, noise: jax.Array, labels: jax.
   solution = diffrax.diffeqsolve(
       diffrax.ODETerm(field), solvers[solver](), t0=1.0, t1=0.0, dt0=None,
       y0=jnp.asarray(noise).astype(dtype),
-      stepsize_controller=diffrax.PIDController(rtol=rtol, atol=atol),
+      stepsize_controller=diffrax.PIDController(rtol=rtol, atol=atol,
+                                                norm=_leading_rows_rms(num_valid)),
       saveat=diffrax.SaveAt(t1=True), max_steps=max_steps)
   sample = solution.ys[-1]
   if return_num_steps:
