@@ -92,20 +92,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # The process as the generator config records it (from config.diffusion; exported with it).
   make_loss = lambda g: make_loss_fn(diffusion_lib.model_diffusion(g))
   r = sit_trainer.prepare_training(config, workdir, make_loss, kind="dit")
-  tok, gen_config = r.tok, r.gen_config
-  hooks = []
-  if config.get("sample_every"):
-    hooks.append(SampleGrid(r.graphdef, tok, gen_config, workdir=workdir,
-                            every=config.sample_every, total_steps=config.total_steps,
-                            num=config.sample.num, num_steps=config.sample.num_steps,
-                            cfg_scale=config.sample.cfg_scale, seed=config.seed, writer=r.writer))
-  if config.get("eval_every"):
-    sampler = ema_sampler(r.graphdef, gen_config, num_steps=config.sample.num_steps,
-                          cfg_scale=config.sample.cfg_scale,
-                          key=jax.random.key(config.seed + 2))
-    hooks.append(sit_trainer.sample_fid_hook(config, sampler, tok, gen_config, workdir=workdir,
-                                             writer=r.writer))
-  meta = {"tokenizer_dir": config.get("tokenizer_dir", ""), "vq_mean": tok.config.vq_mean,
-          "vq_std": tok.config.vq_std, "generator": gen_config.to_json_dict(),
-          "diffusion": config.diffusion.to_dict()}
-  return sit_trainer.finish_training(config, workdir, r, hooks, meta)
+  return sit_trainer.train_generator(
+      config, workdir, r, grid_class=SampleGrid,
+      fid_sampler=lambda graphdef, gen_config: ema_sampler(
+          graphdef, gen_config, num_steps=config.sample.num_steps,
+          cfg_scale=config.sample.cfg_scale, key=jax.random.key(config.seed + 2)),
+      extra_meta={"diffusion": config.diffusion.to_dict()})

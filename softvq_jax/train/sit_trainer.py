@@ -466,20 +466,32 @@ def export_ema_generator(graphdef, state, gen_config: GeneratorConfig, directory
   logging.info("Exported the EMA generator to %s (load with Generator.load)", directory)
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  r = prepare_training(config, workdir, lambda _: make_loss_fn(config.transport))
+def train_generator(config: ml_collections.ConfigDict, workdir: str, r, *, grid_class,
+                    fid_sampler, extra_meta: dict | None = None) -> dict:
+  """Trains a prepared SiT/DiT run with its sample-grid and FID hooks (shared by both).
+
+  ``fid_sampler(graphdef, gen_config)`` makes the EMA sampler the FID hook draws from.
+  """
   tok, gen_config = r.tok, r.gen_config
   hooks = []
   if config.get("sample_every"):
-    hooks.append(SampleGrid(r.graphdef, tok, gen_config, workdir=workdir,
+    hooks.append(grid_class(r.graphdef, tok, gen_config, workdir=workdir,
                             every=config.sample_every, total_steps=config.total_steps,
                             num=config.sample.num, num_steps=config.sample.num_steps,
                             cfg_scale=config.sample.cfg_scale, seed=config.seed, writer=r.writer))
   if config.get("eval_every"):
-    sampler = ema_sampler(r.graphdef, gen_config, num_steps=config.sample.num_steps,
-                          cfg_scale=config.sample.cfg_scale)
-    hooks.append(sample_fid_hook(config, sampler, tok, gen_config, workdir=workdir,
-                                 writer=r.writer))
+    hooks.append(sample_fid_hook(config, fid_sampler(r.graphdef, gen_config), tok, gen_config,
+                                 workdir=workdir, writer=r.writer))
   meta = {"tokenizer_dir": config.get("tokenizer_dir", ""), "vq_mean": tok.config.vq_mean,
-          "vq_std": tok.config.vq_std, "generator": gen_config.to_json_dict()}
+          "vq_std": tok.config.vq_std, "generator": gen_config.to_json_dict(),
+          **(extra_meta or {})}
   return finish_training(config, workdir, r, hooks, meta)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  r = prepare_training(config, workdir, lambda _: make_loss_fn(config.transport))
+  return train_generator(
+      config, workdir, r, grid_class=SampleGrid,
+      fid_sampler=lambda graphdef, gen_config: ema_sampler(
+          graphdef, gen_config, num_steps=config.sample.num_steps,
+          cfg_scale=config.sample.cfg_scale))
