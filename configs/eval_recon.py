@@ -26,6 +26,7 @@ at 299x299 dominates (0.25-0.5 s per image).
 
 import ml_collections
 
+from softvq_jax import config_lib
 from softvq_jax.config_lib import parse_arg
 
 
@@ -45,11 +46,8 @@ def get_config(arg=None):
   c.lpips = args.lpips
   c.rfid = args.rfid
   c.max_skipped = 100
-  default_split = {"tfds": "validation", "fashion_mnist": "test"}.get(args.source, "test")
+  split = args.split or config_lib.default_eval_split(args.source)
   c.data = ml_collections.ConfigDict(dict(source=args.source, train_split="train",
-                                          eval_split=args.split or default_split))
-  # Declared per source because the config is locked (--config.data.kwargs.root=DIR).
-  c.data.kwargs = {"tfds": dict(dataset="imagenet2012", data_dir=""), "folder": dict(root=""),
-                   "array_record": dict(paths=""), "synthetic": dict(num_examples=64),
-                   "fashion_mnist": {}, "skimage": dict(num_examples=64), "offline": {}}[args.source]
+                                          eval_split=split))
+  c.data.kwargs = config_lib.job_source_kwargs(args.source)
   return c

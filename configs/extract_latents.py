@@ -16,6 +16,7 @@ Throughput on 2 CPU cores with a tiny tokenizer at 32x32: about 4,000 images/s.
 
 import ml_collections
 
+from softvq_jax import config_lib
 from softvq_jax.config_lib import parse_arg
 
 
@@ -28,11 +29,8 @@ def get_config(arg=None):
   c.split = args.split
   c.data = ml_collections.ConfigDict(dict(source=args.source, kwargs={}, train_split="train",
                                           eval_split="validation"))
-  # Overridable on the command line (--config.data.kwargs.root=DIR): the config is locked,
-  # so each source's arguments are declared here.
-  c.data.kwargs = {"tfds": dict(dataset="imagenet2012", data_dir=""), "folder": dict(root=""),
-                   "array_record": dict(paths=""), "synthetic": dict(num_examples=64),
-                   "fashion_mnist": {}, "skimage": {}, "offline": {}}[args.source]
+  # The skimage source makes 256 crops unless told otherwise (its own default).
+  c.data.kwargs = config_lib.job_source_kwargs(args.source, skimage_examples=256)
   c.batch_size = 64
   c.examples_per_shard = 4096
   c.max_skipped = 100

@@ -14,6 +14,7 @@ On 2 CPU cores the Inception costs about 0.25 s per image.
 
 import ml_collections
 
+from softvq_jax import config_lib
 from softvq_jax.config_lib import parse_arg
 
 
@@ -30,10 +31,8 @@ def get_config(arg=None):
   c.inception_batch_size = args.batch_size
   c.inception_weights = ""
   c.max_skipped = 100
-  default_split = {"tfds": "validation", "fashion_mnist": "test"}.get(args.source, "test")
+  split = args.split or config_lib.default_eval_split(args.source)
   c.data = ml_collections.ConfigDict(dict(source=args.source, train_split="train",
-                                          eval_split=args.split or default_split))
-  c.data.kwargs = {"tfds": dict(dataset="imagenet2012", data_dir=""), "folder": dict(root=""),
-                   "array_record": dict(paths=""), "synthetic": dict(num_examples=64),
-                   "fashion_mnist": {}, "skimage": dict(num_examples=64), "offline": {}}[args.source]
+                                          eval_split=split))
+  c.data.kwargs = config_lib.job_source_kwargs(args.source)
   return c

@@ -46,6 +46,30 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
   return result
 
 
+# The image sources of the evaluation and extraction jobs (``source=`` in their config argument).
+JOB_SOURCES = ("tfds", "folder", "array_record", "synthetic", "fashion_mnist", "skimage", "offline")
+
+
+def job_source_kwargs(source: str, *, skimage_examples: int = 64) -> dict[str, Any]:
+  """The arguments a job's image source takes, declared so that flags can set them.
+
+  A job config is locked, so ``--config.data.kwargs.root=DIR`` works only for a
+  key declared here; empty strings mean unset.
+  """
+  if source not in JOB_SOURCES:
+    raise ValueError(f"unknown data source {source!r} (config argument source=); choose one of "
+                     f"{', '.join(JOB_SOURCES)}")
+  return {"tfds": dict(dataset="imagenet2012", data_dir=""), "folder": dict(root=""),
+          "array_record": dict(paths=""), "synthetic": dict(num_examples=64),
+          "fashion_mnist": {}, "skimage": dict(num_examples=skimage_examples),
+          "offline": {}}[source]
+
+
+def default_eval_split(source: str) -> str:
+  """The held-out split of a source: ImageNet's is "validation", the others' "test"."""
+  return {"tfds": "validation"}.get(source, "test")
+
+
 # Architecture of a tokenizer small enough for 2 CPU cores, used by ``runlocal``.
 TINY_VIT = dict(embed_dim=64, depth=2, num_heads=2)
 

@@ -277,3 +277,18 @@ def test_extract_reads_the_named_split(monkeypatch, tmp_path):
   with pytest.raises(ValueError, match="split must be 'train' or 'test'"):
     extract.run(load_config("extract_latents", "tokenizer_dir=x,source=skimage,split=train[:1%]"),
                 str(tmp_path))
+
+
+@pytest.mark.parametrize("job", ["eval_recon", "fid_stats", "extract_latents"])
+def test_job_configs_name_an_unknown_source_and_declare_the_known_ones(job):
+  extra = "tokenizer_dir=x," if job == "extract_latents" else ""
+  with pytest.raises(ValueError, match="unknown data source 'imagefolder'.*folder"):
+    load_config(job, extra + "source=imagefolder")
+  # Every source's arguments can be set by flag on the locked config.
+  skimage = load_config(job, extra + "source=skimage")
+  skimage.lock()  # as the command line's config flag holds it
+  skimage.data.kwargs.num_examples = 3
+  folder = load_config(job, extra + "source=folder")
+  folder.lock()
+  folder.data.kwargs.root = "images"
+  assert (skimage.data.kwargs.num_examples, folder.data.kwargs.root) == (3, "images")
