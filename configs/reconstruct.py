@@ -30,6 +30,9 @@ def get_config(arg=None):
   c.dtype = "float32"
   c.batch_size = 4
   if args.released:
+    if args.released not in RELEASED_TOKENIZERS:
+      raise ValueError(f"released={args.released!r} is not a released SoftVQ tokenizer; choose "
+                       f"one of {', '.join(sorted(RELEASED_TOKENIZERS))}")
     c.model = ml_collections.ConfigDict(dict(RELEASED_TOKENIZERS[args.released]))
   else:
     c.model = ml_collections.ConfigDict(dict(

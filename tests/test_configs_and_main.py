@@ -279,6 +279,12 @@ def test_extract_reads_the_named_split(monkeypatch, tmp_path):
                 str(tmp_path))
 
 
+def test_reconstruct_config_names_an_unknown_released_tokenizer():
+  assert load_config("reconstruct", "released=softvq-b-64").model.num_latent_tokens == 64
+  with pytest.raises(ValueError, match="released='softvq_b65'.*softvq-b-64"):
+    load_config("reconstruct", "released=softvq_b65")
+
+
 @pytest.mark.parametrize("job", ["eval_recon", "fid_stats", "extract_latents"])
 def test_job_configs_name_an_unknown_source_and_declare_the_known_ones(job):
   extra = "tokenizer_dir=x," if job == "extract_latents" else ""
