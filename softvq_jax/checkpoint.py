@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import tempfile
+import uuid
 from typing import Any, Iterator, Mapping
 
 from absl import logging
@@ -105,8 +106,10 @@ def write_param_dir(out_dir: str, flat_params: Mapping[Path, np.ndarray], config
 
   A bucket URL (``gs://...``) is written to a local temporary folder first and
   then uploaded with ``config.json`` last: readers require it, so they never load
-  a partial upload. Replacing a folder on a bucket is not atomic (no rename): the
-  old one is deleted, ``config.json`` first, before the upload.
+  a partial upload. Replacing a folder on a bucket cannot be atomic (no rename):
+  the new folder is uploaded beside it (``OUT.incoming-XXXXXXXX``), the old one is
+  deleted (``config.json`` first) and the new one copied into its place, so a run
+  that dies leaves a whole copy, old or new, on the bucket.
   """
   if overwrite and fs.exists(out_dir) and not fs.isdir(out_dir):
     raise FileExistsError(f"refusing to overwrite {out_dir}: it is a file, not an earlier "
@@ -129,13 +132,21 @@ def write_param_dir(out_dir: str, flat_params: Mapping[Path, np.ndarray], config
     with tempfile.TemporaryDirectory() as local:
       staged = write_param_dir(os.path.join(local, "out"), flat_params, config,
                                extra_json=extra_json)
-      if fs.exists(out_dir):
-        # A bucket has no rename: the old folder goes before the new one arrives. Its
-        # config.json goes first, so no reader loads it while its params are deleted.
-        if fs.exists(f"{out_dir}/{_CONFIG}"):
-          fs.remove(f"{out_dir}/{_CONFIG}")
-        fs.rmtree(out_dir)
-      fs.upload_tree(staged, out_dir, last=_CONFIG)
+      if not fs.exists(out_dir):
+        fs.upload_tree(staged, out_dir, last=_CONFIG)
+        return out_dir
+      # A bucket has no rename. The new folder goes up beside the old one first, so that
+      # a whole copy is on the bucket at every moment, whenever the process dies.
+      incoming = f"{out_dir.rstrip('/')}.incoming-{uuid.uuid4().hex[:8]}"
+      fs.upload_tree(staged, incoming, last=_CONFIG)
+      logging.info("Replacing %s with the new copy uploaded to %s", out_dir, incoming)
+      # The old folder's config.json goes first, so no reader loads it while its params
+      # are deleted; the copy brings the new config.json last.
+      if fs.exists(f"{out_dir}/{_CONFIG}"):
+        fs.remove(f"{out_dir}/{_CONFIG}")
+      fs.rmtree(out_dir)
+      fs.copy_tree(incoming, out_dir, fs.tree_files(staged, last=_CONFIG))
+      fs.rmtree(incoming)
     return out_dir
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
 

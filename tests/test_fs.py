@@ -9,6 +9,7 @@ upload with ``config.json`` last.
 import json
 import os
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image
@@ -64,7 +65,8 @@ def test_parameter_directory_uploads_config_last_and_refuses_to_overwrite(bucket
   config_when_deleting = []
   rmtree = fs.rmtree
   def recording_rmtree(path):
-    config_when_deleting.append((bucket / "run/tokenizer/config.json").exists())
+    if path == "gs://bucket/run/tokenizer":
+      config_when_deleting.append((bucket / "run/tokenizer/config.json").exists())
     rmtree(path)
   monkeypatch.setattr(fs, "rmtree", recording_rmtree)
   checkpoint.write_param_dir("gs://bucket/run/tokenizer", flat, {"name": "y"}, overwrite=True)
@@ -72,6 +74,44 @@ def test_parameter_directory_uploads_config_last_and_refuses_to_overwrite(bucket
   assert config_when_deleting == [False]
   assert checkpoint.read_config("gs://bucket/run/tokenizer") == {"name": "y"}
   assert not (bucket / "run/tokenizer/extra.json").exists()  # the old folder was replaced
+  assert sorted(os.listdir(bucket / "run")) == ["tokenizer"]  # the staging copy is gone
+
+
+@pytest.mark.parametrize("dies_in", ["upload", "copy"])
+def test_a_replace_on_a_bucket_that_dies_leaves_a_whole_copy(bucket, monkeypatch, dies_in):
+  """No rename on a bucket: wherever the process dies, the old or the new folder is whole."""
+  old = {("w",): np.zeros((2, 3), np.float32)}
+  new = {("w",): np.ones((2, 3), np.float32)}
+  out = "gs://bucket/run/tokenizer"
+  checkpoint.write_param_dir(out, old, {"name": "old"})
+
+  class Died(Exception):
+    pass
+
+  def dies_halfway(real):
+    calls = []
+    def wrapped(*args, **kwargs):
+      calls.append(args)
+      if len(calls) == 1:
+        raise Died  # before its first file lands
+      return real(*args, **kwargs)
+    return wrapped
+
+  if dies_in == "upload":
+    monkeypatch.setattr(fs, "_stream_up", dies_halfway(fs._stream_up))  # pylint: disable=protected-access
+  else:
+    monkeypatch.setattr(fs, "copy_tree", lambda *a, **k: (_ for _ in ()).throw(Died()))
+  with pytest.raises(Died):
+    checkpoint.write_param_dir(out, new, {"name": "new"}, overwrite=True)
+  whole = [f"run/{name}" for name in sorted(os.listdir(bucket / "run"))
+           if (bucket / "run" / name / "config.json").exists()]
+  target = {("w",): jax.ShapeDtypeStruct((2, 3), np.float32)}
+  assert len(whole) == 1
+  want = {"upload": ("old", 0.0), "copy": ("new", 1.0)}[dies_in]
+  assert checkpoint.read_config(f"gs://bucket/{whole[0]}") == {"name": want[0]}
+  # (Orbax reads a URL itself, so the parameters are read from the local folder behind it.)
+  np.testing.assert_array_equal(checkpoint.read_param_dir(str(bucket / whole[0]), target)[("w",)],
+                                np.full((2, 3), want[1], np.float32))
 
 
 def test_trainers_give_orbax_the_url_itself(monkeypatch):

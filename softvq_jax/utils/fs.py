@@ -9,7 +9,8 @@ stores have no rename and no append, so:
 - ``append_text`` on a URL rewrites the whole object with the new text added
   (metrics files are small and written every few hundred steps);
 - ``upload_tree`` copies a finished local folder, ``config.json`` last, so a
-  reader that requires it never sees a partial copy.
+  reader that requires it never sees a partial copy; ``copy_tree`` does the same
+  within the bucket.
 """
 
 from __future__ import annotations
@@ -152,14 +153,30 @@ def download(path: str, local_path: str) -> str:
 
 def upload_tree(local_dir: str, remote_dir: str, *, last: str = "config.json") -> None:
   """Copies the files under ``local_dir`` to ``remote_dir``, the file named ``last`` last."""
+  target = _remote(remote_dir)
+  for rel in tree_files(local_dir, last=last):
+    _stream_up(os.path.join(local_dir, rel), target / rel)
+
+
+def tree_files(local_dir: str, *, last: str = "config.json") -> list[str]:
+  """The files under a local folder, relative to it, in upload order (``last`` last)."""
   files = []
   for root, _, names in os.walk(local_dir):
     for name in names:
       files.append(os.path.relpath(os.path.join(root, name), local_dir))
-  files.sort(key=lambda rel: (rel == last, rel))
-  target = _remote(remote_dir)
+  return sorted(files, key=lambda rel: (rel == last, rel))
+
+
+def copy_tree(src_dir: str, dst_dir: str, files: list[str]) -> None:
+  """Copies ``files`` (relative paths, in order) within a bucket by the store's own copy.
+
+  The listing is the caller's (``tree_files`` of the local folder that was uploaded): a
+  recursive listing of a bucket costs a request per folder.
+  """
+  src, target = _remote(src_dir), _remote(dst_dir)
   for rel in files:
-    _stream_up(os.path.join(local_dir, rel), target / rel)
+    (target / rel).parent.mkdir(parents=True, exist_ok=True)
+    (src / rel).copy(target / rel, overwrite=True)
 
 
 def _stream_up(local_file: str, target) -> None:
