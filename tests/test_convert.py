@@ -81,6 +81,8 @@ def test_conversion_is_reproducible(converted, tmp_path):
   assert _tree_digest(converted) == _tree_digest(again)
   report = json.load(open(again / "conversion.json"))
   assert report["ignored_tensors"] == ["quantize.codebook_used"]
+  assert report["source_sha256"] == hashlib.sha256(
+      (HF / "model.safetensors").read_bytes()).hexdigest()
 
 
 def test_existing_output_is_never_overwritten(tmp_path, capsys):

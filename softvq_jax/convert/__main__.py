@@ -15,12 +15,9 @@ import sys
 from softvq_jax import __version__
 
 
-def _sha256(path: str) -> str:
-  digest = hashlib.sha256()
+def _file_sha256(path: str) -> str:
   with open(path, "rb") as f:
-    for chunk in iter(lambda: f.read(1 << 20), b""):
-      digest.update(chunk)
-  return digest.hexdigest()
+    return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "converter": f"softvq_jax {__version__}",
         "kind": args.kind,
-        "source_sha256": _sha256(args.checkpoint),
+        "source_sha256": _file_sha256(args.checkpoint),
         "num_parameters": int(sum(v.size for v in flat.values())),
         "ignored_tensors": ignored,
     }

@@ -311,11 +311,8 @@ class FIDInceptionV3(nnx.Module):
 
 
 def _sha1(path: str) -> str:
-  digest = hashlib.sha1()
   with open(path, "rb") as f:
-    for chunk in iter(lambda: f.read(1 << 22), b""):
-      digest.update(chunk)
-  return digest.hexdigest()
+    return hashlib.file_digest(f, "sha1").hexdigest()
 
 
 def read_logits_weight(path: str) -> np.ndarray:
