@@ -419,8 +419,25 @@ def tokenizer_flops(cfg) -> dict[str, float]:
     encode += 4 * latents * cfg.codebook_size * dim
   decode = (2 * latents * dim * dec.embed_dim
             + transformer_flops(dec.embed_dim, dec.depth, dec_tokens, dec.mlp_ratio)
-            + 2 * n_dec * dec.embed_dim * 3 * dec.patch_size**2)
+            + to_pixel_flops(cfg))
   return dict(encode=float(encode), decode=float(decode))
+
+
+def to_pixel_flops(cfg) -> float:
+  """Forward FLOPs per image of the decoder's pixel head (``cfg.to_pixel``)."""
+  dec = cfg.decoder
+  grid = cfg.image_size // dec.patch_size
+  tokens = grid**2
+  if cfg.to_pixel == "conv":
+    from softvq_jax.models.vit import _CONV_HEAD_CHANNELS  # pylint: disable=g-import-not-at-top
+    widths = (dec.embed_dim,) + _CONV_HEAD_CHANNELS + (3,)
+    flops = 2.0 * tokens * widths[0] * widths[1]  # the 1x1 conv on the patch grid
+    for i, (cin, cout) in enumerate(zip(widths[1:-1], widths[2:]), start=1):
+      flops += 2.0 * (grid * 2**i) ** 2 * 9 * cin * cout  # 3x3 conv after the i-th x2
+    return flops
+  if cfg.to_pixel == "siren":
+    return 2.0 * tokens * (dec.embed_dim * 2 * dec.embed_dim + 2 * dec.embed_dim * cfg.image_size * 3)
+  return 2.0 * tokens * dec.embed_dim * 3 * dec.patch_size**2
 
 
 def generator_flops(cfg) -> float:

@@ -42,6 +42,29 @@ def test_generator_flops_match_xla_count():
   assert 0.9 < bench.generator_flops(cfg) / xla <= 1.0
 
 
+@pytest.mark.parametrize("head,image_size,patch_size", [("linear", 64, 16), ("conv", 256, 16),
+                                                         ("siren", 64, 8)])
+def test_pixel_head_flops_match_xla_count(head, image_size, patch_size):
+  from softvq_jax.models.config import TokenizerConfig
+  from softvq_jax.models.released import RELEASED_TOKENIZERS
+  from softvq_jax.models.vit import ToPixel
+  vit = dict(embed_dim=48, depth=1, num_heads=2)
+  cfg = TokenizerConfig.from_json_dict(dict(
+      RELEASED_TOKENIZERS["softvq-b-64"], image_size=image_size, enc_patch_size=patch_size,
+      dec_patch_size=patch_size, encoder_kwargs=vit, decoder_kwargs=vit, to_pixel=head))
+  grid = image_size // patch_size
+  graphdef, state = nnx.split(ToPixel(48, patch_size, grid, head, rngs=nnx.Rngs(0)))
+  tokens = jnp.ones((1, grid * grid, 48))
+  xla = _xla_flops(lambda s, x: nnx.merge(graphdef, s)(x), state, tokens)
+  ratio = bench.to_pixel_flops(cfg) / xla
+  if head == "conv":
+    # The count is dense (9 taps everywhere); XLA leaves out the taps on the zero padding.
+    assert 1.0 <= ratio < 1.05, ratio
+  else:
+    # XLA also counts the biases and sines: a little more, never less.
+    assert 0.9 < ratio <= 1.0, ratio
+
+
 def test_sdvae_decoder_has_the_sd_vae_layer_shapes():
   # Parameter count of the LDM KL-f8 decoder recomputed from its layer table:
   # 3x3 convs k*k*cin*cout + cout, GroupNorm 2c, 1x1 attention projections.

@@ -23,24 +23,31 @@ from softvq_jax.tokenizer import param_shapes
 
 TOL = 1e-5
 META = json.load(open(FIXTURES / "heldout_tokenizers.json"))
-CASES = sorted(META["cases"])
+# The non-linear pixel heads (conv, siren), built the same way in a file of their own.
+HEADS_META = json.load(open(FIXTURES / "heldout_to_pixel.json"))
+FILES = {**{name: "heldout_tokenizers" for name in META["cases"]},
+         **{name: "heldout_to_pixel" for name in HEADS_META["cases"]}}
+CASES = sorted(FILES)
+CONFIGS = {**{n: c["config_json"] for n, c in META["cases"].items()},
+           **{n: c["config_json"] for n, c in HEADS_META["cases"].items()}}
 
 
 @pytest.fixture(scope="module")
-def arrays():
-  return dict(np.load(FIXTURES / "heldout_tokenizers.npz"))
+def files():
+  return {stem: dict(np.load(FIXTURES / f"{stem}.npz")) for stem in set(FILES.values())}
 
 
 @pytest.fixture(scope="module", params=CASES)
-def case(request, arrays, tmp_path_factory):
+def case(request, files, tmp_path_factory):
   name = request.param
+  arrays = files[FILES[name]]
   folder = tmp_path_factory.mktemp(name)
   prefix = f"{name}/param/"
   state = {k[len(prefix):]: v.astype(np.float32) for k, v in arrays.items()
            if k.startswith(prefix)}
   save_file(state, str(folder / "model.safetensors"))
   with open(folder / "config.json", "w") as f:
-    json.dump(META["cases"][name]["config_json"], f)
+    json.dump(CONFIGS[name], f)
   tok = Tokenizer.from_pytorch(str(folder / "model.safetensors"), str(folder / "config.json"))
   ref = {k[len(name) + 1:]: v for k, v in arrays.items()
          if k.startswith(name + "/") and not k.startswith(prefix)}
@@ -83,6 +90,9 @@ def test_architecture_read_from_config(case):
     assert TokenizerConfig.from_json_dict(cfg.to_json_dict()) == cfg
   if name == "softvq_p8_g1_nol2":
     assert not cfg.codebook_l2_norm and cfg.num_codebooks == 1 and cfg.tau == 0.1
+  if name in HEADS_META["cases"]:
+    assert cfg.to_pixel == CONFIGS[name]["to_pixel"] != "linear"
+    assert TokenizerConfig.from_json_dict(cfg.to_json_dict()) == cfg
 
 
 def _base_config():
@@ -98,6 +108,10 @@ def _base_config():
     (dict(decoder_model="vit_large_patch14_dinov2_movqv2"), "registers no such model"),
     (dict(encoder_model="vit_giant_patch14_dinov2.lvd142m"), "SwiGLU"),
     (dict(decoder_model="vit_base_patch14_dinov2_movqv2", bottleneck="kl"), "MoVQ decoder"),
+    # The conv head upsamples 16 times; the SIREN head's output is an image only when
+    # image_size == patch_size**2 (the reference's view fails otherwise).
+    (dict(to_pixel="conv"), "needs a decoder patch size of 16, got 8"),
+    (dict(to_pixel="siren"), r"needs image_size equal to the decoder patch size squared \(64\)"),
 ])
 def test_configs_the_reference_cannot_run_are_refused(change, message):
   cfg = _base_config()

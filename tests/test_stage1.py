@@ -211,6 +211,31 @@ def test_adaptive_weight_is_the_gradient_norm_ratio(images):
   assert metrics["adaptive_weight"] != 1.0
 
 
+@pytest.mark.parametrize("head,image_size,patch_size,last_path,shape", [
+    ("linear", 32, 16, ("model", "kernel"), (32, 768)),
+    ("conv", 32, 16, ("model", 13, "kernel"), (3, 3, 16, 3)),  # the reference's model[-1]
+    ("siren", 16, 4, ("model", 1, "linear", "kernel"), (64, 48)),  # model[1].linear
+])
+def test_adaptive_weight_reads_the_last_layer_of_every_pixel_head(head, image_size, patch_size,
+                                                                   last_path, shape):
+  from softvq_jax.models.config import TokenizerConfig
+  from softvq_jax.models.released import RELEASED_TOKENIZERS
+  from softvq_jax.models.tokenizer import TokenizerModel
+  from softvq_jax.train.stage1 import _last_layer  # pylint: disable=g-import-not-at-top
+  vit = dict(embed_dim=32, depth=1, num_heads=2)
+  cfg = TokenizerConfig.from_json_dict(dict(
+      RELEASED_TOKENIZERS["softvq-b-64"], image_size=image_size, enc_patch_size=patch_size,
+      dec_patch_size=patch_size, num_latent_tokens=8, codebook_size=16, encoder_kwargs=vit,
+      decoder_kwargs=vit, to_pixel=head))
+  params = nnx.state(TokenizerModel(cfg, rngs=nnx.Rngs(0)), nnx.Param)
+  want = params["decoder"]["to_pixel"]
+  for key in last_path:
+    want = want[key]
+  got = _last_layer({"tokenizer": params})
+  assert got.shape == shape
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want[...]))
+
+
 def test_sharded_stage1_step_equals_single_device(single, images):
   """8 data-parallel devices: same generator and discriminator updates, same BN statistics."""
   config, setup, _, state, step = single

@@ -91,7 +91,7 @@ def test_decoder_layers(model, ref):
     assert rel_err(x, ref[f"out/dec_block{i}"]) < TOL, f"decoder block {i}"
   tokens = dec.image_tokens(post)
   assert rel_err(tokens, ref["out/dec_img_tokens"]) < TOL
-  assert rel_err(dec.to_pixel(tokens), ref["out/dec_to_pixel_linear"]) < TOL
+  assert rel_err(dec.to_pixel.model(tokens), ref["out/dec_to_pixel_linear"]) < TOL
   assert rel_err(model.decode(quant), nhwc(ref["out/decoded"])) < TOL
 
 

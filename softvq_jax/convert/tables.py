@@ -24,6 +24,12 @@ TOKENIZER_RULES: list[Rule] = [
     (r"decoder\.(mask_token|latent_pos_embed)", r"decoder.\1", ID),
     (r"(quant_conv|post_quant_conv|decoder\.to_pixel\.model)\.weight", r"\1.kernel", LIN),
     (r"(quant_conv|post_quant_conv|decoder\.to_pixel\.model)\.bias", r"\1.bias", ID),
+    # The conv head's nn.Sequential convolutions and the SIREN head's sine layers.
+    (r"decoder\.to_pixel\.model\.(\d+)\.weight", r"decoder.to_pixel.model.\1.kernel", CONV),
+    (r"decoder\.to_pixel\.model\.(\d+)\.bias", r"decoder.to_pixel.model.\1.bias", ID),
+    (r"decoder\.to_pixel\.model\.(\d+)\.linear\.weight",
+     r"decoder.to_pixel.model.\1.linear.kernel", LIN),
+    (r"decoder\.to_pixel\.model\.(\d+)\.linear\.bias", r"decoder.to_pixel.model.\1.linear.bias", ID),
     (r"quantize\.embedding", "quantize.embedding", ID),
     # MAETok: learned RoPE frequencies and the MoVQ decoder's modulation layers
     # (PyTorch Sequential(SiLU, Linear): index 1 is the Linear).

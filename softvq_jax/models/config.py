@@ -22,6 +22,9 @@ _VIT_NAME = re.compile(r"^vit_(small|base|large)_patch14_(reg4_)?dinov2(_movqv2)
 _MOVQ_SIZES = ("small", "base")
 _SIZE_OVERRIDES = ("embed_dim", "depth", "num_heads", "mlp_ratio", "init_values")
 BOTTLENECKS = ("softvq", "kl", "ae")
+# The reference's pixel heads that make an image: a Linear per patch (every released model),
+# a convolutional upsampler and a SIREN. Its "identity" head returns tokens, not an image.
+TO_PIXEL_HEADS = ("linear", "conv", "siren")
 
 
 class ConfigError(ValueError):
@@ -127,6 +130,7 @@ class TokenizerConfig:
   rope_theta: float = 10.0
   decoder_use_ape: bool = True
   decoder_cls_token: bool = True
+  to_pixel: str = "linear"
   encoder_model: str = ""
   decoder_model: str = ""
 
@@ -151,6 +155,17 @@ class TokenizerConfig:
         raise ConfigError(f"tau must be positive, got {self.tau!r}")
     if not self.vq_std > 0:
       raise ConfigError(f"vq_std must be positive, got {self.vq_std!r}")
+    if self.to_pixel not in TO_PIXEL_HEADS:
+      raise ConfigError(f"to_pixel must be one of {TO_PIXEL_HEADS}, got {self.to_pixel!r}")
+    if self.to_pixel == "conv" and self.decoder.patch_size != 16:
+      # Four nearest x2 upsamplings of the patch grid: the reference's head fits 16-px patches.
+      raise ConfigError(f"to_pixel='conv' upsamples the patch grid 16 times, so it needs a decoder "
+                        f"patch size of 16, got {self.decoder.patch_size}")
+    if self.to_pixel == "siren" and self.image_size != self.decoder.patch_size**2:
+      # The reference views each token's image_size*3 outputs as the image, which holds
+      # exactly when the image has patch_size**2 pixels per side.
+      raise ConfigError(f"to_pixel='siren' needs image_size equal to the decoder patch size "
+                        f"squared ({self.decoder.patch_size**2}), got {self.image_size}")
     if self.bottleneck == "kl" and self.decoder.movq:
       # The reference's KL model decodes without the raw latent a MoVQ decoder needs.
       raise ConfigError("a KL tokenizer cannot have a MoVQ decoder (the reference's KLModel "
@@ -197,6 +212,7 @@ class TokenizerConfig:
         "rope_theta": self.rope_theta,
         "use_ape": self.decoder_use_ape,
         "dec_cls_token": self.decoder_cls_token,
+        "to_pixel": self.to_pixel,
     }
 
   @classmethod
@@ -247,6 +263,7 @@ class TokenizerConfig:
         rope_theta=float(cfg.get("rope_theta", 10.0)),
         decoder_use_ape=decoder_use_ape,
         decoder_cls_token=decoder_cls_token,
+        to_pixel=cfg.get("to_pixel", "linear"),
         encoder_model=cfg["encoder_model"],
         decoder_model=cfg["decoder_model"],
     )
@@ -264,7 +281,6 @@ def _int(cfg: Mapping[str, Any], key: str, default: int) -> int:
 _SUPPORTED_VALUES = (
     ("enc_type", "vit", "a CNN encoder"),
     ("dec_type", "vit", "a CNN decoder"),
-    ("to_pixel", "linear", "a non-linear to_pixel head"),
     ("enc_tuning_method", "full", "LoRA/frozen encoders"),
     ("dec_tuning_method", "full", "LoRA/frozen decoders"),
 )
@@ -280,6 +296,9 @@ def _reject_unsupported(cfg: Mapping[str, Any]) -> None:
     if key in cfg and cfg[key] != supported:
       problems.append(f"{key}={cfg[key]!r} would need {what}, which this version does not support "
                       f"(supported: {supported!r})")
+  if cfg.get("to_pixel") == "identity":
+    problems.append("to_pixel='identity' decodes to tokens, not an image; choose one of "
+                    f"{TO_PIXEL_HEADS}")
   if cfg.get("use_rope") and not cfg.get("rope_mixed", False):
     problems.append("use_rope=True with rope_mixed=False would need axial RoPE, which this version "
                     "does not support (supported: the learnable mixed RoPE of MAETok)")

@@ -22,7 +22,8 @@ def _entry(encoder, decoder, image_size, tokens, dim, vq_mean, vq_std) -> dict[s
       enc_type="vit", dec_type="vit", encoder_model=encoder, decoder_model=decoder,
       enc_patch_size=16, dec_patch_size=16, image_size=image_size, num_latent_tokens=tokens,
       codebook_embed_dim=dim, codebook_size=8192, num_codebooks=4, tau=0.07,
-      codebook_l2_norm=True, vq_mean=vq_mean, vq_std=vq_std, bottleneck="softvq")
+      codebook_l2_norm=True, vq_mean=vq_mean, vq_std=vq_std, bottleneck="softvq",
+      to_pixel="linear")
 
 
 RELEASED_TOKENIZERS: dict[str, dict[str, Any]] = {
@@ -45,7 +46,7 @@ def _maetok(image_size: int) -> dict[str, Any]:
       decoder_model="vit_base_patch14_dinov2_movqv2", enc_patch_size=16, dec_patch_size=16,
       image_size=image_size, num_latent_tokens=128, codebook_embed_dim=32, use_rope=True,
       rope_mixed=True, rope_theta=10.0, use_ape=False, dec_cls_token=False, bottleneck="ae",
-      vq_mean=0.0, vq_std=1.0)
+      vq_mean=0.0, vq_std=1.0, to_pixel="linear")
 
 
 # MAETok (arXiv 2502.03444): the same authors' plain-AE tokenizer with learned

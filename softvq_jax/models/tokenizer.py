@@ -48,7 +48,7 @@ class TokenizerModel(nnx.Module):
     self.decoder = ViTDecoder(cfg.decoder, cfg.image_size, cfg.num_latent_tokens,
                               latent_dim=cfg.codebook_embed_dim, use_rope=cfg.use_rope,
                               rope_theta=cfg.rope_theta, use_ape=cfg.decoder_use_ape,
-                              cls_token=cfg.decoder_cls_token, **kw)
+                              cls_token=cfg.decoder_cls_token, to_pixel=cfg.to_pixel, **kw)
 
   def encode(self, images: jax.Array, *, sample_key: jax.Array | None = None) -> EncodeOutput:
     """NHWC images in [-1, 1] -> latents. KL uses the posterior mode unless a key is given."""

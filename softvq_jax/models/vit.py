@@ -19,8 +19,9 @@ from softvq_jax.models import adaln
 from softvq_jax.models import rope as rope_lib
 from softvq_jax.models.config import ViTConfig
 from softvq_jax.models.layers import (Attention, Block, Dtype, LayerNorm, Mlp, PatchEmbed,
-                                      RopeTables, broadcast_over_batch, linear,
-                                      norm_affine, trunc_normal_02)
+                                      RopeTables, broadcast_over_batch, linear, matmul_precision,
+                                      norm_affine, torch_default_bias_init,
+                                      torch_default_kernel_init, trunc_normal_02)
 from softvq_jax.parallel import constrain
 
 
@@ -213,16 +214,101 @@ class ViTEncoder(nnx.Module):
     return x[:, -self.num_latent_tokens:]
 
 
-class ToPixel(nnx.Module):
-  """Linear head ``D -> p*p*3``; kept under ``to_pixel.model`` like the reference."""
+class _HeadStep(nnx.Module):
+  """A parameter-free step of the reference's ``nn.Sequential`` conv head, kept so that the
+  convolutions keep its indices: ``grid`` (tokens to the patch grid, which the head does
+  itself), ``relu`` or a nearest x2 ``upsample``."""
 
-  def __init__(self, dim: int, patch_size: int, out_chans: int = 3, *, rngs: nnx.Rngs,
-               dtype: Dtype | None = None, param_dtype: Dtype = jnp.float32):
-    self.model = linear(dim, patch_size * patch_size * out_chans, dtype=dtype,
-                        param_dtype=param_dtype, rngs=rngs)
+  def __init__(self, kind: str):
+    self.kind = kind
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    return self.model(x)
+    if self.kind == "relu":
+      return jax.nn.relu(x)
+    if self.kind == "upsample":
+      return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+    return x
+
+
+class _SineLayer(nnx.Module):
+  """SIREN layer ``sin(omega * linear(x))`` with the reference's initialisation."""
+
+  OMEGA = 30.0
+
+  def __init__(self, in_features: int, out_features: int, *, first: bool, rngs: nnx.Rngs,
+               dtype: Dtype | None = None, param_dtype: Dtype = jnp.float32):
+    bound = 1.0 / in_features if first else (6.0 / in_features) ** 0.5 / self.OMEGA
+    self.linear = linear(
+        in_features, out_features, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+        kernel_init=lambda key, shape, dtype=jnp.float32: jax.random.uniform(
+            key, shape, dtype, -bound, bound),
+        bias_init=torch_default_bias_init(in_features))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    # The phase is taken in float32: at omega 30 a bfloat16 phase would be off by radians.
+    return jnp.sin(self.OMEGA * self.linear(x).astype(jnp.float32))
+
+
+_CONV_HEAD_CHANNELS = (128, 64, 32, 16)
+
+
+class ToPixel(nnx.Module):
+  """Decoder tokens ``(B, g*g, D)`` -> NHWC image; kept under ``to_pixel.model`` like the reference.
+
+  ``linear`` (every released model): ``D -> p*p*3`` per patch, unpatchified. ``conv``: the
+  patch grid through a 1x1 conv to 128 channels, then four nearest x2 upsamplings, each
+  followed by a 3x3 conv (64, 32, 16, 3 channels), ReLUs between; indices as the
+  reference's ``nn.Sequential`` (convs at 1, 4, 7, 10, 13). ``siren``: two sine layers
+  whose outputs are read as the image, in the reference's memory order.
+  """
+
+  def __init__(self, dim: int, patch_size: int, grid_size: int, head: str = "linear",
+               out_chans: int = 3, *, rngs: nnx.Rngs, dtype: Dtype | None = None,
+               param_dtype: Dtype = jnp.float32):
+    self.head, self.patch_size, self.grid_size, self.out_chans = head, patch_size, grid_size, out_chans
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    if head == "linear":
+      self.model = linear(dim, patch_size * patch_size * out_chans, **kw)
+    elif head == "conv":
+      steps = [_HeadStep("grid")]
+      widths = (dim,) + _CONV_HEAD_CHANNELS + (out_chans,)
+      for i, (cin, cout) in enumerate(zip(widths[:-1], widths[1:])):
+        if i:
+          steps.append(_HeadStep("upsample"))
+        size = 1 if i == 0 else 3
+        steps.append(nnx.Conv(cin, cout, (size, size), padding="SAME",
+                              precision=matmul_precision(dtype),
+                              kernel_init=torch_default_kernel_init,
+                              bias_init=torch_default_bias_init(cin * size * size), **kw))
+        if i < len(widths) - 2:
+          steps.append(_HeadStep("relu"))
+      self.model = nnx.List(steps)
+    elif head == "siren":
+      image_size = grid_size * patch_size
+      self.model = nnx.List([
+          _SineLayer(dim, 2 * dim, first=True, **kw),
+          _SineLayer(2 * dim, image_size * out_chans, first=False, **kw)])
+    else:
+      raise ValueError(f"unknown to_pixel head {head!r}")
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    b, g, p, c = x.shape[0], self.grid_size, self.patch_size, self.out_chans
+    if self.head == "linear":
+      return unpatchify(self.model(x), p, g, g, c)
+    if self.head == "conv":
+      x = x.reshape(b, g, g, x.shape[-1])  # tokens in row-major grid order
+      for step in self.model:
+        x = step(x)
+      return x
+    for layer in self.model:
+      x = layer(x)
+    # The reference views its (B, L, image_size*3) output as an NCHW image.
+    return x.reshape(b, c, g * p, g * p).transpose(0, 2, 3, 1)
+
+  def last_layer_path(self) -> tuple:
+    """Path (below ``to_pixel``) of the kernel the adaptive GAN weight differentiates."""
+    return {"linear": ("model", "kernel"), "conv": ("model", len(self.model) - 1, "kernel"),
+            "siren": ("model", 1, "linear", "kernel")}[self.head]
 
 
 def unpatchify(tokens: jax.Array, patch_size: int, grid_h: int, grid_w: int,
@@ -239,8 +325,8 @@ class ViTDecoder(nnx.Module):
 
   def __init__(self, cfg: ViTConfig, image_size: int, num_latent_tokens: int, *,
                latent_dim: int, use_rope: bool = False, rope_theta: float = 10.0,
-               use_ape: bool = True, cls_token: bool = True, rngs: nnx.Rngs,
-               dtype: Dtype | None = None, param_dtype: Dtype = jnp.float32):
+               use_ape: bool = True, cls_token: bool = True, to_pixel: str = "linear",
+               rngs: nnx.Rngs, dtype: Dtype | None = None, param_dtype: Dtype = jnp.float32):
     self.num_latent_tokens = num_latent_tokens
     self.patch_size = cfg.patch_size
     self.grid_size = image_size // cfg.patch_size
@@ -254,8 +340,8 @@ class ViTDecoder(nnx.Module):
     self.latent_pos_embed = nnx.Param(
         trunc_normal_02(rngs.params(), (1, num_latent_tokens, cfg.embed_dim), param_dtype))
     self.freqs = _rope_freqs(cfg, rope_theta, rngs, param_dtype) if use_rope else None
-    self.to_pixel = ToPixel(cfg.embed_dim, cfg.patch_size, dtype=dtype, param_dtype=param_dtype,
-                            rngs=rngs)
+    self.to_pixel = ToPixel(cfg.embed_dim, cfg.patch_size, self.grid_size, to_pixel,
+                            dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
   def embed(self, latents: jax.Array) -> jax.Array:
     """Input of the first block from projected latents ``(B, L, D)``."""
@@ -280,5 +366,4 @@ class ViTDecoder(nnx.Module):
     return self.normed_tokens(latents, raw_latents)[:, start:start + self.grid_size**2]
 
   def __call__(self, latents: jax.Array, raw_latents: jax.Array | None = None) -> jax.Array:
-    pixels = self.to_pixel(self.image_tokens(latents, raw_latents))
-    return unpatchify(pixels, self.patch_size, self.grid_size, self.grid_size)
+    return self.to_pixel(self.image_tokens(latents, raw_latents))

@@ -142,8 +142,16 @@ def _not_param(module) -> nnx.State:
 
 
 def _last_layer(grads: nnx.State):
-  """The decoder's last layer (``to_pixel``), the reference's ``last_layer`` for the adaptive weight."""
-  return grads["tokenizer"]["decoder"]["to_pixel"]["model"]["kernel"]
+  """The kernel of the decoder's last layer, the reference's ``last_layer`` for the adaptive weight.
+
+  ``to_pixel.model`` is the Linear itself, or a sequence whose last entry with parameters
+  is the last conv (``conv`` head) or the last sine layer's Linear (``siren``).
+  """
+  head = grads["tokenizer"]["decoder"]["to_pixel"]["model"]
+  if "kernel" in head:
+    return head["kernel"]
+  last = head[max(key for key in head if isinstance(key, int))]
+  return last["linear"]["kernel"] if "linear" in last else last["kernel"]
 
 
 def make_stage1_step(graphdef, disc_graphdef, frozen: FrozenGraphs, objective: Objective, *,
