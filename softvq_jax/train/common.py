@@ -18,6 +18,73 @@ from softvq_jax.train import state as state_lib
 from softvq_jax.utils import fs
 
 
+COMPUTE_DTYPES = ("float32", "bfloat16")
+ENCODER_INITS = ("dinov2", "random", "scratch")  # "scratch" (MAETok) is "random"
+
+
+def check_run_settings(config: ml_collections.ConfigDict, *, steps_from_epochs: bool = False
+                       ) -> None:
+  """Refuses, each by name and before anything is built, the settings no run can use.
+
+  ``steps_from_epochs``: ``total_steps=0`` means "from ``total_epochs``" (the tokenizer
+  recipes); elsewhere a run needs at least one step.
+  """
+  problems = []
+
+  def integer(name: str, minimum: int, meaning: str = "") -> None:
+    if name not in config:
+      return
+    value = config[name]
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+      problems.append(f"{name}={value!r} must be an integer >= {minimum}{meaning}")
+
+  integer("global_batch_size", 1)
+  integer("log_every", 1)
+  integer("ckpt_every", 1)
+  integer("vis_every", 1)
+  integer("sample_every", 0, " (0: no sample grids)")
+  integer("eval_every", 0, " (0: no evaluation)")
+  if steps_from_epochs:
+    integer("total_steps", 0, " (0: from total_epochs)")
+    if config.get("total_steps", 0) == 0 and "total_epochs" in config and not (
+        isinstance(config.total_epochs, (int, float)) and config.total_epochs > 0):
+      problems.append(f"total_epochs={config.total_epochs!r} must be positive when total_steps "
+                      "is 0")
+  else:
+    integer("total_steps", 1)
+  if config.get("dtype", "float32") not in COMPUTE_DTYPES:
+    problems.append(f"dtype={config.dtype!r} must be one of {COMPUTE_DTYPES}")
+  if "ema_decay" in config and not (isinstance(config.ema_decay, (int, float))
+                                    and 0.0 <= config.ema_decay <= 1.0):
+    problems.append(f"ema_decay={config.ema_decay!r} must lie in [0, 1]")
+  if config.get("encoder_init", "random") not in ENCODER_INITS:
+    problems.append(f"encoder_init={config.encoder_init!r} must be one of {ENCODER_INITS}")
+  for section in ("model", "data"):
+    value = config.get(section, {}).get("num_classes", 1)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+      problems.append(f"{section}.num_classes={value!r} must be a positive integer")
+  problems += _mesh_problems(config.get("mesh", (("data", -1),)))
+  if problems:
+    raise ValueError("invalid config: " + "; ".join(problems))
+
+
+def _mesh_problems(mesh) -> list[str]:
+  form = "a tuple of (axis name, size) pairs such as (('data', -1),)"
+  if isinstance(mesh, str) or not isinstance(mesh, (tuple, list)) or not mesh:
+    return [f"mesh={mesh!r} must be {form}"]
+  for entry in mesh:
+    if not (isinstance(entry, (tuple, list)) and len(entry) == 2 and isinstance(entry[0], str)
+            and isinstance(entry[1], int) and not isinstance(entry[1], bool)
+            and (entry[1] > 0 or entry[1] == -1)):
+      return [f"mesh entry {entry!r} must be (axis name, size) with size > 0 or -1; the mesh "
+              f"is {form}"]
+  names = [name for name, _ in mesh]
+  if not set(names) & set(parallel.STANDARD_AXES):
+    # The batch splits over these axes only: without one, every device computes all of it.
+    return [f"mesh axes {names} include no batch axis {parallel.STANDARD_AXES}"]
+  return []
+
+
 def make_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
   axes = [tuple(a) for a in config.get("mesh", [("data", -1)])]
   mesh = parallel.create_mesh(axes)

@@ -374,6 +374,7 @@ def prepare_training(config: ml_collections.ConfigDict, workdir: str,
                      kind: str = "sit") -> GeneratorTraining:
   """Mesh, tokenizer, latents, restored-or-new state (or ``init_from``) and the jitted step of
   a ``kind`` ("sit" | "dit") generator; ``make_loss(gen_config)`` gives its loss function."""
+  common.check_run_settings(config)
   fs.makedirs(workdir)
   mesh = common.make_mesh(config)
   common.check_batch(config.global_batch_size, mesh)

@@ -427,6 +427,7 @@ def init_or_restore(setup: Stage1Setup, mesh, *, strategy: str, workdir: str, ke
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   from softvq_jax.data.pipeline import image_pipeline  # pylint: disable=g-import-not-at-top
 
+  common.check_run_settings(config, steps_from_epochs=True)
   fs.makedirs(workdir)
   mesh = common.make_mesh(config)
   common.check_batch(config.global_batch_size, mesh)
@@ -460,6 +461,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       else:
         logging.warning("encoder_init='dinov2' but no dinov2_checkpoint is given: the encoder "
                         "starts from RANDOM weights (the reference starts it from DINOv2)")
+    elif config.get("dinov2_checkpoint"):
+      logging.warning("dinov2_checkpoint=%s is not read: encoder_init=%r (set "
+                      "encoder_init='dinov2' to start the encoder from it)",
+                      config.dinov2_checkpoint, config.get("encoder_init", "random"))
   common.log_parameter_overview(state)
   step_fn = setup.make_step(config, mesh, shardings)
 
