@@ -24,6 +24,9 @@ from softvq_jax.config_lib import parse_arg, sit_recipe, tokenizer_recipe
 
 def get_config(arg=None):
   args = parse_arg(arg, tokenizer_steps=2000, sit_steps=1000)
+  for name in ("tokenizer_steps", "sit_steps"):
+    if args[name] < 1:
+      raise ValueError(f"{name}={args[name]} must be at least 1")
   c = ml_collections.ConfigDict()
   c.trainer = "quickstart"
   c.seed = 0

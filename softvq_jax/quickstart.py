@@ -44,7 +44,12 @@ class _Subset:
     return self.source[index]
 
 
-def _stage(summary: dict, name: str, workdir: str, fn):
+def _stage(summary: dict, name: str, workdir: str, fn, produces: str | None = None):
+  """Runs stage ``name`` unless its ``DONE.json`` exists; ``None`` when it stopped unfinished.
+
+  A trainer stopped by SIGTERM checkpoints and returns without exporting its model
+  (``produces``): the stage is then not done, and a rerun resumes it.
+  """
   done = os.path.join(workdir, name, "DONE.json")
   if os.path.exists(done):
     with open(done) as f:
@@ -54,6 +59,10 @@ def _stage(summary: dict, name: str, workdir: str, fn):
   logging.info("=== Stage %s ===", name)
   start = time.time()
   result = dict(fn(os.path.join(workdir, name)) or {})
+  if produces is not None and not os.path.exists(produces):
+    logging.warning("Stage %s stopped before it finished (%s was not written); rerun the same "
+                    "command to resume it.", name, produces)
+    return None
   result["seconds"] = round(time.time() - start, 1)
   os.makedirs(os.path.dirname(done), exist_ok=True)
   with open(done + ".tmp", "w") as f:
@@ -130,6 +139,32 @@ def sample_classes(sit_workdir: str, tok: Tokenizer, out_dir: str, *, per_class:
   return settings
 
 
+def _check_same_settings(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """A workdir holds one quickstart: a rerun with other settings would skip the finished
+  stages and mix their results with the new ones, so it is refused."""
+  path = os.path.join(workdir, "quickstart_config.json")
+  current = json.loads(config.to_json_best_effort(sort_keys=True))
+  if not os.path.exists(path):
+    with open(path + ".tmp", "w") as f:
+      json.dump(current, f, indent=1, sort_keys=True)
+    os.replace(path + ".tmp", path)
+    return
+  with open(path) as f:
+    stored = json.load(f)
+  if stored != current:
+    changed = sorted(_differences(stored, current))
+    raise ValueError(f"{workdir} holds a quickstart run with other settings ("
+                     f"{', '.join(changed[:8])}{', ...' if len(changed) > 8 else ''}); "
+                     "rerun with the same arguments to resume it, or choose another --workdir")
+
+
+def _differences(a, b, prefix: str = "") -> list[str]:
+  if isinstance(a, dict) and isinstance(b, dict):
+    return [name for key in sorted(set(a) | set(b))
+            for name in _differences(a.get(key), b.get(key), f"{prefix}{key}.")]
+  return [] if a == b else [prefix.rstrip(".")]
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   from softvq_jax.train import sit_trainer, tokenizer_trainer  # pylint: disable=g-import-not-at-top
   workdir = os.path.abspath(workdir)
@@ -137,9 +172,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   summary: dict = {}
   start = time.time()
 
+  _check_same_settings(config, workdir)
   tok_dir = os.path.join(workdir, "1_tokenizer", "tokenizer")
-  _stage(summary, "1_tokenizer", workdir,
-         lambda d: tokenizer_trainer.run(config.tokenizer, d))
+  if _stage(summary, "1_tokenizer", workdir, lambda d: tokenizer_trainer.run(config.tokenizer, d),
+            produces=os.path.join(tok_dir, "config.json")) is None:
+    return summary
   tok = Tokenizer.load(tok_dir)
 
   eval_source = tokenizer_trainer.resolve_source(config.tokenizer.data, "eval")
@@ -158,7 +195,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   with sit_config.unlocked():
     sit_config.tokenizer_dir = tok_dir
     sit_config.data.cache_dir = os.path.join(workdir, "3_latents")
-  _stage(summary, "4_sit", workdir, lambda d: sit_trainer.run(sit_config, d))
+  if _stage(summary, "4_sit", workdir, lambda d: sit_trainer.run(sit_config, d),
+            produces=os.path.join(workdir, "4_sit", "generator", "config.json")) is None:
+    return summary
   _stage(summary, "5_samples", workdir, lambda d: sample_classes(
       os.path.join(workdir, "4_sit"), tok, d, per_class=config.sample.per_class,
       num_steps=config.sample.num_steps, cfg_scale=config.sample.cfg_scale, seed=config.seed))

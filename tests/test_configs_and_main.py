@@ -1,5 +1,6 @@
 """Configs build the architectures they name; the main job runs end to end."""
 
+import importlib
 import importlib.util
 import json
 import os
@@ -192,6 +193,27 @@ def test_quickstart_pipeline_end_to_end(tmp_path):
   again = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
   assert again.returncode == 0, again.stderr[-4000:]
   assert again.stderr.count("already done") == 5
+  # Other settings on the same workdir would skip the finished stages: refused by name.
+  other = [arg.replace("sit_steps=4", "sit_steps=5") for arg in cmd]
+  refused = subprocess.run(other, cwd=tmp_path, env=env, capture_output=True, text=True,
+                           timeout=600)
+  assert refused.returncode != 0
+  assert "holds a quickstart run with other settings (sit.total_steps)" in refused.stderr
+
+
+def test_quickstart_stage_stopped_by_a_signal_is_resumed_not_skipped(tmp_path, monkeypatch):
+  from softvq_jax import quickstart
+  from softvq_jax.train import tokenizer_trainer
+  calls = []
+  # A preempted trainer checkpoints and returns without exporting its tokenizer.
+  monkeypatch.setattr(tokenizer_trainer, "run", lambda config, workdir: calls.append(workdir) or {})
+  config = load_config("quickstart", "tokenizer_steps=4,sit_steps=4")
+  for _ in range(2):
+    summary = quickstart.run(config, str(tmp_path))
+    assert "1_tokenizer" not in summary
+  assert len(calls) == 2  # the rerun ran the stage again
+  assert not (tmp_path / "1_tokenizer" / "DONE.json").exists()
+  assert not (tmp_path / "2_reconstruct").exists()
 
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in (ROOT / "configs").glob("sample_*.py")))
@@ -298,3 +320,47 @@ def test_job_configs_name_an_unknown_source_and_declare_the_known_ones(job):
   folder.lock()
   folder.data.kwargs.root = "images"
   assert (skimage.data.kwargs.num_examples, folder.data.kwargs.root) == (3, "images")
+
+
+@pytest.mark.parametrize("trainer,config_name", [("tokenizer", "softvq_b64"),
+                                                 ("sit", "sit_xl_softvq_b64"),
+                                                 ("dit", "dit_xl_softvq_l64")])
+@pytest.mark.parametrize("field,value,message", [
+    ("dtype", "bf16", "dtype='bf16' must be one of"),
+    ("log_every", 0, "log_every=0 must be an integer >= 1"),
+    ("ckpt_every", -1, "ckpt_every=-1 must be"),
+    ("global_batch_size", 0, "global_batch_size=0 must be"),
+    ("total_steps", -5, "total_steps=-5 must be"),
+    ("ema_decay", 1.5, r"ema_decay=1.5 must lie in \[0, 1\]"),
+    ("mesh", (("dta", -1),), r"mesh axes \['dta'\] include no batch axis"),
+    ("mesh", (("data", 0),), "mesh entry"),
+])
+def test_trainers_refuse_unusable_settings_before_building_anything(
+    trainer, config_name, field, value, message, tmp_path):
+  config = load_config(config_name, "runlocal")
+  with config.unlocked():
+    config[field] = value
+  workdir = tmp_path / "run"
+  with pytest.raises(ValueError, match=message):
+    _trainer(trainer)(config, str(workdir))
+  assert not workdir.exists()
+
+
+def _trainer(name):
+  from softvq_jax.main import _JOBS  # pylint: disable=g-import-not-at-top
+  return importlib.import_module(_JOBS[name]).run
+
+
+def test_step_counts_follow_each_trainer(tmp_path):
+  sit = load_config("sit_xl_softvq_b64", "runlocal")
+  sit.total_steps = 0  # a generator run needs a step; a tokenizer's 0 means "from epochs"
+  with pytest.raises(ValueError, match="total_steps=0 must be an integer >= 1"):
+    _trainer("sit")(sit, str(tmp_path / "sit"))
+  tok = load_config("softvq_b64", "runlocal")
+  tok.encoder_init = "dinov"
+  with pytest.raises(ValueError, match=r"encoder_init='dinov' must be one of \('dinov2'"):
+    _trainer("tokenizer")(tok, str(tmp_path / "tok"))
+  sit = load_config("sit_xl_softvq_b64", "runlocal")
+  sit.data.num_classes = 0
+  with pytest.raises(ValueError, match="data.num_classes=0 must be a positive integer"):
+    _trainer("sit")(sit, str(tmp_path / "sit"))
