@@ -107,6 +107,12 @@ def test_fid_stats_then_eval_gen_of_a_set_against_itself(tmp_path, features):
     np.testing.assert_allclose(ref["sigma_s"], np.cov(feats["spatial"], rowvar=False), rtol=1e-3,
                                atol=1e-5)
   assert json.loads((refdir / "fid_stats.json").read_text())["num_images"] == NUM
+  # An existing file (here the one just written, or any file output= names) is not replaced.
+  written = ref_path.read_bytes()
+  again = run_job(f"configs/fid_stats.py:source=skimage,image_size={SIZE},max_images=2,"
+                  f"output={ref_path}", tmp_path / "elsewhere")
+  assert again.returncode != 0 and f"{ref_path} exists" in again.stderr
+  assert ref_path.read_bytes() == written
 
   samples = tmp_path / "samples.npz"
   np.savez(samples, arr_0=images, arr_1=np.arange(NUM))

@@ -5,8 +5,8 @@ Any dataset source, ADM centre crop to ``image_size``, uint8, then the FID Incep
 covariance, as ADM's ``compute_statistics``) and merged over the hosts. ``images=True`` also
 stores the cropped images as ``arr_0``, which the ADM evaluator (and ``eval_gen``) needs for
 precision and recall; they are gathered in memory (50,000 x 256 x 256 x 3 is 9.8 GB), on a
-single process only. Writes ``WORKDIR/<output>`` (default ``fid_stats.npz``) and
-``fid_stats.json`` (source, count, size).
+single process only. Writes ``WORKDIR/<output>`` (default ``fid_stats.npz``; an existing file
+is replaced only with ``overwrite=True``) and ``fid_stats.json`` (source, count, size).
 """
 
 from __future__ import annotations
@@ -32,6 +32,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if keep_images and jax.process_count() > 1:
     raise ValueError("images=True gathers arr_0 in one process's memory; run it on one host "
                      "(the statistics alone work on any number of hosts)")
+  path = os.path.join(workdir, config.get("output", "fid_stats.npz") or "fid_stats.npz")
+  if fs.exists(path) and not config.get("overwrite", False):
+    # Checked before the minutes of Inception work, and never replaced unasked.
+    raise FileExistsError(f"{path} exists; choose another output= or pass "
+                          "--config.overwrite=True to replace it")
+  if fs.isdir(path):
+    raise IsADirectoryError(f"output {path} is a folder; name a file such as fid_stats.npz")
   size = int(config.image_size)
   source = job_utils.eval_source(config)
   batch = int(config.batch_size)
@@ -51,7 +58,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if keep_images:
       kept.append(images)
   pool, spatial = acc.merged()
-  path = os.path.join(workdir, config.get("output", "fid_stats.npz") or "fid_stats.npz")
   info = {"path": path, "num_images": int(pool.count), "image_size": size,
           "source": str(getattr(source, "name", config.data.source)),
           "with_images": keep_images, "seconds": round(time.time() - start, 1)}
