@@ -22,13 +22,16 @@ from softvq_jax.models.released import RELEASED_TOKENIZERS
 
 
 def get_config(arg=None):
-  args = parse_arg(arg, released="", image_size=64)
+  # image_size: of the random tokenizer (default 64); with a tokenizer_dir, a check of its size.
+  args = parse_arg(arg, released="", image_size=0)
   c = ml_collections.ConfigDict()
   c.trainer = "reconstruct"
   c.seed = 0
   c.tokenizer_dir = ""
   c.dtype = "float32"
   c.batch_size = 4
+  c.released = args.released            # with tokenizer_dir: the release it must hold
+  c.image_size = args.image_size
   if args.released:
     if args.released not in RELEASED_TOKENIZERS:
       raise ValueError(f"released={args.released!r} is not a released SoftVQ tokenizer; choose "
@@ -36,7 +39,7 @@ def get_config(arg=None):
     c.model = ml_collections.ConfigDict(dict(RELEASED_TOKENIZERS[args.released]))
   else:
     c.model = ml_collections.ConfigDict(dict(
-        RELEASED_TOKENIZERS["softvq-b-64"], image_size=args.image_size, num_latent_tokens=16,
+        RELEASED_TOKENIZERS["softvq-b-64"], image_size=args.image_size or 64, num_latent_tokens=16,
         codebook_size=256, encoder_kwargs=dict(TINY_VIT), decoder_kwargs=dict(TINY_VIT)))
   c.data = ml_collections.ConfigDict()
   c.data.source = "skimage"

@@ -99,6 +99,26 @@ def test_reconstruct_perplexity_covers_the_whole_set(tmp_path):
   np.testing.assert_allclose(got[3], got[1], rtol=1e-6)
 
 
+def test_reconstruct_checks_what_its_arguments_say_of_the_tokenizer_dir(tmp_path):
+  from softvq_jax.eval import reconstruct  # pylint: disable=g-import-not-at-top
+  from softvq_jax import Tokenizer  # pylint: disable=g-import-not-at-top
+  tok = Tokenizer.random(load_config("reconstruct", None).model.to_dict(), seed=0)
+  tok.save(str(tmp_path / "tok"))  # 64x64, 16 tokens
+  for arg, message in (("released=softvq-b-64", "is not softvq-b-64: its image_size, encoder, "
+                                                "decoder, num_latent_tokens, codebook_size differ"),
+                       ("image_size=128", "image_size=128, but .* holds a 64x64 tokenizer")):
+    config = load_config("reconstruct", arg)
+    config.tokenizer_dir = str(tmp_path / "tok")
+    with pytest.raises(ValueError, match=message):
+      reconstruct.run(config, str(tmp_path / "out"))
+  config = load_config("reconstruct", "image_size=64")
+  config.tokenizer_dir = str(tmp_path / "tok")
+  config.batch_size = 0
+  with pytest.raises(ValueError, match="batch_size=0 must be a positive integer"):
+    reconstruct.run(config, str(tmp_path / "out"))
+  assert not (tmp_path / "out").exists()
+
+
 def test_main_rejects_unknown_trainer(tmp_path):
   proc = subprocess.run(
       [sys.executable, "-m", "softvq_jax.main", "--config=configs/reconstruct.py",

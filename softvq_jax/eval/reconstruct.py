@@ -26,10 +26,30 @@ def psnr_uint8(a: np.ndarray, b: np.ndarray) -> np.ndarray:
   return 10 * np.log10(255.0**2 / np.maximum(mse, 1e-12))
 
 
+_ARCHITECTURE = ("image_size", "encoder", "decoder", "num_latent_tokens", "codebook_embed_dim",
+                 "codebook_size", "num_codebooks", "bottleneck", "to_pixel")
+
+
+def _check_is_the_named_model(config: ml_collections.ConfigDict, tok: Tokenizer) -> None:
+  """``released=`` and ``image_size=`` beside a tokenizer_dir say what it must hold."""
+  if config.get("image_size") and config.image_size != tok.image_size:
+    raise ValueError(f"image_size={config.image_size}, but {config.tokenizer_dir} holds a "
+                     f"{tok.image_size}x{tok.image_size} tokenizer")
+  if config.get("released"):
+    from softvq_jax.models.config import TokenizerConfig  # pylint: disable=g-import-not-at-top
+    named = TokenizerConfig.from_json_dict(config.model.to_dict())
+    differ = [f for f in _ARCHITECTURE if getattr(named, f) != getattr(tok.config, f)]
+    if differ:
+      raise ValueError(f"{config.tokenizer_dir} is not {config.released}: its {', '.join(differ)} "
+                       "differ from the release's")
+
+
 def load_tokenizer(config: ml_collections.ConfigDict) -> Tokenizer:
   if config.get("tokenizer_dir"):
     logging.info("Loading tokenizer from %s", config.tokenizer_dir)
-    return Tokenizer.load(config.tokenizer_dir, dtype=config.get("dtype", "float32"))
+    tok = Tokenizer.load(config.tokenizer_dir, dtype=config.get("dtype", "float32"))
+    _check_is_the_named_model(config, tok)
+    return tok
   logging.warning("No tokenizer_dir given: using a RANDOMLY INITIALISED tokenizer (seed %d). "
                   "Its reconstructions are noise; convert a released checkpoint with "
                   "`python -m softvq_jax.convert` and pass --config.tokenizer_dir=DIR.",
@@ -47,6 +67,8 @@ def load_images(config: ml_collections.ConfigDict, image_size: int) -> tuple[np.
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  if not (isinstance(config.batch_size, int) and config.batch_size > 0):
+    raise ValueError(f"batch_size={config.batch_size!r} must be a positive integer")
   fs.makedirs(workdir)
   tok = load_tokenizer(config)
   images, names = load_images(config, tok.image_size)
