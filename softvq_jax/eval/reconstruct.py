@@ -69,8 +69,8 @@ def load_images(config: ml_collections.ConfigDict, image_size: int) -> tuple[np.
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if not (isinstance(config.batch_size, int) and config.batch_size > 0):
     raise ValueError(f"batch_size={config.batch_size!r} must be a positive integer")
-  fs.makedirs(workdir)
   tok = load_tokenizer(config)
+  fs.makedirs(workdir)
   images, names = load_images(config, tok.image_size)
   logging.info("Reconstructing %d images of %dx%d; latents %s", len(images), tok.image_size,
                tok.image_size, tok.latent_shape)
