@@ -189,6 +189,28 @@ def test_jobs_name_what_is_missing(tmp_path):
   with pytest.raises(ValueError, match="holds no images"):
     eval_gen.run(eval_gen_config.get_config(f"samples={stats_only},ref={stats_only}"),
                  str(tmp_path))
+  # Each bad batch is named with its role before any Inception work.
+  good = tmp_path / "good.npz"
+  np.savez(good, arr_0=np.zeros((4, 8, 8, 3), np.uint8))
+  nchw, single, corrupt = tmp_path / "nchw.npz", tmp_path / "one.npz", tmp_path / "corrupt.npz"
+  np.savez(nchw, arr_0=np.zeros((4, 3, 8, 8), np.uint8))
+  np.savez(single, arr_0=np.zeros((1, 8, 8, 3), np.uint8))
+  corrupt.write_bytes(np.random.default_rng(0).bytes(300))
+  for samples, ref, error, message in (
+      (tmp_path, good, IsADirectoryError, "config.samples .* is a folder"),
+      (corrupt, good, ValueError, "config.samples .*corrupt.npz is not an .npz archive"),
+      (good, nchw, ValueError, r"config.ref .*nchw.npz: arr_0 must be uint8 NHWC RGB images, "
+                               r"got uint8 \(4, 3, 8, 8\)"),
+      (single, good, ValueError, "config.samples .*one.npz: arr_0 holds 1 image"),
+  ):
+    with pytest.raises(error, match=message):
+      eval_gen.run(eval_gen_config.get_config(f"samples={samples},ref={ref}"), str(tmp_path))
+    with pytest.raises(error):
+      adm.evaluate(str(ref), str(samples))
+  config = eval_gen_config.get_config(f"samples={good},ref={good}")
+  config.distance_dtype = "fp16"
+  with pytest.raises(ValueError, match="distance_dtype='fp16' must be"):
+    eval_gen.run(config, str(tmp_path))
   with pytest.raises(ValueError, match="max_images"):
     job_utils.eval_source(eval_recon_config.get_config("source=skimage,max_images=-1"))
   with pytest.raises(ValueError, match="at least 2"):

@@ -172,10 +172,12 @@ def evaluate_activations(ref: Activations | None, sample: Activations, *,
 def evaluate(ref_batch: str, sample_batch: str, features: InceptionFeatures | None = None,
              **kwargs) -> dict[str, float]:
   """ADM's ``evaluator.py REF_BATCH SAMPLE_BATCH`` with our Inception."""
+  ref_shape = npz.check_batch(ref_batch, "reference batch", images_required=False)
+  sample_shape = npz.check_batch(sample_batch, "sample batch")
   features = features or InceptionFeatures()
   ref_stats = npz.read_reference_stats(ref_batch)
-  if npz.has_array(ref_batch):
-    logging.info("Reference batch %s: %s", ref_batch, npz.array_shape(ref_batch))
+  if ref_shape is not None:
+    logging.info("Reference batch %s: %s", ref_batch, ref_shape)
     ref = features.npz_activations(ref_batch)
   elif set(ref_stats) == {"mu", "sigma", "mu_s", "sigma_s"}:
     logging.warning("Reference %s holds statistics only (no arr_0 images): FID and sFID are "
@@ -184,7 +186,7 @@ def evaluate(ref_batch: str, sample_batch: str, features: InceptionFeatures | No
   else:
     raise ValueError(f"reference {ref_batch} holds neither images (arr_0) nor the statistics "
                      f"mu, sigma, mu_s, sigma_s (it has {sorted(ref_stats)})")
-  logging.info("Sample batch %s: %s", sample_batch, npz.array_shape(sample_batch))
+  logging.info("Sample batch %s: %s", sample_batch, sample_shape)
   sample = features.npz_activations(sample_batch)
   results = evaluate_activations(ref, sample, ref_stats=ref_stats,
                                  sample_stats=npz.read_reference_stats(sample_batch), **kwargs)

@@ -9,7 +9,6 @@ stored ``mu``/``sigma``/``mu_s``/``sigma_s`` are used when present (as ADM does)
 
 from __future__ import annotations
 
-import os
 import time
 
 import jax
@@ -21,21 +20,22 @@ from softvq_jax.eval import adm, job_utils, npz
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   for key in ("samples", "ref"):
-    path = config.get(key, "")
-    if not path:
+    if not config.get(key, ""):
       raise ValueError(f"config.{key} is required: the {'sample' if key == 'samples' else 'reference'}"
                        " batch (.npz, arr_0 uint8 NHWC)")
-    if not os.path.isfile(path):
-      raise FileNotFoundError(f"config.{key}={path!r} does not exist")
+  if config.get("distance_dtype", "float16") not in ("float16", "float32"):
+    raise ValueError(f"distance_dtype={config.distance_dtype!r} must be 'float16' or 'float32'")
   if jax.process_count() > 1:
     logging.warning("eval_gen runs the whole evaluation on every process; run it on one host")
-  for key in ("samples", "ref"):
-    try:
-      npz.array_shape(config[key])
-    except KeyError as e:
-      # ADM's evaluator needs the reference images too: precision/recall compare features.
-      raise ValueError(f"config.{key}={config[key]!r} holds no images (arr_0); for a reference "
-                       "batch made by configs/fid_stats.py pass its `images` argument") from e
+  npz.check_batch(config.samples, "config.samples")
+  try:
+    npz.check_batch(config.ref, "config.ref")
+  except ValueError as e:
+    if "holds no images" not in str(e):
+      raise
+    # ADM's evaluator needs the reference images too: precision/recall compare features.
+    raise ValueError(f"{e}; for a reference batch made by configs/fid_stats.py pass its "
+                     "`images` argument") from e
   ref_stats = npz.read_reference_stats(config.ref)
   if "mu" not in ref_stats:
     logging.info("%s stores no statistics: computing them from its images", config.ref)

@@ -98,6 +98,38 @@ def array_shape(path: str, key: str = "arr_0") -> tuple[int, ...]:
   return tuple(shape)
 
 
+def check_batch(path: str, role: str, *, images_required: bool = True) -> tuple[int, ...] | None:
+  """The shape of a batch's ``arr_0`` (None if it has none and may lack it), read from its header.
+
+  Everything an evaluation would otherwise find out late, or in a library's words, is said
+  here with the file and its ``role`` named: a folder, a file that is not an npz archive,
+  images that are not uint8 NHWC RGB, fewer than two images (no covariance).
+  """
+  if fs.isdir(path):
+    raise IsADirectoryError(f"{role} {path} is a folder, not an .npz batch")
+  if not fs.exists(path):
+    raise FileNotFoundError(f"{role} {path} does not exist")
+  try:
+    with fs.open(path, "rb") as raw, zipfile.ZipFile(raw) as archive:
+      if "arr_0.npy" not in archive.namelist():
+        if images_required:
+          raise ValueError(f"{role} {path} holds no images (arr_0); it has "
+                           f"{sorted(n.removesuffix('.npy') for n in archive.namelist())}")
+        return None
+      with archive.open("arr_0.npy") as f:
+        shape, _, dtype = _read_header(f)
+  except zipfile.BadZipFile as e:
+    raise ValueError(f"{role} {path} is not an .npz archive ({e}): write it with numpy.savez "
+                     "(arr_0 = uint8 NHWC images)") from e
+  shape = tuple(shape)
+  if dtype != np.uint8 or len(shape) != 4 or shape[-1] != 3:
+    raise ValueError(f"{role} {path}: arr_0 must be uint8 NHWC RGB images, got {dtype} {shape}")
+  if shape[0] < 2:
+    raise ValueError(f"{role} {path}: arr_0 holds {shape[0]} image(s); the statistics need at "
+                     "least 2")
+  return shape
+
+
 def iter_images(path: str, batch_size: int, key: str = "arr_0") -> Iterator[np.ndarray]:
   """Yields ``arr_0`` in consecutive batches of at most ``batch_size`` rows, streamed."""
   with fs.open(path, "rb") as raw, zipfile.ZipFile(raw) as archive, \
