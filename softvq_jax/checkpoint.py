@@ -175,15 +175,23 @@ def _write_json(path: str, payload: Any) -> None:
     f.write("\n")
 
 
-def read_config(directory: str) -> dict[str, Any]:
+def read_config(directory: str, family: str | None = None) -> dict[str, Any]:
+  """``config.json`` of a model directory; ``family`` ("tokenizer" | "generator") is checked."""
   path = os.path.join(directory, _CONFIG)
   if not fs.isfile(path):
     raise CheckpointError(f"{directory} has no {_CONFIG}: not a converted checkpoint directory")
   with fs.open(path) as f:
     try:
-      return json.load(f)
-    except json.JSONDecodeError as e:
+      config = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
       raise CheckpointError(f"{path} is not valid JSON: {e}") from e
+  if family is not None and isinstance(config, dict):
+    # A tokenizer's config names its ViTs; a generator's does not.
+    held = "tokenizer" if "encoder_model" in config else "generator"
+    if held != family:
+      raise CheckpointError(f"{directory} holds a {held}, not a {family}: load it with "
+                            f"{held.capitalize()}.load")
+  return config
 
 
 def read_param_dir(directory: str, target: Mapping[Path, jax.ShapeDtypeStruct],

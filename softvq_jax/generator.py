@@ -143,6 +143,7 @@ class Generator(LoadedModel):
 
   config: GeneratorConfig
   config_class = GeneratorConfig
+  family = "generator"
   module_class = SiT  # adaLN-Zero: a fresh one outputs zeros until trained
   abstract = staticmethod(abstract_model)
   stored_shapes = staticmethod(variable_shapes)

@@ -50,6 +50,7 @@ class LoadedModel:
   """
 
   config_class: type
+  family: str  # "tokenizer" | "generator", what load() accepts
   module_class: type
   abstract: Callable[[Any, Any], nnx.Module]
   stored_shapes: Callable[[Any], dict[Path, jax.ShapeDtypeStruct]]
@@ -106,7 +107,7 @@ class LoadedModel:
   @classmethod
   def load(cls, directory: str, **kwargs):
     """Loads a directory written by ``save`` or by ``python -m softvq_jax.convert``."""
-    config = cls.config_class.from_json_dict(checkpoint.read_config(directory))
+    config = cls.config_class.from_json_dict(checkpoint.read_config(directory, family=cls.family))
     target = cls.stored_shapes(config)
     shardings = None
     if kwargs.get("mesh") is not None:

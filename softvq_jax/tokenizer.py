@@ -92,6 +92,7 @@ class Tokenizer(LoadedModel):
 
   config: TokenizerConfig
   config_class = TokenizerConfig
+  family = "tokenizer"
   module_class = TokenizerModel
   abstract = staticmethod(abstract_model)
   stored_shapes = staticmethod(param_shapes)

@@ -378,3 +378,26 @@ def test_legacy_torch_files_are_read_without_running_code(tmp_path, monkeypatch)
   truncated.write_bytes(open(path, "rb").read()[:-10])
   with pytest.raises(CheckpointFormatError, match="truncated"):
     read_checkpoint(str(truncated), weights="model")
+
+
+def test_a_directory_of_the_other_family_or_a_binary_config_is_named(tmp_path):
+  from softvq_jax import Generator, GeneratorConfig  # pylint: disable=g-import-not-at-top
+  from softvq_jax.checkpoint import CheckpointError  # pylint: disable=g-import-not-at-top
+  from softvq_jax.config_lib import TINY_VIT  # pylint: disable=g-import-not-at-top
+  from softvq_jax.models.released import RELEASED_TOKENIZERS  # pylint: disable=g-import-not-at-top
+  tok_dir, gen_dir = tmp_path / "tok", tmp_path / "gen"
+  Tokenizer.random(dict(RELEASED_TOKENIZERS["softvq-b-64"], image_size=32, num_latent_tokens=8,
+                        encoder_kwargs=TINY_VIT, decoder_kwargs=TINY_VIT)).save(str(tok_dir))
+  Generator.random(GeneratorConfig(kind="sit", input_size=8, in_channels=4, hidden_size=32,
+                                   depth=1, num_heads=2, num_classes=4)).save(str(gen_dir))
+  with pytest.raises(CheckpointError, match="holds a generator, not a tokenizer: load it with "
+                                            "Generator.load"):
+    Tokenizer.load(str(gen_dir))
+  with pytest.raises(CheckpointError, match="holds a tokenizer, not a generator: load it with "
+                                            "Tokenizer.load"):
+    Generator.load(str(tok_dir))
+  (tok_dir / "config.json").write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe")
+  with pytest.raises(CheckpointError, match="config.json is not valid JSON"):
+    Tokenizer.load(str(tok_dir))
+  assert convert_main(["--checkpoint", str(HF / "model.safetensors"), "--config",
+                       str(tok_dir / "config.json"), "--out", str(tmp_path / "out")]) == 2

@@ -23,7 +23,7 @@ def load_config_json(config: str | Mapping[str, Any]) -> dict[str, Any]:
   with open(config) as f:
     try:
       return json.load(f)
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
       raise ConfigError(f"{config} is not valid JSON: {e}") from e
 
 

@@ -231,7 +231,7 @@ def init_generator_from(state: state_lib.TrainState, directory: str, gen_config,
   from softvq_jax import generator as generator_lib  # pylint: disable=g-import-not-at-top
   from softvq_jax.models import sit as sit_lib  # pylint: disable=g-import-not-at-top
 
-  stored = checkpoint.read_config(directory)
+  stored = checkpoint.read_config(directory, family="generator")
   kind = stored.get("kind", gen_config.kind)
   if kind != gen_config.kind:
     raise ValueError(f"init_from={directory!r} holds a {kind}, this trainer trains a "

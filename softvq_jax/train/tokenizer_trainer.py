@@ -258,7 +258,7 @@ def check_init_from(directory: str, tok_config: TokenizerConfig) -> None:
   """Refuses a tokenizer directory built with other settings of the same shapes (twice the
   heads at one width...), which the shape check of the weights cannot see; warns when its
   latent statistics differ from the config's, which the exported tokenizer records."""
-  theirs = TokenizerConfig.from_json_dict(checkpoint.read_config(directory))
+  theirs = TokenizerConfig.from_json_dict(checkpoint.read_config(directory, family="tokenizer"))
   differ = [f"{part}.{name}: {getattr(getattr(theirs, part), name)!r} there, "
             f"{getattr(getattr(tok_config, part), name)!r} here"
             for part in ("encoder", "decoder") for name in _SHAPE_FREE_VIT
