@@ -208,6 +208,13 @@ def read_param_dir(directory: str, target: Mapping[Path, jax.ShapeDtypeStruct],
     tree_meta = getattr(meta, "item_metadata", meta)
     tree_meta = getattr(tree_meta, "tree", tree_meta)
     if not isinstance(tree_meta, Mapping):
+      # Our writer keeps one folder per parameter: name the ones that are gone.
+      absent = [".".join(map(str, p)) for p in sorted(target, key=str)
+                if not fs.isdir(os.path.join(params_dir, ".".join(map(str, p))))]
+      if fs.exists(os.path.join(params_dir, "_METADATA")) and 0 < len(absent) < len(target):
+        raise CheckpointError(f"{params_dir} is incomplete: the folders of "
+                              f"{', '.join(absent[:10])}{', ...' if len(absent) > 10 else ''} "
+                              "are missing")
       raise CheckpointError(f"{params_dir} holds no Orbax checkpoint metadata: an incomplete "
                             "or foreign params/ directory")
     stored = _flatten(tree_meta)
@@ -231,9 +238,14 @@ def read_param_dir(directory: str, target: Mapping[Path, jax.ShapeDtypeStruct],
         sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
       restore_args[path] = ocp.ArrayRestoreArgs(sharding=sharding, global_shape=tuple(spec.shape),
                                                 dtype=spec.dtype)
-    restored = ckptr.restore(params_dir, args=ocp.args.PyTreeRestore(
-        item=_nest({p: np.zeros((), np.float32) for p in target}),
-        restore_args=_nest(restore_args)))
+    try:
+      restored = ckptr.restore(params_dir, args=ocp.args.PyTreeRestore(
+          item=_nest({p: np.zeros((), np.float32) for p in target}),
+          restore_args=_nest(restore_args)))
+    except Exception as e:  # pylint: disable=broad-except
+      # TensorStore's errors name a chunk key, not the damage: say which folder failed.
+      raise CheckpointError(f"{params_dir}: reading the parameters failed, its files are "
+                            f"damaged ({str(e).splitlines()[0][:300]})") from e
   return _flatten(restored)
 
 

@@ -5,6 +5,7 @@ import io
 import json
 import os
 import pickle
+import shutil
 import sys
 import zipfile
 
@@ -401,3 +402,26 @@ def test_a_directory_of_the_other_family_or_a_binary_config_is_named(tmp_path):
     Tokenizer.load(str(tok_dir))
   assert convert_main(["--checkpoint", str(HF / "model.safetensors"), "--config",
                        str(tok_dir / "config.json"), "--out", str(tmp_path / "out")]) == 2
+
+
+def test_a_damaged_parameter_folder_is_named(tmp_path):
+  from softvq_jax.checkpoint import CheckpointError  # pylint: disable=g-import-not-at-top
+  from softvq_jax.config_lib import TINY_VIT  # pylint: disable=g-import-not-at-top
+  from softvq_jax.models.released import RELEASED_TOKENIZERS  # pylint: disable=g-import-not-at-top
+  good = tmp_path / "tok"
+  Tokenizer.random(dict(RELEASED_TOKENIZERS["softvq-b-64"], image_size=32, num_latent_tokens=8,
+                        encoder_kwargs=TINY_VIT, decoder_kwargs=TINY_VIT)).save(str(good))
+  missing, garbled = tmp_path / "missing", tmp_path / "garbled"
+  shutil.copytree(good, missing)
+  shutil.rmtree(missing / "params" / "decoder.mask_token")
+  with pytest.raises(CheckpointError, match="is incomplete: the folders of decoder.mask_token "
+                                            "are missing"):
+    Tokenizer.load(str(missing))
+  shutil.copytree(good, garbled)
+  chunks = [p for p in (garbled / "params" / "decoder.latent_pos_embed").rglob("*")
+            if p.is_file() and p.name[0].isdigit()]
+  assert chunks
+  for chunk in chunks:
+    chunk.write_bytes(b"garbage" * 10)
+  with pytest.raises(CheckpointError, match="reading the parameters failed, its files are damaged"):
+    Tokenizer.load(str(garbled))
