@@ -252,3 +252,15 @@ def test_adm_evaluator_takes_a_statistics_only_reference(tmp_path, features):
   np.savez(tmp_path / "bad.npz", mu=pool.mean)
   with pytest.raises(ValueError, match="neither images"):
     adm.evaluate(str(tmp_path / "bad.npz"), str(sample), features)
+
+
+def test_fid_stats_of_a_folder_of_undecodable_images_says_so(tmp_path):
+  from softvq_jax.eval import fid_stats  # pylint: disable=g-import-not-at-top
+  folder = tmp_path / "images"
+  (folder / "all").mkdir(parents=True)
+  for i in range(3):
+    (folder / "all" / f"broken{i}.png").write_bytes(b"not a png")
+  config = load_config("fid_stats").get_config("source=folder,image_size=16,batch_size=2")
+  config.data.kwargs.root = str(folder)
+  with pytest.raises(ValueError, match="0 image.s. could be read, the statistics need at least 2"):
+    fid_stats.run(config, str(tmp_path / "out"))

@@ -118,9 +118,13 @@ class StatsAccumulator:
     if self.kept is not None:
       self.kept.append(out["pool"])
 
-  def merged(self) -> tuple[fid_lib.FeatureStats, fid_lib.FeatureStats]:
-    return (fid_lib.merge_across_processes(self.pool),
-            fid_lib.merge_across_processes(self.spatial))
+  def merged(self, what: str = "the images") -> tuple[fid_lib.FeatureStats, fid_lib.FeatureStats]:
+    pool = fid_lib.merge_across_processes(self.pool)
+    if pool.count < 2:
+      # The pipelines skip undecodable images, so a folder of them ends here.
+      raise ValueError(f"{what}: {int(pool.count)} image(s) could be read, the statistics need "
+                       "at least 2 (undecodable images are skipped, each with a warning)")
+    return pool, fid_lib.merge_across_processes(self.spatial)
 
   def fid_against(self, ref: dict[str, np.ndarray]) -> dict[str, float]:
     """FID (and sFID when ``ref`` has mu_s/sigma_s) against stored reference statistics."""

@@ -57,7 +57,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     acc.add(images)
     if keep_images:
       kept.append(images)
-  pool, spatial = acc.merged()
+  pool, spatial = acc.merged(str(getattr(source, "name", config.data.source)))
   info = {"path": path, "num_images": int(pool.count), "image_size": size,
           "source": str(getattr(source, "name", config.data.source)),
           "with_images": keep_images, "seconds": round(time.time() - start, 1)}
