@@ -413,3 +413,16 @@ def test_orbax_checkpoint_of_the_iterator(synthetic, tmp_path):
   with ocp.CheckpointManager(str(tmp_path)) as mngr:
     mngr.restore(2, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(restored)))
   assert_batches_equal(take(restored, 2), expected)
+
+
+def test_damaged_array_record_files_are_named(tmp_path):
+  good = tmp_path / "good.array_record"
+  sources.write_image_records(str(good), sources.SyntheticSource(num_examples=4,
+                                                                 image_shape=(8, 8)))
+  data = good.read_bytes()
+  truncated, noise = tmp_path / "truncated.array_record", tmp_path / "noise.array_record"
+  truncated.write_bytes(data[:len(data) // 2])
+  noise.write_bytes(np.random.default_rng(0).bytes(len(data)))
+  for bad in (truncated, noise):
+    with pytest.raises(ValueError, match=f"ArrayRecord file {bad} cannot be read as ArrayRecord"):
+      sources.ArrayRecordSource([str(good), str(bad)])

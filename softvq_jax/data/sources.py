@@ -87,6 +87,10 @@ class ImageFolderSource:
     return f"ImageFolderSource({self.root!r}, {len(self)} images, {len(self.classes)} classes)"
 
 
+def _first_line(error: Exception) -> str:
+  return (str(error).splitlines() or [type(error).__name__])[0][:300]
+
+
 class ArrayRecordSource:
   """ArrayRecord files of msgpack dicts (``records.write_records``) with an image and a label.
 
@@ -99,14 +103,32 @@ class ArrayRecordSource:
     self.paths = records.expand_paths(paths)
     self.name = f"ArrayRecord files {self.paths[0]}" + (
         f" (+{len(self.paths) - 1} more)" if len(self.paths) > 1 else "")
-    self._source = grain.sources.ArrayRecordDataSource(self.paths)
+    try:
+      self._source = grain.sources.ArrayRecordDataSource(self.paths)
+    except RuntimeError as e:
+      raise ValueError(f"{self._unreadable(grain)} cannot be read as ArrayRecord "
+                       f"({_first_line(e)})") from e
     self.image_key, self.label_key = image_key, label_key
+
+  def _unreadable(self, grain) -> str:
+    """The first file that fails to open alone (all of them, if each opens alone)."""
+    for path in self.paths:
+      try:
+        grain.sources.ArrayRecordDataSource([path])
+      except RuntimeError:
+        return f"ArrayRecord file {path}"
+    return self.name
 
   def __len__(self) -> int:
     return len(self._source)
 
   def __getitem__(self, index: int) -> dict[str, Any]:
-    record = records.decode_record(self._source[index])
+    try:
+      raw = self._source[index]
+    except RuntimeError as e:
+      raise ValueError(f"record {index} of {self.name} cannot be read, the file is damaged "
+                       f"({_first_line(e)})") from e
+    record = records.decode_record(raw)
     if self.image_key not in record:
       raise KeyError(f"record {index} of {self.name} has no {self.image_key!r} field "
                      f"(fields: {sorted(record)})")
