@@ -95,7 +95,11 @@ def _check_sampler_options(sit: bool, *, num_steps, guidance_interval, path, eta
   if sit:
     if path not in PATHS:
       raise ValueError(f"path must be one of {PATHS}, got {path!r}")
-    low, high = (float(g) for g in guidance_interval)
+    interval = tuple(guidance_interval)
+    if len(interval) != 2:
+      raise ValueError(f"guidance_interval must be (low, high) with 0 <= low <= high <= 1, "
+                       f"got {interval!r}")
+    low, high = (float(g) for g in interval)
     if not 0.0 <= low <= high <= 1.0:
       raise ValueError(f"guidance_interval must be (low, high) with 0 <= low <= high <= 1, "
                        f"got {tuple(guidance_interval)!r}")

@@ -402,6 +402,10 @@ def test_a_directory_of_the_other_family_or_a_binary_config_is_named(tmp_path):
     Tokenizer.load(str(tok_dir))
   assert convert_main(["--checkpoint", str(HF / "model.safetensors"), "--config",
                        str(tok_dir / "config.json"), "--out", str(tmp_path / "out")]) == 2
+  # A folder where a file is expected is said to be one (not "does not exist").
+  from softvq_jax.convert.readers import read_checkpoint  # pylint: disable=g-import-not-at-top
+  with pytest.raises(FileNotFoundError, match="is a folder; name the checkpoint file in it"):
+    read_checkpoint(str(tmp_path))
 
 
 def test_a_damaged_parameter_folder_is_named(tmp_path):

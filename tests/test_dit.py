@@ -273,6 +273,7 @@ def test_dit_sampler_options_are_checked(gen, ref, kwargs, match):
     (dict(timestep_respacing="ddim5"), "timestep_respacing: not an option of a SiT"),
     (dict(path="vp"), "path must be one of"),
     (dict(cfg_scale=2.0, guidance_interval=(0.7, 0.0)), "guidance_interval must be"),
+    (dict(cfg_scale=2.0, guidance_interval=(0.5,)), r"guidance_interval must be .* got \(0.5,\)"),
     (dict(num_steps=2.5), "num_steps must be an integer")])
 def test_sit_sampler_options_are_checked(kwargs, match):
   sit = Generator.random(GeneratorConfig(kind="sit", input_size=4, in_channels=2, hidden_size=8,

@@ -159,3 +159,6 @@ def test_the_recipes_switch_data_source_by_flags(tmp_path):
       {"split": "x", "root": "r"}, {"dataset": "d"})
   with pytest.raises(ValueError, match="unknown data source 'imagefolder'"):
     sources.split_kwargs("imagefolder", {})
+  c.data.source = "imagefolder"  # the trainer's own list includes its offline source
+  with pytest.raises(ValueError, match="unknown data.source 'imagefolder'; choose one of offline, "):
+    tokenizer_trainer.resolve_source(c.data, "train")

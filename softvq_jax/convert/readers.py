@@ -23,6 +23,9 @@ def read_checkpoint(path: str, *, weights: str = "auto") -> dict[str, np.ndarray
   dicts: ``"auto"`` prefers ``ema`` (as the reference's loader does), then
   ``model``/``state_dict``; ``"ema"`` or ``"model"`` force one.
   """
+  if os.path.isdir(path):
+    raise FileNotFoundError(f"checkpoint {path} is a folder; name the checkpoint file in it "
+                            "(model.safetensors, *.pt, ...)")
   if not os.path.isfile(path):
     raise FileNotFoundError(f"checkpoint {path} does not exist")
   if path.endswith(".safetensors"):

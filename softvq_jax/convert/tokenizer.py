@@ -18,6 +18,8 @@ from softvq_jax.models.config import ConfigError, TokenizerConfig
 def load_config_json(config: str | Mapping[str, Any]) -> dict[str, Any]:
   if isinstance(config, Mapping):
     return dict(config)
+  if os.path.isdir(config):
+    raise FileNotFoundError(f"config {config} is a folder; name the config.json in it")
   if not os.path.isfile(config):
     raise FileNotFoundError(f"config {config} does not exist")
   with open(config) as f:

@@ -60,7 +60,9 @@ def load_images(data: ml_collections.ConfigDict, image_size: int) -> tuple[np.nd
     phase = (labels[:, None, None, None] + 1) / data.num_classes
     images = np.clip(base * phase + 0.1 * rng.normal(size=(n, image_size, image_size, 3)), -1, 1)
     return images.astype(np.float32), labels
-  raise ValueError(f"unknown data.source {data.source!r}; supported: 'skimage', 'synthetic'")
+  raise ValueError(f"unknown data.source {data.source!r}; supported: 'latent_cache' (with "
+                   "data.cache_dir, written by configs/extract_latents.py), 'skimage', "
+                   "'synthetic'")
 
 
 def encode_dataset(tok: Tokenizer, images: np.ndarray, batch_size: int) -> np.ndarray:

@@ -57,6 +57,9 @@ def resolve_source(data: ml_collections.ConfigDict, split: str):
                                          seed=0 if split == "train" else 1)
   if kind == "latent_cache":
     raise ValueError("data.source=latent_cache holds latents, not images")
+  if kind not in sources.SOURCES:
+    raise ValueError(f"unknown data.source {kind!r}; choose one of offline, "
+                     f"{', '.join(sources.SOURCES)}")
   if kind in ("tfds", "fashion_mnist") and "split" not in kwargs:
     kwargs["split"] = data.get("train_split" if split == "train" else "eval_split",
                                "train" if split == "train" else "test")
