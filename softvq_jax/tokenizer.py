@@ -176,6 +176,13 @@ class Tokenizer(LoadedModel):
                        f"{(size // patch) ** 2} patches), got {h}x{w}")
     if shape[0] == 0:
       raise ValueError("images is an empty batch")
+    if isinstance(images, np.ndarray):
+      # Host arrays are checked where it costs no device sync: a [0, 255] float batch or
+      # a NaN would otherwise encode without a word. (Resampling may overshoot [-1, 1] a little.)
+      low, high = float(np.min(images)), float(np.max(images))
+      if not (-1.5 <= low and high <= 1.5):
+        raise ValueError(f"images must be floats in [-1, 1], got values in [{low:g}, {high:g}]"
+                         + (" (from [0, 255] use x / 127.5 - 1)" if high > 2 else ""))
     return images
 
   def _check_latents(self, latents) -> jax.Array:

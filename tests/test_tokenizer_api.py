@@ -57,6 +57,9 @@ def test_batch_items_are_independent(tok, images):
     (np.zeros((2, 48, 48, 3), np.float32), ValueError, "takes 32x32 images"),
     (np.zeros((32, 32, 3), np.float32), ValueError, "4-D batch"),
     (np.zeros((0, 32, 32, 3), np.float32), ValueError, "empty batch"),
+    (np.full((2, 32, 32, 3), 200.0, np.float32), ValueError,
+     r"floats in \[-1, 1\], got values in \[200, 200\] \(from \[0, 255\] use x / 127.5 - 1\)"),
+    (np.full((2, 32, 32, 3), np.nan, np.float32), ValueError, "floats in .-1, 1., got values in .nan"),
 ])
 def test_bad_images_are_named(tok, bad, error, needle):
   with pytest.raises(error, match=needle):
