@@ -264,3 +264,6 @@ def test_fid_stats_of_a_folder_of_undecodable_images_says_so(tmp_path):
   config.data.kwargs.root = str(folder)
   with pytest.raises(ValueError, match="0 image.s. could be read, the statistics need at least 2"):
     fid_stats.run(config, str(tmp_path / "out"))
+  config.image_size = 0
+  with pytest.raises(ValueError, match="image_size=0 must be a positive integer"):
+    fid_stats.run(config, str(tmp_path / "out"))
