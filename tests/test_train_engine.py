@@ -203,24 +203,27 @@ def test_resume_after_sigterm_is_bit_exact(uninterrupted, tmp_path, monkeypatch)
 @pytest.mark.slow
 def test_resume_after_sigkill_is_bit_exact(uninterrupted, tmp_path):
   workdir = tmp_path / "killed"
+  # The run kills itself when it reaches its step-9 checkpoint, once step 6's is durable: a
+  # fixed point, where a kill from outside could land before or after the step-9 save.
   script = (
-      "import sys; sys.path.insert(0, 'tests');"
+      "import os, signal, sys; sys.path.insert(0, 'tests');"
       "from test_train_engine import tiny_config;"
+      "from softvq_jax import checkpoint;"
       "from softvq_jax.train import sit_trainer;"
+      "save = checkpoint.TrainCheckpointer.save\n"
+      "def save_or_die(self, step, *args, **kwargs):\n"
+      "  if step == 9:\n"
+      "    self.wait(); os.kill(os.getpid(), signal.SIGKILL)\n"
+      "  return save(self, step, *args, **kwargs)\n"
+      "checkpoint.TrainCheckpointer.save = save_or_die\n"
       f"sit_trainer.run(tiny_config(400), {str(workdir)!r})")
   env = dict(os.environ, JAX_PLATFORMS="cpu")  # same 8 fake devices as this process
-  proc = subprocess.Popen([sys.executable, "-c", script], cwd=os.path.dirname(os.path.dirname(
-      os.path.abspath(__file__))), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  try:
-    import time
-    deadline = time.time() + 240
-    while not (workdir / "checkpoints" / "6").exists():
-      assert proc.poll() is None, "training ended before its checkpoint"
-      assert time.time() < deadline, "no checkpoint within 240 s"
-      time.sleep(0.2)
-  finally:
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+  proc = subprocess.run([sys.executable, "-c", script], cwd=os.path.dirname(os.path.dirname(
+      os.path.abspath(__file__))), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+      timeout=240)
+  assert proc.returncode == -signal.SIGKILL
+  assert sorted(p.name for p in (workdir / "checkpoints").iterdir()
+                if p.name.isdigit()) == ["3", "6"]
   # Rerun with the uninterrupted run's length: resumes from the last complete checkpoint.
   sit_trainer.run(tiny_config(8), str(workdir))
   step, params = _final_params(str(workdir))

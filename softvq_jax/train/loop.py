@@ -115,6 +115,9 @@ def train_loop(*, state, train_step, data: Iterator, mesh, workdir: str, total_s
   from clu import periodic_actions  # pylint: disable=g-import-not-at-top
 
   step = int(jax.device_get(state.step))
+  if step > total_steps:
+    logging.warning("The restored state is at step %d, past total_steps=%d: nothing is trained "
+                    "(the state of step %d is kept)", step, total_steps, step)
   if getattr(train_step, "takes_leaf_state", False):
     state = state_lib.LeafState.of(state)
   report = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer,
