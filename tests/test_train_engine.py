@@ -200,35 +200,46 @@ def test_resume_after_sigterm_is_bit_exact(uninterrupted, tmp_path, monkeypatch)
   assert sorted(logged) == steps  # TensorBoard: each logged step once
 
 
-@pytest.mark.slow
-def test_resume_after_sigkill_is_bit_exact(uninterrupted, tmp_path):
-  workdir = tmp_path / "killed"
-  # The run kills itself when it reaches its step-9 checkpoint, once step 6's is durable: a
-  # fixed point, where a kill from outside could land before or after the step-9 save.
+def _run_in_a_fresh_process(workdir, total_steps: int, *, die_at_save: int | None = None):
+  """``sit_trainer.run(tiny_config(total_steps), workdir)`` in a new Python process, as a
+  rerun after a crash is; ``die_at_save``: SIGKILL itself when it reaches that step's save,
+  once the earlier saves are durable (a fixed point, where a kill from outside could land
+  on either side of a save)."""
   script = (
       "import os, signal, sys; sys.path.insert(0, 'tests');"
       "from test_train_engine import tiny_config;"
       "from softvq_jax import checkpoint;"
-      "from softvq_jax.train import sit_trainer;"
+      "from softvq_jax.train import sit_trainer\n"
       "save = checkpoint.TrainCheckpointer.save\n"
       "def save_or_die(self, step, *args, **kwargs):\n"
-      "  if step == 9:\n"
+      f"  if step == {die_at_save!r}:\n"
       "    self.wait(); os.kill(os.getpid(), signal.SIGKILL)\n"
       "  return save(self, step, *args, **kwargs)\n"
       "checkpoint.TrainCheckpointer.save = save_or_die\n"
-      f"sit_trainer.run(tiny_config(400), {str(workdir)!r})")
+      f"sit_trainer.run(tiny_config({total_steps}), {str(workdir)!r})")
   env = dict(os.environ, JAX_PLATFORMS="cpu")  # same 8 fake devices as this process
-  proc = subprocess.run([sys.executable, "-c", script], cwd=os.path.dirname(os.path.dirname(
-      os.path.abspath(__file__))), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-      timeout=240)
-  assert proc.returncode == -signal.SIGKILL
-  assert sorted(p.name for p in (workdir / "checkpoints").iterdir()
+  return subprocess.run([sys.executable, "-c", script], cwd=os.path.dirname(os.path.dirname(
+      os.path.abspath(__file__))), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+      text=True, timeout=240)
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_is_bit_exact(tmp_path):
+  # Every run in a fresh process: the reference too, so that no setting this test process
+  # holds (other tests run in it) can tell the runs apart.
+  killed = tmp_path / "killed"
+  proc = _run_in_a_fresh_process(killed, 400, die_at_save=9)
+  assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+  assert sorted(p.name for p in (killed / "checkpoints").iterdir()
                 if p.name.isdigit()) == ["3", "6"]
   # Rerun with the uninterrupted run's length: resumes from the last complete checkpoint.
-  sit_trainer.run(tiny_config(8), str(workdir))
-  step, params = _final_params(str(workdir))
+  proc = _run_in_a_fresh_process(killed, 8)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  proc = _run_in_a_fresh_process(tmp_path / "whole", 8)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  step, params = _final_params(str(killed))
   assert step == 8
-  _assert_same_state(params, uninterrupted[1])
+  _assert_same_state(params, _final_params(str(tmp_path / "whole"))[1])
 
 
 def _poison_the_loss(monkeypatch, poison):
