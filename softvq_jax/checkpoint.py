@@ -23,6 +23,7 @@ import jax
 import numpy as np
 
 from softvq_jax.utils import fs
+from softvq_jax.utils.errors import first_line
 
 Path = tuple
 
@@ -245,7 +246,7 @@ def read_param_dir(directory: str, target: Mapping[Path, jax.ShapeDtypeStruct],
     except Exception as e:  # pylint: disable=broad-except
       # TensorStore's errors name a chunk key, not the damage: say which folder failed.
       raise CheckpointError(f"{params_dir}: reading the parameters failed, its files are "
-                            f"damaged ({str(e).splitlines()[0][:300]})") from e
+                            f"damaged ({first_line(e)})") from e
   return _flatten(restored)
 
 

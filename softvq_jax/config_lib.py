@@ -6,6 +6,7 @@ from typing import Any
 
 import ml_collections
 
+from softvq_jax.data import sources as data_sources
 from softvq_jax.models.released import RELEASED_TOKENIZERS
 
 
@@ -47,7 +48,7 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
 
 
 # The image sources of the evaluation and extraction jobs (``source=`` in their config argument).
-JOB_SOURCES = ("tfds", "folder", "array_record", "synthetic", "fashion_mnist", "skimage", "offline")
+JOB_SOURCES = data_sources.SOURCES + ("offline",)  # offline: Fashion-MNIST, else the photos
 
 
 def job_source_kwargs(source: str, *, skimage_examples: int = 64) -> dict[str, Any]:

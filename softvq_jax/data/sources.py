@@ -22,6 +22,7 @@ import numpy as np
 from absl import logging
 
 from softvq_jax.data import records
+from softvq_jax.utils.errors import first_line
 
 # torchvision's ImageFolder extensions (compared case-insensitively).
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp",
@@ -87,10 +88,6 @@ class ImageFolderSource:
     return f"ImageFolderSource({self.root!r}, {len(self)} images, {len(self.classes)} classes)"
 
 
-def _first_line(error: Exception) -> str:
-  return (str(error).splitlines() or [type(error).__name__])[0][:300]
-
-
 class ArrayRecordSource:
   """ArrayRecord files of msgpack dicts (``records.write_records``) with an image and a label.
 
@@ -107,7 +104,7 @@ class ArrayRecordSource:
       self._source = grain.sources.ArrayRecordDataSource(self.paths)
     except RuntimeError as e:
       raise ValueError(f"{self._unreadable(grain)} cannot be read as ArrayRecord "
-                       f"({_first_line(e)})") from e
+                       f"({first_line(e)})") from e
     self.image_key, self.label_key = image_key, label_key
 
   def _unreadable(self, grain) -> str:
@@ -127,7 +124,7 @@ class ArrayRecordSource:
       raw = self._source[index]
     except RuntimeError as e:
       raise ValueError(f"record {index} of {self.name} cannot be read, the file is damaged "
-                       f"({_first_line(e)})") from e
+                       f"({first_line(e)})") from e
     record = records.decode_record(raw)
     if self.image_key not in record:
       raise KeyError(f"record {index} of {self.name} has no {self.image_key!r} field "
