@@ -85,11 +85,6 @@ def _read_header(f) -> tuple[tuple[int, ...], bool, np.dtype]:
   return np.lib.format._read_array_header(f, version)  # pylint: disable=protected-access
 
 
-def has_array(path: str, key: str = "arr_0") -> bool:
-  with fs.open(path, "rb") as raw, zipfile.ZipFile(raw) as archive:
-    return f"{key}.npy" in archive.namelist()
-
-
 def array_shape(path: str, key: str = "arr_0") -> tuple[int, ...]:
   """Shape of one array of an npz, read from its header only."""
   with fs.open(path, "rb") as raw, zipfile.ZipFile(raw) as archive, \
