@@ -25,6 +25,7 @@ from absl import logging
 from tqdm import tqdm
 
 from softvq_jax.tokenizer import Tokenizer
+from softvq_jax.utils import fs
 from softvq_jax.utils.images import make_grid, samples_to_uint8, save_png, to_uint8
 
 
@@ -145,9 +146,7 @@ def _check_same_settings(config: ml_collections.ConfigDict, workdir: str) -> Non
   path = os.path.join(workdir, "quickstart_config.json")
   current = json.loads(config.to_json_best_effort(sort_keys=True))
   if not os.path.exists(path):
-    with open(path + ".tmp", "w") as f:
-      json.dump(current, f, indent=1, sort_keys=True)
-    os.replace(path + ".tmp", path)
+    fs.write_json_atomic(path, current)
     return
   with open(path) as f:
     stored = json.load(f)

@@ -305,11 +305,6 @@ class ToPixel(nnx.Module):
     # The reference views its (B, L, image_size*3) output as an NCHW image.
     return x.reshape(b, c, g * p, g * p).transpose(0, 2, 3, 1)
 
-  def last_layer_path(self) -> tuple:
-    """Path (below ``to_pixel``) of the kernel the adaptive GAN weight differentiates."""
-    return {"linear": ("model", "kernel"), "conv": ("model", len(self.model) - 1, "kernel"),
-            "siren": ("model", 1, "linear", "kernel")}[self.head]
-
 
 def unpatchify(tokens: jax.Array, patch_size: int, grid_h: int, grid_w: int,
                channels: int = 3) -> jax.Array:
