@@ -18,7 +18,8 @@ from softvq_jax.train import state as state_lib
 from softvq_jax.utils import fs
 
 
-COMPUTE_DTYPES = ("float32", "bfloat16")
+# config.dtype -> the compute dtype the models take (None: float32 at HIGHEST precision).
+COMPUTE_DTYPES = {"float32": None, "bfloat16": jax.numpy.bfloat16}
 ENCODER_INITS = ("dinov2", "random", "scratch")  # "scratch" (MAETok) is "random"
 
 
@@ -53,7 +54,7 @@ def check_run_settings(config: ml_collections.ConfigDict, *, steps_from_epochs: 
   else:
     integer("total_steps", 1)
   if config.get("dtype", "float32") not in COMPUTE_DTYPES:
-    problems.append(f"dtype={config.dtype!r} must be one of {COMPUTE_DTYPES}")
+    problems.append(f"dtype={config.dtype!r} must be one of {tuple(COMPUTE_DTYPES)}")
   if "ema_decay" in config and not (isinstance(config.ema_decay, (int, float))
                                     and 0.0 <= config.ema_decay <= 1.0):
     problems.append(f"ema_decay={config.ema_decay!r} must lie in [0, 1]")

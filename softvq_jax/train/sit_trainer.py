@@ -383,7 +383,7 @@ def prepare_training(config: ml_collections.ConfigDict, workdir: str,
   tok = load_tokenizer(config, mesh)
   gen_config = generator_config(config, tok, kind=kind)
   data = latent_data(config, tok, gen_config.num_classes)
-  dtype = {"float32": None, "bfloat16": jnp.bfloat16}[config.get("dtype", "float32")]
+  dtype = common.COMPUTE_DTYPES[config.get("dtype", "float32")]
   ckpt = common.train_checkpointer(workdir, config.get("keep_checkpoints", 3))
   options = graph_options(config)
   try:

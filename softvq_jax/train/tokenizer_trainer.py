@@ -353,7 +353,7 @@ def build_stage1(config: ml_collections.ConfigDict, *, total_steps: int,
   tok_config = TokenizerConfig.from_json_dict(config.model.to_dict())
   check_loss_config(config, tok_config)
   objective = stage1.Objective.from_config(config)
-  dtype = {"float32": None, "bfloat16": jnp.bfloat16}[config.get("dtype", "float32")]
+  dtype = common.COMPUTE_DTYPES[config.get("dtype", "float32")]
   optim = ml_collections.ConfigDict(config.optim.to_dict())
   optim.lr = config.optim.lr * config.global_batch_size / 256  # the reference's scaling rule
   if config.optim.get("warmup_steps") is None:
