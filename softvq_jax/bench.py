@@ -451,21 +451,23 @@ def generator_flops(cfg) -> float:
 
 
 # ------------------------------------------------------------------------- models
-def _tokenizer_config(name: str, size: int = 0):
+def _tokenizer_config(name: str, size: int = 0, tiny: bool = False):
+  """The tokenizer ``name`` at ``size`` (0: its own); ``tiny``: a tiny stand-in, once the
+  name is known to be valid (a typo must not pass because ``--tiny`` ignores it)."""
   from softvq_jax.models.config import TokenizerConfig  # pylint: disable=g-import-not-at-top
   from softvq_jax.models.released import (  # pylint: disable=g-import-not-at-top
       RELEASED_MAETOK, RELEASED_TOKENIZERS)
   table = {**RELEASED_TOKENIZERS, **RELEASED_MAETOK}
-  if name == "tiny":
+  key = TOKENIZER_ALIASES.get(name, name)
+  if name != "tiny" and key not in table:
+    raise SystemExit(f"unknown tokenizer {name!r}; known: {sorted(TOKENIZER_ALIASES)} "
+                     f"or {sorted(table)} or 'tiny'")
+  if tiny or name == "tiny":
     from softvq_jax.config_lib import TINY_VIT  # pylint: disable=g-import-not-at-top
     entry = dict(RELEASED_TOKENIZERS["softvq-b-64"], image_size=32, num_latent_tokens=8,
                  codebook_size=64, codebook_embed_dim=8,
                  encoder_kwargs=dict(TINY_VIT), decoder_kwargs=dict(TINY_VIT))
   else:
-    key = TOKENIZER_ALIASES.get(name, name)
-    if key not in table:
-      raise SystemExit(f"unknown tokenizer {name!r}; known: {sorted(TOKENIZER_ALIASES)} "
-                       f"or {sorted(table)} or 'tiny'")
     entry = dict(table[key])
   if size:
     entry["image_size"] = size
@@ -541,7 +543,7 @@ def bench_tokenizer(args, matmul) -> list[dict[str, Any]]:
   from flax import nnx  # pylint: disable=g-import-not-at-top
   from softvq_jax.models.layers import inference_compiler_options  # pylint: disable=g-import-not-at-top
   from softvq_jax.models.tokenizer import TokenizerModel  # pylint: disable=g-import-not-at-top
-  cfg = _tokenizer_config("tiny" if args.tiny else args.model, args.size)
+  cfg = _tokenizer_config(args.model, args.size, args.tiny)
   dtype = _jnp_dtype(args.dtype)
   graphdef, state = _split(TokenizerModel(cfg, rngs=nnx.Rngs(0),
                                           dtype=None if args.dtype == "float32" else dtype), dtype)
@@ -630,7 +632,7 @@ def _pipeline_parts(args):
       return nnx.merge(dgraph, s)(z)
     return gen_cfg, decode, dstate, None, dict(image_size=size, latent_shape=[grid, grid, 4])
   from softvq_jax.models.tokenizer import TokenizerModel  # pylint: disable=g-import-not-at-top
-  tok_cfg = _tokenizer_config("tiny" if args.tiny else args.model, args.size)
+  tok_cfg = _tokenizer_config(args.model, args.size, args.tiny)
   gen_cfg = _generator_config(args.generator, tok_cfg.num_latent_tokens,
                               tok_cfg.codebook_embed_dim, args.tiny)
   tgraph, tstate = _split(TokenizerModel(tok_cfg, rngs=nnx.Rngs(1), dtype=dtype), dtype)
@@ -782,7 +784,7 @@ def _train_setup(args, batch: int, mesh):
   else:
     from softvq_jax.models.quantizers import entropy_loss  # pylint: disable=g-import-not-at-top
     from softvq_jax.models.tokenizer import TokenizerModel  # pylint: disable=g-import-not-at-top
-    cfg = _tokenizer_config("tiny" if args.tiny else args.model, args.size)
+    cfg = _tokenizer_config(args.model, args.size, args.tiny)
     model_fn = lambda rngs: TokenizerModel(cfg, rngs=rngs, dtype=dtype)
 
     def loss_fn(model, b, key, step):
@@ -1041,7 +1043,7 @@ def bench_kernels(args) -> list[dict[str, Any]]:
       shapes: dict[str, Any] = {}
       if args.program in ("encode", "decode"):
         from softvq_jax.models.tokenizer import TokenizerModel  # pylint: disable=g-import-not-at-top
-        cfg = _tokenizer_config("tiny" if args.tiny else args.model, args.size)
+        cfg = _tokenizer_config(args.model, args.size, args.tiny)
         graphdef, state = _split(TokenizerModel(cfg, rngs=nnx.Rngs(0), dtype=dtype), dtype)
         images = jax.ShapeDtypeStruct((batch, cfg.image_size, cfg.image_size, 3), jnp.float32)
         flops = tokenizer_flops(cfg)[args.program]

@@ -200,6 +200,10 @@ def test_bad_arguments_are_named():
   with pytest.raises(SystemExit, match="unknown tokenizer"):
     bench.main(["--what", "tokenizer", "--model", "softvq_q99", "--matmul_size", "64",
                 "--repeats", "1"])
+  for what in ("tokenizer", "pipeline"):  # --tiny replaces the model, it does not excuse a typo
+    with pytest.raises(SystemExit, match="unknown tokenizer 'softvq_q99'"):
+      bench.main(["--what", what, "--tiny", "--model", "softvq_q99", "--matmul_size", "64",
+                  "--repeats", "1"])
   for flags in (["--steps", "0"], ["--repeats", "0"], ["--warmup", "-1"], ["--cfg", "-1"]):
     with pytest.raises(SystemExit):
       bench._parse_args(["--what", "pipeline", *flags])  # pylint: disable=protected-access
