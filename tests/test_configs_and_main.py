@@ -366,6 +366,29 @@ def test_trainers_refuse_unusable_settings_before_building_anything(
   assert not workdir.exists()
 
 
+@pytest.mark.parametrize("trainer,config_name,field,value,message", [
+    ("sit", "sit_xl_softvq_b64", "transport.path", "lin",
+     r"transport.path='lin' must be one of \('linear', 'cosine'\)"),
+    ("sit", "sit_xl_softvq_b64", "transport.weighting", "logn", "transport.weighting='logn'"),
+    ("sit", "sit_xl_softvq_b64", "sample.num", 0, "sample.num=0 must be an integer >= 1"),
+    ("dit", "dit_xl_softvq_l64", "sample.num_steps", 0, "sample.num_steps=0 must be"),
+    ("dit", "dit_xl_softvq_l64", "diffusion.noise_schedule", "cos",
+     "diffusion.noise_schedule='cos' must be one of"),
+    ("dit", "dit_xl_softvq_l64", "diffusion.num_steps", -1, "diffusion.num_steps=-1 must be"),
+])
+def test_generator_trainers_refuse_unusable_sections_before_building_anything(
+    trainer, config_name, field, value, message, tmp_path):
+  # Each was refused before, but only once the tokenizer and the latents were ready, after
+  # the workdir had been made; named by its dotted flag now, as --config.<field> sets it.
+  config = load_config(config_name, "runlocal")
+  section, name = field.split(".")
+  config[section][name] = value
+  workdir = tmp_path / "run"
+  with pytest.raises(ValueError, match=message):
+    _trainer(trainer)(config, str(workdir))
+  assert not workdir.exists()
+
+
 def _trainer(name):
   from softvq_jax.main import _JOBS  # pylint: disable=g-import-not-at-top
   return importlib.import_module(_JOBS[name]).run

@@ -15,6 +15,8 @@ from softvq_jax import parallel
 from softvq_jax.checkpoint import TrainCheckpointer
 from softvq_jax.train import events
 from softvq_jax.train import state as state_lib
+from softvq_jax.transport import diffusion
+from softvq_jax.transport import paths
 from softvq_jax.utils import fs
 
 
@@ -32,10 +34,21 @@ def check_run_settings(config: ml_collections.ConfigDict, *, steps_from_epochs: 
   """
   problems = []
 
+  def lookup(name: str):
+    """The value at a dotted ``name``, or ``missing`` where the config has no such field."""
+    node = config
+    for part in name.split("."):
+      if not hasattr(node, "keys") or part not in node:
+        return missing
+      node = node[part]
+    return node
+
+  missing = object()
+
   def integer(name: str, minimum: int, meaning: str = "") -> None:
-    if name not in config:
+    value = lookup(name)
+    if value is missing:
       return
-    value = config[name]
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
       problems.append(f"{name}={value!r} must be an integer >= {minimum}{meaning}")
 
@@ -60,6 +73,15 @@ def check_run_settings(config: ml_collections.ConfigDict, *, steps_from_epochs: 
     problems.append(f"ema_decay={config.ema_decay!r} must lie in [0, 1]")
   if config.get("encoder_init", "random") not in ENCODER_INITS:
     problems.append(f"encoder_init={config.encoder_init!r} must be one of {ENCODER_INITS}")
+  integer("sample.num", 1, " (the images of each sample grid)")
+  integer("sample.num_steps", 1)
+  integer("diffusion.num_steps", 1)
+  for name, allowed in (("transport.path", paths.PATHS),
+                        ("transport.weighting", paths.WEIGHTINGS),
+                        ("diffusion.noise_schedule", diffusion.SCHEDULES)):
+    value = lookup(name)
+    if value is not missing and value not in allowed:
+      problems.append(f"{name}={value!r} must be one of {allowed}")
   for section in ("model", "data"):
     value = config.get(section, {}).get("num_classes", 1)
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
