@@ -16,14 +16,14 @@ import os
 import shutil
 import tempfile
 import uuid
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 from absl import logging
 import jax
 import numpy as np
 
+from softvq_jax.utils import errors
 from softvq_jax.utils import fs
-from softvq_jax.utils.errors import first_line
 
 Path = tuple
 
@@ -204,8 +204,12 @@ def read_param_dir(directory: str, target: Mapping[Path, jax.ShapeDtypeStruct],
   params_dir = os.path.join(fs.abspath(directory), _PARAMS)
   if not fs.isdir(params_dir):
     raise CheckpointError(f"{directory} has no {_PARAMS}/ directory")
+  # TensorStore's errors name a chunk key, not the damage: say which folder failed.
+  damaged = lambda cause: (f"{params_dir}: reading the parameters failed, its files are "
+                           f"damaged ({cause})")
   with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as ckptr:
-    meta = ckptr.metadata(params_dir)
+    with _orbax_read(damaged):
+      meta = ckptr.metadata(params_dir)
     tree_meta = getattr(meta, "item_metadata", meta)
     tree_meta = getattr(tree_meta, "tree", tree_meta)
     if not isinstance(tree_meta, Mapping):
@@ -239,15 +243,26 @@ def read_param_dir(directory: str, target: Mapping[Path, jax.ShapeDtypeStruct],
         sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
       restore_args[path] = ocp.ArrayRestoreArgs(sharding=sharding, global_shape=tuple(spec.shape),
                                                 dtype=spec.dtype)
-    try:
+    with _orbax_read(damaged):
       restored = ckptr.restore(params_dir, args=ocp.args.PyTreeRestore(
           item=_nest({p: np.zeros((), np.float32) for p in target}),
           restore_args=_nest(restore_args)))
-    except Exception as e:  # pylint: disable=broad-except
-      # TensorStore's errors name a chunk key, not the damage: say which folder failed.
-      raise CheckpointError(f"{params_dir}: reading the parameters failed, its files are "
-                            f"damaged ({first_line(e)})") from e
   return _flatten(restored)
+
+
+@contextlib.contextmanager
+def _orbax_read(describe: Callable[[str], str]):
+  """Runs an Orbax read; its failure becomes a :class:`CheckpointError` with the message
+  ``describe(innermost cause)``, and the late errors of the reads it abandoned stay quiet
+  (see :func:`errors.drop_orphans_of_failed_restores`)."""
+  errors.drop_orphans_of_failed_restores()
+  try:
+    yield
+  except CheckpointError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    errors.restore_failed()
+    raise CheckpointError(describe(errors.root_line(e))) from e
 
 
 _DATA_ITEM = "data_per_process"
@@ -367,6 +382,16 @@ class TrainCheckpointer:
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
+  def _reading(self, step: int):
+    """Around each read of ``step``: a failure names the step (TensorStore names a chunk key
+    and prints its whole specification) and the step a user can fall back to."""
+    def damaged(cause: str) -> str:
+      earlier = [s for s in self.all_steps() if s < step]
+      advice = (f"; if its files are damaged, move {self.directory}/{step} out of the way to "
+                f"resume from step {earlier[-1]}" if earlier else "")
+      return f"step {step} of {self.directory} could not be read ({cause}){advice}"
+    return _orbax_read(damaged)
+
   def all_steps(self) -> list[int]:
     return list(self._manager.all_steps())
 
@@ -387,13 +412,15 @@ class TrainCheckpointer:
     step = self.latest_step() if step is None else step
     if step is None:
       raise CheckpointError(f"no checkpoint in {self.directory}")
-    saved_items = set(self._manager.item_metadata(step).keys())
+    with self._reading(step):
+      saved_items = set(self._manager.item_metadata(step).keys())
     items = dict(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore())
     if _DATA_ITEM in saved_items:
       items[_DATA_ITEM] = self._restore_data()
     elif "data" in saved_items:  # written before data states were per process
       items["data"] = ocp.args.JsonRestore()
-    restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+    with self._reading(step):
+      restored = self._manager.restore(step, args=ocp.args.Composite(**items))
     data_state = restored.get(_DATA_ITEM) or restored.get("data") or {}
     return restored["state"], dict(data_state), dict(restored["meta"] or {})
 
@@ -403,7 +430,9 @@ class TrainCheckpointer:
     step = self.latest_step() if step is None else step
     if step is None:
       raise CheckpointError(f"no checkpoint in {self.directory}")
-    restored = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    with self._reading(step):
+      restored = self._manager.restore(step, args=ocp.args.Composite(
+          meta=ocp.args.JsonRestore()))
     return dict(restored["meta"] or {})
 
   def state_paths(self, step: int | None = None) -> list[tuple[str, ...]]:
@@ -412,7 +441,8 @@ class TrainCheckpointer:
     step = self.latest_step() if step is None else step
     if step is None:
       raise CheckpointError(f"no checkpoint in {self.directory}")
-    tree = self._manager.item_metadata(step)["state"]
+    with self._reading(step):
+      tree = self._manager.item_metadata(step)["state"]
     tree = getattr(tree, "tree", tree)
     return [tuple(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
             for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]

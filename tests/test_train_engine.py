@@ -223,6 +223,41 @@ def _run_in_a_fresh_process(workdir, total_steps: int, *, die_at_save: int | Non
       text=True, timeout=240)
 
 
+def test_a_damaged_checkpoint_is_named_by_its_step_and_alone(uninterrupted, tmp_path):
+  del uninterrupted  # its programs are in the compile cache this run reuses
+  workdir = tmp_path / "run"
+  sit_trainer.run(tiny_config(8), str(workdir))
+  damaged = 0
+  for path in (workdir / "checkpoints" / "8" / "state").rglob("*"):
+    if path.is_file() and path.parent.name == "d":  # the arrays' bytes, not the metadata
+      with open(path, "r+b") as f:
+        f.truncate(100)
+      damaged += 1
+  assert damaged
+  proc = _run_in_a_fresh_process(workdir, 10)
+  assert proc.returncode == 1
+  last = proc.stderr.strip().splitlines()[-1]
+  assert last.startswith("softvq_jax.checkpoint.CheckpointError: step 8 of ")
+  assert "could not be read (OUT_OF_RANGE" in last and "to resume from step 6" in last, last
+  # What Orbax's abandoned reads raise after the failure would bury that line.
+  for noise in ("Event loop is closed", "never retrieved", "Exception ignored", "never awaited"):
+    assert noise not in proc.stderr
+
+
+def test_only_the_orphans_of_a_failed_restore_are_dropped(monkeypatch):
+  from types import SimpleNamespace  # pylint: disable=g-import-not-at-top
+  from softvq_jax.utils import errors  # pylint: disable=g-import-not-at-top
+  reached = []
+  monkeypatch.setattr(sys, "unraisablehook", lambda u: reached.append(u.exc_value))
+  errors.drop_orphans_of_failed_restores()
+  errors.drop_orphans_of_failed_restores()  # once only: not a chain of hooks
+  late_callback = RuntimeError("Event loop is closed")
+  elsewhere = RuntimeError("a finaliser failed")
+  for value in (late_callback, elsewhere, ValueError("Event loop is closed")):
+    sys.unraisablehook(SimpleNamespace(exc_value=value, object=None))
+  assert reached[0] is elsewhere and len(reached) == 2
+
+
 @pytest.mark.slow
 def test_resume_after_sigkill_is_bit_exact(tmp_path):
   # Every run in a fresh process: the reference too, so that no setting this test process
