@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Mapping
 
 import jax
@@ -183,6 +184,11 @@ class Tokenizer(LoadedModel):
       if not (-1.5 <= low and high <= 1.5):
         raise ValueError(f"images must be floats in [-1, 1], got values in [{low:g}, {high:g}]"
                          + (" (from [0, 255] use x / 127.5 - 1)" if high > 2 else ""))
+      if low >= 0 and high > 0:
+        # A [0, 1] batch passes the range check and encodes into the wrong latents; a real
+        # [-1, 1] batch with no pixel darker than mid-grey is rare enough to mention.
+        warnings.warn(f"images have no negative value (they lie in [{low:g}, {high:g}]): "
+                      "the tokenizer takes [-1, 1]; from [0, 1] use x * 2 - 1", stacklevel=3)
     return images
 
   def _check_latents(self, latents) -> jax.Array:

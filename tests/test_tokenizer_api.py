@@ -1,5 +1,7 @@
 """The Tokenizer API: input checks, compilation, sharding, dtypes and the other bottlenecks."""
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -64,6 +66,15 @@ def test_batch_items_are_independent(tok, images):
 def test_bad_images_are_named(tok, bad, error, needle):
   with pytest.raises(error, match=needle):
     tok.encode(bad)
+
+
+def test_images_in_0_1_are_mentioned(tok, images):
+  with pytest.warns(UserWarning, match=r"no negative value .*from \[0, 1\] use x \* 2 - 1"):
+    tok.encode((images + 1) / 2)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    tok.encode(images)
+    tok.encode(np.zeros_like(images))  # mid-grey is a [-1, 1] image
 
 
 @pytest.mark.parametrize("bad, error, needle", [
