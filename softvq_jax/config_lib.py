@@ -51,6 +51,23 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
 JOB_SOURCES = data_sources.SOURCES + ("offline",)  # offline: Fashion-MNIST, else the photos
 
 
+def integer_problem(name: str, value: Any, minimum: int = 1, meaning: str = "") -> str | None:
+  """Why ``value`` of the config field ``name`` is no integer >= ``minimum`` (``meaning``
+  is appended), or None where it is one. Booleans are not integers here."""
+  if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    return f"{name}={value!r} must be an integer >= {minimum}{meaning}"
+  return None
+
+
+def require_integers(config: ml_collections.ConfigDict, *names: str, minimum: int = 1) -> None:
+  """Refuses, all in one error and before a job starts, the fields among ``names`` that
+  are not integers >= ``minimum``."""
+  problems = [problem for name in names
+              if (problem := integer_problem(name, config.get(name), minimum))]
+  if problems:
+    raise ValueError("invalid config: " + "; ".join(problems))
+
+
 def job_source_kwargs(source: str, *, skimage_examples: int = 64) -> dict[str, Any]:
   """The arguments a job's image source takes, declared so that flags can set them.
 

@@ -18,6 +18,7 @@ import numpy as np
 from absl import logging
 from tqdm import tqdm
 
+from softvq_jax import config_lib
 from softvq_jax.generator import Generator
 from softvq_jax.models.sit import GeneratorConfig
 from softvq_jax.tokenizer import Tokenizer
@@ -75,10 +76,7 @@ def sampler_options(sampler: ml_collections.ConfigDict, gen: Generator) -> dict:
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  for name in ("num_samples", "batch_size"):
-    value = config[name]
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-      raise ValueError(f"{name} must be a positive integer, got {value!r}")
+  config_lib.require_integers(config, "num_samples", "batch_size")
   mesh = None
   if jax.device_count() > 1:
     from softvq_jax import parallel  # pylint: disable=g-import-not-at-top

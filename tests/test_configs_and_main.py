@@ -114,7 +114,7 @@ def test_reconstruct_checks_what_its_arguments_say_of_the_tokenizer_dir(tmp_path
   config = load_config("reconstruct", "image_size=64")
   config.tokenizer_dir = str(tmp_path / "tok")
   config.batch_size = 0
-  with pytest.raises(ValueError, match="batch_size=0 must be a positive integer"):
+  with pytest.raises(ValueError, match="batch_size=0 must be an integer >= 1"):
     reconstruct.run(config, str(tmp_path / "out"))
   assert not (tmp_path / "out").exists()
 
@@ -405,5 +405,5 @@ def test_step_counts_follow_each_trainer(tmp_path):
     _trainer("tokenizer")(tok, str(tmp_path / "tok"))
   sit = load_config("sit_xl_softvq_b64", "runlocal")
   sit.data.num_classes = 0
-  with pytest.raises(ValueError, match="data.num_classes=0 must be a positive integer"):
+  with pytest.raises(ValueError, match="data.num_classes=0 must be an integer >= 1"):
     _trainer("sit")(sit, str(tmp_path / "sit"))

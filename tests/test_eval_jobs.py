@@ -265,5 +265,5 @@ def test_fid_stats_of_a_folder_of_undecodable_images_says_so(tmp_path):
   with pytest.raises(ValueError, match="0 image.s. could be read, the statistics need at least 2"):
     fid_stats.run(config, str(tmp_path / "out"))
   config.image_size = 0
-  with pytest.raises(ValueError, match="image_size=0 must be a positive integer"):
+  with pytest.raises(ValueError, match="image_size=0 must be an integer >= 1"):
     fid_stats.run(config, str(tmp_path / "out"))

@@ -140,7 +140,7 @@ def test_settings_are_checked_before_anything_is_written(tmp_path, name, sampler
 
 def test_zero_samples_is_a_named_error(tmp_path):
   from softvq_jax import sample  # pylint: disable=g-import-not-at-top
-  with pytest.raises(ValueError, match="num_samples must be a positive integer, got 0"):
+  with pytest.raises(ValueError, match="num_samples=0 must be an integer >= 1"):
     sample.run(_job_config("sample_sit_xl_softvq_b64.py", "runlocal,num_samples=0"),
                str(tmp_path))
 

@@ -21,6 +21,7 @@ import numpy as np
 from absl import logging
 from tqdm import tqdm
 
+from softvq_jax import config_lib
 from softvq_jax.eval import adm, job_utils, npz
 from softvq_jax.utils import fs
 from softvq_jax.utils.images import to_uint8
@@ -32,10 +33,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if keep_images and jax.process_count() > 1:
     raise ValueError("images=True gathers arr_0 in one process's memory; run it on one host "
                      "(the statistics alone work on any number of hosts)")
-  for name in ("image_size", "batch_size"):
-    value = config.get(name)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-      raise ValueError(f"{name}={value!r} must be a positive integer")
+  config_lib.require_integers(config, "image_size", "batch_size")
   path = os.path.join(workdir, config.get("output", "fid_stats.npz") or "fid_stats.npz")
   if fs.exists(path) and not config.get("overwrite", False):
     # Checked before the minutes of Inception work, and never replaced unasked.

@@ -15,6 +15,7 @@ import numpy as np
 from absl import logging
 from tqdm import tqdm
 
+from softvq_jax import config_lib
 from softvq_jax.tokenizer import Tokenizer
 from softvq_jax.utils import fs
 from softvq_jax.utils.images import make_grid, save_png, to_uint8
@@ -67,8 +68,7 @@ def load_images(config: ml_collections.ConfigDict, image_size: int) -> tuple[np.
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  if not (isinstance(config.batch_size, int) and config.batch_size > 0):
-    raise ValueError(f"batch_size={config.batch_size!r} must be a positive integer")
+  config_lib.require_integers(config, "batch_size")
   tok = load_tokenizer(config)
   fs.makedirs(workdir)
   images, names = load_images(config, tok.image_size)

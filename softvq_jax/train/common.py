@@ -11,6 +11,7 @@ import ml_collections
 import optax
 from absl import logging
 
+from softvq_jax import config_lib
 from softvq_jax import parallel
 from softvq_jax.checkpoint import TrainCheckpointer
 from softvq_jax.train import events
@@ -47,10 +48,10 @@ def check_run_settings(config: ml_collections.ConfigDict, *, steps_from_epochs: 
 
   def integer(name: str, minimum: int, meaning: str = "") -> None:
     value = lookup(name)
-    if value is missing:
-      return
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-      problems.append(f"{name}={value!r} must be an integer >= {minimum}{meaning}")
+    problem = None if value is missing else config_lib.integer_problem(name, value, minimum,
+                                                                       meaning)
+    if problem:
+      problems.append(problem)
 
   integer("global_batch_size", 1)
   integer("log_every", 1)
@@ -82,10 +83,8 @@ def check_run_settings(config: ml_collections.ConfigDict, *, steps_from_epochs: 
     value = lookup(name)
     if value is not missing and value not in allowed:
       problems.append(f"{name}={value!r} must be one of {allowed}")
-  for section in ("model", "data"):
-    value = config.get(section, {}).get("num_classes", 1)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-      problems.append(f"{section}.num_classes={value!r} must be a positive integer")
+  integer("model.num_classes", 1)
+  integer("data.num_classes", 1)
   problems += _mesh_problems(config.get("mesh", (("data", -1),)))
   if problems:
     raise ValueError("invalid config: " + "; ".join(problems))
