@@ -1,4 +1,4 @@
-"""Wording of errors raised on behalf of a library."""
+"""Wording of errors raised on behalf of a library, and the noise a failed one leaves behind."""
 
 from __future__ import annotations
 
