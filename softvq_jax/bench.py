@@ -41,6 +41,13 @@ Protocol (the same for every measurement):
   ``forward_with_cfg``, and trains on the diffusion loss. The 256-token baseline
   ``sdvae_f8`` is SiT-XL/2 on a 32x32x4 latent (the same matmuls as SiT-XL/1 on
   256 tokens of width 16) followed by a decoder with the SD-VAE layer shapes.
+- Memory: ``program_memory_bytes``, what the compiled program needs per device (arguments,
+  outputs, temporaries; the tokenizer line's is the larger of encode and decode), from
+  XLA's memory analysis on every platform. ``process_peak_memory_bytes``: the device's
+  high-water mark of the whole process so far (matmul and earlier lines included: JAX
+  cannot reset it), where the platform reports one (GPUs, TPUs; null on CPUs).
+- ``tiny: true`` (``--tiny``, tests of the benchmark itself): toy widths of the named
+  architecture, and ``model``/``generator`` read ``tiny-NAME``.
 - ``cudnn_attention_refused`` (only when not empty): the q shapes whose bfloat16
   attention cuDNN refused in the process, so that XLA's unfused attention ran.
 
@@ -83,6 +90,7 @@ NOMINAL_PEAK = {
     ("TPU v5 lite", "bfloat16"): 197e12,
     ("TPU v5e", "bfloat16"): 197e12,
     ("TPU v5p", "bfloat16"): 459e12,
+    ("TPU v5", "bfloat16"): 459e12,  # the v5p's device_kind (the v5e's is "TPU v5 lite")
     ("TPU v6 lite", "bfloat16"): 918e12,
 }
 
@@ -143,7 +151,15 @@ def _bundled_targets() -> list[str]:
   return sorted(f[:-len(".txtpb")] for f in os.listdir(GPU_TARGETS_DIR) if f.endswith(".txtpb"))
 
 
+# Flags a --suite run hands on to each entry; every other flag belongs to the entries.
+SUITE_FLAGS = ("--suite", "--out", "--tiny", "--profile", "--attention", "--gelu", "--adaln",
+               "--inference_forms", "--inference_gelu")
+
+
 def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
+  from softvq_jax import parallel  # pylint: disable=g-import-not-at-top
+  from softvq_jax.models.layers import ATTENTION_IMPLEMENTATIONS  # pylint: disable=g-import-not-at-top
+  from softvq_jax.models.sit import REMAT_POLICIES  # pylint: disable=g-import-not-at-top
   p = argparse.ArgumentParser(prog="python -m softvq_jax.bench", description=__doc__.split("\n")[0])
   p.add_argument("--what", choices=WHATS)
   p.add_argument("--suite", choices=sorted(SUITES), help="run a declared list of measurements")
@@ -160,7 +176,7 @@ def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
   p.add_argument("--cfg", type=float, default=1.0, help="CFG scale (pipeline); > 1 doubles the batch")
   p.add_argument("--no-decode", dest="decode", action="store_false",
                  help="pipeline without the tokenizer decoder")
-  p.add_argument("--attention", default=None,
+  p.add_argument("--attention", default=None, choices=ATTENTION_IMPLEMENTATIONS,
                  help="auto | cudnn | xla | einsum | pallas (bf16 only; auto on GPUs: the "
                       "packed short-sequence kernels up to 128 tokens, cuDNN beyond; pallas: "
                       "those kernels on any backend, elsewhere auto)")
@@ -179,13 +195,14 @@ def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
                  help="the tokenizers' GELU in bf16 inference (tanh: the tanh approximation, "
                       "fused into the matmul on GPUs; changes the function; default exact)")
   p.add_argument("--mesh", default="data=-1", help="train/memory: e.g. data=-1 or data=2,fsdp=-1")
-  p.add_argument("--sharding", default="", help="train/memory: dp | fsdp (default: fsdp if the "
+  p.add_argument("--sharding", default="", choices=("",) + tuple(parallel.PRESETS), help="train/memory: dp | fsdp (default: fsdp if the "
                  "mesh has an fsdp axis)")
   p.add_argument("--objective", default="simple", choices=("simple", "full"),
                  help="tokenizer train/memory: 'simple' (MSE + entropy) or 'full' (the stage-1 "
                       "trainer's step: LPIPS, DINO discriminator, REPA)")
   p.add_argument("--scan", action="store_true", help="SiT train/memory: scan over layers")
-  p.add_argument("--remat", default="none", help="SiT train/memory: remat policy")
+  p.add_argument("--remat", default="none", choices=sorted(REMAT_POLICIES),
+                 help="SiT train/memory: remat policy")
   p.add_argument("--residual_dtype", default="float32", choices=("float32", "bfloat16"),
                  help="SiT train/memory: dtype of the residual stream between blocks")
   p.add_argument("--devices", type=int, default=0,
@@ -217,6 +234,17 @@ def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
   args = p.parse_args(argv)
   if (args.what is None) == (args.suite is None):
     p.error("give exactly one of --what and --suite")
+  if args.suite:
+    # The entries set their own models, batches and repeats: a flag here would be ignored.
+    given = sorted({a.split("=")[0] for a in argv if a.startswith("--")} - set(SUITE_FLAGS))
+    if given:
+      p.error(f"{', '.join(given)}: not with --suite (each entry sets its own); --suite "
+              f"takes {', '.join(SUITE_FLAGS[1:])}")
+  if args.matmul_size < 0:
+    p.error(f"--matmul_size must be >= 0 (0: the platform's default), got {args.matmul_size}")
+  if args.out and not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
+    # Checked now, not after the minutes of measuring that would be written there.
+    p.error(f"--out {args.out}: its folder does not exist")
   kernel_flags = [f"--{name}" for name in ("program", "gpu_target", "assume_bandwidth",
                                             "assume_gemm_rate") if getattr(args, name)]
   if args.what != "kernels" and kernel_flags:
@@ -272,7 +300,8 @@ class Timing:
 
   def summary(self) -> dict[str, Any]:
     ts = sorted(self.times)
-    q1, q3 = ts[len(ts) // 4], ts[(3 * len(ts)) // 4]
+    # Interpolated quartiles: indexing the sorted times gave the maximum for 2-4 repeats.
+    q1, _, q3 = statistics.quantiles(ts, n=4, method="inclusive") if len(ts) > 1 else ts * 3
     out = dict(compile_s=round(self.compile_s, 3), median_s=self.median_s, min_s=ts[0],
                max_s=ts[-1], iqr_s=q3 - q1, repeats=len(ts),
                program_memory_bytes=self.memory.get("per_device_total_bytes"),
@@ -461,14 +490,15 @@ def _tokenizer_config(name: str, size: int = 0, tiny: bool = False):
   key = TOKENIZER_ALIASES.get(name, name)
   if name != "tiny" and key not in table:
     raise SystemExit(f"unknown tokenizer {name!r}; known: {sorted(TOKENIZER_ALIASES)} "
-                     f"or {sorted(table)} or 'tiny'")
+                     f"or {sorted(table)} or 'tiny'. {_MODEL_HINT}")
+  entry = dict(table["softvq-b-64" if name == "tiny" else key])
   if tiny or name == "tiny":
+    # The named architecture (bottleneck, RoPE, decoder kind) at toy widths and size.
     from softvq_jax.config_lib import TINY_VIT  # pylint: disable=g-import-not-at-top
-    entry = dict(RELEASED_TOKENIZERS["softvq-b-64"], image_size=32, num_latent_tokens=8,
-                 codebook_size=64, codebook_embed_dim=8,
+    entry.update(image_size=32, num_latent_tokens=8, codebook_embed_dim=8,
                  encoder_kwargs=dict(TINY_VIT), decoder_kwargs=dict(TINY_VIT))
-  else:
-    entry = dict(table[key])
+    if "codebook_size" in entry:
+      entry["codebook_size"] = 64
   if size:
     entry["image_size"] = size
   from softvq_jax.models.config import ConfigError  # pylint: disable=g-import-not-at-top
@@ -478,9 +508,16 @@ def _tokenizer_config(name: str, size: int = 0, tiny: bool = False):
     raise SystemExit(f"tokenizer {name!r}" + (f" at --size {size}" if size else "") + f": {e}") from e
 
 
+_MODEL_HINT = ("Generators (SiT-XL, DiT-XL, SiT-S, ...) go in --model for --what sit, train "
+               "and memory, and in --generator for --what pipeline, whose --model is the "
+               "tokenizer or sdvae_f8 (the 256-token baseline).")
+
+
 def _generator_config(name: str, tokens: int, channels: int, tiny: bool):
   from softvq_jax.models.sit import GeneratorConfig  # pylint: disable=g-import-not-at-top
   from softvq_jax.models.config import ConfigError  # pylint: disable=g-import-not-at-top
+  if name.split("-")[0] not in ("SiT", "DiT"):
+    raise SystemExit(f"{name!r} is not a generator. {_MODEL_HINT}")
   preset = name if "/" in name else name + "/1"
   overrides = dict(input_size=tokens, in_channels=channels)
   if tiny:
@@ -525,7 +562,7 @@ def _rates(line: dict[str, Any], flops_per_item: float, items: int, timing: Timi
   # neighbours' load, the best times much less.
   best = flops_per_item * items / min(timing.times)
   line[prefix + "fraction_of_matmul_rate_best"] = best / matmul["matmul_best_flops_per_s"]
-  peak = NOMINAL_PEAK.get((line["device_kind"], dtype))
+  peak = _nominal_peak(line["device_kind"], dtype)
   if peak:
     line[prefix + "mfu_nominal"] = achieved / (peak * line["device_count"])
   if timing.pipelined_s:
@@ -558,7 +595,7 @@ def bench_tokenizer(args, matmul) -> list[dict[str, Any]]:
     latents = enc.outputs
     dec = measure(_decode_fn(graphdef), (state, latents), repeats=args.repeats,
                   warmup=args.warmup, compiler_options=options)
-    line = dict(what="tokenizer", model=args.model if not args.tiny else "tiny",
+    line = dict(what="tokenizer", model=args.model,
                 dtype=args.dtype, batch=batch, image_size=cfg.image_size,
                 latent_shape=[cfg.num_latent_tokens, cfg.codebook_embed_dim], **_device_info(),
                 **matmul)
@@ -573,7 +610,9 @@ def bench_tokenizer(args, matmul) -> list[dict[str, Any]]:
     line["decode"] = dec.summary()
     _rates(line, flops["encode"], batch, enc, matmul, args.dtype, "encode_")
     _rates(line, flops["decode"], batch, dec, matmul, args.dtype, "decode_")
-    line["peak_memory_bytes"] = _peak_memory()
+    line["program_memory_bytes"] = max((t.memory.get("per_device_total_bytes") or 0)
+                                       for t in (enc, dec)) or None
+    line["process_peak_memory_bytes"] = _peak_memory()
     lines.append(line)
   return lines
 
@@ -604,7 +643,7 @@ def bench_sit(args, matmul) -> list[dict[str, Any]]:
     line["xla_flops_per_item"] = timing.xla_flops / batch if timing.xla_flops else None
     line.update(timing.summary())
     _rates(line, flops, batch, timing, matmul, args.dtype)
-    line["peak_memory_bytes"] = _peak_memory()
+    line["process_peak_memory_bytes"] = _peak_memory()
     lines.append(line)
   return lines
 
@@ -675,7 +714,7 @@ def bench_pipeline(args, matmul) -> list[dict[str, Any]]:
     line["decode_flops_per_img"] = decode_flops if args.decode else 0.0
     line.update(timing.summary())
     _rates(line, flops, batch, timing, matmul, args.dtype)
-    line["peak_memory_bytes"] = _peak_memory()
+    line["process_peak_memory_bytes"] = _peak_memory()
     lines.append(line)
   return lines
 
@@ -936,7 +975,7 @@ def bench_train(args, matmul) -> list[dict[str, Any]]:
     timing = measure(on_leaves, (leaves, arrays, *extra), repeats=args.repeats,
                      warmup=args.warmup, carry=True, jit=False)
     metrics = timing.outputs[1]
-    line = dict(what="train", model=args.model if not args.tiny else f"tiny-{args.model}",
+    line = dict(what="train", model=args.model,
                 objective=args.objective,
                 dtype=args.dtype, batch=batch, mesh=dict(mesh.shape), sharding=strategy,
                 scan=args.scan, remat=args.remat, residual_dtype=args.residual_dtype,
@@ -948,7 +987,7 @@ def bench_train(args, matmul) -> list[dict[str, Any]]:
     line.update(timing.summary())
     _rates(line, flops, batch, timing, matmul, args.dtype)
     line["loss"] = float(metrics["loss"])
-    line["peak_memory_bytes"] = _peak_memory()
+    line["process_peak_memory_bytes"] = _peak_memory()
     lines.append(line)
   return lines
 
@@ -966,7 +1005,7 @@ def bench_memory(args) -> list[dict[str, Any]]:
     step, state, arrays, _, strategy, extra = _train_setup(args, batch, mesh)
     compiled, compile_s, _ = _compile(step, (state, arrays, *extra))
     mem = _memory(compiled)
-    line = dict(what="memory", model=args.model if not args.tiny else f"tiny-{args.model}",
+    line = dict(what="memory", model=args.model,
                 objective=args.objective,
                 dtype=args.dtype, batch=batch, mesh=dict(mesh.shape), sharding=strategy,
                 scan=args.scan, remat=args.remat, residual_dtype=args.residual_dtype,
@@ -1090,7 +1129,7 @@ def bench_kernels(args) -> list[dict[str, Any]]:
       summary = hlo_kernels.estimate(hlo_kernels.kernels(hlo), bandwidth=bandwidth,
                                      gemm_flops_per_s=gemm_rate)
       line = dict(what="kernels", program=args.program,
-                  model=args.model if not args.tiny else f"tiny-{args.model}",
+                  model=args.model,
                   generator=args.generator if args.program == "pipeline" else None,
                   dtype=args.dtype, batch=batch, **shapes, timed=False,
                   gpu_target=args.gpu_target, device_kind=facts["device_kind"],
@@ -1183,6 +1222,12 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
       lines = {"tokenizer": bench_tokenizer, "sit": bench_sit, "pipeline": bench_pipeline,
                "train": bench_train}[args.what](args, matmul)
   for line in lines:
+    if args.tiny:
+      # Every kind says so alike: a tiny line must never pass for the named model's.
+      line["tiny"] = True
+      for field in ("model", "generator"):
+        if isinstance(line.get(field), str) and not line[field].startswith("tiny"):
+          line[field] = f"tiny-{line[field]}"
     for name, (_, get_choice) in choices.items():
       line.setdefault(name, get_choice())
     refused = layers.refused_cudnn_attention_shapes()

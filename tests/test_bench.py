@@ -118,6 +118,13 @@ def test_tokenizer_line_fields(tokenizer_lines, capsys):
     for program in ("encode", "decode"):  # host time until the call returned, within the call
       assert 0 < line[program]["dispatch_s"] <= line[program]["max_s"]
     assert line["decode_items_per_s_pipelined"] == pytest.approx(line["batch"] / pipelined_s)
+    assert line["tiny"] is True and line["model"] == "tiny-softvq_b64"
+    assert line["program_memory_bytes"] == max(line[p]["program_memory_bytes"]
+                                               for p in ("encode", "decode")) > 0
+    assert "process_peak_memory_bytes" in line  # null on CPU: the platform reports none
+    times = line["encode"]
+    # Two repeats: the interpolated quartiles lie a quarter in from each end.
+    assert times["iqr_s"] == pytest.approx((times["max_s"] - times["min_s"]) / 2)
   # one JSON object per line on stdout
   printed = [json.loads(l) for l in capsys.readouterr().out.splitlines() if l.startswith("{")]
   assert all("what" in p for p in printed)
@@ -188,7 +195,28 @@ def test_dit_pipeline_and_train_lines():
   assert np.isfinite(train["loss"]) and train["items_per_s"] > 0
 
 
-def test_bad_arguments_are_named():
+def test_tiny_models_keep_the_named_architecture():
+  maetok = bench._tokenizer_config("maetok_b128", 0, tiny=True)  # pylint: disable=protected-access
+  softvq = bench._tokenizer_config("softvq_b64", 0, tiny=True)  # pylint: disable=protected-access
+  assert (maetok.bottleneck, softvq.bottleneck) == ("ae", "softvq")
+  assert maetok.image_size == softvq.image_size == 32
+  assert bench.tokenizer_flops(maetok) != bench.tokenizer_flops(softvq)
+
+
+def test_bad_arguments_are_named(capsys):
+  for argv, needle in (
+      (["--what", "tokenizer", "--attention", "bogus"], "--attention: invalid choice"),
+      (["--what", "train", "--remat", "bogus"], "--remat: invalid choice"),
+      (["--what", "train", "--sharding", "bogus"], "--sharding: invalid choice"),
+      (["--what", "matmul", "--matmul_size", "-5"], "--matmul_size must be >= 0"),
+      (["--what", "matmul", "--out", "no_such_folder/x.jsonl"], "its folder does not exist"),
+      (["--suite", "cpu", "--batch", "2", "--repeats", "3"], "--batch, --repeats: not with --suite"),
+  ):
+    with pytest.raises(SystemExit):
+      bench._parse_args(argv)  # pylint: disable=protected-access
+    assert needle in capsys.readouterr().err
+  with pytest.raises(SystemExit, match="'softvq_b64' is not a generator"):
+    bench.main(["--what", "sit", "--model", "softvq_b64", "--tiny", "--matmul_size", "64"])
   with pytest.raises(SystemExit):
     bench.main(["--what", "tokenizer", "--batch", "x"])
   with pytest.raises(SystemExit):  # fake CPU devices or a TPU topology, not both
