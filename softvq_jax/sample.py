@@ -121,11 +121,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   def write(start: int, y: np.ndarray, part: str, decoded: jax.Array) -> None:
     images = samples_to_uint8(decoded)
-    with fs.staged_file(part, ".npz") as tmp:
-      np.savez(tmp, images=images, labels=y)
     if config.get("save_pngs", True):
       for i, (img, label) in enumerate(zip(images, y)):
         save_png(os.path.join(workdir, "images", f"{start + i:06d}_class{label}.png"), img)
+    # Last: a rerun skips the batches whose part exists, so it must mean "PNGs written too".
+    with fs.staged_file(part, ".npz") as tmp:
+      np.savez(tmp, images=images, labels=y)
 
   # One batch in flight: batch b is dispatched before batch b-1 is fetched and written,
   # so the device samples while the host encodes PNGs.

@@ -5,10 +5,15 @@ import pathlib
 import subprocess
 import sys
 
+import types
+
+import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 from PIL import Image
 
+from softvq_jax import sample
 from softvq_jax.sample import balanced_labels
 
 ROOT = pathlib.Path(__file__).parent.parent
@@ -57,51 +62,77 @@ def test_balanced_labels():
   assert set(balanced_labels(7, 3)) == {0, 1, 2}
 
 
+class _FakeGenerator:
+  """Returns its noise as latents and logs each batch's first label in ``events``."""
+  config = types.SimpleNamespace(num_classes=3)
+  kind = "sit"
+  latent_shape = (2, 2)
+
+  def __init__(self, events):
+    self.events = events
+
+  def check_sample_options(self, **kwargs):
+    del kwargs
+
+  def sample(self, noise, y, **kwargs):
+    del kwargs
+    self.events.append(f"sample {int(y[0])}")
+    return noise
+
+
+class _FakeTokenizer:
+  config = types.SimpleNamespace(vq_mean=0.0, vq_std=1.0)
+
+  def denormalize(self, z):
+    return z
+
+  def decode(self, z):
+    return jnp.zeros((z.shape[0], 8, 8, 3))
+
+
+def _fake_job(monkeypatch, events, **settings):
+  """The sample job's config on the fake models above."""
+  monkeypatch.setattr(sample, "_load_models", lambda config, mesh: (_FakeGenerator(events),
+                                                                    _FakeTokenizer()))
+  return ml_collections.ConfigDict(dict(
+      seed=0, sampler=dict(method="euler", num_steps=2, cfg_scale=1.0,
+                           guidance_interval=(0.0, 1.0)), **settings))
+
+
 def test_next_batch_is_dispatched_before_the_previous_is_written(tmp_path, monkeypatch):
   """The device samples batch b while the host fetches and writes batch b-1."""
-  import types  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  import ml_collections  # pylint: disable=g-import-not-at-top
-  from softvq_jax import sample  # pylint: disable=g-import-not-at-top
   events = []
-
-  class FakeGenerator:
-    config = types.SimpleNamespace(num_classes=3)
-    kind = "sit"
-    latent_shape = (2, 2)
-
-    def check_sample_options(self, **kwargs):
-      del kwargs
-
-    def sample(self, noise, y, **kwargs):
-      del kwargs
-      events.append(f"sample {int(y[0])}")
-      return noise
-
-  class FakeTokenizer:
-    config = types.SimpleNamespace(vq_mean=0.0, vq_std=1.0)
-
-    def denormalize(self, z):
-      return z
-
-    def decode(self, z):
-      return jnp.zeros((z.shape[0], 8, 8, 3))
-
   real_to_uint8 = sample.samples_to_uint8
 
   def to_uint8(x):
     events.append("write")
     return real_to_uint8(x)
 
-  monkeypatch.setattr(sample, "_load_models", lambda config, mesh: (FakeGenerator(),
-                                                                    FakeTokenizer()))
+  config = _fake_job(monkeypatch, events, num_samples=3, batch_size=1, save_pngs=False)
   monkeypatch.setattr(sample, "samples_to_uint8", to_uint8)
-  config = ml_collections.ConfigDict(dict(
-      num_samples=3, batch_size=1, seed=0, save_pngs=False,
-      sampler=dict(method="euler", num_steps=2, cfg_scale=1.0, guidance_interval=(0.0, 1.0))))
   out = sample.run(config, str(tmp_path))
   assert out["num_samples"] == 3
   assert events == ["sample 0", "sample 1", "write", "sample 2", "write", "write"]
+
+
+def test_a_batch_stopped_while_its_pngs_are_written_is_redone(tmp_path, monkeypatch):
+  config = _fake_job(monkeypatch, [], num_samples=6, batch_size=2, save_pngs=True)
+  real_save_png = sample.save_png
+  written = []
+
+  def save_png_then_die(path, image):
+    if len(written) == 3:  # the second PNG of the second batch: as if killed there
+      raise KeyboardInterrupt
+    written.append(path)
+    return real_save_png(path, image)
+
+  monkeypatch.setattr(sample, "save_png", save_png_then_die)
+  with pytest.raises(KeyboardInterrupt):
+    sample.run(config, str(tmp_path))
+  monkeypatch.setattr(sample, "save_png", real_save_png)
+  out = sample.run(config, str(tmp_path))  # the rerun
+  assert out["num_samples"] == 6
+  assert len(list((tmp_path / "images").glob("*.png"))) == 6
 
 
 def test_samples_are_quantised_as_the_reference_sampling_scripts_do():
