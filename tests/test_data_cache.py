@@ -140,6 +140,17 @@ def test_other_tokenizer_cannot_resume(source, cache):
                                      process_count=1, progress=False)
 
 
+def test_another_kind_of_source_cannot_resume(tok, cache):
+  # As many images, other data: resuming would fill the remaining shards from it.
+  out, _ = cache
+  photos = sources.SkimagePhotosSource(num_examples=N)
+  with pytest.raises(ValueError, match=r"different settings \(source_kind: cache has "
+                                       r"'SyntheticSource', this run 'SkimagePhotosSource'"):
+    cache_latents.write_latent_cache(tok, photos, out, batch_size=BATCH,
+                                     examples_per_shard=PER_SHARD, process_index=0,
+                                     process_count=1, progress=False)
+
+
 def test_a_cache_is_for_one_tokenizer_at_one_precision(tok, source, cache):
   """Another compute dtype cannot resume it; a SiT run with another tokenizer (same latent
   shape and statistics) cannot train on it; fingerprints allow summation-order rounding."""

@@ -107,14 +107,16 @@ def _check_resumable(cache_dir: str, info: dict[str, Any]) -> None:
   old = read_info(cache_dir)
   bad = [k for k in _MUST_MATCH if old.get(k) != info.get(k)
          and not (k == "tokenizer" and same_tokenizer(old.get(k), info.get(k)))]
-  # Caches written before the compute dtype was recorded resume under any dtype.
-  if "compute_dtype" in old and old["compute_dtype"] != info["compute_dtype"]:
-    bad.append("compute_dtype")
+  # Caches written before these were recorded resume under any value.
+  for key in ("compute_dtype", "source_kind"):
+    if key in old and old[key] != info[key]:
+      bad.append(key)
   if bad:
     diffs = "; ".join(f"{k}: cache has {old.get(k)!r}, this run {info.get(k)!r}" for k in bad)
     raise ValueError(f"latent cache {cache_dir} was written with different settings ({diffs}); "
                      "use a new out_dir or delete the old cache")
   if old.get("source") != info.get("source"):
+    # Same kind of source: the data may have moved (source names hold their paths).
     logging.warning("latent cache %s was started from %s, resuming from %s", cache_dir,
                     old.get("source"), info.get("source"))
 
@@ -142,7 +144,7 @@ def write_latent_cache(tokenizer: Any, source: Any, out_dir: str, *, batch_size:
           "examples_per_shard": examples_per_shard, "latent_shape": list(tokenizer.latent_shape),
           "image_size": size, "tokenizer": tokenizer_fingerprint(tokenizer),
           "vq_mean": float(tokenizer.config.vq_mean), "vq_std": float(tokenizer.config.vq_std),
-          "source": name, "transform": "adm_center_crop",
+          "source": name, "source_kind": type(source).__name__, "transform": "adm_center_crop",
           "compute_dtype": _dtype_name(getattr(tokenizer, "dtype", None))}
   fs.makedirs(out_dir)
   if fs.exists(os.path.join(out_dir, CACHE_INFO)):
