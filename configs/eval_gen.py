@@ -27,4 +27,5 @@ def get_config(arg=None):
   c.inception_batch_size = 100          # ADM's batch size
   c.split_size = 5000                   # ADM's IS chunks
   c.distance_dtype = "float16"          # precision/recall distances as ADM (TF float16)
+  c.overwrite = False                   # replace the metrics of an earlier run in the workdir
   return c

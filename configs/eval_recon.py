@@ -46,6 +46,7 @@ def get_config(arg=None):
   c.lpips = args.lpips
   c.rfid = args.rfid
   c.max_skipped = 100
+  c.overwrite = False                   # replace the outputs of an earlier run in the workdir
   split = args.split or config_lib.default_eval_split(args.source)
   c.data = ml_collections.ConfigDict(dict(source=args.source, train_split="train",
                                           eval_split=split))

@@ -30,6 +30,7 @@ def get_config(arg=None):
   c.tokenizer_dir = ""
   c.dtype = "float32"
   c.batch_size = 4
+  c.overwrite = False                   # replace the outputs of an earlier run in the workdir
   c.released = args.released            # with tokenizer_dir: the release it must hold
   c.image_size = args.image_size
   if args.released:

@@ -3,6 +3,7 @@ held-out rFID hook, checked against numbers computed here from the same images."
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import json
 import pathlib
@@ -91,9 +92,9 @@ def test_eval_recon_job_matches_metrics_computed_here(tmp_path, tokenizer_dir, f
 def test_fid_stats_then_eval_gen_of_a_set_against_itself(tmp_path, features):
   refdir = tmp_path / "ref"
   proc = run_job(f"configs/fid_stats.py:source=skimage,image_size={SIZE},max_images={NUM},"
-                 "images,batch_size=4", refdir, "--config.inception_batch_size=8")
+                 "images,batch_size=4,output=ref.npz", refdir, "--config.inception_batch_size=8")
   assert proc.returncode == 0, proc.stderr[-3000:]
-  ref_path = refdir / "fid_stats.npz"
+  ref_path = refdir / "ref.npz"
   images = skimage_images()
   feats = features(images)
   with np.load(ref_path) as ref:
@@ -106,7 +107,9 @@ def test_fid_stats_then_eval_gen_of_a_set_against_itself(tmp_path, features):
                                atol=1e-5)
     np.testing.assert_allclose(ref["sigma_s"], np.cov(feats["spatial"], rowvar=False), rtol=1e-3,
                                atol=1e-5)
-  assert json.loads((refdir / "fid_stats.json").read_text())["num_images"] == NUM
+  # Described in the JSON of its name: other outputs in the workdir keep their own.
+  assert json.loads((refdir / "ref.json").read_text())["num_images"] == NUM
+  assert not (refdir / "fid_stats.json").exists()
   # An existing file (here the one just written, or any file output= names) is not replaced.
   written = ref_path.read_bytes()
   again = run_job(f"configs/fid_stats.py:source=skimage,image_size={SIZE},max_images=2,"
@@ -267,3 +270,25 @@ def test_fid_stats_of_a_folder_of_undecodable_images_says_so(tmp_path):
   config.image_size = 0
   with pytest.raises(ValueError, match="image_size=0 must be an integer >= 1"):
     fid_stats.run(config, str(tmp_path / "out"))
+
+
+@pytest.mark.parametrize("job, arg, outputs", [
+    ("eval_recon", "tokenizer_dir=unused", ("metrics.json", "reconstructions.png")),
+    ("reconstruct", None, ("reconstructions.png", "latents.npz", "metrics.json")),
+    ("eval_gen", "samples=none.npz,ref=none.npz", ("metrics.json",)),
+])
+def test_eval_jobs_never_replace_an_earlier_result_unasked(tmp_path, job, arg, outputs):
+  module = importlib.import_module(f"softvq_jax.eval.{job}")
+  for name in outputs:  # a finished run's, or what an interrupted one left
+    workdir = tmp_path / name
+    workdir.mkdir()
+    (workdir / name).write_text("earlier")
+    config = load_config(job).get_config(arg)
+    with pytest.raises(FileExistsError, match=f"holds {name} from an earlier run.*"
+                                              "overwrite=True"):
+      module.run(config, str(workdir))
+    assert (workdir / name).read_text() == "earlier"
+  if job == "eval_gen":  # asked: it goes on (to the missing sample batch here)
+    config.overwrite = True
+    with pytest.raises(FileNotFoundError, match="config.samples none.npz does not exist"):
+      module.run(config, str(workdir))

@@ -4,7 +4,8 @@ FID, sFID, precision, recall (k = 3) and, when ``config.logits_weight`` names th
 classifier weight (2048x1008; an npz or pytorch-fid's ``pt_inception-2015-12-05`` file), the
 Inception Score, all through :func:`softvq_jax.eval.adm.evaluate`: the reference batch's
 stored ``mu``/``sigma``/``mu_s``/``sigma_s`` are used when present (as ADM does), its images
-(``arr_0``) feed precision/recall. Writes ``metrics.json`` to the workdir.
+(``arr_0``) feed precision/recall. Writes ``metrics.json`` to the workdir
+(an earlier one is replaced only with ``overwrite=True``).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     raise ValueError(f"distance_dtype={config.distance_dtype!r} must be 'float16' or 'float32'")
   if jax.process_count() > 1:
     logging.warning("eval_gen runs the whole evaluation on every process; run it on one host")
+  job_utils.refuse_earlier_outputs(config, workdir, "metrics.json")
   npz.check_batch(config.samples, "config.samples")
   try:
     npz.check_batch(config.ref, "config.ref")

@@ -16,7 +16,7 @@ those uint8 images:
 * ``lpips``: LPIPS-VGG16 (v0.1) of the uint8 round-tripped images (not in the reference).
 
 Writes ``metrics.json`` and ``reconstructions.png`` (the first 16 originals above their
-reconstructions) to the workdir.
+reconstructions) to the workdir; a workdir holding either is refused unless ``overwrite=True``.
 """
 
 from __future__ import annotations
@@ -132,6 +132,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if not config.get("tokenizer_dir"):
     raise ValueError("config.tokenizer_dir is required: a converted or trained tokenizer "
                      "directory (Tokenizer.save / python -m softvq_jax.convert)")
+  job_utils.refuse_earlier_outputs(config, workdir, "metrics.json", "reconstructions.png")
   fs.makedirs(workdir)
   mesh = None
   if jax.local_device_count() > 1 and jax.process_count() == 1:

@@ -6,7 +6,8 @@ covariance, as ADM's ``compute_statistics``) and merged over the hosts. ``images
 stores the cropped images as ``arr_0``, which the ADM evaluator (and ``eval_gen``) needs for
 precision and recall; they are gathered in memory (50,000 x 256 x 256 x 3 is 9.8 GB), on a
 single process only. Writes ``WORKDIR/<output>`` (default ``fid_stats.npz``; an existing file
-is replaced only with ``overwrite=True``) and ``fid_stats.json`` (source, count, size).
+is replaced only with ``overwrite=True``) and the JSON of the same name (source, count, size;
+``fid_stats.json`` by default).
 """
 
 from __future__ import annotations
@@ -67,6 +68,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     with fs.staged_file(path, ".npz") as tmp:  # np.savez appends .npz to other names
       npz.write_reference_batch(tmp, images=np.concatenate(kept) if keep_images else None,
                                 pool=pool, spatial=spatial)
-  job_utils.write_metrics(workdir, info, name="fid_stats.json")
+  # Named after the output, so that another output= in the same workdir keeps this one's.
+  job_utils.write_metrics(workdir, info, name=os.path.splitext(os.path.basename(path))[0]
+                          + ".json")
   logging.info("Wrote the reference batch of %d images to %s", pool.count, path)
   return info

@@ -66,6 +66,18 @@ def sum_across_processes(values: np.ndarray) -> np.ndarray:
   return np.sum([np.asarray(g).view(np.float64) for g in gathered], axis=0)
 
 
+def refuse_earlier_outputs(config: ml_collections.ConfigDict, workdir: str, *names: str) -> None:
+  """Refuses, before any work, a workdir that holds one of the job's outputs ``names`` (a
+  finished or interrupted earlier run's) unless ``config.overwrite``: results are never
+  replaced unasked, nor mixed with a new run's."""
+  if config.get("overwrite", False):
+    return
+  found = [name for name in names if fs.exists(os.path.join(workdir, name))]
+  if found:
+    raise FileExistsError(f"{workdir} holds {', '.join(found)} from an earlier run; use "
+                          "another workdir or pass --config.overwrite=True to replace them")
+
+
 def write_metrics(workdir: str, metrics: dict[str, Any], name: str = "metrics.json") -> str:
   """Writes ``metrics`` as JSON into the workdir (process 0 only), atomically."""
   import jax  # pylint: disable=g-import-not-at-top

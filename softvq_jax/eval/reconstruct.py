@@ -2,7 +2,8 @@
 
 Writes to the workdir: ``reconstructions.png`` (originals above their
 reconstructions), ``latents.npz`` (latents, normalised latents, image names)
-and ``metrics.json`` (PSNR on uint8 round-tripped images, code usage).
+and ``metrics.json`` (PSNR on uint8 round-tripped images, code usage). A workdir holding
+any of them is refused unless ``overwrite=True``.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from absl import logging
 from tqdm import tqdm
 
 from softvq_jax import config_lib
+from softvq_jax.eval import job_utils
 from softvq_jax.tokenizer import Tokenizer
 from softvq_jax.utils import fs
 from softvq_jax.utils.images import make_grid, save_png, to_uint8
@@ -67,8 +69,12 @@ def load_images(config: ml_collections.ConfigDict, image_size: int) -> tuple[np.
   raise ValueError(f"unknown data.source {source!r} for the reconstruct job; supported: 'skimage'")
 
 
+OUTPUTS = ("reconstructions.png", "latents.npz", "metrics.json")
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   config_lib.require_integers(config, "batch_size")
+  job_utils.refuse_earlier_outputs(config, workdir, *OUTPUTS)
   tok = load_tokenizer(config)
   fs.makedirs(workdir)
   images, names = load_images(config, tok.image_size)
