@@ -182,6 +182,9 @@ def test_maetok_configs(name, release):
       check_recipe_config(upstream)
 
 
+STAGES = ("1_tokenizer", "2_reconstruct", "3_latents", "4_sit", "5_samples")
+
+
 def test_quickstart_pipeline_end_to_end(tmp_path):
   """README command one, shrunk: every stage runs and leaves its files; a rerun resumes."""
   workdir = tmp_path / "quickstart"
@@ -197,7 +200,7 @@ def test_quickstart_pipeline_end_to_end(tmp_path):
   proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-4000:]
   summary = json.loads((workdir / "summary.json").read_text())
-  assert set(summary) >= {"1_tokenizer", "2_reconstruct", "3_latents", "4_sit", "5_samples"}
+  assert set(summary) >= set(STAGES)
   assert summary["3_latents"]["num_examples"] == 128
   assert np.isfinite(summary["2_reconstruct"]["psnr"])
   samples = np.load(workdir / "5_samples" / "samples.npz")
@@ -213,6 +216,9 @@ def test_quickstart_pipeline_end_to_end(tmp_path):
   again = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
   assert again.returncode == 0, again.stderr[-4000:]
   assert again.stderr.count("already done") == 5
+  # The stages' times, not the rerun's second, are the run's total.
+  assert json.loads((workdir / "summary.json").read_text())["total_seconds"] == pytest.approx(
+      summary["total_seconds"]) == pytest.approx(sum(summary[s]["seconds"] for s in STAGES), 0.01)
   # Other settings on the same workdir would skip the finished stages: refused by name.
   other = [arg.replace("sit_steps=4", "sit_steps=5") for arg in cmd]
   refused = subprocess.run(other, cwd=tmp_path, env=env, capture_output=True, text=True,
