@@ -101,6 +101,10 @@ def _make_reproducible(params_dir: str) -> None:
       f.write("Checkpoint commit was successful\n")
 
 
+# The extra JSON files that write_param_dir's callers add (the converter's report).
+_EXTRA_JSON = ("conversion.json",)
+
+
 def write_param_dir(out_dir: str, flat_params: Mapping[Path, np.ndarray], config: Mapping[str, Any],
                     *, extra_json: Mapping[str, Any] | None = None, overwrite: bool = False) -> str:
   """Writes ``config.json`` + Orbax ``params/`` (+ extra JSON files) atomically.
@@ -120,8 +124,10 @@ def write_param_dir(out_dir: str, flat_params: Mapping[Path, np.ndarray], config
     # else (e.g. the very checkpoint being converted).
     names = fs.listdir(out_dir)
     earlier_output = {_CONFIG, _PARAMS} <= set(names)
+    # The JSON files the writer adds: a user's own JSON placed there is foreign too.
+    own_json = set(_EXTRA_JSON) | set(extra_json or ())
     foreign = [name for name in names
-               if not (name in (_CONFIG, _PARAMS) or (earlier_output and name.endswith(".json")))]
+               if not (name in (_CONFIG, _PARAMS) or (earlier_output and name in own_json))]
     if foreign:
       raise FileExistsError(f"refusing to overwrite {out_dir}: it holds files this writer "
                             f"did not make ({', '.join(foreign[:5])}"

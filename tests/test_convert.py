@@ -111,6 +111,12 @@ def test_existing_output_is_never_overwritten(tmp_path, capsys):
   assert convert_main(args) == 0
   assert convert_main(args + ["--overwrite"]) == 0
   assert (out / "config.json").exists() and (out / "conversion.json").exists()
+  # A JSON of the user's in an earlier output is theirs too, not the writer's.
+  (out / "my_eval_results.json").write_text("{}")
+  assert convert_main(args + ["--overwrite"]) == 2
+  assert "my_eval_results.json" in capsys.readouterr().err
+  assert (out / "my_eval_results.json").read_text() == "{}"
+  (out / "my_eval_results.json").unlink()
   # No temporary directories are left next to the output.
   assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]
 
