@@ -43,7 +43,8 @@ def atomic_directory(out_dir: str, *, overwrite: bool = False) -> Iterator[str]:
     raise FileExistsError(f"{out_dir} already exists; pass overwrite=True (--overwrite) to replace it")
   parent = os.path.dirname(out_dir)
   os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
+  fs.remove_dead_writers_temps(out_dir)  # a converter killed earlier left its folder
+  tmp = tempfile.mkdtemp(prefix=os.path.basename(fs.temp_sibling(out_dir)) + "-", dir=parent)
   umask = os.umask(0)
   os.umask(umask)
   os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result should not be

@@ -20,6 +20,7 @@ import contextlib
 import json
 import os
 import shutil
+import socket
 import tempfile
 from typing import IO, Any, Iterator
 
@@ -107,6 +108,45 @@ def write_json_atomic(path: str, payload: Any) -> str:
   return write_bytes_atomic(path, text.encode())
 
 
+def temp_sibling(path: str) -> str:
+  """A hidden name beside local ``path`` for this process to write before renaming it into
+  place: hidden, so that no ``*.npz`` pattern takes a torn file for a result, and with host
+  and pid, so that :func:`remove_dead_writers_temps` knows whose it is (several hosts may
+  write beside each other on a shared file system)."""
+  head, base = os.path.split(os.path.abspath(path))
+  return os.path.join(head, f".{base}.tmp-{socket.gethostname()}-{os.getpid()}")
+
+
+def remove_dead_writers_temps(path: str) -> None:
+  """Deletes the :func:`temp_sibling` files and folders of ``path`` that killed processes of
+  this host left behind (those of live processes and of other hosts stay)."""
+  head, base = os.path.split(os.path.abspath(path))
+  prefix = f".{base}.tmp-{socket.gethostname()}-"
+  try:
+    names = os.listdir(head)
+  except FileNotFoundError:
+    return
+  for name in names:
+    pid = name[len(prefix):].split(".")[0].split("-")[0] if name.startswith(prefix) else ""
+    if pid.isdigit() and not _process_alive(int(pid)):
+      stale = os.path.join(head, name)
+      if os.path.isdir(stale):
+        shutil.rmtree(stale, ignore_errors=True)
+      else:
+        with contextlib.suppress(FileNotFoundError):
+          os.remove(stale)
+
+
+def _process_alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:  # someone else's process
+    return True
+  return True
+
+
 @contextlib.contextmanager
 def staged_file(path: str, suffix: str = "") -> Iterator[str]:
   """Yields a local file name to write; when the block succeeds it becomes ``path``.
@@ -118,7 +158,8 @@ def staged_file(path: str, suffix: str = "") -> Iterator[str]:
   """
   if not is_remote(path):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}{suffix}"
+    remove_dead_writers_temps(path)
+    tmp = temp_sibling(path) + suffix
     try:
       yield tmp
       os.replace(tmp, path)
