@@ -174,6 +174,8 @@ def test_pipeline_and_train_lines(tmp_path):
   assert train["items_per_s_pipelined"] > 0
   assert train["model_flops_per_item"] > 0
   assert 0 < train["dispatch_s"] <= train["max_s"]
+  assert train["item_shapes"] == {"label": [], "latent": [8, 4]}
+  assert "xla_flops_per_img" in pipe and pipe["xla_flops_per_img"] is None  # a loop: no count
 
 
 def test_dit_pipeline_and_train_lines():
@@ -435,6 +437,8 @@ def test_stage1_train_line():
                        "full", "--batch", "8", "--repeats", "1", "--warmup", "0",
                        "--matmul_size", "128"])
   assert (train["objective"], train["model"], train["batch"]) == ("full", "tiny-softvq_b64", 8)
+  assert train["item_shapes"] == {"image": [32, 32, 3]}
+  assert "not the frozen" in train["model_flops_cover"]  # why XLA counts far more
   assert np.isfinite(train["loss"]) and train["loss"] > 0
   assert 0 < train["dispatch_s"] <= train["max_s"]
   with pytest.raises(SystemExit, match="--batch 2 does not split over the 8 batch shards"):
