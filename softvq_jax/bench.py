@@ -151,6 +151,17 @@ def _bundled_targets() -> list[str]:
   return sorted(f[:-len(".txtpb")] for f in os.listdir(GPU_TARGETS_DIR) if f.endswith(".txtpb"))
 
 
+# The measurements that read each model flag (kernels: those of its --program).
+_TRAINING = ("train", "memory")
+FLAG_SCOPE = {
+    "--tokens": ("sit",) + _TRAINING, "--channels": ("sit",) + _TRAINING,
+    "--size": ("tokenizer", "pipeline") + _TRAINING,
+    "--steps": ("pipeline",), "--cfg": ("pipeline",), "--no-decode": ("pipeline",),
+    "--generator": ("pipeline",),
+    **{flag: _TRAINING for flag in ("--objective", "--scan", "--remat", "--residual_dtype",
+                                    "--mesh", "--sharding")},
+}
+
 # Flags a --suite run hands on to each entry; every other flag belongs to the entries.
 SUITE_FLAGS = ("--suite", "--out", "--tiny", "--profile", "--attention", "--gelu", "--adaln",
                "--inference_forms", "--inference_gelu")
@@ -252,6 +263,16 @@ def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
   if args.what == "kernels":
     args.program = args.program or "encode"
     args.gpu_target = args.gpu_target or "h200"
+  if args.what:
+    # A flag the measurement does not read would be taken for part of it.
+    what = {"encode": "tokenizer", "decode": "tokenizer"}.get(args.program, args.program) \
+        if args.what == "kernels" else args.what
+    given = {a.split("=")[0] for a in argv if a.startswith("--")}
+    unused = sorted(flag for flag, whats in FLAG_SCOPE.items()
+                    if flag in given and what not in whats)
+    if unused:
+      p.error(f"{', '.join(unused)}: not read by --what {args.what}"
+              + (f" --program {args.program}" if args.what == "kernels" else ""))
   if args.model is None:
     sit = args.what == "sit" or (args.what == "kernels" and args.program == "sit")
     args.model = "SiT-XL" if sit else "softvq_b64"

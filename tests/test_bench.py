@@ -213,6 +213,9 @@ def test_bad_arguments_are_named(capsys):
       (["--what", "matmul", "--matmul_size", "-5"], "--matmul_size must be >= 0"),
       (["--what", "matmul", "--out", "no_such_folder/x.jsonl"], "its folder does not exist"),
       (["--suite", "cpu", "--batch", "2", "--repeats", "3"], "--batch, --repeats: not with --suite"),
+      (["--what", "sit", "--steps", "3", "--cfg", "4"], "--cfg, --steps: not read by --what sit"),
+      (["--what", "kernels", "--tokens", "8"], "--tokens: not read by --what kernels --program "
+                                               "encode"),
   ):
     with pytest.raises(SystemExit):
       bench._parse_args(argv)  # pylint: disable=protected-access
