@@ -348,7 +348,7 @@ from softvq_jax.models import vit
 from softvq_jax.models.config import TokenizerConfig
 from softvq_jax.models.released import RELEASED_TOKENIZERS
 
-def two_blocks(name, size=0):
+def two_blocks(name, size=0, tiny=False):
   width = dict(embed_dim=768, depth=2, num_heads=12)
   return TokenizerConfig.from_json_dict(dict(RELEASED_TOKENIZERS["softvq-b-64"],
                                              encoder_kwargs=width, decoder_kwargs=dict(width)))
