@@ -206,8 +206,8 @@ def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
                  help="the tokenizers' GELU in bf16 inference (tanh: the tanh approximation, "
                       "fused into the matmul on GPUs; changes the function; default exact)")
   p.add_argument("--mesh", default="data=-1", help="train/memory: e.g. data=-1 or data=2,fsdp=-1")
-  p.add_argument("--sharding", default="", choices=("",) + tuple(parallel.PRESETS), help="train/memory: dp | fsdp (default: fsdp if the "
-                 "mesh has an fsdp axis)")
+  p.add_argument("--sharding", default="", choices=("",) + tuple(parallel.PRESETS),
+                 help="train/memory: dp | fsdp (default: fsdp if the mesh has an fsdp axis)")
   p.add_argument("--objective", default="simple", choices=("simple", "full"),
                  help="tokenizer train/memory: 'simple' (MSE + entropy) or 'full' (the stage-1 "
                       "trainer's step: LPIPS, DINO discriminator, REPA)")
@@ -245,11 +245,12 @@ def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
   args = p.parse_args(argv)
   if (args.what is None) == (args.suite is None):
     p.error("give exactly one of --what and --suite")
+  given = {a.split("=")[0] for a in argv if a.startswith("--")}  # the flags typed
   if args.suite:
     # The entries set their own models, batches and repeats: a flag here would be ignored.
-    given = sorted({a.split("=")[0] for a in argv if a.startswith("--")} - set(SUITE_FLAGS))
-    if given:
-      p.error(f"{', '.join(given)}: not with --suite (each entry sets its own); --suite "
+    ignored = sorted(given - set(SUITE_FLAGS))
+    if ignored:
+      p.error(f"{', '.join(ignored)}: not with --suite (each entry sets its own); --suite "
               f"takes {', '.join(SUITE_FLAGS[1:])}")
   if args.matmul_size < 0:
     p.error(f"--matmul_size must be >= 0 (0: the platform's default), got {args.matmul_size}")
@@ -267,7 +268,6 @@ def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
     # A flag the measurement does not read would be taken for part of it.
     what = {"encode": "tokenizer", "decode": "tokenizer"}.get(args.program, args.program) \
         if args.what == "kernels" else args.what
-    given = {a.split("=")[0] for a in argv if a.startswith("--")}
     unused = sorted(flag for flag, whats in FLAG_SCOPE.items()
                     if flag in given and what not in whats)
     if unused:

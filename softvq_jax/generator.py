@@ -96,13 +96,9 @@ def _check_sampler_options(sit: bool, *, num_steps, guidance_interval, path, eta
     if path not in PATHS:
       raise ValueError(f"path must be one of {PATHS}, got {path!r}")
     interval = tuple(guidance_interval)
-    if len(interval) != 2:
+    if len(interval) != 2 or not 0.0 <= float(interval[0]) <= float(interval[1]) <= 1.0:
       raise ValueError(f"guidance_interval must be (low, high) with 0 <= low <= high <= 1, "
                        f"got {interval!r}")
-    low, high = (float(g) for g in interval)
-    if not 0.0 <= low <= high <= 1.0:
-      raise ValueError(f"guidance_interval must be (low, high) with 0 <= low <= high <= 1, "
-                       f"got {tuple(guidance_interval)!r}")
     if method == "dopri5" and not rtol > 0:
       raise ValueError(f"rtol must be positive, got {rtol!r}")
   elif eta != 0.0 and method != "ddim":

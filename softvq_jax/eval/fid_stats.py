@@ -60,9 +60,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     acc.add(images)
     if keep_images:
       kept.append(images)
-  pool, spatial = acc.merged(str(getattr(source, "name", config.data.source)))
+  source_name = str(getattr(source, "name", config.data.source))
+  pool, spatial = acc.merged(source_name)
   info = {"path": path, "num_images": int(pool.count), "image_size": size,
-          "source": str(getattr(source, "name", config.data.source)),
+          "source": source_name,
           "with_images": keep_images, "seconds": round(time.time() - start, 1)}
   if jax.process_index() == 0:
     with fs.staged_file(path, ".npz") as tmp:  # np.savez appends .npz to other names

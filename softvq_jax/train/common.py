@@ -53,6 +53,11 @@ def check_run_settings(config: ml_collections.ConfigDict, *, steps_from_epochs: 
     if problem:
       problems.append(problem)
 
+  def one_of(name: str, allowed) -> None:
+    value = lookup(name)
+    if value is not missing and value not in allowed:
+      problems.append(f"{name}={value!r} must be one of {tuple(allowed)}")
+
   integer("global_batch_size", 1)
   integer("log_every", 1)
   integer("ckpt_every", 1)
@@ -67,22 +72,17 @@ def check_run_settings(config: ml_collections.ConfigDict, *, steps_from_epochs: 
                       "is 0")
   else:
     integer("total_steps", 1)
-  if config.get("dtype", "float32") not in COMPUTE_DTYPES:
-    problems.append(f"dtype={config.dtype!r} must be one of {tuple(COMPUTE_DTYPES)}")
+  one_of("dtype", COMPUTE_DTYPES)
   if "ema_decay" in config and not (isinstance(config.ema_decay, (int, float))
                                     and 0.0 <= config.ema_decay <= 1.0):
     problems.append(f"ema_decay={config.ema_decay!r} must lie in [0, 1]")
-  if config.get("encoder_init", "random") not in ENCODER_INITS:
-    problems.append(f"encoder_init={config.encoder_init!r} must be one of {ENCODER_INITS}")
+  one_of("encoder_init", ENCODER_INITS)
   integer("sample.num", 1, " (the images of each sample grid)")
   integer("sample.num_steps", 1)
   integer("diffusion.num_steps", 1)
-  for name, allowed in (("transport.path", paths.PATHS),
-                        ("transport.weighting", paths.WEIGHTINGS),
-                        ("diffusion.noise_schedule", diffusion.SCHEDULES)):
-    value = lookup(name)
-    if value is not missing and value not in allowed:
-      problems.append(f"{name}={value!r} must be one of {allowed}")
+  one_of("transport.path", paths.PATHS)
+  one_of("transport.weighting", paths.WEIGHTINGS)
+  one_of("diffusion.noise_schedule", diffusion.SCHEDULES)
   integer("model.num_classes", 1)
   integer("data.num_classes", 1)
   problems += _mesh_problems(config.get("mesh", (("data", -1),)))
