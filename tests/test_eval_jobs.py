@@ -292,3 +292,35 @@ def test_eval_jobs_never_replace_an_earlier_result_unasked(tmp_path, job, arg, o
     config.overwrite = True
     with pytest.raises(FileNotFoundError, match="config.samples none.npz does not exist"):
       module.run(config, str(workdir))
+
+
+@pytest.mark.parametrize("job", ["eval_recon", "reconstruct"])
+def test_an_overwriting_run_stopped_while_writing_leaves_no_older_file_beside_its_own(
+    tmp_path, tokenizer_dir, job, monkeypatch):
+  """overwrite=True replaces the whole set: stopped after its first file, the run leaves that
+  file alone, not beside the earlier run's others (a metrics.json of another run)."""
+  module = importlib.import_module(f"softvq_jax.eval.{job}")
+  arg = (f"tokenizer_dir={tokenizer_dir},source=skimage,max_images=2,rfid=false,lpips=false"
+         if job == "eval_recon" else None)
+  config = load_config(job).get_config(arg)
+  config.tokenizer_dir, config.overwrite = str(tokenizer_dir), True
+  for name in module.OUTPUTS:
+    (tmp_path / name).write_text("earlier")
+  written = []
+  save_png = module.save_png
+
+  def save_then_stop(path, image):
+    save_png(path, image)
+    written.append(pathlib.Path(path).name)
+    raise KeyboardInterrupt  # stopped right after the first file of the new set
+
+  monkeypatch.setattr(module, "save_png", save_then_stop)
+  with pytest.raises(KeyboardInterrupt):
+    module.run(config, str(tmp_path))
+  left = sorted(p.name for p in tmp_path.iterdir())
+  assert left == written == ["reconstructions.png"]
+  assert (tmp_path / "reconstructions.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  monkeypatch.setattr(module, "save_png", save_png)
+  metrics = module.run(config, str(tmp_path))  # the rerun writes the whole set
+  assert sorted(p.name for p in tmp_path.iterdir()) == sorted(module.OUTPUTS)
+  assert json.loads((tmp_path / "metrics.json").read_text())["num_images"] == metrics["num_images"]

@@ -127,12 +127,15 @@ class ReconstructionMetrics:
     return out
 
 
+OUTPUTS = ("metrics.json", "reconstructions.png")
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   from softvq_jax.data.pipeline import host_shard, image_pipeline  # pylint: disable=g-import-not-at-top
   if not config.get("tokenizer_dir"):
     raise ValueError("config.tokenizer_dir is required: a converted or trained tokenizer "
                      "directory (Tokenizer.save / python -m softvq_jax.convert)")
-  job_utils.refuse_earlier_outputs(config, workdir, "metrics.json", "reconstructions.png")
+  job_utils.refuse_earlier_outputs(config, workdir, *OUTPUTS)
   fs.makedirs(workdir)
   mesh = None
   if jax.local_device_count() > 1 and jax.process_count() == 1:
@@ -165,11 +168,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   result.update(seconds=round(time.time() - start, 1), tokenizer_dir=config.tokenizer_dir,
                 source=str(getattr(source, "name", config.data.source)),
                 image_size=tok.image_size)
-  job_utils.write_metrics(workdir, result)
+  job_utils.clear_earlier_outputs(workdir, *OUTPUTS)
   if shown and jax.process_index() == 0:
     originals = np.concatenate([s[0] for s in shown])[:16]
     recons = np.concatenate([s[1] for s in shown])[:16]
     save_png(os.path.join(workdir, "reconstructions.png"), make_grid([originals, recons]))
+  job_utils.write_metrics(workdir, result)  # last: a metrics.json marks a whole set
   logging.info("rFID %s, PSNR %.3f dB, SSIM %.4f (reference's data_range=2: %.4f), LPIPS %s "
                "over %d images", _fmt(result.get("rfid")), result["psnr"], result["ssim"],
                result["ssim_reference_dr2"], _fmt(result.get("lpips")), result["num_images"])

@@ -78,6 +78,20 @@ def refuse_earlier_outputs(config: ml_collections.ConfigDict, workdir: str, *nam
                           "another workdir or pass --config.overwrite=True to replace them")
 
 
+def clear_earlier_outputs(workdir: str, *names: str) -> None:
+  """Removes an earlier run's ``names`` (present only under ``overwrite=True``) just before a
+  new set is written, so that a run stopped while writing leaves part of its own set, never
+  its files beside an older run's. Called after the work, so a failed run keeps the old set."""
+  import jax  # pylint: disable=g-import-not-at-top
+  if jax.process_index() != 0:
+    return
+  for name in names:
+    path = os.path.join(workdir, name)
+    if fs.exists(path):
+      logging.info("overwrite=True: removing the earlier run's %s", path)
+      fs.remove(path)
+
+
 def write_metrics(workdir: str, metrics: dict[str, Any], name: str = "metrics.json") -> str:
   """Writes ``metrics`` as JSON into the workdir (process 0 only), atomically."""
   import jax  # pylint: disable=g-import-not-at-top

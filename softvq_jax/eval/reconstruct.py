@@ -3,7 +3,8 @@
 Writes to the workdir: ``reconstructions.png`` (originals above their
 reconstructions), ``latents.npz`` (latents, normalised latents, image names)
 and ``metrics.json`` (PSNR on uint8 round-tripped images, code usage). A workdir holding
-any of them is refused unless ``overwrite=True``.
+any of them is refused unless ``overwrite=True``, which replaces the whole set (the earlier
+files go before the first new one is written; ``metrics.json`` comes last).
 """
 
 from __future__ import annotations
@@ -112,6 +113,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     mean = prob_sums / prob_sums.sum(axis=-1, keepdims=True)
     perplexity = np.exp(-np.sum(mean * np.log(mean + 1e-10), axis=-1))
     metrics["codebook_perplexity"] = [float(v) for v in perplexity]
+  job_utils.clear_earlier_outputs(workdir, *OUTPUTS)  # metrics.json, written last, marks a whole set
   save_png(os.path.join(workdir, "reconstructions.png"), make_grid([originals_u8, recons_u8]))
   with fs.staged_file(os.path.join(workdir, "latents.npz"), ".npz") as tmp:
     np.savez(tmp, latents=latents, normalized=np.asarray(tok.normalize(latents)),
