@@ -124,6 +124,7 @@ def tokenizer_recipe(name: str, arg: str | None) -> ml_collections.ConfigDict:
   c.data.horizontal_flip = True
   c.global_batch_size = 256
   c.total_epochs = 50
+  c.total_steps = 0                  # 0: total_epochs of the data; > 0 overrides them
 
   c.optim = ml_collections.ConfigDict()
   c.optim.name = "adam"

@@ -413,3 +413,18 @@ def test_step_counts_follow_each_trainer(tmp_path):
   sit.data.num_classes = 0
   with pytest.raises(ValueError, match="data.num_classes=0 must be an integer >= 1"):
     _trainer("sit")(sit, str(tmp_path / "sit"))
+
+
+TRAINING_CONFIGS = sorted(p.stem for p in (ROOT / "configs").glob("*.py")
+                          if p.stem.startswith(("softvq_", "maetok_", "sit_", "dit_")))
+
+
+@pytest.mark.parametrize("name", TRAINING_CONFIGS)
+def test_every_training_config_takes_a_step_count_by_flag(name):
+  """``--config.total_steps=N`` shortens any training run: the field exists in the locked
+  config the flag writes into (the tokenizer recipes count epochs, 0 = from them)."""
+  config = load_config(name)
+  config.lock()
+  assert config.total_steps >= 0
+  config.total_steps = 100
+  assert config.total_steps == 100
