@@ -38,7 +38,8 @@ Protocol (the same for every measurement):
   inside one compiled program, CFG (batch doubled) when ``--cfg`` > 1, then the
   tokenizer decoder (``--no-decode`` excludes it). A DiT ``--generator`` takes
   ``--steps`` deterministic DDIM steps instead, guided as the reference's
-  ``forward_with_cfg``, and trains on the diffusion loss. The 256-token baseline
+  ``forward_with_cfg``; as the ``--model`` of ``--what train`` a DiT trains on the
+  diffusion loss. The 256-token baseline
   ``sdvae_f8`` is SiT-XL/2 on a 32x32x4 latent (the same matmuls as SiT-XL/1 on
   256 tokens of width 16) followed by a decoder with the SD-VAE layer shapes.
 - Memory: ``program_memory_bytes``, what the compiled program needs per device (arguments,
@@ -179,10 +180,10 @@ def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
                       "(SiT-XL, DiT-XL, ...) or sdvae_f8 for the 256-token pipeline baseline")
   p.add_argument("--batch", default="8", help="comma-separated batch sizes")
   p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-  p.add_argument("--size", type=int, default=0, help="image size override (tokenizer/pipeline)")
-  p.add_argument("--tokens", type=int, default=64, help="SiT tokens (--what sit/train)")
-  p.add_argument("--channels", type=int, default=32, help="SiT token width (--what sit/train)")
-  p.add_argument("--generator", default="SiT-XL", help="generator of the pipeline/train")
+  p.add_argument("--size", type=int, default=0, help="image size override (tokenizer, pipeline; train/memory of a tokenizer)")
+  p.add_argument("--tokens", type=int, default=64, help="generator tokens (sit; train/memory of a generator)")
+  p.add_argument("--channels", type=int, default=32, help="generator token width (sit; train/memory of a generator)")
+  p.add_argument("--generator", default="SiT-XL", help="generator of the pipeline (--what sit/train/memory take theirs in --model)")
   p.add_argument("--steps", type=int, default=50, help="sampler steps (pipeline)")
   p.add_argument("--cfg", type=float, default=1.0, help="CFG scale (pipeline); > 1 doubles the batch")
   p.add_argument("--no-decode", dest="decode", action="store_false",
@@ -276,6 +277,14 @@ def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
   if args.model is None:
     sit = args.what == "sit" or (args.what == "kernels" and args.program == "sit")
     args.model = "SiT-XL" if sit else "softvq_b64"
+  if args.what in _TRAINING:
+    # train and memory read the flags of the model kind they are given.
+    generator = args.model.startswith(("SiT", "DiT"))
+    unread = sorted(f for f in (("--size",) if generator else ("--tokens", "--channels"))
+                    if f in given)
+    if unread:
+      p.error(f"{', '.join(unread)}: not read for --model {args.model} (a "
+              f"{'generator' if generator else 'tokenizer'}) by --what {args.what}")
   try:
     args.batches = [int(b) for b in args.batch.split(",")]
   except ValueError:

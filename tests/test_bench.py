@@ -216,6 +216,10 @@ def test_bad_arguments_are_named(capsys):
       (["--what", "sit", "--steps", "3", "--cfg", "4"], "--cfg, --steps: not read by --what sit"),
       (["--what", "kernels", "--tokens", "8"], "--tokens: not read by --what kernels --program "
                                                "encode"),
+      (["--what", "train", "--model", "SiT-XL", "--size", "512"],
+       "--size: not read for --model SiT-XL (a generator) by --what train"),
+      (["--what", "memory", "--devices", "4", "--tokens", "32", "--channels", "16"],
+       "--channels, --tokens: not read for --model softvq_b64 (a tokenizer) by --what memory"),
   ):
     with pytest.raises(SystemExit):
       bench._parse_args(argv)  # pylint: disable=protected-access
