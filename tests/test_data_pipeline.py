@@ -284,6 +284,22 @@ def test_skimage_photo_crops():
   assert batch["image"].shape == (4, 32, 32, 3)
 
 
+def test_the_photo_classes_are_eight_different_photos():
+  """Each label of the photo source, and each image of the photo jobs, is its own photo."""
+  from softvq_jax.data.photos import skimage_photos  # pylint: disable=g-import-not-at-top
+  src = sources.SkimagePhotosSource(num_examples=8)
+  assert len(src.photos) == len(set(src.classes)) == 8
+  shapes = [p.shape for p in src.photos]
+  for i in range(8):
+    for j in range(i):
+      assert shapes[i] != shapes[j] or not np.array_equal(src.photos[i], src.photos[j]), \
+          (src.classes[i], src.classes[j])
+  images, names = skimage_photos(16)
+  assert names == list(src.classes)
+  distance = np.mean((images[:, None] - images[None]) ** 2, axis=(2, 3, 4))
+  assert np.min(distance + np.eye(8)) > 0.01
+
+
 def test_tfds_source_reads_undecoded_images(monkeypatch):
   tfds = pytest.importorskip("tensorflow_datasets")
   import io  # pylint: disable=g-import-not-at-top

@@ -258,17 +258,12 @@ class SkimagePhotosSource:
 
   def __init__(self, num_examples: int = 256, crop_fraction: tuple[float, float] = (0.4, 1.0),
                seed: int = 0):
-    from skimage import data as skdata  # pylint: disable=g-import-not-at-top
-
-    from softvq_jax.data.photos import SKIMAGE_PHOTOS  # pylint: disable=g-import-not-at-top
+    from softvq_jax.data.photos import SKIMAGE_PHOTOS, load_photo  # pylint: disable=g-import-not-at-top
     photos, names = [], []
     for name in SKIMAGE_PHOTOS:
-      loader = getattr(skdata, name, None)
-      if loader is None:
-        continue
-      image = np.asarray(loader())
-      if image.ndim == 3 and image.shape[-1] == 3:
-        photos.append(image.astype(np.uint8))
+      image = load_photo(name)
+      if image is not None:
+        photos.append(image)
         names.append(name)
     if not photos:
       raise RuntimeError("scikit-image ships none of the expected photos")
