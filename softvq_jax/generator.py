@@ -132,8 +132,8 @@ class Generator(LoadedModel):
 
   Args:
     model: a ``SiT`` (``config.kind`` says SiT or DiT) holding the weights.
-    dtype: compute dtype, ``"float32"`` (default) or ``"bfloat16"``; parameters,
-      norms, softmax, the residual stream and the sampler state stay float32.
+    dtype: compute dtype, ``"float32"`` (default), ``"bfloat16"`` or ``"float16"``;
+      parameters, norms, softmax, the residual stream and the sampler state stay float32.
       With bfloat16 the compiled programs read a bfloat16 copy of the matmul
       weights, made once here (``state`` keeps float32); on GPUs with separate
       q/k/v matmuls (``layers.INFERENCE_FORMS``; the same function).
@@ -170,7 +170,8 @@ class Generator(LoadedModel):
 
   # --------------------------------------------------------------- inference
   def __call__(self, x, t, y) -> jax.Array:
-    """One network evaluation: SiT velocity ``(B, T, C)``; DiT ``[eps | v]`` ``(B, T, 2C)``."""
+    """One network evaluation: SiT velocity ``(B, T, C)``; DiT ``eps`` ``(B, T, C)``, or
+    ``[eps | v]`` ``(B, T, 2C)`` with ``learn_sigma`` (the released DiTs)."""
     x = self._check_latents(x, "x")
     n = x.shape[0]
     t = jnp.broadcast_to(jnp.asarray(t), (n,))

@@ -79,8 +79,8 @@ class Tokenizer(LoadedModel):
 
   Args:
     model: a ``TokenizerModel`` holding the weights.
-    dtype: compute dtype, ``"float32"`` (default) or ``"bfloat16"``; parameters,
-      norms, softmax and the SoftVQ logits stay float32. With bfloat16 the
+    dtype: compute dtype, ``"float32"`` (default), ``"bfloat16"`` or ``"float16"``;
+      parameters, norms, softmax and the SoftVQ logits stay float32. With bfloat16 the
       compiled programs read a bfloat16 copy of the matmul weights, made once
       here (``state`` and ``save`` keep float32); on GPUs that copy is in the
       inference forms of ``layers.INFERENCE_FORMS`` (LayerScale folded into the
@@ -124,7 +124,9 @@ class Tokenizer(LoadedModel):
     """``(B, H, W, 3)`` float images in [-1, 1] -> latents ``(B, L, d)`` (float32).
 
     With ``return_info=True`` also returns a dict with ``h`` (the pre-bottleneck
-    latents) and, for SoftVQ, ``probs`` and per-codebook ``usage``/``perplexity``.
+    latents) and, for SoftVQ, ``probs`` ``(B, L, K)``, per-codebook ``usage`` and
+    ``perplexity`` ``(G,)``, and the batch scalars ``avg_probs``, ``max_probs`` and
+    ``zq_z_cos`` (``quantizers.code_usage``).
     """
     images = self._check_images(images)
     images, n = self._shard_batch(images)
