@@ -12,7 +12,7 @@ Measured on 2 CPU cores: tokenizer MSE about 0.08 after 2000 steps, held-out PSN
 and SSIM 0.56-0.58 on 512 test images (`2_reconstruct`), SiT loss from 2.6-2.9 (step 100) to
 1.1-1.3 (step 1000) over the recent runs (each run is deterministic, but training amplifies
 rounding-level changes between code versions), samples that look like garments (rows are
-classes); 3 to 6 minutes in all, depending on the host (2 min 56 s and 4 min 37 s on the last
+classes); 3 to 5 minutes in all, depending on the host (2 min 50 s and 4 min 37 s on the last
 two runs).
 `summary.json` in the workdir has every number and each stage's wall time.
 """

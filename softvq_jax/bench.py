@@ -1254,7 +1254,11 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
   elif args.what == "kernels":
     lines = bench_kernels(args)
   else:
-    on_cpu = jax.devices()[0].platform == "cpu"
+    platform = jax.devices()[0].platform
+    if layers.attention_implementation() == "cudnn" and platform != "gpu":
+      raise SystemExit(f"--attention cudnn needs an NVIDIA GPU; this process runs on {platform} "
+                       "(auto and xla run everywhere)")
+    on_cpu = platform == "cpu"
     size = args.matmul_size or (2048 if on_cpu else 8192)
     matmul = matmul_rate(args.dtype, size, args.repeats)
     if args.what == "matmul":

@@ -10,6 +10,7 @@ from flax import nnx
 from conftest import jaxpr_equations, run_bench
 
 from softvq_jax import bench
+from softvq_jax.models import layers
 from softvq_jax.models.layers import Block
 from softvq_jax.models.sdvae_decoder import SDVAEDecoder
 
@@ -234,6 +235,13 @@ def test_bad_arguments_are_named(capsys):
     bench.main(["--what", "train", "--topology", "v5e:2x2"])
   with pytest.raises(SystemExit, match="'SiT-XL/2'.*patch size 1"):
     bench.main(["--what", "sit", "--model", "SiT-XL/2", "--matmul_size", "64", "--repeats", "1"])
+  with pytest.raises(SystemExit, match="--attention cudnn needs an NVIDIA GPU; this process "
+                                       "runs on cpu"):
+    try:
+      bench.main(["--what", "sit", "--tiny", "--attention", "cudnn", "--matmul_size", "64",
+                  "--repeats", "1"])
+    finally:
+      layers.set_attention_implementation(None)  # the bench set it for this process
   with pytest.raises(SystemExit, match="unknown tokenizer"):
     bench.main(["--what", "tokenizer", "--model", "softvq_q99", "--matmul_size", "64",
                 "--repeats", "1"])

@@ -351,6 +351,21 @@ def test_refused_cudnn_attention_is_logged_once_per_shape(caplog, monkeypatch):
   assert len(messages) == 1 and "(1, 9, 2, 8)" in messages[0]
 
 
+def test_forced_cudnn_attention_off_a_gpu_is_refused_by_name(monkeypatch):
+  """attention "cudnn" is a GPU kernel: elsewhere it is named, not JAX's internal error."""
+  monkeypatch.setenv("SOFTVQ_ATTENTION", "cudnn")
+  layers.set_attention_implementation(None)
+  q = jnp.ones((1, 9, 2, 8), jnp.bfloat16)
+  try:
+    with pytest.raises(ValueError, match="'cudnn' needs an NVIDIA GPU; this program compiles "
+                                         "for cpu"):
+      with layers.compiling_for("cpu"):
+        jax.eval_shape(lambda a: layers.dot_product_attention(a, a, a), q)
+  finally:
+    monkeypatch.delenv("SOFTVQ_ATTENTION")
+    layers.set_attention_implementation(None)
+
+
 @pytest.mark.skipif(jax.default_backend() != "gpu",
                     reason="runs cuDNN: needs an NVIDIA GPU and JAX_PLATFORMS=cuda")
 def test_odd_length_cudnn_training_attention_on_a_gpu():

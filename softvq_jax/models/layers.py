@@ -327,6 +327,9 @@ def dot_product_attention(q: Array, k: Array, v: Array, *, precision=None) -> Ar
           reason = padded_error
       _log_attention_fallback(q, reason)
     impl = "xla"
+  if impl == "cudnn" and compile_target() != "gpu":
+    raise ValueError(f"attention implementation 'cudnn' needs an NVIDIA GPU; this program "
+                     f"compiles for {compile_target()} (auto and xla run everywhere)")
   return jax.nn.dot_product_attention(q, k, v, implementation=impl)
 
 

@@ -250,9 +250,10 @@ class AutoRematStep:
       self.policy = AUTO_REMAT_POLICY
       step = self.make_step(AUTO_REMAT_POLICY)
     logging.info("remat_policy=auto: the step without rematerialisation needs %s GiB per "
-                 "device, the budget is %s GiB; using %r",
+                 "device, %s; using %r",
                  "?" if self.needed_bytes is None else f"{self.needed_bytes / 2**30:.2f}",
-                 "unlimited" if budget is None else f"{budget / 2**30:.2f}", self.policy)
+                 "no memory budget on this platform" if budget is None
+                 else f"the budget is {budget / 2**30:.2f} GiB", self.policy)
     self._step = parallel.with_activation_sharding(step, self.mesh, self.rules)
 
 
