@@ -152,6 +152,7 @@ def _job_config(name, arg, **sampler):
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   config = module.get_config(arg)
+  config.lock()  # as the command line's --config.sampler.X=... flags meet it
   config.sampler.update(sampler)
   return config
 
@@ -161,7 +162,12 @@ def _job_config(name, arg, **sampler):
     ("sample_dit_xl_softvq_l64.py", dict(guidance_interval=(0.0, 0.5)),
      "guidance_interval: not an option of a DiT"),
     ("sample_sit_xl_softvq_b64.py", dict(method="ddpm"), "method must be one of"),
-    ("sample_dit_xl_softvq_l64.py", dict(timestep_respacing="ddimx"), "expected 'ddimN'")])
+    ("sample_dit_xl_softvq_l64.py", dict(timestep_respacing="ddimx"), "expected 'ddimN'"),
+    # The other family's options exist in both configs, so that they are refused by name.
+    ("sample_sit_xl_softvq_b64.py", dict(timestep_respacing="ddim25"),
+     "timestep_respacing: not an option of a SiT's samplers"),
+    ("sample_sit_xl_softvq_b64.py", dict(eta=0.5), "eta: not an option of a SiT's samplers"),
+    ("sample_dit_xl_softvq_l64.py", dict(path="cosine"), "path: not an option of a DiT's")])
 def test_settings_are_checked_before_anything_is_written(tmp_path, name, sampler, match):
   from softvq_jax import sample  # pylint: disable=g-import-not-at-top
   with pytest.raises(ValueError, match=match):
