@@ -58,13 +58,27 @@ def _stage(summary: dict, name: str, workdir: str, fn, produces: str | None = No
     logging.info("Stage %s already done: %s", name, summary[name])
     return summary[name]
   logging.info("=== Stage %s ===", name)
+  # The wall time of the attempts that stopped unfinished (SIGTERM, an error), so that a
+  # resumed stage reports all of its time, not its last part.
+  earlier_path = os.path.join(workdir, name, "EARLIER_ATTEMPTS.json")
+  earlier = 0.0
+  if os.path.exists(earlier_path):
+    with open(earlier_path) as f:
+      earlier = float(json.load(f)["seconds"])
   start = time.time()
-  result = dict(fn(os.path.join(workdir, name)) or {})
-  if produces is not None and not os.path.exists(produces):
-    logging.warning("Stage %s stopped before it finished (%s was not written); rerun the same "
-                    "command to resume it.", name, produces)
-    return None
-  result["seconds"] = round(time.time() - start, 1)
+  finished = False
+  try:
+    result = dict(fn(os.path.join(workdir, name)) or {})
+    if produces is not None and not os.path.exists(produces):
+      logging.warning("Stage %s stopped before it finished (%s was not written); rerun the "
+                      "same command to resume it.", name, produces)
+      return None
+    finished = True
+  finally:
+    if not finished:
+      os.makedirs(os.path.dirname(earlier_path), exist_ok=True)
+      fs.write_json_atomic(earlier_path, {"seconds": round(earlier + time.time() - start, 1)})
+  result["seconds"] = round(earlier + time.time() - start, 1)
   os.makedirs(os.path.dirname(done), exist_ok=True)
   fs.write_json_atomic(done, result)
   summary[name] = result

@@ -242,6 +242,36 @@ def test_quickstart_stage_stopped_by_a_signal_is_resumed_not_skipped(tmp_path, m
   assert not (tmp_path / "2_reconstruct").exists()
 
 
+def test_a_resumed_quickstart_stage_reports_the_time_of_every_attempt(tmp_path, monkeypatch):
+  """summary.json's stage seconds: the stopped attempts' wall time plus the finishing one's."""
+  from softvq_jax import quickstart
+  clock = [1000.0]
+  monkeypatch.setattr(quickstart.time, "time", lambda: clock[0])
+  produces = tmp_path / "1_x" / "model"
+
+  def preempted(workdir):  # checkpoints and returns without its model
+    clock[0] += 5.0
+    return {}
+
+  def failing(workdir):
+    clock[0] += 2.0
+    raise RuntimeError("an error half way")
+
+  def finishing(workdir):
+    clock[0] += 3.0
+    produces.write_text("model")
+    return {"loss": 1.0}
+
+  summary = {}
+  assert quickstart._stage(summary, "1_x", str(tmp_path), preempted, str(produces)) is None
+  with pytest.raises(RuntimeError, match="half way"):
+    quickstart._stage(summary, "1_x", str(tmp_path), failing, str(produces))
+  result = quickstart._stage(summary, "1_x", str(tmp_path), finishing, str(produces))
+  assert result == {"loss": 1.0, "seconds": 10.0} == summary["1_x"]
+  clock[0] += 100.0  # a later rerun reads the done stage, as it was
+  assert quickstart._stage({}, "1_x", str(tmp_path), finishing, str(produces))["seconds"] == 10.0
+
+
 @pytest.mark.parametrize("name", sorted(p.stem for p in (ROOT / "configs").glob("sample_*.py")))
 def test_sample_configs_name_their_tokenizer(name):
   from softvq_jax.models.sit import GeneratorConfig
