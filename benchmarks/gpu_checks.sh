@@ -62,15 +62,29 @@ bench tok-train-xla 90 --what train --model softvq_b64 --batch 32 --dtype bfloat
 bench tok-train-pallas 90 --what train --model softvq_b64 --batch 32 --dtype bfloat16 \
   --repeats 5 --adaln pallas
 
-# 5. SiT-XL training: the bfloat16 residual option, and every GEMM as a Triton fusion (which
-#    can take bias, GELU and casts), profiled.
+# 5. SiT-XL training: the bfloat16 residual option, then profiled with every GEMM as a Triton
+#    fusion (which can take bias, GELU and casts) and with Triton GEMMs off (whether cuBLAS
+#    took the bias and GELU as epilogues).
 bench sit-train-bf16-residual 120 --what train --model SiT-XL --batch 256 --dtype bfloat16 \
   --repeats 5 --residual_dtype bfloat16
 XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_cublas_fallback=false" \
   bench sit-train-triton-gemms 150 --what train --model SiT-XL --batch 256 --dtype bfloat16 \
   --repeats 5 --profile "$out/profile_triton_gemms"
+XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_triton_gemm=false" \
+  bench sit-train-cublas-gemms 150 --what train --model SiT-XL --batch 256 --dtype bfloat16 \
+  --repeats 5 --profile "$out/profile_cublas_gemms"
 
-# 6. The larger tokenizer, then the remaining released ones.
+# 6. The kernels' tuning variants (short-attention tiles, late loads and warps; residual adaLN
+#    backward rows, warps and programs), forward and backward at SiT-XL's training shape.
+step kernel-sweep 150 python -m softvq_jax.kernel_sweep --out "$results"
+
+# 7. SoftVQ-B-64 inference profiled with its exact GELU and with the opt-in tanh form.
+bench tokenizer-b64-erf-profiled 90 --what tokenizer --model softvq_b64 --batch 64 \
+  --dtype bfloat16 --profile "$out/profile_tokenizer_erf"
+bench tokenizer-b64-tanh-profiled 90 --what tokenizer --model softvq_b64 --batch 64 \
+  --dtype bfloat16 --inference_gelu tanh --profile "$out/profile_tokenizer_tanh"
+
+# 8. The larger tokenizer, then the remaining released ones.
 bench tokenizer-l64 90 --what tokenizer --model softvq_l64 --batch 64 --dtype bfloat16
 bench tokenizers-all 300 --suite tokenizers
 echo "== done, $(( deadline - SECONDS ))s of the budget left" | tee -a "$log"

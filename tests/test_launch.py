@@ -367,5 +367,6 @@ def test_gpu_checks_skip_what_the_budget_cannot_hold(tmp_path):
   assert proc.returncode == 0, proc.stderr
   log = (tmp_path / "out" / "log.txt").read_text()
   skipped = [line.split()[1].rstrip(":") for line in log.splitlines() if "skipped" in line]
-  assert skipped[:3] == ["gpu-tests", "sit-train", "tokenizer-b64"] and len(skipped) == 9
+  assert skipped[:3] == ["gpu-tests", "sit-train", "tokenizer-b64"] and len(skipped) == 13
+  assert "kernel-sweep" in skipped and "tokenizer-b64-tanh-profiled" in skipped
   assert "rc " not in log and not (tmp_path / "out" / "gpu.jsonl").exists()
