@@ -39,7 +39,7 @@ def test_every_variant_runs_the_kernel_and_matches_the_default(tmp_path, capsys)
     assert str(jax.make_jaxpr(step)(*args)).count("pallas_call") == 2  # forward and backward
 
 
-def test_a_variant_that_computes_otherwise_shows_in_its_line(monkeypatch):
+def test_a_variant_that_computes_otherwise_shows_in_its_line():
   reference = (jax.numpy.ones((2, 3)),)
   assert kernel_sweep._relative_difference((reference[0] * 1.5,), reference) == pytest.approx(0.5)
 
