@@ -385,13 +385,13 @@ def sample_recipe(kind: str, tokenizer: str, arg: str | None) -> ml_collections.
   if kind == "sit":
     c.sampler = ml_collections.ConfigDict(dict(
         method="euler_maruyama", num_steps=250, cfg_scale=1.75, guidance_interval=(0.0, 0.7),
-        path="cosine", noise_schedule="", eta=0.0, timestep_respacing=""))
+        path="cosine", rtol=1e-3, noise_schedule="", eta=0.0, timestep_respacing=""))
   else:
     # noise_schedule "": the one the DiT was trained with (its config.json; the released
     # DiTs: cosine). timestep_respacing (e.g. "ddim25", "10,15,20") replaces num_steps.
     c.sampler = ml_collections.ConfigDict(dict(
         method="ddpm", num_steps=250, cfg_scale=1.75, guidance_interval=(0.0, 1.0),
-        path="linear", noise_schedule="", eta=0.0, timestep_respacing=""))
+        path="linear", rtol=1e-3, noise_schedule="", eta=0.0, timestep_respacing=""))
   if args.runlocal:
     c.tokenizer.update(image_size=64, num_latent_tokens=16, codebook_size=256,
                        encoder_kwargs=dict(TINY_VIT), decoder_kwargs=dict(TINY_VIT))

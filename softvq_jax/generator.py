@@ -101,6 +101,8 @@ def _check_sampler_options(sit: bool, *, num_steps, guidance_interval, path, eta
                        f"got {interval!r}")
     if method == "dopri5" and not rtol > 0:
       raise ValueError(f"rtol must be positive, got {rtol!r}")
+    if method != "dopri5" and rtol != 1e-3:
+      raise ValueError(f"rtol is a dopri5 option; method {method!r} does not take it")
   elif eta != 0.0 and method != "ddim":
     raise ValueError(f"eta is a DDIM option; method {method!r} does not take it")
 

@@ -64,6 +64,8 @@ def sampler_options(sampler: ml_collections.ConfigDict, gen: Generator) -> dict:
     options["guidance_interval"] = tuple(sampler.get("guidance_interval", (0.0, 1.0)))
   if sampler.get("path", "linear") != "linear" or gen.kind == "sit":
     options["path"] = sampler.get("path", "linear")
+  if sampler.get("rtol", 1e-3) != 1e-3 or sampler.method == "dopri5":
+    options["rtol"] = sampler.get("rtol", 1e-3)  # dopri5's tolerance
   if gen.kind == "dit" or sampler.get("eta", 0.0):
     options["eta"] = sampler.get("eta", 0.0)
   # Empty: the schedule the DiT was trained with (its config.json).
@@ -109,6 +111,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       compared = {k: v for k, v in settings.items() if k in shared}
     else:
       compared = settings
+      if "rtol" not in previous and compared.get("rtol") == 1e-3:
+        previous = {**previous, "rtol": 1e-3}  # recorded since; dopri5 ran at 1e-3 before
     if previous != compared:
       diffs = "; ".join(f"{k}: {previous.get(k)!r} there, {compared.get(k)!r} now"
                         for k in sorted(set(previous) | set(compared))

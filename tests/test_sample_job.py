@@ -167,7 +167,10 @@ def _job_config(name, arg, **sampler):
     ("sample_sit_xl_softvq_b64.py", dict(timestep_respacing="ddim25"),
      "timestep_respacing: not an option of a SiT's samplers"),
     ("sample_sit_xl_softvq_b64.py", dict(eta=0.5), "eta: not an option of a SiT's samplers"),
-    ("sample_dit_xl_softvq_l64.py", dict(path="cosine"), "path: not an option of a DiT's")])
+    ("sample_dit_xl_softvq_l64.py", dict(path="cosine"), "path: not an option of a DiT's"),
+    ("sample_dit_xl_softvq_l64.py", dict(rtol=1e-5), "rtol: not an option of a DiT's"),
+    ("sample_sit_xl_softvq_b64.py", dict(rtol=1e-5), "rtol is a dopri5 option; method "
+                                                     "'euler_maruyama' does not take it")])
 def test_settings_are_checked_before_anything_is_written(tmp_path, name, sampler, match):
   from softvq_jax import sample  # pylint: disable=g-import-not-at-top
   with pytest.raises(ValueError, match=match):
@@ -216,3 +219,16 @@ def test_a_workdir_of_the_earlier_settings_format_resumes(tmp_path):
     sample.run(config(3), str(old))
   assert sample.run(config(2), str(old))["num_samples"] == 2
   assert json.loads((old / "sampling.json").read_text()) == settings
+
+
+def test_sit_job_takes_the_dopri5_tolerance(tmp_path):
+  from softvq_jax import sample  # pylint: disable=g-import-not-at-top
+  config = _job_config("sample_sit_xl_softvq_b64.py", "runlocal,num_samples=2", method="dopri5",
+                       rtol=1e-2)
+  config.save_pngs = False
+  sample.run(config, str(tmp_path))
+  settings = json.loads((tmp_path / "sampling.json").read_text())
+  assert (settings["method"], settings["rtol"]) == ("dopri5", 1e-2)
+  config.sampler.rtol = 1e-4  # other samples: not mixed into this workdir
+  with pytest.raises(ValueError, match="rtol: 0.01 there, 0.0001 now"):
+    sample.run(config, str(tmp_path))
