@@ -125,6 +125,7 @@ def tokenizer_recipe(name: str, arg: str | None) -> ml_collections.ConfigDict:
   c.global_batch_size = 256
   c.total_epochs = 50
   c.total_steps = 0                  # 0: total_epochs of the data; > 0 overrides them
+  c.max_skipped = 100                # different undecodable training images tolerated
 
   c.optim = ml_collections.ConfigDict()
   c.optim.name = "adam"

@@ -458,3 +458,6 @@ def test_every_training_config_takes_a_step_count_by_flag(name):
   assert config.total_steps >= 0
   config.total_steps = 100
   assert config.total_steps == 100
+  if name.startswith(("softvq_", "maetok_")):  # image trainers: undecodable images tolerated
+    config.max_skipped = 1000
+    assert config.max_skipped == 1000

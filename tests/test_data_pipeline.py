@@ -365,6 +365,28 @@ def test_no_tensorflow_import():
   subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120)
 
 
+def test_one_corrupt_file_skipped_every_epoch_counts_once_against_max_skipped(odd_folder):
+  """A long run sees the training set's one unreadable file once per epoch: max_skipped
+  bounds the different images, so 12 epochs pass under max_skipped=1, and the count of
+  different images survives a resume."""
+  root, _ = odd_folder
+  src = sources.ImageFolderSource(str(root))
+  kw = dict(batch_size=3, image_size=32, seed=1, num_epochs=12, shard_index=0, shard_count=1,
+            num_threads=1, max_skipped=1)
+  it = iter(pipeline.image_pipeline(src, **kw))
+  first = take(it, 6)  # three epochs of 6 readable images
+  state = it.get_state()
+  assert state["distinct_skipped"] == ["cat/broken.jpg"] and state["num_skipped"] == 3
+  rest = list(it)
+  assert len(first) + len(rest) == 24 and it.num_skipped == 12
+  resumed = iter(pipeline.image_pipeline(src, **kw))
+  resumed.set_state(state)
+  assert resumed.distinct_skipped == {"cat/broken.jpg"}
+  assert_batches_equal(list(resumed), rest)
+  with pytest.raises(RuntimeError, match=r"1 different images .* more than max_skipped=0"):
+    list(pipeline.image_pipeline(src, **dict(kw, max_skipped=0)))
+
+
 def test_worker_processes_match_threads_and_count_skips(odd_folder):
   from absl import flags  # pylint: disable=g-import-not-at-top
   if not flags.FLAGS.is_parsed():

@@ -116,21 +116,28 @@ class _SkipAndBatchIterator(grain.DatasetIterator):
     super().__init__(parent)
     self._batch_size, self._drop_remainder = batch_size, drop_remainder
     self._max_skipped, self._source_name, self._finalize = max_skipped, source_name, finalize
-    self.num_skipped = 0
+    self.num_skipped = 0  # skips, one per epoch for an image that never decodes
+    # The different images skipped, which max_skipped bounds: one unreadable file of a
+    # training set is skipped again every epoch, and must not end a long run.
+    self.distinct_skipped: set[str] = set()
     self._in_a_row = 0
     self.skipped_names: list[str] = []  # the most recent few, for the error message
 
   def _note_skip(self, skipped: Skipped) -> None:
     self.num_skipped += 1
     self._in_a_row += 1
-    self.skipped_names = (self.skipped_names + [f"{skipped.name} ({skipped.reason})"])[-5:]
-    logging.warning("Skipping undecodable image %s in %s: %s (%d skipped so far)", skipped.name,
-                    self._source_name, skipped.reason, self.num_skipped)
-    if self._max_skipped is not None and self.num_skipped > self._max_skipped:
+    first_time = skipped.name not in self.distinct_skipped
+    self.distinct_skipped.add(skipped.name)
+    if first_time:
+      self.skipped_names = (self.skipped_names + [f"{skipped.name} ({skipped.reason})"])[-5:]
+    log = logging.warning if first_time else logging.info
+    log("Skipping undecodable image %s in %s: %s (%d different images skipped so far)",
+        skipped.name, self._source_name, skipped.reason, len(self.distinct_skipped))
+    if self._max_skipped is not None and len(self.distinct_skipped) > self._max_skipped:
       raise RuntimeError(
-          f"{self.num_skipped} images of {self._source_name} could not be decoded, more than "
-          f"max_skipped={self._max_skipped}; the last: {'; '.join(self.skipped_names)}. Remove or "
-          "repair them, or raise max_skipped.")
+          f"{len(self.distinct_skipped)} different images of {self._source_name} could not be "
+          f"decoded, more than max_skipped={self._max_skipped}; the last: "
+          f"{'; '.join(self.skipped_names)}. Remove or repair them, or raise max_skipped.")
     if self._in_a_row >= MAX_SKIPPED_IN_A_ROW:
       # Without this, an unreadable dataset repeated forever would spin silently.
       raise RuntimeError(f"{self._in_a_row} images in a row of {self._source_name} could not be "
@@ -144,7 +151,7 @@ class _SkipAndBatchIterator(grain.DatasetIterator):
       except StopIteration:
         if self.num_skipped:
           logging.warning("%s: end of data; %d undecodable images were skipped",
-                          self._source_name, self.num_skipped)
+                          self._source_name, len(self.distinct_skipped))
         break
       if isinstance(element, Skipped):
         self._note_skip(element)
@@ -156,11 +163,14 @@ class _SkipAndBatchIterator(grain.DatasetIterator):
     return self._finalize(stack_examples(examples))
 
   def get_state(self) -> dict[str, Any]:
-    return {"parent": self._parent.get_state(), "num_skipped": self.num_skipped}
+    return {"parent": self._parent.get_state(), "num_skipped": self.num_skipped,
+            "distinct_skipped": sorted(self.distinct_skipped)}
 
   def set_state(self, state: dict[str, Any]) -> None:
     self._parent.set_state(state["parent"])
     self.num_skipped = int(state.get("num_skipped", 0))
+    # States saved before the names were kept count skips only.
+    self.distinct_skipped = set(state.get("distinct_skipped", ()))
 
 
 class SkipAndBatch(grain.IterDataset):

@@ -448,6 +448,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                              seed=config.seed, min_resize=config.data.get("min_resize"),
                              max_resize=config.data.get("max_resize"),
                              flip=config.data.get("horizontal_flip", True),
+                             max_skipped=config.get("max_skipped", 100),
                              image_dtype="uint8"))  # the step maps them to [-1, 1]
   replicated = jax.sharding.NamedSharding(parallel.auto_mesh(mesh), jax.sharding.PartitionSpec())
   frozen_states = jax.device_put(setup.frozen_states, replicated)
