@@ -192,6 +192,25 @@ def test_runlocal_recipe_trains_on_a_cache_given_by_flag(tok, cache):
   assert tuple(np.round(raw.ravel()[:4], 4)) in cached
 
 
+def test_the_generator_trainers_check_their_classes_against_the_cache(tok, cache, caplog):
+  """The cache records its source's class count (7 here): a generator with fewer classes is
+  refused before it trains, one with more is warned of the classes no example teaches."""
+  from softvq_jax.config_lib import sit_recipe  # pylint: disable=g-import-not-at-top
+  from softvq_jax.train import sit_trainer  # pylint: disable=g-import-not-at-top
+  out, info = cache
+  assert info["num_classes"] == 7
+  config = sit_recipe("softvq-b-64", "runlocal")
+  config.data.cache_dir = out
+  config.global_batch_size = 4
+  with pytest.raises(ValueError, match="holds 7 classes, the generator has num_classes=5: set "
+                                       "--config.model.num_classes=7"):
+    sit_trainer.latent_data(config, tok, 5)
+  with caplog.at_level("WARNING"):
+    sit_trainer.latent_data(config, tok, 10)
+  assert any("holds 7 classes" in r.getMessage() and "classes 7 to 9 are never trained"
+             in r.getMessage() for r in caplog.records)
+
+
 def test_labels_beyond_the_generator_classes_are_refused(cache):
   """The cache holds labels 0..6; a 5-class generator would silently train label 5 as its
   unconditional row. Reading such a record names it and the class count."""

@@ -121,6 +121,14 @@ def _check_resumable(cache_dir: str, info: dict[str, Any]) -> None:
                     old.get("source"), info.get("source"))
 
 
+def _num_classes(source: Any) -> int | None:
+  classes = getattr(source, "classes", None)
+  if classes is not None:
+    return len(classes)
+  count = getattr(source, "num_classes", None)
+  return int(count) if isinstance(count, int) else None
+
+
 def write_latent_cache(tokenizer: Any, source: Any, out_dir: str, *, batch_size: int = 32,
                        examples_per_shard: int = 4096, process_index: int | None = None,
                        process_count: int | None = None, num_threads: int = 8,
@@ -145,6 +153,8 @@ def write_latent_cache(tokenizer: Any, source: Any, out_dir: str, *, batch_size:
           "image_size": size, "tokenizer": tokenizer_fingerprint(tokenizer),
           "vq_mean": float(tokenizer.config.vq_mean), "vq_std": float(tokenizer.config.vq_std),
           "source": name, "source_kind": type(source).__name__, "transform": "adm_center_crop",
+          # For the generator trainers' class-count check; None where the source does not say.
+          "num_classes": _num_classes(source),
           "compute_dtype": _dtype_name(getattr(tokenizer, "dtype", None))}
   fs.makedirs(out_dir)
   if fs.exists(os.path.join(out_dir, CACHE_INFO)):

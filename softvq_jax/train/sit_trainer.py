@@ -95,6 +95,17 @@ def _cache_iterator(config: ml_collections.ConfigDict, tok: Tokenizer, num_class
     raise ValueError(f"latent cache {config.data.cache_dir} was written with vq_mean/vq_std "
                      f"{info['vq_mean']}/{info['vq_std']}, the tokenizer has "
                      f"{tok.config.vq_mean}/{tok.config.vq_std}")
+  data_classes = info.get("num_classes")  # recorded by caches written since it was added
+  if data_classes and data_classes > num_classes:
+    raise ValueError(f"latent cache {config.data.cache_dir} holds {data_classes} classes, the "
+                     f"generator has num_classes={num_classes}: set --config.model.num_classes="
+                     f"{data_classes}")
+  if data_classes and data_classes < num_classes:
+    logging.warning("latent cache %s holds %d classes, the generator is built for "
+                    "num_classes=%d: classes %d to %d are never trained, yet class-balanced "
+                    "sampling draws them; for your own data set --config.model.num_classes=%d",
+                    config.data.cache_dir, data_classes, num_classes, data_classes,
+                    num_classes - 1, data_classes)
   logging.info("Training on %d cached latents from %s", len(source), config.data.cache_dir)
   return iter(latent_pipeline(source, batch_size=config.global_batch_size // jax.process_count(),
                               train=True, seed=config.seed, normalize=True,
