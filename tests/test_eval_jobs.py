@@ -132,6 +132,19 @@ def test_fid_stats_then_eval_gen_of_a_set_against_itself(tmp_path, features):
   assert got["precision"] == 1.0 and got["recall"] == 1.0
   want_is = fid.inception_score(feats["pool"].astype(np.float64) @ weight, split_size=3)
   np.testing.assert_allclose(got["inception_score"], want_is, rtol=1e-3)
+  assert got["warnings"] == [f"{NUM} samples: FID is biased upwards on fewer than 2048; the "
+                             "reference protocol uses 50,000"]
+  # Samples at another size than the reference's: the Inception resizes both, so it runs,
+  # and the metrics say what they compare.
+  from softvq_jax.eval import eval_gen  # pylint: disable=g-import-not-at-top
+  small = tmp_path / "small.npz"
+  np.savez(small, arr_0=skimage_images(size=SIZE // 2))
+  config = load_config("eval_gen").get_config(f"samples={small},ref={ref_path}")
+  config.inception_batch_size = 8
+  result = eval_gen.run(config, str(tmp_path / "gen_small"))
+  assert result["warnings"][0] == (f"the samples are {SIZE // 2}x{SIZE // 2}, the reference "
+                                   f"images {SIZE}x{SIZE}: make the reference at the samples' "
+                                   "size (fid_stats image_size=...)")
 
 
 def test_heldout_rfid_hook(tokenizer_dir, features):

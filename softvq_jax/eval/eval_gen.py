@@ -19,6 +19,10 @@ from absl import logging
 from softvq_jax.eval import adm, job_utils, npz
 
 
+# The Inception pool features are 2,048-wide: fewer samples leave their covariance singular.
+MIN_SAMPLES_FOR_STABLE_FID = 2048
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   for key in ("samples", "ref"):
     if not config.get(key, ""):
@@ -29,15 +33,26 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if jax.process_count() > 1:
     logging.warning("eval_gen runs the whole evaluation on every process; run it on one host")
   job_utils.refuse_earlier_outputs(config, workdir, "metrics.json")
-  npz.check_batch(config.samples, "config.samples")
+  samples_shape = npz.check_batch(config.samples, "config.samples")
   try:
-    npz.check_batch(config.ref, "config.ref")
+    ref_shape = npz.check_batch(config.ref, "config.ref")
   except ValueError as e:
     if "holds no images" not in str(e):
       raise
     # ADM's evaluator needs the reference images too: precision/recall compare features.
     raise ValueError(f"{e}; for a reference batch made by configs/fid_stats.py pass its "
                      "`images` argument") from e
+  warnings = []
+  if ref_shape is not None and tuple(samples_shape[1:3]) != tuple(ref_shape[1:3]):
+    # The Inception resizes both to 299, so nothing fails: the numbers compare resolutions.
+    warnings.append(f"the samples are {samples_shape[1]}x{samples_shape[2]}, the reference "
+                    f"images {ref_shape[1]}x{ref_shape[2]}: make the reference at the samples' "
+                    "size (fid_stats image_size=...)")
+  if samples_shape[0] < MIN_SAMPLES_FOR_STABLE_FID:
+    warnings.append(f"{samples_shape[0]} samples: FID is biased upwards on fewer than "
+                    f"{MIN_SAMPLES_FOR_STABLE_FID}; the reference protocol uses 50,000")
+  for warning in warnings:
+    logging.warning("eval_gen: %s", warning)
   ref_stats = npz.read_reference_stats(config.ref)
   if "mu" not in ref_stats:
     logging.info("%s stores no statistics: computing them from its images", config.ref)
@@ -47,7 +62,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                          split_size=int(config.get("split_size", 5000)),
                          distance_dtype=config.get("distance_dtype", "float16"))
   results.update(seconds=round(time.time() - start, 1), samples=config.samples, ref=config.ref,
-                 logits_weight=config.get("logits_weight", ""))
+                 logits_weight=config.get("logits_weight", ""), warnings=warnings)
   job_utils.write_metrics(workdir, results)
   logging.info("FID %.4f, sFID %.4f, IS %s, precision %.4f, recall %.4f (%d samples vs %d)",
                results["fid"], results["sfid"],
