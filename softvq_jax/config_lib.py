@@ -216,6 +216,7 @@ def tokenizer_recipe(name: str, arg: str | None) -> ml_collections.ConfigDict:
     # reference's scaling rule gives batch 8 a peak of 3e-6: a few steps up to 1e-3 instead.
     c.optim.lr = 1e-3 * 256 / c.global_batch_size
     c.optim.warmup_steps = 5
+    c.ema_decay = 0.9  # 0.9999 would export the initial weights after 60 steps
     c.encoder_init = "random"
     c.dtype = "float32"
     # The whole objective on tiny random frozen networks (no weights exist offline).
@@ -346,6 +347,7 @@ def sit_recipe(tokenizer: str, arg: str | None, *, size: str = "XL") -> ml_colle
                                             num_examples=64, seed=0))
     c.global_batch_size = 8
     c.total_steps = 40
+    c.ema_decay = 0.9  # 0.9999 would export the initial weights after 40 steps
     c.dtype = "float32"
     c.log_every = 10
     c.ckpt_every = 20

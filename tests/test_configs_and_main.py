@@ -461,3 +461,22 @@ def test_every_training_config_takes_a_step_count_by_flag(name):
   if name.startswith(("softvq_", "maetok_")):  # image trainers: undecodable images tolerated
     config.max_skipped = 1000
     assert config.max_skipped == 1000
+
+
+def test_short_runs_are_warned_when_their_exported_ema_is_mostly_the_initial_weights(caplog):
+  from softvq_jax.train import common
+  with caplog.at_level("WARNING"):
+    share = common.warn_if_the_ema_stays_near_init(0.9999, 60)
+  assert share == pytest.approx(0.9999 ** 60)
+  assert "99% of the EMA weights" in caplog.text and "--config.ema_decay=0.926" in caplog.text
+  caplog.clear()
+  with caplog.at_level("WARNING"):
+    assert common.warn_if_the_ema_stays_near_init(0.9999, 400_000) < 1e-17
+  assert not caplog.records
+
+
+@pytest.mark.parametrize("name", TRAINING_CONFIGS)
+def test_runlocal_runs_export_trained_weights(name):
+  """The shrunk runs are short: their EMA must move off the random init within them."""
+  config = load_config(name, "runlocal")
+  assert config.ema_decay ** config.total_steps < 0.05

@@ -126,6 +126,18 @@ def check_batch(global_batch_size: int, mesh: jax.sharding.Mesh) -> None:
                global_batch_size // jax.process_count(), global_batch_size // shards)
 
 
+def warn_if_the_ema_stays_near_init(ema_decay: float, total_steps: int) -> float:
+  """Warns when the exported (EMA) weights would be mostly the initial ones: their share
+  after ``total_steps`` updates is ``ema_decay ** total_steps``, which is returned."""
+  share = float(ema_decay) ** max(int(total_steps), 0)
+  if share > 0.5:
+    logging.warning(
+        "ema_decay=%g over %d steps: %.0f%% of the EMA weights, which are the ones exported, "
+        "are still the random initial ones; for a run this short set --config.ema_decay=%.3g "
+        "(1%% left)", ema_decay, total_steps, 100 * share, 0.01 ** (1 / max(total_steps, 1)))
+  return share
+
+
 def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int):
   """Returns ``(tx, learning_rate_fn)``."""
   lr = optim.lr

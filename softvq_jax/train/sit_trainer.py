@@ -418,6 +418,7 @@ def prepare_training(config: ml_collections.ConfigDict, workdir: str,
                residual_dtype=residual_dtype, rngs=rngs)
 
   tx, lr_fn = common.make_optimizer(config.optim, config.total_steps)
+  common.warn_if_the_ema_stays_near_init(config.ema_decay, config.total_steps)
   rules = common.sharding_rules(config)
   try:
     common.check_resumable(ckpt, {"generator": gen_config.to_json_dict(),

@@ -438,6 +438,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   steps_per_epoch = max(len(train_source) // config.global_batch_size, 1)
   total_steps = int(config.get("total_steps", 0) or config.total_epochs * steps_per_epoch)
   setup = build_stage1(config, total_steps=total_steps, steps_per_epoch=steps_per_epoch)
+  common.warn_if_the_ema_stays_near_init(config.ema_decay, total_steps)
   tok_config = setup.tok_config
   size = tok_config.image_size
   logging.info("Training %s tokenizer on %s (%d images): %d steps; objective %s",
