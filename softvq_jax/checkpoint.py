@@ -187,7 +187,13 @@ def read_config(directory: str, family: str | None = None) -> dict[str, Any]:
   """``config.json`` of a model directory; ``family`` ("tokenizer" | "generator") is checked."""
   path = os.path.join(directory, _CONFIG)
   if not fs.isfile(path):
-    raise CheckpointError(f"{directory} has no {_CONFIG}: not a converted checkpoint directory")
+    # A trainer's workdir holds its export one level down (tokenizer/, generator/).
+    inside = [name for name in ("tokenizer", "generator")
+              if fs.isfile(os.path.join(directory, name, _CONFIG))]
+    hint = (f"; it holds a trained model in {os.path.join(directory, inside[0])}, the "
+            "trainer's export" if inside else "")
+    raise CheckpointError(f"{directory} has no {_CONFIG}: not a converted checkpoint "
+                          f"directory{hint}")
   with fs.open(path) as f:
     try:
       config = json.load(f)

@@ -168,6 +168,11 @@ def test_save_and_load_roundtrip(tok, images, tmp_path):
   np.testing.assert_array_equal(again.encode(images), tok.encode(images))
   with pytest.raises(FileExistsError):
     tok.save(str(tmp_path / "tok"))
+  # A trainer's workdir, whose export sits one level down, is named with where it is.
+  tok.save(str(tmp_path / "run" / "tokenizer"))
+  with pytest.raises(Exception, match=r"run has no config.json: not a converted checkpoint "
+                                      r"directory; it holds a trained model in .*run/tokenizer"):
+    Tokenizer.load(str(tmp_path / "run"))
 
 
 def test_softvq_is_a_convex_combination_of_normalised_codes(tok, images):

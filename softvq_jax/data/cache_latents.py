@@ -114,7 +114,7 @@ def _check_resumable(cache_dir: str, info: dict[str, Any]) -> None:
   if bad:
     diffs = "; ".join(f"{k}: cache has {old.get(k)!r}, this run {info.get(k)!r}" for k in bad)
     raise ValueError(f"latent cache {cache_dir} was written with different settings ({diffs}); "
-                     "use a new out_dir or delete the old cache")
+                     "write to another folder (extract's --workdir) or delete the old cache")
   if old.get("source") != info.get("source"):
     # Same kind of source: the data may have moved (source names hold their paths).
     logging.warning("latent cache %s was started from %s, resuming from %s", cache_dir,
