@@ -168,6 +168,20 @@ SUITE_FLAGS = ("--suite", "--out", "--tiny", "--profile", "--attention", "--gelu
                "--inference_forms", "--inference_gelu")
 
 
+def out_folder_missing(out: str) -> bool:
+  """Whether ``--out`` names a file in a folder that does not exist."""
+  return bool(out) and not os.path.isdir(os.path.dirname(os.path.abspath(out)))
+
+
+def emit(line: dict[str, Any], out: str) -> None:
+  """Prints one JSON line and, given ``out``, appends it there."""
+  text = json.dumps(line, sort_keys=True)
+  print(text, flush=True)
+  if out:
+    with open(out, "a") as f:
+      f.write(text + "\n")
+
+
 def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
   from softvq_jax import parallel  # pylint: disable=g-import-not-at-top
   from softvq_jax.models.layers import ATTENTION_IMPLEMENTATIONS  # pylint: disable=g-import-not-at-top
@@ -255,7 +269,7 @@ def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
               f"takes {', '.join(SUITE_FLAGS[1:])}")
   if args.matmul_size < 0:
     p.error(f"--matmul_size must be >= 0 (0: the platform's default), got {args.matmul_size}")
-  if args.out and not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
+  if out_folder_missing(args.out):
     # Checked now, not after the minutes of measuring that would be written there.
     p.error(f"--out {args.out}: its folder does not exist")
   kernel_flags = [f"--{name}" for name in ("program", "gpu_target", "assume_bandwidth",
@@ -1210,11 +1224,7 @@ def run_suite(args) -> list[dict[str, Any]]:
     try:
       lines += main(entry.split() + extra + kernels)
     except Exception as e:  # pylint: disable=broad-except
-      error = dict(what="error", entry=entry, error=f"{type(e).__name__}: {e}"[:2000])
-      print(json.dumps(error), flush=True)
-      if args.out:
-        with open(args.out, "a") as f:
-          f.write(json.dumps(error) + "\n")
+      emit(dict(what="error", entry=entry, error=f"{type(e).__name__}: {e}"[:2000]), args.out)
   return lines
 
 
@@ -1278,11 +1288,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     refused = layers.refused_cudnn_attention_shapes()
     if refused:
       line["cudnn_attention_refused"] = [list(shape) for shape in refused]
-    text = json.dumps(line, sort_keys=True)
-    print(text, flush=True)
-    if args.out:
-      with open(args.out, "a") as f:
-        f.write(text + "\n")
+    emit(line, args.out)
   return lines
 
 

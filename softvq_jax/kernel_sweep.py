@@ -25,8 +25,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import itertools
-import json
-import os
 import sys
 from typing import Any, Callable, Iterator, Sequence
 
@@ -157,7 +155,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
   args = p.parse_args(sys.argv[1:] if argv is None else argv)
   if args.repeats < 1 or args.warmup < 0:
     p.error(f"--repeats must be >= 1 and --warmup >= 0, got {args.repeats} and {args.warmup}")
-  if args.out and not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
+  from softvq_jax import bench  # pylint: disable=g-import-not-at-top
+  if bench.out_folder_missing(args.out):
     p.error(f"--out {args.out}: its folder does not exist")
   import jax  # pylint: disable=g-import-not-at-top
   platform = jax.devices()[0].platform
@@ -168,10 +167,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
   lines = []
   for kernel in (KERNELS if args.kernel == "all" else (args.kernel,)):
     for line in sweep(kernel, tiny=args.tiny, repeats=args.repeats, warmup=args.warmup):
-      print(json.dumps(line), flush=True)
-      if args.out:
-        with open(args.out, "a") as f:
-          f.write(json.dumps(line) + "\n")
+      bench.emit(line, args.out)
       lines.append(line)
   return lines
 
