@@ -5,10 +5,13 @@
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import os
 import sys
 
 from absl import app, flags, logging
+import ml_collections
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Job configuration file (FILE.py[:ARG]).",
@@ -36,6 +39,63 @@ def _maybe_initialize_distributed() -> None:
   distributed.maybe_initialize()
 
 
+def _load_config_file(spec: str) -> ml_collections.ConfigDict | None:
+  """``get_config(arg)`` of ``--config=FILE.py[:ARG]``, or None where it cannot be had."""
+  path, _, arg = spec.partition(":")
+  try:
+    module_spec = importlib.util.spec_from_file_location("_config_for_error_message", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(arg) if arg else module.get_config()
+  except Exception:  # pylint: disable=broad-except
+    return None
+
+
+def _unknown_field_message(argv: list[str]) -> str:
+  """Names each ``--config.PATH=...`` override whose PATH is no field of the config, with
+  the fields that its parent has, so that a typo reads as one rather than as a traceback."""
+  spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+  config = _load_config_file(spec) if spec else None
+  problems = []
+  for arg in argv:
+    if not arg.startswith("--config."):
+      continue
+    path = arg[len("--config."):].split("=", 1)[0]
+    if config is None:
+      problems.append(f"--config.{path}")
+      continue
+    node, walked = config, []
+    for key in path.split("."):
+      if isinstance(node, ml_collections.ConfigDict) and key in node:
+        node, walked = node[key], walked + [key]
+        continue
+      where = ".".join(walked) or "the config"
+      known = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+      detail = (f"{where} has no field {key!r}; its fields: {', '.join(known)}" if known
+                else f"{where} is a value, not a section")
+      problems.append(f"--config.{path}: {detail}")
+      break
+  return ("unknown config field" + ("s" if len(problems) > 1 else "") + ": "
+          + "; ".join(problems or ["an override names no field of the config"]))
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's parser, but an override naming no config field is a usage error, not a traceback.
+
+  ml_collections raises AttributeError/KeyError for such a field, which absl does not
+  catch as a flags error.
+  """
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    sys.stderr.write(f"FATAL Flags parsing error: {e}\n"
+                     "Pass --helpshort or --helpfull to see help on flags.\n")
+    sys.exit(1)
+  except (AttributeError, KeyError):
+    sys.stderr.write(f"FATAL Flags parsing error: {_unknown_field_message(argv)}\n")
+    sys.exit(1)
+
+
 class _QuietLibraries:
   """Drops the INFO chatter of Orbax (every file rename of every save) from the terminal."""
 
@@ -52,14 +112,18 @@ def main(argv) -> None:
   config = _CONFIG.value
   if config is None:
     raise app.UsageError("--config is required")
+  try:
+    trainer = config.get("trainer")
+  except OSError as e:
+    # config_flags stands in an object for a FILE.py that failed to load, which raises
+    # the failure on its first use.
+    raise app.UsageError(f"--config: {e}") from None
   if not _WORKDIR.value:
     raise app.UsageError("--workdir is required")
-  trainer = config.get("trainer")
   if trainer not in _JOBS:
     raise app.UsageError(f"config.trainer={trainer!r} is not available in this version; "
                          f"available: {sorted(_JOBS)}")
   _maybe_initialize_distributed()
-  import importlib  # pylint: disable=g-import-not-at-top
 
   import jax  # pylint: disable=g-import-not-at-top
   logging.info("JAX %s: %d process(es), %d device(s): %s", jax.__version__, jax.process_count(),
@@ -77,4 +141,4 @@ if __name__ == "__main__":
   if not any(a.startswith(("--verbosity", "-v", "--logtostderr", "--alsologtostderr"))
              for a in sys.argv[1:]):
     sys.argv.append("--alsologtostderr")
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

@@ -128,6 +128,32 @@ def test_main_rejects_unknown_trainer(tmp_path):
   assert "config.trainer='nope' is not available" in proc.stderr
 
 
+@pytest.mark.parametrize("config,override,expected", [
+    ("configs/softvq_b64.py:runlocal", "--config.optim.learning_rate=1",
+     "--config.optim.learning_rate: optim has no field 'learning_rate'; its fields: b1, b2"),
+    ("configs/sit_xl_softvq_b64.py:runlocal", "--config.dat.source=folder",
+     "--config.dat.source: the config has no field 'dat'; its fields:"),
+    ("configs/softvq_b64.py", "--config.optim.lr.value=1", "optim.lr is a value, not a section"),
+])
+def test_an_override_of_no_config_field_is_named_without_a_traceback(
+    tmp_path, config, override, expected):
+  proc = subprocess.run(
+      [sys.executable, "-m", "softvq_jax.main", f"--config={config}", f"--workdir={tmp_path}",
+       override], cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert proc.returncode != 0
+  assert expected in proc.stderr, proc.stderr[-2000:]
+  assert "Traceback" not in proc.stderr
+
+
+def test_a_config_file_that_does_not_exist_is_named_without_a_traceback(tmp_path):
+  proc = subprocess.run(
+      [sys.executable, "-m", "softvq_jax.main", "--config=configs/no_such_config.py",
+       f"--workdir={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert proc.returncode != 0
+  assert "No such file or directory: 'configs/no_such_config.py'" in proc.stderr
+  assert "Traceback" not in proc.stderr
+
+
 @pytest.mark.parametrize("config,overrides", [
     ("configs/sit_xl_softvq_b64.py:runlocal",
      ['--config.mesh=(("data",2),("fsdp",4))', "--config.data.source=synthetic",
