@@ -63,6 +63,15 @@ def test_short_run_learns_and_exports(tmp_path):
   assert (workdir / "reconstructions" / "step_00000040.png").exists()
   tok = Tokenizer.load(str(workdir / "tokenizer"))
   assert tok.latent_shape == (8, 4)
+  # The job config is kept with the checkpoints, so that a resumed run is compared with it.
+  from softvq_jax.checkpoint import TrainCheckpointer  # pylint: disable=g-import-not-at-top
+  from softvq_jax.train import common  # pylint: disable=g-import-not-at-top
+  ckpt = TrainCheckpointer(str(workdir / "checkpoints"))
+  assert common.warn_of_other_run_settings(ckpt, config) == []
+  config.data.max_resize = 40
+  assert common.warn_of_other_run_settings(ckpt, config) == [
+      "data.max_resize: checkpoint 36, this run 40"]
+  ckpt.close()
 
 
 def test_fine_tune_from_a_converted_checkpoint(tmp_path):

@@ -372,6 +372,29 @@ def test_resuming_with_other_model_settings_is_refused_by_name(tmp_path):
     sit_trainer.run(config, str(tmp_path))
 
 
+def test_resuming_with_other_run_settings_names_them_in_a_warning(tmp_path, caplog):
+  """Data, optimizer and step counts may change on resume, but not silently: the job config
+  is kept with each checkpoint and every changed field is named."""
+  from softvq_jax.checkpoint import TrainCheckpointer  # pylint: disable=g-import-not-at-top
+  from softvq_jax.train import common  # pylint: disable=g-import-not-at-top
+  config = tiny_config(2)
+  sit_trainer.run(config, str(tmp_path))
+  ckpt = TrainCheckpointer(str(tmp_path / "checkpoints"))
+  assert ckpt.meta()[common.RUN_CONFIG_META]["data"]["num_examples"] == 16
+  assert common.warn_of_other_run_settings(ckpt, config) == []
+  ckpt.close()
+  config.total_steps = 4
+  config.optim.lr = 0.5
+  config.data.num_examples = 32
+  with caplog.at_level("WARNING"):
+    sit_trainer.run(config, str(tmp_path))
+  (warning,) = [r.getMessage() for r in caplog.records if "settings other than" in r.getMessage()]
+  assert "data.num_examples: checkpoint 16, this run 32" in warning
+  assert "optim.lr: checkpoint 0.0001, this run 0.5" in warning
+  assert "total_steps: checkpoint 2, this run 4" in warning
+  assert "model." not in warning  # the model is the same
+
+
 def test_checkpoints_from_before_a_config_field_existed_resume():
   """A field added to the model config since the checkpoint was written (a DiT's
   noise_schedule and diffusion_steps) is not a difference; a changed or dropped one is."""

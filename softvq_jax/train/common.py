@@ -206,6 +206,51 @@ def check_resumable(checkpointer: TrainCheckpointer, current: dict[str, Any],
                       + "; ".join(diffs) + "): resume with its settings or use a new workdir")
 
 
+RUN_CONFIG_META = "run_config"  # the checkpoint meta's copy of the job config that wrote it
+
+
+def run_config_record(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The job config as the checkpoint meta keeps it (JSON; ``RUN_CONFIG_META``)."""
+  return json.loads(config.to_json_best_effort())
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+  if not isinstance(tree, dict):
+    return {prefix: tree}
+  flat = {}
+  for key, value in tree.items():
+    flat.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+  return flat
+
+
+def warn_of_other_run_settings(checkpointer: TrainCheckpointer,
+                               config: ml_collections.ConfigDict) -> list[str]:
+  """Logs, as one warning, every job-config field of this run that differs from the run
+  that wrote the checkpoint it resumes; returns those differences.
+
+  Model settings are refused by ``check_resumable``; the rest (data, optimizer, schedule,
+  step counts) may change on purpose, but a rerun that names another data folder or
+  learning rate by mistake would otherwise continue silently on it. Checkpoints written
+  before the config was recorded are not compared.
+  """
+  if checkpointer.latest_step() is None:
+    return []
+  stored = checkpointer.meta().get(RUN_CONFIG_META)
+  if not isinstance(stored, dict):
+    return []
+  old, new = _flatten(stored), _flatten(run_config_record(config))
+  missing = object()
+  diffs = [f"{key}: checkpoint {old.get(key, missing)!r}, this run {new.get(key, missing)!r}"
+           .replace(repr(missing), "(absent)")
+           for key in sorted(set(old) | set(new)) if old.get(key, missing) != new.get(key, missing)]
+  if diffs:
+    logging.warning("Resuming step %d of %s with settings other than those of the run that "
+                    "wrote it (the data iterator continues where it stopped; use a new workdir "
+                    "to start over): %s", checkpointer.latest_step(), checkpointer.directory,
+                    "; ".join(diffs))
+  return diffs
+
+
 def init_or_restore(model_fn, tx, mesh, *, seed: int, strategy: str, workdir: str, keep: int,
                     data=None, checkpointer: TrainCheckpointer | None = None):
   """Restores the latest checkpoint of ``workdir`` if there is one, else initialises.

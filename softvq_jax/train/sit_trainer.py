@@ -423,6 +423,7 @@ def prepare_training(config: ml_collections.ConfigDict, workdir: str,
   try:
     common.check_resumable(ckpt, {"generator": gen_config.to_json_dict(),
                                   "vq_mean": tok.config.vq_mean, "vq_std": tok.config.vq_std})
+    common.warn_of_other_run_settings(ckpt, config)
   except ConfigError:
     ckpt.close()
     raise
@@ -498,7 +499,8 @@ def train_generator(config: ml_collections.ConfigDict, workdir: str, r, *, grid_
   if config.get("eval_every"):
     hooks.append(sample_fid_hook(config, fid_sampler(r.graphdef, gen_config), tok, gen_config,
                                  workdir=workdir, writer=r.writer))
-  meta = {"tokenizer_dir": config.get("tokenizer_dir", ""), "vq_mean": tok.config.vq_mean,
+  meta = {common.RUN_CONFIG_META: common.run_config_record(config),
+          "tokenizer_dir": config.get("tokenizer_dir", ""), "vq_mean": tok.config.vq_mean,
           "vq_std": tok.config.vq_std, "generator": gen_config.to_json_dict(),
           **(extra_meta or {})}
   return finish_training(config, workdir, r, hooks, meta)

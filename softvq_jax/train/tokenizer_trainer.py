@@ -400,8 +400,11 @@ def build_stage1(config: ml_collections.ConfigDict, *, total_steps: int,
 
 
 def init_or_restore(setup: Stage1Setup, mesh, *, strategy: str, workdir: str, keep: int,
-                    data=None):
-  """Restores the latest checkpoint of ``workdir`` or initialises; ``(state, shardings, ckpt)``."""
+                    data=None, config: ml_collections.ConfigDict | None = None):
+  """Restores the latest checkpoint of ``workdir`` or initialises; ``(state, shardings, ckpt)``.
+
+  ``config``: the job config, compared with the one that wrote the checkpoint.
+  """
   abstract = jax.eval_shape(setup.init)
   shardings = stage1_shardings(abstract, mesh, strategy)
   ckpt = TrainCheckpointer(os.path.join(fs.abspath(workdir), "checkpoints"), keep=keep)
@@ -409,6 +412,8 @@ def init_or_restore(setup: Stage1Setup, mesh, *, strategy: str, workdir: str, ke
   try:
     common.check_resumable(ckpt, {"tokenizer": setup.tok_config.to_json_dict()},
                            ignore=("entropy_loss_ratio", "entropy_temperature", "kl_loss_weight"))
+    if config is not None:
+      common.warn_of_other_run_settings(ckpt, config)
   except ValueError:
     ckpt.close()
     raise
@@ -455,7 +460,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   frozen_states = jax.device_put(setup.frozen_states, replicated)
   state, shardings, ckpt = init_or_restore(setup, mesh, strategy=common.sharding_rules(config),
                                            workdir=workdir,
-                                           keep=config.get("keep_checkpoints", 3), data=data)
+                                           keep=config.get("keep_checkpoints", 3), data=data,
+                                           config=config)
   graphdef = setup.graphdef
   if int(state.step) == 0:
     if config.get("init_from"):
@@ -496,7 +502,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   state, last = train_loop(state=state, train_step=step_fn, data=data, mesh=mesh, workdir=workdir,
                            total_steps=total_steps, checkpointer=ckpt, log_every=config.log_every,
                            ckpt_every=config.ckpt_every, hooks=tuple(hooks), writer=writer,
-                           meta={"tokenizer": tok_config.to_json_dict()},
+                           meta={"tokenizer": tok_config.to_json_dict(),
+                                 common.RUN_CONFIG_META: common.run_config_record(config)},
                            step_args=(frozen_states,), **common.profile_options(config))
   ckpt.close()
   if grid.psnr is not None:
