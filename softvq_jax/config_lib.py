@@ -88,6 +88,15 @@ def default_eval_split(source: str) -> str:
   return {"tfds": "validation"}.get(source, "test")
 
 
+def held_out_data_config() -> ml_collections.ConfigDict:
+  """``config.eval_data``: the held-out images of a trainer, where its training data has no
+  held-out split of its own (an image folder, ArrayRecord files). Its source "" is unset;
+  the fields are those of ``config.data``, its ``eval_split`` the one read."""
+  return ml_collections.ConfigDict(dict(
+      source="", eval_split="validation",
+      kwargs=dict(dataset="imagenet2012", data_dir="", root="", paths="", num_examples=64)))
+
+
 # Architecture of a tokenizer small enough for 2 CPU cores, used by ``runlocal``.
 TINY_VIT = dict(embed_dim=64, depth=2, num_heads=2)
 
@@ -192,6 +201,7 @@ def tokenizer_recipe(name: str, arg: str | None) -> ml_collections.ConfigDict:
   c.eval_every = 0                    # > 0: rFID/PSNR/SSIM of held-out images every N steps
   c.eval_num_images = 1000
   c.eval_lpips = False
+  c.eval_data = held_out_data_config()  # unset: data's own held-out split
 
   c.mesh = (("data", -1),)  # a tuple, so that --config.mesh=... can override it
   c.log_every = 50
@@ -333,9 +343,7 @@ def sit_recipe(tokenizer: str, arg: str | None, *, size: str = "XL") -> ml_colle
   c.eval_batch_size = 32
   c.eval_ref = ""
   # Real images for the reference instead (source "" = unset): a tokenizer-style data config.
-  c.eval_data = ml_collections.ConfigDict(dict(
-      source="", eval_split="validation",
-      kwargs=dict(dataset="imagenet2012", data_dir="", root="", paths="", num_examples=64)))
+  c.eval_data = held_out_data_config()
   c.eval_inception_batch_size = 50
   if args.runlocal:
     c.tokenizer.update(image_size=64, num_latent_tokens=16, codebook_size=256,

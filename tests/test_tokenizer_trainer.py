@@ -171,3 +171,34 @@ def test_the_recipes_switch_data_source_by_flags(tmp_path):
   c.data.source = "imagefolder"  # the trainer's own list includes its offline source
   with pytest.raises(ValueError, match="unknown data.source 'imagefolder'; choose one of offline, "):
     tokenizer_trainer.resolve_source(c.data, "train")
+
+
+def test_an_image_folder_takes_its_held_out_images_from_eval_data(tmp_path, caplog):
+  """A folder has no held-out split: without eval_data the trainer says that it measures
+  training images; with it, the held-out images are the named folder's."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  for folder, count in (("train", 3), ("heldout", 2)):
+    (tmp_path / folder / "c").mkdir(parents=True)
+    for i in range(count):
+      Image.fromarray(np.full((8, 8, 3), i, np.uint8)).save(tmp_path / folder / "c" / f"{i}.png")
+  c = tokenizer_recipe("softvq-b-64", None)
+  c.data.source, c.data.kwargs.root = "folder", str(tmp_path / "train")
+  with caplog.at_level("WARNING"):
+    fallback = tokenizer_trainer.held_out_source(c, "the reconstruction grid")
+  assert len(fallback) == 3
+  assert ("data.source=folder has no held-out split: the images of the reconstruction grid "
+          "are TRAINING images" in caplog.text)
+  assert "--config.eval_data.source=folder --config.eval_data.kwargs.root=DIR" in caplog.text
+  caplog.clear()
+  c.eval_data.source, c.eval_data.kwargs.root = "folder", str(tmp_path / "heldout")
+  with caplog.at_level("WARNING"):
+    held_out = tokenizer_trainer.held_out_source(c, "the reconstruction grid")
+  assert len(held_out) == 2 and "TRAINING" not in caplog.text
+  # ImageNet's validation split is held out: no warning.
+  c.eval_data.source = ""
+  c.data.source = "fashion_mnist"
+  try:
+    tokenizer_trainer.held_out_source(c, "the reconstruction grid")
+  except FileNotFoundError:
+    pass
+  assert "TRAINING" not in caplog.text

@@ -78,6 +78,28 @@ def resolve_source(data: ml_collections.ConfigDict, split: str):
   return sources.make_source(kind, **kwargs)
 
 
+# Sources that hold one set of images: their "eval" split is the training images again.
+SOURCES_WITHOUT_HELD_OUT_SPLIT = ("folder", "array_record", "skimage")
+
+
+def held_out_source(config: ml_collections.ConfigDict, purpose: str):
+  """The held-out images of a trainer: ``config.eval_data`` where its source is set, else
+  the eval split of ``config.data``, which for an image folder or ArrayRecord files is the
+  training images, said in a warning naming ``purpose``."""
+  eval_data = config.get("eval_data")
+  if eval_data and eval_data.get("source"):
+    return resolve_source(eval_data, "eval")
+  source = config.data.source
+  if source in SOURCES_WITHOUT_HELD_OUT_SPLIT:
+    flag_source, argument = {"array_record": ("array_record", "paths=GLOB")}.get(
+        source, ("folder", "root=DIR"))
+    logging.warning(
+        "data.source=%s has no held-out split: the images of %s are TRAINING images, which "
+        "measure fitting, not generalisation; name held-out ones with --config.eval_data.source=%s "
+        "--config.eval_data.kwargs.%s", source, purpose, flag_source, argument)
+  return resolve_source(config.data, "eval")
+
+
 class ReconstructionGrid(PeriodicHook):
   """Every ``every`` steps: held-out images above their reconstructions by the EMA model."""
 
@@ -480,7 +502,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   step_fn = setup.make_step(config, mesh, shardings)
 
   writer = common.make_writer(workdir, resumed_step=int(state.step))
-  eval_source = resolve_source(config.data, "eval")
+  eval_source = held_out_source(
+      config, "the reconstruction grid" + (" and the held-out rFID" if config.get("eval_every")
+                                           else ""))
   # The same images on every process (the grid's PSNR is logged, and the reconstruct program
   # is replicated): not this host's shard.
   heldout = next(iter(image_pipeline(eval_source, batch_size=min(8, len(eval_source)),
