@@ -39,5 +39,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   info = write_latent_cache(tok, source, workdir, batch_size=config.batch_size,
                             examples_per_shard=config.examples_per_shard,
                             max_skipped=config.get("max_skipped", 100))
-  logging.info("Latent cache in %s: %s", workdir, info)
+  cached, skipped = info.get("cached_examples"), info.get("skipped_images")
+  logging.info("Latent cache in %s: %s of the %s images of %s cached%s: %s", workdir,
+               "(shards of other processes pending)" if cached is None else cached,
+               info.get("num_examples"), info.get("source"),
+               f" ({skipped} undecodable left out this run)" if skipped else "", info)
   return info

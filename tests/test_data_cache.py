@@ -287,6 +287,7 @@ def test_undecodable_images_are_left_out_and_counted(tok, tmp_path):
             progress=False)
   info = cache_latents.write_latent_cache(tok, src, str(tmp_path / "c"), max_skipped=5, **kw)
   assert info["skipped_images"] == 1
+  assert info["num_examples"] == 7 and info["cached_examples"] == 6
   recs = read_all(str(tmp_path / "c"))
   assert [r["name"] for r in recs] == [src[i]["name"] for i in range(1, 7)]
   with pytest.raises(RuntimeError, match=r"max_skipped=0.*broken\.jpg"):

@@ -135,8 +135,10 @@ def write_latent_cache(tokenizer: Any, source: Any, out_dir: str, *, batch_size:
                        max_skipped: int | None = 100, progress: bool = True) -> dict[str, Any]:
   """Encodes ``source`` with ``tokenizer`` into ``out_dir``; resumes a partial cache.
 
-  Returns the cache info plus this run's ``written_shards``, ``existing_shards``
-  and ``skipped_images`` (undecodable images, left out of the cache).
+  Returns the cache info (whose ``num_examples`` counts the source's images) plus this
+  run's ``written_shards``, ``existing_shards`` and ``skipped_images`` (undecodable images,
+  left out of the cache), and ``cached_examples``: the records of the whole cache once every
+  shard is there (None while another process is still writing, or for a bucket).
   """
   n = len(source)
   name = str(getattr(source, "name", type(source).__name__))
@@ -216,7 +218,16 @@ def write_latent_cache(tokenizer: Any, source: Any, out_dir: str, *, batch_size:
   if skipped:
     logging.warning("latent cache %s: %d undecodable images left out", out_dir, len(skipped))
   return {**info, "written_shards": written, "existing_shards": len(mine) - len(todo),
-          "skipped_images": len(skipped)}
+          "skipped_images": len(skipped), "cached_examples": _cached_examples(out_dir, info)}
+
+
+def _cached_examples(out_dir: str, info: dict[str, Any]) -> int | None:
+  """The records of every shard of a local cache; None until all of them are written."""
+  paths = [os.path.join(out_dir, shard_name(s, info["num_shards"]))
+           for s in range(info["num_shards"])]
+  if fs.is_remote(out_dir) or not all(os.path.exists(p) for p in paths):
+    return None
+  return sum(records.num_records(p) for p in paths)
 
 
 def encode_with_flip(tokenizer: Any, images_u8: np.ndarray,
