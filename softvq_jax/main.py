@@ -103,7 +103,7 @@ class _QuietLibraries:
     return record.levelno > 20 or "/orbax/" not in record.pathname
 
 
-def main(argv) -> None:
+def main(argv) -> int | None:
   import logging as py_logging  # pylint: disable=g-import-not-at-top
   for handler in py_logging.getLogger().handlers + py_logging.getLogger("absl").handlers:
     handler.addFilter(_QuietLibraries())
@@ -134,6 +134,17 @@ def main(argv) -> None:
     # Orbax (and every path a job hands on) wants absolute paths; users type relative ones.
     workdir = os.path.abspath(workdir)
   importlib.import_module(_JOBS[trainer]).run(config, workdir)
+  from softvq_jax.train import loop  # pylint: disable=g-import-not-at-top
+  if loop.stopped_unfinished():
+    if jax.process_count() > 1:
+      # Leave together, each process's checkpoint writes done: a launcher that stops the
+      # others at the first nonzero exit (srun --kill-on-bad-exit) must cut none short.
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      multihost_utils.sync_global_devices("softvq_jax: stopped at a preemption signal")
+    logging.warning("Training stopped at a preemption signal before its last step; exit "
+                    "status %d, so that a restart policy reruns the job to resume it",
+                    loop.EXIT_STATUS_PREEMPTED)
+    return loop.EXIT_STATUS_PREEMPTED
 
 
 if __name__ == "__main__":

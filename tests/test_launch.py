@@ -20,7 +20,7 @@ import pytest
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SCRIPTS = sorted(p.relative_to(REPO).as_posix()
                  for d in ("launch", "benchmarks") for p in (REPO / d).rglob("*.sh"))
-TOOLS = ("gcloud", "xpk", "kubectl", "sbatch", "srun", "tar")
+TOOLS = ("gcloud", "xpk", "kubectl", "sbatch", "srun", "scontrol", "tar")
 TPU_ENV = dict(TPU_NAME="softvq-v4-32", ZONE="us-central2-b", ACCELERATOR_TYPE="v4-32",
                RUNTIME_VERSION="tpu-ubuntu2204-base")
 CONFIG, GCS = "configs/softvq_b64.py", "gs://bucket/runs/softvq_b64"
@@ -294,6 +294,20 @@ def test_slurm_submits_itself_then_runs_srun(stubs):
   proc = _run("launch/gpu/slurm.sh", "--dry-run", CONFIG, "/shared/run", stubs=stubs,
               env=dict(SLURM_JOB_ID="77"), check=False)
   assert proc.returncode != 0 and "SLURM_JOB_NUM_NODES is not set" in proc.stderr
+
+
+def test_slurm_job_requeues_itself_when_training_stopped_at_its_time_limit(stubs):
+  """SIGTERM before the time limit: the trainer checkpoints and exits 75, and the batch
+  script requeues its job; any other status is passed on without a requeue."""
+  bin_dir, calls = stubs
+  inside = dict(SLURM_JOB_ID="77", SLURM_JOB_NUM_NODES="2", SLURM_JOB_NODELIST="gpu[01-02]")
+  for status, requeued in ((75, True), (1, False), (0, False)):
+    calls.unlink(missing_ok=True)
+    (bin_dir / "srun").write_text(f"#!/usr/bin/env bash\nexit {status}\n")
+    proc = _run("launch/gpu/slurm.sh", CONFIG, "/shared/run", stubs=stubs, env=inside,
+                check=False)
+    assert proc.returncode == status, proc.stderr
+    assert (["scontrol", "requeue", "77"] in _calls(stubs)) == requeued
 
 
 def test_slurm_variables_reach_jax_cluster_detection(monkeypatch):

@@ -200,6 +200,42 @@ def test_resume_after_sigterm_is_bit_exact(uninterrupted, tmp_path, monkeypatch)
   assert sorted(logged) == steps  # TensorBoard: each logged step once
 
 
+def test_a_run_stopped_by_sigterm_exits_with_the_preempted_status(tmp_path):
+  """Checkpointed and stopped short of its last step, the job exits 75, so that a restart
+  policy or a shell loop reruns it; the rerun that finishes exits 0."""
+  from softvq_jax.train import loop  # pylint: disable=g-import-not-at-top
+  (tmp_path / "tiny.py").write_text(
+      "import sys\nsys.path.insert(0, 'tests')\nfrom test_train_engine import tiny_config\n"
+      "def get_config(arg=None):\n  return tiny_config(int(arg))\n")
+  script = (
+      "import os, signal, sys; sys.path.insert(0, 'tests')\n"
+      "from absl import app\n"
+      "from softvq_jax import main\n"
+      "from softvq_jax.train import sit_trainer\n"
+      "class TermAt:\n"
+      "  def __init__(self, *a, **k): pass\n"
+      "  def __call__(self, step, state):\n"
+      "    if step == 3: os.kill(os.getpid(), signal.SIGTERM)\n"
+      "if os.environ.get('TERM_AT_3'): sit_trainer.SampleGrid = TermAt\n"
+      "app.run(main.main, flags_parser=main._parse_flags)\n")
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+  def job(total, **env):
+    return subprocess.run(
+        [sys.executable, "-c", script, f"--config={tmp_path / 'tiny.py'}:{total}",
+         f"--workdir={tmp_path / 'run'}", "--config.sample_every=1"], cwd=repo,
+        env=dict(os.environ, JAX_PLATFORMS="cpu", **env), capture_output=True, text=True,
+        timeout=240)
+
+  stopped = job(6, TERM_AT_3="1")
+  assert stopped.returncode == loop.EXIT_STATUS_PREEMPTED == 75, stopped.stderr[-3000:]
+  assert "Stopped at step 3 after a preemption signal" in stopped.stderr
+  assert _final_params(str(tmp_path / "run"))[0] == 3
+  finished = job(6)
+  assert finished.returncode == 0, finished.stderr[-3000:]
+  assert _final_params(str(tmp_path / "run"))[0] == 6
+
+
 def _run_in_a_fresh_process(workdir, total_steps: int, *, die_at_save: int | None = None):
   """``sit_trainer.run(tiny_config(total_steps), workdir)`` in a new Python process, as a
   rerun after a crash is; ``die_at_save``: SIGKILL itself when it reaches that step's save,

@@ -11,8 +11,9 @@
 # TIME (default 24:00:00), optional PARTITION, ACCOUNT, JOB_NAME (default softvq-jax); for the
 # job: VENV (a virtual environment to activate on every node), PYTHON (default python).
 # WORKDIR must be on a file system every node sees (or gs://). The job is requeued after a
-# preemption and gets SIGTERM 300 s before its time limit: the trainer checkpoints, and the
-# requeued (or resubmitted) job resumes from WORKDIR.
+# preemption and gets SIGTERM 300 s before its time limit: the trainer checkpoints and exits
+# with status 75, on which this script requeues the job (scontrol requeue), and the requeued
+# job resumes from WORKDIR.
 set -euo pipefail
 
 # quote, run, require: shared with the other launch scripts.
@@ -20,7 +21,7 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/../lib.sh"
 
 usage() {
-  sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//' >&2
+  sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//' >&2
   exit 2
 }
 
@@ -67,5 +68,12 @@ if [[ -n "${VENV:-}" ]]; then
   source "$VENV/bin/activate"
 fi
 echo "softvq-jax: $SLURM_JOB_NUM_NODES node(s) ($SLURM_JOB_NODELIST), one process each; job $SLURM_JOB_ID"
+status=0
 run srun --nodes="$SLURM_JOB_NUM_NODES" --ntasks-per-node=1 --kill-on-bad-exit=1 \
-  "${PYTHON:-python}" -m softvq_jax.main "--config=$config" "--workdir=$workdir" "$@"
+  "${PYTHON:-python}" -m softvq_jax.main "--config=$config" "--workdir=$workdir" "$@" || status=$?
+# 75: training stopped at SIGTERM (the time limit's warning) with its checkpoint written.
+if ((status == 75)); then
+  echo "softvq-jax: stopped before the last step; requeueing job $SLURM_JOB_ID to resume it"
+  run scontrol requeue "$SLURM_JOB_ID"
+fi
+exit "$status"

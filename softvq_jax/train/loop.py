@@ -47,6 +47,22 @@ class PreemptionFlag:
       signal.signal(signal.SIGTERM, self._previous)
 
 
+# Whether a train_loop of this process stopped at a preemption signal short of total_steps;
+# the entry point then exits with EXIT_STATUS_PREEMPTED instead of 0.
+_stopped_unfinished = False
+
+# EX_TEMPFAIL ("try again later"): nonzero, so that a Kubernetes/JobSet restart policy or a
+# shell's `until ...; do ...; done` reruns the job, which resumes from the checkpoint just
+# written; distinct from the 1 of an error and the 128+N of a process killed by a signal.
+EXIT_STATUS_PREEMPTED = 75
+
+
+def stopped_unfinished() -> bool:
+  """True once a training loop of this process has stopped at a preemption signal before its
+  last step (the checkpoint is written: a rerun resumes it)."""
+  return _stopped_unfinished
+
+
 def metrics_path(workdir: str) -> str:
   """The run's plain-text metrics file, which the loop and the evaluation hooks append to."""
   return os.path.join(workdir, "metrics.jsonl")
@@ -167,6 +183,9 @@ def train_loop(*, state, train_step, data: Iterator, mesh, workdir: str, total_s
                           meta=dict(meta or {}, step=step), force=True)
       if stopping:
         logging.warning("Stopped at step %d after a preemption signal; rerun to resume.", step)
+        if step < total_steps:
+          global _stopped_unfinished  # pylint: disable=global-statement
+          _stopped_unfinished = True
         break
   finally:
     if profile is not None and getattr(profile, "_session_running", False):
