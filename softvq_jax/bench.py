@@ -599,6 +599,10 @@ def _peak_memory() -> int | None:
 
 def _rates(line: dict[str, Any], flops_per_item: float, items: int, timing: Timing,
            matmul: dict[str, Any], dtype: str, prefix: str = "") -> None:
+  # The same names for every kind (prefixed per program where a line has two): what an
+  # item is says line["item"]; the kind's own names (img_per_s, ...) stay beside them.
+  line[prefix + "items_per_s"] = items / timing.median_s
+  line[prefix + "flops_per_item"] = flops_per_item
   achieved = flops_per_item * items / timing.median_s
   line[prefix + "achieved_flops_per_s"] = achieved
   line[prefix + "fraction_of_matmul_rate"] = achieved / matmul["matmul_flops_per_s"]
@@ -644,6 +648,7 @@ def bench_tokenizer(args, matmul) -> list[dict[str, Any]]:
                 latent_shape=[cfg.num_latent_tokens, cfg.codebook_embed_dim], **_device_info(),
                 **matmul)
     line["compiler_options"] = options
+    line["item"] = "image"
     line["encode_img_per_s"] = batch / enc.median_s
     line["decode_img_per_s"] = batch / dec.median_s
     line["encode_flops_per_img"] = flops["encode"]
@@ -682,6 +687,7 @@ def bench_sit(args, matmul) -> list[dict[str, Any]]:
     line = dict(what="sit", model=args.model, dtype=args.dtype, batch=batch,
                 latent_shape=list(cfg.latent_shape), **_device_info(), **matmul)
     line["compiler_options"] = options
+    line["item"] = "latent (one forward pass)"
     line["forward_items_per_s"] = batch / timing.median_s
     line["flops_per_item"] = flops
     line["xla_flops_per_item"] = timing.xla_flops / batch if timing.xla_flops else None
@@ -753,10 +759,12 @@ def bench_pipeline(args, matmul) -> list[dict[str, Any]]:
                 tokens=gen_cfg.input_size, **shapes, **_device_info(), **matmul)
     line["sampler"] = "ddim" if gen_cfg.kind == "dit" else "euler"
     line["compiler_options"] = options
+    line["item"] = "image"
     line["img_per_s"] = batch / timing.median_s
     line["flops_per_img"] = flops
     line["decode_flops_per_img"] = decode_flops if args.decode else 0.0
     line["xla_flops_per_img"] = None  # XLA counts a loop body once: no count of N steps
+    line["xla_flops_per_item"] = None
     line.update(timing.summary())
     _rates(line, flops, batch, timing, matmul, args.dtype)
     line["process_peak_memory_bytes"] = _peak_memory()
@@ -1030,6 +1038,7 @@ def bench_train(args, matmul) -> list[dict[str, Any]]:
       # What MFU conventionally counts: the trained model. XLA's count has the rest too.
       line["model_flops_cover"] = ("the tokenizer only: not the frozen LPIPS, discriminator "
                                    "backbone and REPA teacher that xla_flops_per_item includes")
+    line["item"] = "training example (its forward and backward pass)"
     line["steps_per_s"] = 1.0 / timing.median_s
     line["items_per_s"] = batch / timing.median_s
     line["model_flops_per_item"] = flops

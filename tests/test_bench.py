@@ -131,6 +131,30 @@ def test_tokenizer_line_fields(tokenizer_lines, capsys):
   assert all("what" in p for p in printed)
 
 
+def _assert_common_rate_fields(line, prefix=""):
+  """Every timed kind names its rate, FLOPs and matmul fraction the same way."""
+  timing = line[prefix[:-1]] if prefix else line
+  assert isinstance(line["item"], str) and line["item"]
+  assert line[prefix + "items_per_s"] == pytest.approx(line["batch"] / timing["median_s"])
+  assert line[prefix + "flops_per_item"] > 0
+  assert line[prefix + "fraction_of_matmul_rate"] == pytest.approx(
+      line[prefix + "flops_per_item"] * line[prefix + "items_per_s"] / line["matmul_flops_per_s"])
+  assert prefix + "xla_flops_per_item" in line or prefix + "xla_flops_per_img" in line
+
+
+def test_every_kind_names_its_rates_alike(tokenizer_lines):
+  sit, = bench.main(["--what", "sit", "--model", "SiT-S", "--tiny", "--batch", "2",
+                     "--repeats", "1", "--warmup", "0", "--matmul_size", "128"])
+  assert sit["item"].startswith("latent")
+  _assert_common_rate_fields(sit)
+  assert sit["items_per_s"] == sit["forward_items_per_s"]
+  for line in tokenizer_lines:
+    for program in ("encode", "decode"):
+      _assert_common_rate_fields(line, program + "_")
+      assert line[f"{program}_items_per_s"] == line[f"{program}_img_per_s"]
+      assert line[f"{program}_flops_per_item"] == line[f"{program}_flops_per_img"]
+
+
 def test_inference_forms_flag_reaches_the_benchmarked_tokenizer(monkeypatch):
   from softvq_jax.models import layers
   traced = []
@@ -177,6 +201,10 @@ def test_pipeline_and_train_lines(tmp_path):
   assert 0 < train["dispatch_s"] <= train["max_s"]
   assert train["item_shapes"] == {"label": [], "latent": [8, 4]}
   assert "xla_flops_per_img" in pipe and pipe["xla_flops_per_img"] is None  # a loop: no count
+  for line in (pipe, train):
+    _assert_common_rate_fields(line)
+  assert pipe["flops_per_item"] == pipe["flops_per_img"] and pipe["item"] == "image"
+  assert train["flops_per_item"] == train["model_flops_per_item"]
 
 
 def test_dit_pipeline_and_train_lines():
