@@ -151,6 +151,30 @@ def test_another_kind_of_source_cannot_resume(tok, cache):
                                      process_count=1, progress=False)
 
 
+def test_another_folder_of_as_many_images_cannot_resume(tok, tmp_path, caplog):
+  """Same kind, same count, other images: refused by the names of its examples; the same
+  images in a folder that moved resume, with a warning."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+
+  def folder(name, stems):
+    (tmp_path / name / "c").mkdir(parents=True)
+    for i, stem in enumerate(stems):
+      Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(tmp_path / name / "c" / f"{stem}.png")
+    return sources.ImageFolderSource(str(tmp_path / name))
+
+  kw = dict(batch_size=BATCH, examples_per_shard=2, process_index=0, process_count=2,
+            progress=False)
+  out = str(tmp_path / "cache")
+  cache_latents.write_latent_cache(tok, folder("a", "pqr"), out, **kw)  # shard 1 left to do
+  with pytest.raises(ValueError, match=r"example_names: cache has \['c/p.png', 'c/q.png', "
+                                       r"'c/r.png'\], this run \['c/x.png', 'c/y.png', 'c/z.png'\]"):
+    cache_latents.write_latent_cache(tok, folder("b", "xyz"), out, **kw)
+  with caplog.at_level("WARNING"):
+    info = cache_latents.write_latent_cache(tok, folder("moved", "pqr"), out,
+                                            **dict(kw, process_index=1))
+  assert info["cached_examples"] == 3 and "was started from image folder" in caplog.text
+
+
 def test_a_cache_is_for_one_tokenizer_at_one_precision(tok, source, cache):
   """Another compute dtype cannot resume it; a SiT run with another tokenizer (same latent
   shape and statistics) cannot train on it; fingerprints allow summation-order rounding."""

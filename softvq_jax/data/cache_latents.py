@@ -108,7 +108,7 @@ def _check_resumable(cache_dir: str, info: dict[str, Any]) -> None:
   bad = [k for k in _MUST_MATCH if old.get(k) != info.get(k)
          and not (k == "tokenizer" and same_tokenizer(old.get(k), info.get(k)))]
   # Caches written before these were recorded resume under any value.
-  for key in ("compute_dtype", "source_kind"):
+  for key in ("compute_dtype", "source_kind", "example_names"):
     if key in old and old[key] != info[key]:
       bad.append(key)
   if bad:
@@ -119,6 +119,14 @@ def _check_resumable(cache_dir: str, info: dict[str, Any]) -> None:
     # Same kind of source: the data may have moved (source names hold their paths).
     logging.warning("latent cache %s was started from %s, resuming from %s", cache_dir,
                     old.get("source"), info.get("source"))
+
+
+def _example_names(source: Any) -> list[str]:
+  """Names of the first, middle and last examples (an image folder's relative paths): two
+  sources of one kind and size that hold other images differ in them, while a folder that
+  moved does not."""
+  n = len(source)
+  return [str(source[i].get("name", i)) for i in sorted({0, n // 2, n - 1})] if n else []
 
 
 def _num_classes(source: Any) -> int | None:
@@ -157,7 +165,8 @@ def write_latent_cache(tokenizer: Any, source: Any, out_dir: str, *, batch_size:
           "source": name, "source_kind": type(source).__name__, "transform": "adm_center_crop",
           # For the generator trainers' class-count check; None where the source does not say.
           "num_classes": _num_classes(source),
-          "compute_dtype": _dtype_name(getattr(tokenizer, "dtype", None))}
+          "compute_dtype": _dtype_name(getattr(tokenizer, "dtype", None)),
+          "example_names": _example_names(source)}
   fs.makedirs(out_dir)
   if fs.exists(os.path.join(out_dir, CACHE_INFO)):
     _check_resumable(out_dir, info)
