@@ -159,7 +159,8 @@ def test_another_folder_of_as_many_images_cannot_resume(tok, tmp_path, caplog):
   def folder(name, stems):
     (tmp_path / name / "c").mkdir(parents=True)
     for i, stem in enumerate(stems):
-      Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(tmp_path / name / "c" / f"{stem}.png")
+      image = Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8))
+      image.save(tmp_path / name / "c" / f"{stem}.png")
     return sources.ImageFolderSource(str(tmp_path / name))
 
   kw = dict(batch_size=BATCH, examples_per_shard=2, process_index=0, process_count=2,
@@ -167,7 +168,8 @@ def test_another_folder_of_as_many_images_cannot_resume(tok, tmp_path, caplog):
   out = str(tmp_path / "cache")
   cache_latents.write_latent_cache(tok, folder("a", "pqr"), out, **kw)  # shard 1 left to do
   with pytest.raises(ValueError, match=r"example_names: cache has \['c/p.png', 'c/q.png', "
-                                       r"'c/r.png'\], this run \['c/x.png', 'c/y.png', 'c/z.png'\]"):
+                                       r"'c/r.png'\], this run \['c/x.png', 'c/y.png', "
+                                       r"'c/z.png'\]"):
     cache_latents.write_latent_cache(tok, folder("b", "xyz"), out, **kw)
   with caplog.at_level("WARNING"):
     info = cache_latents.write_latent_cache(tok, folder("moved", "pqr"), out,
