@@ -54,7 +54,8 @@ def _load_config_file(spec: str) -> ml_collections.ConfigDict | None:
 def _unknown_field_message(argv: list[str]) -> str:
   """Names each ``--config.PATH=...`` override whose PATH is no field of the config, with
   the fields that its parent has, so that a typo reads as one rather than as a traceback."""
-  spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+  spec = next((a.split("=", 1)[1] if "=" in a else next(iter(argv[i + 1:]), None)
+               for i, a in enumerate(argv) if a.split("=", 1)[0] == "--config"), None)
   config = _load_config_file(spec) if spec else None
   problems = []
   for arg in argv:
