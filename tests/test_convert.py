@@ -220,6 +220,84 @@ def test_pickled_code_is_never_executed(tmp_path):
   assert not marker.exists()
 
 
+def _crafted_torch_zip(path, *, size=(4,), stride=(1,), offset=0, storage_bytes=None,
+                      pid_arity=5, pickle_bytes=None):
+  """A torch.save-shaped zip whose one tensor "w" is built from the given view arguments,
+  written without torch (the reader must judge what any file says, not what torch writes)."""
+  import collections  # pylint: disable=g-import-not-at-top
+
+  class Storage:
+    pass
+
+  def rebuild(*args):
+    del args
+  rebuild.__module__, rebuild.__qualname__ = "torch._utils", "_rebuild_tensor_v2"
+
+  class FloatStorage:
+    pass
+  FloatStorage.__module__, FloatStorage.__qualname__ = "torch", "FloatStorage"
+
+  class Tensor:
+    def __reduce_ex__(self, protocol):
+      return (rebuild, (Storage(), offset, size, stride, False, collections.OrderedDict()))
+
+  class Pickler(pickle.Pickler):
+    def persistent_id(self, obj):
+      if isinstance(obj, Storage):
+        return ("storage", FloatStorage, "0", "cpu", 4)[:pid_arity]
+      return None
+
+  import types  # pylint: disable=g-import-not-at-top
+  fakes = {"torch": types.ModuleType("torch"), "torch._utils": types.ModuleType("torch._utils")}
+  fakes["torch"].FloatStorage = FloatStorage
+  fakes["torch._utils"]._rebuild_tensor_v2 = rebuild  # pylint: disable=protected-access
+  saved = {name: sys.modules.get(name) for name in fakes}
+  sys.modules.update(fakes)
+  try:
+    buf = io.BytesIO()
+    Pickler(buf, protocol=2).dump({"w": Tensor()})
+  finally:
+    for name, module in saved.items():
+      if module is None:
+        sys.modules.pop(name)
+      else:
+        sys.modules[name] = module
+  with zipfile.ZipFile(path, "w") as zf:
+    zf.writestr("archive/data.pkl", buf.getvalue() if pickle_bytes is None else pickle_bytes)
+    zf.writestr("archive/data/0", np.arange(4, dtype=np.float32).tobytes()
+                if storage_bytes is None else storage_bytes)
+  return str(path)
+
+
+@pytest.mark.parametrize("view,expected", [
+    (dict(), None),  # the well-formed file: read as written
+    (dict(size=(2,), stride=(2,), offset=1), None),
+    (dict(size=(64,), stride=(-1,)), r"stride \(-1,\) is negative"),
+    (dict(size=(4,), stride=(-100000000,)), "is negative"),
+    (dict(offset=-5), r"storage offset -5 is not an integer >= 0"),
+    (dict(size=(100000, 100000), stride=(0, 0)), "more elements than its storage"),
+    (dict(size=(2, 2), stride=(1,)), "differ in length"),
+    (dict(size="abc", stride=(1,)), "is not a sequence of integers"),
+    (dict(size=(5,)), "runs past its storage"),
+    (dict(storage_bytes=b"\0" * 15), "15 bytes, not a whole number of float32 elements"),
+    (dict(pid_arity=2), "unsupported persistent id"),
+    (dict(pickle_bytes=b"\x80\x02}q\x00X\x01"), "truncated or corrupt checkpoint"),
+])
+def test_a_crafted_torch_file_is_refused_by_name_not_read_past(tmp_path, view, expected):
+  """The view a file names must lie inside the bytes it holds: negative strides or offsets
+  would read memory outside them, and overlapping views could ask for any amount."""
+  path = _crafted_torch_zip(tmp_path / "w.pt", **view)
+  if expected is None:
+    size, stride, offset = view.get("size", (4,)), view.get("stride", (1,)), view.get("offset", 0)
+    np.testing.assert_array_equal(
+        read_checkpoint(path)["w"],
+        np.lib.stride_tricks.as_strided(np.arange(4, dtype=np.float32)[offset:], size,
+                                        tuple(4 * st for st in stride)))
+    return
+  with pytest.raises(CheckpointFormatError, match=expected):
+    read_checkpoint(path)
+
+
 def test_not_a_checkpoint(tmp_path):
   bad = tmp_path / "model.safetensors"
   bad.write_bytes(b"not a safetensors file")

@@ -67,15 +67,47 @@ def _opaque_factory(module: str, name: str):
   return type(name, (Opaque,), {"__module__": f"opaque.{module}"})
 
 
+def _int_tuple(value, what: str) -> tuple[int, ...]:
+  try:
+    items = tuple(value)
+  except TypeError:
+    items = None
+  if items is None or not all(isinstance(v, int) and not isinstance(v, bool) for v in items):
+    raise TorchCheckpointError(f"tensor {what} {value!r} is not a sequence of integers")
+  return items
+
+
 def _rebuild_tensor(storage: np.ndarray, storage_offset: int, size, stride, *unused) -> np.ndarray:
-  size, stride = tuple(size), tuple(stride)
-  if not size:
-    return storage[storage_offset:storage_offset + 1].reshape(()).copy()
-  needed = storage_offset + sum((s - 1) * st for s, st in zip(size, stride)) + 1
+  """The tensor ``size``/``stride`` view of ``storage`` from ``storage_offset``, copied.
+
+  The file names the view: every element it reaches must lie inside the storage, so
+  negative offsets and strides are refused (torch.save never writes them) rather than
+  letting the view read memory outside the file's bytes.
+  """
+  if not isinstance(storage, np.ndarray):
+    raise TorchCheckpointError(f"tensor storage is {type(storage).__name__}, not a storage")
+  size, stride = _int_tuple(size, "size"), _int_tuple(stride, "stride")
+  if (not isinstance(storage_offset, int) or isinstance(storage_offset, bool)
+      or storage_offset < 0):
+    raise TorchCheckpointError(f"tensor storage offset {storage_offset!r} is not an integer >= 0")
+  if len(size) != len(stride):
+    raise TorchCheckpointError(f"tensor size {size} and stride {stride} differ in length")
+  if any(s < 0 for s in size) or any(st < 0 for st in stride):
+    raise TorchCheckpointError(f"tensor size {size} or stride {stride} is negative")
   if any(s == 0 for s in size):
     return np.zeros(size, storage.dtype)
+  needed = storage_offset + sum((s - 1) * st for s, st in zip(size, stride)) + 1
   if needed > storage.size:
     raise TorchCheckpointError(f"tensor of size {size} runs past its storage ({storage.size} elements)")
+  count = int(np.prod(size, dtype=np.int64)) if size else 1
+  if count > storage.size:
+    # Views whose elements overlap (expand(), stride 0) are legal in torch, but each would be
+    # copied out in full here: a tiny file could ask for any amount of memory.
+    raise TorchCheckpointError(f"tensor of size {size} and stride {stride} has more elements "
+                               f"than its storage ({storage.size}): an overlapping view, not a "
+                               "weight")
+  if not size:
+    return storage[storage_offset:storage_offset + 1].reshape(()).copy()
   itemsize = storage.dtype.itemsize
   view = np.lib.stride_tricks.as_strided(storage[storage_offset:], shape=size,
                                          strides=tuple(st * itemsize for st in stride))
@@ -110,7 +142,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
     return _opaque_factory(module, name)
 
   def persistent_load(self, pid):
-    if not (isinstance(pid, tuple) and pid and pid[0] == "storage"):
+    if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
       raise TorchCheckpointError(f"unsupported persistent id in checkpoint: {pid!r}")
     _, storage_type, key, _location, _numel = pid
     if isinstance(storage_type, _TorchDtype):  # newer pickles name the dtype
@@ -125,6 +157,9 @@ class _RestrictedUnpickler(pickle.Unpickler):
         raw = self._archive.read(name)
       except KeyError as e:
         raise TorchCheckpointError(f"checkpoint is missing storage {name}") from e
+      if len(raw) % dtype.itemsize:
+        raise TorchCheckpointError(f"storage {name} holds {len(raw)} bytes, not a whole number "
+                                   f"of {dtype.name} elements: truncated or corrupt")
       self._storages[key] = np.frombuffer(raw, dtype=dtype)
     return self._storages[key]
 
@@ -262,4 +297,9 @@ def load_torch_zip(path: str) -> Any:
     name = pickles[0]
     root = name[: -len("/data.pkl")] if "/" in name else ""
     with archive.open(name) as f:
-      return _RestrictedUnpickler(f, archive, root).load()
+      try:
+        return _RestrictedUnpickler(f, archive, root).load()
+      except TorchCheckpointError as e:
+        raise TorchCheckpointError(f"{path}: {e}") from None
+      except Exception as e:  # pylint: disable=broad-except  (arbitrary bytes fail in many ways)
+        raise TorchCheckpointError(f"{path}: truncated or corrupt checkpoint ({e!r})") from e
