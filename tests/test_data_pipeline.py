@@ -464,3 +464,19 @@ def test_damaged_array_record_files_are_named(tmp_path):
   for bad in (truncated, noise):
     with pytest.raises(ValueError, match=f"ArrayRecord file {bad} cannot be read as ArrayRecord"):
       sources.ArrayRecordSource([str(good), str(bad)])
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_an_extremely_elongated_image_is_skipped_not_resized(tmp_path, train):
+  """A 1 x 60,000 strip (a 254-byte PNG) would be resized to 32 x 1,920,000 pixels (and to
+  256 x 15,360,000 at 256²): skipped by name; a 63:1 panorama is still used."""
+  strip, panorama = tmp_path / "strip.png", tmp_path / "panorama.png"
+  Image.fromarray(np.zeros((1, 60000, 3), np.uint8)).save(strip)
+  Image.fromarray(np.full((8, 504, 3), 200, np.uint8)).save(panorama)
+  preprocess = pipeline.ImagePreprocess(32, train=train)
+  rng = np.random.default_rng(0)
+  skipped = preprocess.random_map({"image": str(strip), "name": "strip.png"}, rng)
+  assert isinstance(skipped, pipeline.Skipped) and skipped.name == "strip.png"
+  assert "60000x1 is more than 64:1" in skipped.reason
+  kept = preprocess.random_map({"image": str(panorama), "name": "panorama.png"}, rng)
+  assert kept["image"].shape == (32, 32, 3) and kept["image"].max() == 200

@@ -67,6 +67,12 @@ def _augment_seed(seed: int) -> int:
   return int(np.random.SeedSequence([seed, 0x50F7]).generate_state(1)[0])
 
 
+# Longest side over shortest side beyond which an image is skipped, not resized: its short side
+# goes to the image size, so a 1 x 60,000 strip would become a 256 x 15,360,000 image (12 GB).
+# Panoramas stay well inside; 64:1 at 512 pixels is 50 MB.
+MAX_ASPECT_RATIO = 64
+
+
 class ImagePreprocess(grain.transforms.RandomMap):
   """Decodes one record and applies the train or eval transform -> uint8 image, int32 label."""
 
@@ -85,6 +91,9 @@ class ImagePreprocess(grain.transforms.RandomMap):
       image = decode.to_pil_rgb(element["image"], name)
     except decode.CorruptImageError as e:
       return Skipped(name, e.reason)
+    if max(image.size) > MAX_ASPECT_RATIO * min(image.size):
+      return Skipped(name, f"its size {image.size[0]}x{image.size[1]} is more than "
+                           f"{MAX_ASPECT_RATIO}:1, too elongated to resize and crop")
     if self.train:
       out = transforms.random_crop_flip(image, self.image_size, rng, self.min_resize,
                                         self.max_resize, self.flip)
