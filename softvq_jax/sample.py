@@ -26,6 +26,10 @@ from softvq_jax.utils import fs
 from softvq_jax.utils.images import make_grid, samples_to_uint8, save_png
 
 
+# What the job writes besides sampling.json.
+OUTPUTS = ("samples.npz", "samples.png", "images", "parts")
+
+
 def _load_models(config: ml_collections.ConfigDict, mesh) -> tuple[Generator, Tokenizer]:
   dtype = config.get("dtype", "float32")
   if config.get("tokenizer_dir"):
@@ -79,6 +83,13 @@ def sampler_options(sampler: ml_collections.ConfigDict, gen: Generator) -> dict:
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   config_lib.require_integers(config, "num_samples", "batch_size")
+  if not fs.exists(os.path.join(workdir, "sampling.json")):
+    # A run records its settings before its first sample: outputs without them are not a
+    # run of this job to resume, and may be the user's.
+    found = [name for name in OUTPUTS if fs.exists(os.path.join(workdir, name))]
+    if found:
+      raise FileExistsError(f"{workdir} holds {', '.join(found)} but no sampling.json, so no "
+                            "sample run to resume; use another workdir")
   mesh = None
   if jax.device_count() > 1:
     from softvq_jax import parallel  # pylint: disable=g-import-not-at-top
@@ -98,8 +109,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   }
   if gen.kind == "dit":
     settings["diffusion_steps"] = gen.config.diffusion_steps
-  fs.makedirs(os.path.join(workdir, "parts"))
   settings_path = os.path.join(workdir, "sampling.json")
+  fs.makedirs(os.path.join(workdir, "parts"))
   if fs.exists(settings_path):
     with fs.open(settings_path) as f:
       previous = json.load(f)

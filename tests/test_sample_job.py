@@ -178,6 +178,24 @@ def test_settings_are_checked_before_anything_is_written(tmp_path, name, sampler
   assert list(tmp_path.iterdir()) == []  # no sampling.json to block the corrected rerun
 
 
+@pytest.mark.parametrize("name", ["samples.npz", "samples.png", "images"])
+def test_outputs_without_sampling_settings_are_not_overwritten(tmp_path, name):
+  """A workdir with a samples.npz (or grid, or PNG folder) but no sampling.json is no run
+  of this job to resume: the user's file is kept and the job refuses by name."""
+  from softvq_jax import sample  # pylint: disable=g-import-not-at-top
+  mine = tmp_path / name
+  if name == "images":
+    mine.mkdir()
+    (mine / "keep.png").write_bytes(b"mine")
+  else:
+    mine.write_bytes(b"mine")
+  with pytest.raises(FileExistsError, match=f"holds {name} but no sampling.json"):
+    sample.run(_job_config("sample_sit_xl_softvq_b64.py", "runlocal,num_samples=2"),
+               str(tmp_path))
+  assert (mine / "keep.png" if name == "images" else mine).read_bytes() == b"mine"
+  assert sorted(p.name for p in tmp_path.iterdir()) == [name]
+
+
 def test_zero_samples_is_a_named_error(tmp_path):
   from softvq_jax import sample  # pylint: disable=g-import-not-at-top
   with pytest.raises(ValueError, match="num_samples=0 must be an integer >= 1"):
