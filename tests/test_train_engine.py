@@ -236,6 +236,21 @@ def test_a_run_stopped_by_sigterm_exits_with_the_preempted_status(tmp_path):
   assert _final_params(str(tmp_path / "run"))[0] == 6
 
 
+def test_trimming_metrics_keeps_every_line_that_is_not_a_later_row(tmp_path):
+  """On resume, rows after the restored step go (they are logged again), and so does a last
+  line torn by a kill; a user's notes and rows without a step stay."""
+  from softvq_jax.train.loop import JsonlWriter  # pylint: disable=g-import-not-at-top
+  path = tmp_path / "metrics.jsonl"
+  lines = ["my lab notebook line\n", '{"step": 3, "loss": 1}\n', '["a", "list"]\n',
+           '{"note": "no step"}\n', '{"step": "x"}\n', '{"step": 8, "loss": 2}\n']
+  path.write_text("".join(lines) + '{"step": 9, "lo')
+  JsonlWriter(str(path)).drop_after(5)
+  assert path.read_text() == "".join(lines[:5])
+  path.write_text("".join(lines[:2]) + "a last note without a newline")
+  JsonlWriter(str(path)).drop_after(0)
+  assert path.read_text() == lines[0] + "a last note without a newline\n"
+
+
 def _run_in_a_fresh_process(workdir, total_steps: int, *, die_at_save: int | None = None):
   """``sit_trainer.run(tiny_config(total_steps), workdir)`` in a new Python process, as a
   rerun after a crash is; ``die_at_save``: SIGKILL itself when it reaches that step's save,

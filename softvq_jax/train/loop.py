@@ -86,16 +86,31 @@ class JsonlWriter:
       return
     with fs.open(self.path) as f:
       lines = f.read().splitlines(keepends=True)
-    kept = [line for line in lines if _row_step(line) <= step]
-    if len(kept) != len(lines):
+    kept = [line for line in lines if (row_step := _row_step(line)) is None or row_step <= step]
+    if kept and not kept[-1].endswith("\n"):
+      # The next row would join an unterminated last line. A row of ours cut short by a
+      # kill mid-write goes; anything else is ended with a newline.
+      if kept[-1].lstrip().startswith("{") and _row_step(kept[-1]) is None:
+        kept.pop()
+      else:
+        kept[-1] += "\n"
+    if kept != lines:
       fs.write_bytes_atomic(self.path, "".join(kept).encode())
 
 
-def _row_step(line: str) -> float:
+def _row_step(line: str) -> float | None:
+  """The step of a logged row; -1 for a JSON object without one, None for any other line
+  (neither is a row of ours, and both are kept)."""
   try:
-    return float(json.loads(line).get("step", -1))
-  except (json.JSONDecodeError, AttributeError):
-    return float("inf")  # a torn last line from a killed run
+    row = json.loads(line)
+  except json.JSONDecodeError:
+    return None
+  if not isinstance(row, dict):
+    return None
+  try:
+    return float(row.get("step", -1))
+  except (TypeError, ValueError):
+    return None
 
 
 def _to_scalars(metrics) -> dict[str, float]:
