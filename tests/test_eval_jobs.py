@@ -91,9 +91,14 @@ def test_eval_recon_job_matches_metrics_computed_here(tmp_path, tokenizer_dir, f
 
 def test_fid_stats_then_eval_gen_of_a_set_against_itself(tmp_path, features):
   refdir = tmp_path / "ref"
+  refdir.mkdir()
+  (refdir / "ref.json").write_text("the user's own")  # not where sub/ref.npz's JSON goes
   proc = run_job(f"configs/fid_stats.py:source=skimage,image_size={SIZE},max_images={NUM},"
-                 "images,batch_size=4,output=ref.npz", refdir, "--config.inception_batch_size=8")
+                 "images,batch_size=4,output=sub/ref.npz", refdir,
+                 "--config.inception_batch_size=8")
   assert proc.returncode == 0, proc.stderr[-3000:]
+  assert (refdir / "ref.json").read_text() == "the user's own"
+  refdir = refdir / "sub"
   ref_path = refdir / "ref.npz"
   images = skimage_images()
   feats = features(images)
@@ -114,7 +119,7 @@ def test_fid_stats_then_eval_gen_of_a_set_against_itself(tmp_path, features):
   written = ref_path.read_bytes()
   again = run_job(f"configs/fid_stats.py:source=skimage,image_size={SIZE},max_images=2,"
                   f"output={ref_path}", tmp_path / "elsewhere")
-  assert again.returncode != 0 and f"{ref_path} exists" in again.stderr
+  assert again.returncode != 0 and f"{ref_path} and {refdir / 'ref.json'} exist" in again.stderr
   assert ref_path.read_bytes() == written
 
   samples = tmp_path / "samples.npz"
@@ -283,6 +288,16 @@ def test_fid_stats_of_a_folder_of_undecodable_images_says_so(tmp_path):
   config.image_size = 0
   with pytest.raises(ValueError, match="image_size=0 must be an integer >= 1"):
     fid_stats.run(config, str(tmp_path / "out"))
+
+
+def test_fid_stats_never_replaces_the_json_of_its_output_unasked(tmp_path):
+  from softvq_jax.eval import fid_stats  # pylint: disable=g-import-not-at-top
+  (tmp_path / "fid_stats.json").write_text("the user's notes")
+  config = load_config("fid_stats").get_config("source=skimage,image_size=16,batch_size=2")
+  with pytest.raises(FileExistsError, match=r"fid_stats.json exists; choose another output="):
+    fid_stats.run(config, str(tmp_path))
+  assert (tmp_path / "fid_stats.json").read_text() == "the user's notes"
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["fid_stats.json"]
 
 
 @pytest.mark.parametrize("job, arg, outputs", [

@@ -5,9 +5,9 @@ Any dataset source, ADM centre crop to ``image_size``, uint8, then the FID Incep
 covariance, as ADM's ``compute_statistics``) and merged over the hosts. ``images=True`` also
 stores the cropped images as ``arr_0``, which the ADM evaluator (and ``eval_gen``) needs for
 precision and recall; they are gathered in memory (50,000 x 256 x 256 x 3 is 9.8 GB), on a
-single process only. Writes ``WORKDIR/<output>`` (default ``fid_stats.npz``; an existing file
-is replaced only with ``overwrite=True``) and the JSON of the same name (source, count, size;
-``fid_stats.json`` by default).
+single process only. Writes ``WORKDIR/<output>`` (default ``fid_stats.npz``) and beside it the
+JSON of the same name (source, count, size; ``fid_stats.json`` by default); either existing is
+replaced only with ``overwrite=True``.
 """
 
 from __future__ import annotations
@@ -36,10 +36,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                      "(the statistics alone work on any number of hosts)")
   config_lib.require_integers(config, "image_size", "batch_size")
   path = os.path.join(workdir, config.get("output", "fid_stats.npz") or "fid_stats.npz")
-  if fs.exists(path) and not config.get("overwrite", False):
+  # Beside the output and named after it, so that another output= keeps this one's.
+  info_path = os.path.splitext(path)[0] + ".json"
+  existing = [p for p in (path, info_path) if fs.exists(p)]
+  if existing and not config.get("overwrite", False):
     # Checked before the minutes of Inception work, and never replaced unasked.
-    raise FileExistsError(f"{path} exists; choose another output= or pass "
-                          "--config.overwrite=True to replace it")
+    raise FileExistsError(f"{' and '.join(existing)} exist{'s' if len(existing) == 1 else ''}; "
+                          "choose another output= or pass --config.overwrite=True to replace "
+                          "them")
   if fs.isdir(path):
     raise IsADirectoryError(f"output {path} is a folder; name a file such as fid_stats.npz")
   size = int(config.image_size)
@@ -69,8 +73,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     with fs.staged_file(path, ".npz") as tmp:  # np.savez appends .npz to other names
       npz.write_reference_batch(tmp, images=np.concatenate(kept) if keep_images else None,
                                 pool=pool, spatial=spatial)
-  # Named after the output, so that another output= in the same workdir keeps this one's.
-  job_utils.write_metrics(workdir, info, name=os.path.splitext(os.path.basename(path))[0]
-                          + ".json")
+  job_utils.write_metrics(os.path.dirname(info_path), info, name=os.path.basename(info_path))
   logging.info("Wrote the reference batch of %d images to %s", pool.count, path)
   return info
