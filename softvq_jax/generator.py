@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Mapping
 
 import jax
@@ -77,6 +78,13 @@ def dit_model_fn(model: SiT, labels, cfg_scale, guided: bool):
   return fn
 
 
+def _as_float(value) -> float:
+  try:
+    return float(value)
+  except (TypeError, ValueError):
+    return math.nan
+
+
 def _check_sampler_options(sit: bool, *, num_steps, guidance_interval, path, eta, noise_schedule,
                            rtol, timestep_respacing, method) -> None:
   """Refuses the other family's options and malformed values, which would otherwise be
@@ -105,6 +113,8 @@ def _check_sampler_options(sit: bool, *, num_steps, guidance_interval, path, eta
       raise ValueError(f"rtol is a dopri5 option; method {method!r} does not take it")
   elif eta != 0.0 and method != "ddim":
     raise ValueError(f"eta is a DDIM option; method {method!r} does not take it")
+  elif isinstance(eta, bool) or not 0.0 <= _as_float(eta) < math.inf:
+    raise ValueError(f"eta must be a finite number >= 0, got {eta!r}")
 
 
 def _sample_fn(graphdef, static, state, noise, labels, cfg_scale, key, step_noise, num_valid):
@@ -193,7 +203,14 @@ class Generator(LoadedModel):
     method = method or ("euler_maruyama" if sit else "ddpm")
     if method not in methods:
       raise ValueError(f"method must be one of {methods} for a {self.config.kind}, got {method!r}")
-    if float(cfg_scale) > 1.0 and not self.config.has_null_label:
+    scale = _as_float(cfg_scale)
+    if isinstance(cfg_scale, bool) or not 1.0 <= scale < math.inf:
+      # Below 1 the reference (and this sampler) does not guide at all: a user asking for
+      # 0 would get conditional samples, not unconditional ones.
+      raise ValueError(f"cfg_scale must be a finite number >= 1 (1: no guidance), got "
+                       f"{cfg_scale!r}; for unconditional samples pass the null class "
+                       f"{self.config.null_label} as every label")
+    if scale > 1.0 and not self.config.has_null_label:
       raise ValueError("this model has no null-class row (class_dropout_prob = 0), so it "
                        "cannot be sampled with classifier-free guidance")
     _check_sampler_options(sit, num_steps=num_steps, guidance_interval=guidance_interval,
@@ -256,6 +273,9 @@ class Generator(LoadedModel):
     stochastic = method in ("euler_maruyama", "ddpm") or (method == "ddim" and eta != 0.0)
     if stochastic and key is None and step_noise is None:
       raise ValueError(f"method {method!r} is stochastic: pass key= (or step_noise=)")
+    if not stochastic and step_noise is not None:
+      raise ValueError(f"method {method!r}{' with eta=0' if method == 'ddim' else ''} is "
+                       "deterministic: it takes no step_noise")
     static = (method, steps, guided, tuple(float(g) for g in guidance_interval), path,
               float(eta), noise_schedule, float(rtol))
     if static not in self._samplers:

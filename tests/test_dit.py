@@ -261,7 +261,12 @@ def test_trainer_exports_its_diffusion_settings():
     (dict(method="ddim", num_steps=2.5), "num_steps must be an integer"),
     (dict(method="ddim", num_steps=0), "num_steps must be an integer"),
     (dict(method="ddim", timestep_respacing="ddimx"), "expected 'ddimN'"),
-    (dict(method="ddim", noise_schedule="quadratic"), "noise_schedule must be one of")])
+    (dict(method="ddim", noise_schedule="quadratic"), "noise_schedule must be one of"),
+    (dict(method="ddim", eta=-1.0), "eta must be a finite number >= 0, got -1.0"),
+    (dict(method="ddim", eta=float("nan")), "eta must be a finite number >= 0, got nan"),
+    (dict(method="ddim", cfg_scale=float("inf")), "cfg_scale must be a finite number >= 1"),
+    (dict(method="ddim", step_noise=np.zeros((250, 2, 8, 8), np.float32)),
+     "method 'ddim' with eta=0 is deterministic: it takes no step_noise")])
 def test_dit_sampler_options_are_checked(gen, ref, kwargs, match):
   with pytest.raises(ValueError, match=match):
     gen.sample(ref["in/sample_z"], ref["in/sample_y"], key=jax.random.key(0), **kwargs)
@@ -274,7 +279,15 @@ def test_dit_sampler_options_are_checked(gen, ref, kwargs, match):
     (dict(path="vp"), "path must be one of"),
     (dict(cfg_scale=2.0, guidance_interval=(0.7, 0.0)), "guidance_interval must be"),
     (dict(cfg_scale=2.0, guidance_interval=(0.5,)), r"guidance_interval must be .* got \(0.5,\)"),
-    (dict(num_steps=2.5), "num_steps must be an integer")])
+    (dict(num_steps=2.5), "num_steps must be an integer"),
+    # Below 1 nothing is guided: 0 would give conditional samples, not unconditional ones.
+    (dict(cfg_scale=0.0), r"cfg_scale must be a finite number >= 1 \(1: no guidance\), got "
+                          r"0.0; for unconditional samples pass the null class 3"),
+    (dict(cfg_scale=0.5), "cfg_scale must be a finite number >= 1"),
+    (dict(cfg_scale=float("nan")), "cfg_scale must be a finite number >= 1"),
+    (dict(cfg_scale=np.array([2.0, 3.0])), "cfg_scale must be a finite number >= 1"),
+    (dict(step_noise=np.zeros((3, 1, 4, 2), np.float32)),
+     "method 'euler' is deterministic: it takes no step_noise")])
 def test_sit_sampler_options_are_checked(kwargs, match):
   sit = Generator.random(GeneratorConfig(kind="sit", input_size=4, in_channels=2, hidden_size=8,
                                          depth=1, num_heads=2, num_classes=3), seed=0)
