@@ -200,8 +200,13 @@ def read_config(directory: str, family: str | None = None) -> dict[str, Any]:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
       raise CheckpointError(f"{path} is not valid JSON: {e}") from e
   if family is not None and isinstance(config, dict):
-    # A tokenizer's config names its ViTs; a generator's does not.
-    held = "tokenizer" if "encoder_model" in config else "generator"
+    # A tokenizer's config names its ViTs and tokens; a generator's its transformer. One
+    # with neither mark (a damaged config) is left to the config's own missing-field error.
+    marks = {"tokenizer": ("encoder_model", "decoder_model", "num_latent_tokens",
+                           "codebook_embed_dim"),
+             "generator": ("hidden_size", "in_channels", "input_size", "class_dropout_prob")}
+    held = [name for name, keys in marks.items() if any(k in config for k in keys)]
+    held = held[0] if len(held) == 1 else family
     if held != family:
       raise CheckpointError(f"{directory} holds a {held}, not a {family}: load it with "
                             f"{held.capitalize()}.load")

@@ -465,6 +465,39 @@ def test_legacy_torch_files_are_read_without_running_code(tmp_path, monkeypatch)
     read_checkpoint(str(truncated), weights="model")
 
 
+@pytest.mark.parametrize("field,value,match", [
+    # bool("false") is True: read as a boolean, the string would flip the setting.
+    ("codebook_l2_norm", "false", "codebook_l2_norm must be true or false, got 'false'"),
+    ("dec_cls_token", "false", "dec_cls_token must be true or false"),
+    ("use_ape", 1, "use_ape must be true or false, got 1"),
+    ("tau", "abc", "tau must be a finite number, got 'abc'"),
+    ("vq_mean", None, "vq_mean must be a finite number, got None"),
+    ("vq_std", float("inf"), "vq_std must be a finite number, got inf"),
+    ("rope_theta", [10], r"rope_theta must be a finite number, got \[10\]"),
+])
+def test_tokenizer_config_values_of_the_wrong_type_are_named(field, value, match):
+  from softvq_jax.models.config import TokenizerConfig  # pylint: disable=g-import-not-at-top
+  config = json.loads((HF / "config.json").read_text())
+  with pytest.raises(ConfigError, match=match):
+    TokenizerConfig.from_json_dict(dict(config, **{field: value}))
+
+
+def test_a_misspelt_tokenizer_config_field_is_warned_of(caplog):
+  """Released configs carry many keys that are not read, so only a near miss of a field that
+  is read, and absent, is worth a warning: its default is used in its place."""
+  from softvq_jax.models.config import TokenizerConfig  # pylint: disable=g-import-not-at-top
+  config = json.loads((HF / "config.json").read_text())
+  config["vq_men"] = config.pop("vq_mean", 0.5)
+  with caplog.at_level("WARNING"):
+    parsed = TokenizerConfig.from_json_dict(config)
+  assert parsed.vq_mean == 0.0
+  assert "field 'vq_men' is not read (did you mean 'vq_mean'?" in caplog.text
+  caplog.clear()
+  with caplog.at_level("WARNING"):
+    TokenizerConfig.from_json_dict(json.loads((HF / "config.json").read_text()))
+  assert "is not read" not in caplog.text  # the released config's own keys: no warning
+
+
 def test_a_directory_of_the_other_family_or_a_binary_config_is_named(tmp_path):
   from softvq_jax import Generator, GeneratorConfig  # pylint: disable=g-import-not-at-top
   from softvq_jax.checkpoint import CheckpointError  # pylint: disable=g-import-not-at-top
@@ -481,6 +514,14 @@ def test_a_directory_of_the_other_family_or_a_binary_config_is_named(tmp_path):
   with pytest.raises(CheckpointError, match="holds a tokenizer, not a generator: load it with "
                                             "Tokenizer.load"):
     Generator.load(str(tok_dir))
+  # A tokenizer config that lost its encoder_model is still a tokenizer's: the missing field
+  # is named, not the other family.
+  config = json.loads((tok_dir / "config.json").read_text())
+  (tok_dir / "config.json").write_text(json.dumps(
+      {k: v for k, v in config.items() if k != "encoder_model"}))
+  with pytest.raises(ConfigError, match=r"tokenizer config is missing required fields "
+                                        r"\['encoder_model'\]"):
+    Tokenizer.load(str(tok_dir))
   (tok_dir / "config.json").write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe")
   with pytest.raises(CheckpointError, match="config.json is not valid JSON"):
     Tokenizer.load(str(tok_dir))

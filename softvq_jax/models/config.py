@@ -8,6 +8,8 @@ the repository called softvq-l-32 is a ViT-B encoder with a ViT-L decoder.
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import math
 import re
 from typing import Any, Mapping
 
@@ -229,15 +231,16 @@ class TokenizerConfig:
                            "codebook_embed_dim") if k not in cfg]
     if missing:
       raise ConfigError(f"tokenizer config is missing required fields {missing}")
+    _warn_of_near_misses(cfg)
     bottleneck = bottleneck or cfg.get("bottleneck", "softvq")
     encoder = vit_config_from_name(cfg["encoder_model"], _int(cfg, "enc_patch_size", 16),
                                    cfg.get("encoder_kwargs"), field="encoder_model")
     decoder = vit_config_from_name(cfg["decoder_model"], _int(cfg, "dec_patch_size", 16),
                                    cfg.get("decoder_kwargs"), field="decoder_model")
-    use_rope = bool(cfg.get("use_rope", False))
+    use_rope = _bool(cfg, "use_rope", False)
     # The reference turns absolute positions off whenever RoPE is on.
-    decoder_use_ape = bool(cfg.get("use_ape", True)) and not use_rope
-    decoder_cls_token = bool(cfg.get("dec_cls_token", True))
+    decoder_use_ape = _bool(cfg, "use_ape", True) and not use_rope
+    decoder_cls_token = _bool(cfg, "dec_cls_token", True)
     if decoder_use_ape and not decoder_cls_token and not decoder.no_embed_class:
       # timm built the table with a class-token row; the reference drops only the
       # token, so adding the table to the mask tokens fails on a length mismatch.
@@ -253,20 +256,57 @@ class TokenizerConfig:
         codebook_embed_dim=cfg["codebook_embed_dim"],
         codebook_size=cfg.get("codebook_size", 16384),  # the reference ModelArgs default
         num_codebooks=cfg.get("num_codebooks", 1),
-        tau=float(cfg.get("tau", 0.1)),
-        codebook_l2_norm=bool(cfg.get("codebook_l2_norm", True)),
-        entropy_loss_ratio=float(cfg.get("entropy_loss_ratio", 0.0)),
-        kl_loss_weight=float(cfg.get("kl_loss_weight", 1e-6)),
-        vq_mean=float(cfg.get("vq_mean", 0.0)),
-        vq_std=float(cfg.get("vq_std", 1.0)),
+        tau=_float(cfg, "tau", 0.1),
+        codebook_l2_norm=_bool(cfg, "codebook_l2_norm", True),
+        entropy_loss_ratio=_float(cfg, "entropy_loss_ratio", 0.0),
+        kl_loss_weight=_float(cfg, "kl_loss_weight", 1e-6),
+        vq_mean=_float(cfg, "vq_mean", 0.0),
+        vq_std=_float(cfg, "vq_std", 1.0),
         use_rope=use_rope,
-        rope_theta=float(cfg.get("rope_theta", 10.0)),
+        rope_theta=_float(cfg, "rope_theta", 10.0),
         decoder_use_ape=decoder_use_ape,
         decoder_cls_token=decoder_cls_token,
         to_pixel=cfg.get("to_pixel", "linear"),
         encoder_model=cfg["encoder_model"],
         decoder_model=cfg["decoder_model"],
     )
+
+
+def _bool(cfg: Mapping[str, Any], key: str, default: bool) -> bool:
+  value = cfg.get(key, default)
+  if not isinstance(value, bool):
+    # bool("false") is True: a string here would be read as its opposite.
+    raise ConfigError(f"{key} must be true or false, got {value!r}")
+  return value
+
+
+def _float(cfg: Mapping[str, Any], key: str, default: float) -> float:
+  value = cfg.get(key, default)
+  if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    raise ConfigError(f"{key} must be a finite number, got {value!r}")
+  return float(value)
+
+
+# The fields from_json_dict reads; a key a character or two away from one, while that one
+# is absent, is most likely a typo of it (released configs carry many other keys).
+_READ_FIELDS = ("encoder_model", "decoder_model", "image_size", "num_latent_tokens",
+                "codebook_embed_dim", "enc_patch_size", "dec_patch_size", "encoder_kwargs",
+                "decoder_kwargs", "use_rope", "use_ape", "dec_cls_token", "codebook_size",
+                "num_codebooks", "tau", "codebook_l2_norm", "entropy_loss_ratio",
+                "kl_loss_weight", "vq_mean", "vq_std", "rope_theta", "to_pixel", "bottleneck",
+                "enc_type", "dec_type", "rope_mixed")
+
+
+def _warn_of_near_misses(cfg: Mapping[str, Any]) -> None:
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  for key in cfg:
+    if key in _READ_FIELDS:
+      continue
+    close = [f for f in difflib.get_close_matches(key, _READ_FIELDS, n=1, cutoff=0.85)
+             if f not in cfg]
+    if close:
+      logging.warning("tokenizer config field %r is not read (did you mean %r? it is absent, so "
+                      "its default is used)", key, close[0])
 
 
 def _int(cfg: Mapping[str, Any], key: str, default: int) -> int:
