@@ -123,6 +123,10 @@ class Tokenizer(LoadedModel):
   def encode(self, images, *, return_info: bool = False):
     """``(B, H, W, 3)`` float images in [-1, 1] -> latents ``(B, L, d)`` (float32).
 
+    Shapes and dtypes are always checked; value ranges only for NumPy input (a ``[0, 255]``
+    or ``[0, 1]`` batch, or a NaN, is named). A ``jax.Array``'s values are not read, as that
+    would wait for the device: map them to [-1, 1] yourself (``x / 127.5 - 1``).
+
     With ``return_info=True`` also returns a dict with ``h`` (the pre-bottleneck
     latents) and, for SoftVQ, ``probs`` ``(B, L, K)``, per-codebook ``usage`` and
     ``perplexity`` ``(G,)``, and the batch scalars ``avg_probs``, ``max_probs`` and
