@@ -98,15 +98,16 @@ def _check_sampler_options(sit: bool, *, num_steps, guidance_interval, path, eta
   if foreign:
     raise ValueError(f"{', '.join(foreign)}: not an option of {kind}'s samplers "
                      f"({'SiT' if not sit else 'DiT'} only)")
-  if isinstance(num_steps, bool) or int(num_steps) != num_steps or num_steps < 1:
+  if (isinstance(num_steps, bool) or not isinstance(num_steps, (int, float, np.integer))
+      or int(num_steps) != num_steps or num_steps < 1):
     raise ValueError(f"num_steps must be an integer >= 1, got {num_steps!r}")
   if sit:
     if path not in PATHS:
       raise ValueError(f"path must be one of {PATHS}, got {path!r}")
-    interval = tuple(guidance_interval)
-    if len(interval) != 2 or not 0.0 <= float(interval[0]) <= float(interval[1]) <= 1.0:
+    interval = tuple(np.ravel(guidance_interval))
+    if len(interval) != 2 or not 0.0 <= _as_float(interval[0]) <= _as_float(interval[1]) <= 1.0:
       raise ValueError(f"guidance_interval must be (low, high) with 0 <= low <= high <= 1, "
-                       f"got {interval!r}")
+                       f"got {guidance_interval!r}")
     if method == "dopri5" and not rtol > 0:
       raise ValueError(f"rtol must be positive, got {rtol!r}")
     if method != "dopri5" and rtol != 1e-3:
@@ -271,6 +272,10 @@ class Generator(LoadedModel):
       # The DiT loop runs on the respaced process; "N" is what num_steps=N means.
       steps = str(timestep_respacing) if timestep_respacing is not None else str(steps)
     stochastic = method in ("euler_maruyama", "ddpm") or (method == "ddim" and eta != 0.0)
+    if key is not None and not (isinstance(key, (jax.Array, np.ndarray)) and (
+        jnp.issubdtype(key.dtype, jax.dtypes.prng_key) or key.shape[-1:] == (2,))):
+      raise TypeError(f"key must be a JAX PRNG key (jax.random.key(seed)), got "
+                      f"{type(key).__name__} {getattr(key, 'shape', '')}".rstrip())
     if stochastic and key is None and step_noise is None:
       raise ValueError(f"method {method!r} is stochastic: pass key= (or step_noise=)")
     if not stochastic and step_noise is not None:

@@ -121,6 +121,10 @@ def main(argv) -> int | None:
     raise app.UsageError(f"--config: {e}") from None
   if not _WORKDIR.value:
     raise app.UsageError("--workdir is required")
+  if "://" not in _WORKDIR.value and os.path.exists(_WORKDIR.value) \
+      and not os.path.isdir(_WORKDIR.value):
+    raise app.UsageError(f"--workdir={_WORKDIR.value} is a file; name a folder (it is created "
+                         "if it does not exist)")
   if trainer not in _JOBS:
     raise app.UsageError(f"config.trainer={trainer!r} is not available in this version; "
                          f"available: {sorted(_JOBS)}")

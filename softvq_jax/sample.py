@@ -113,7 +113,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   fs.makedirs(os.path.join(workdir, "parts"))
   if fs.exists(settings_path):
     with fs.open(settings_path) as f:
-      previous = json.load(f)
+      try:
+        previous = json.load(f)
+      except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{settings_path} is not valid JSON ({e}): it cannot say which "
+                         "settings made the samples there; use a new workdir") from e
+    if not isinstance(previous, dict):
+      raise ValueError(f"{settings_path} holds no settings object; use a new workdir")
     if "kind" not in previous:
       # Written by an earlier version, which recorded every sampler field for both families
       # and not the ones added since: the settings both record must agree.

@@ -145,6 +145,16 @@ def test_an_override_of_no_config_field_is_named_without_a_traceback(
   assert "Traceback" not in proc.stderr
 
 
+def test_a_workdir_that_is_a_file_is_named_and_kept(tmp_path):
+  mine = tmp_path / "notes.txt"
+  mine.write_text("mine")
+  proc = subprocess.run(
+      [sys.executable, "-m", "softvq_jax.main", "--config=configs/reconstruct.py",
+       f"--workdir={mine}"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert proc.returncode != 0 and f"--workdir={mine} is a file; name a folder" in proc.stderr
+  assert "Traceback" not in proc.stderr and mine.read_text() == "mine"
+
+
 def test_a_config_file_that_does_not_exist_is_named_without_a_traceback(tmp_path):
   proc = subprocess.run(
       [sys.executable, "-m", "softvq_jax.main", "--config=configs/no_such_config.py",

@@ -287,11 +287,14 @@ def test_dit_sampler_options_are_checked(gen, ref, kwargs, match):
     (dict(cfg_scale=float("nan")), "cfg_scale must be a finite number >= 1"),
     (dict(cfg_scale=np.array([2.0, 3.0])), "cfg_scale must be a finite number >= 1"),
     (dict(step_noise=np.zeros((3, 1, 4, 2), np.float32)),
-     "method 'euler' is deterministic: it takes no step_noise")])
+     "method 'euler' is deterministic: it takes no step_noise"),
+    (dict(num_steps=None), "num_steps must be an integer >= 1, got None"),
+    (dict(cfg_scale=2.0, guidance_interval=0.5), r"guidance_interval must be .* got 0.5"),
+    (dict(key=42), r"key must be a JAX PRNG key \(jax.random.key\(seed\)\), got int")])
 def test_sit_sampler_options_are_checked(kwargs, match):
   sit = Generator.random(GeneratorConfig(kind="sit", input_size=4, in_channels=2, hidden_size=8,
                                          depth=1, num_heads=2, num_classes=3), seed=0)
-  with pytest.raises(ValueError, match=match):
+  with pytest.raises((ValueError, TypeError), match=match):
     sit.sample(np.zeros((1, 4, 2), np.float32), [0], method="euler", **kwargs)
   with pytest.raises(Exception, match="DiT options"):
     GeneratorConfig(kind="sit", noise_schedule="linear")

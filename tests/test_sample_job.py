@@ -196,6 +196,14 @@ def test_outputs_without_sampling_settings_are_not_overwritten(tmp_path, name):
   assert sorted(p.name for p in tmp_path.iterdir()) == [name]
 
 
+def test_a_damaged_sampling_json_is_named(tmp_path):
+  from softvq_jax import sample  # pylint: disable=g-import-not-at-top
+  (tmp_path / "sampling.json").write_text('{"method": "eul')
+  with pytest.raises(ValueError, match="sampling.json is not valid JSON"):
+    sample.run(_job_config("sample_sit_xl_softvq_b64.py", "runlocal,num_samples=2"),
+               str(tmp_path))
+
+
 def test_zero_samples_is_a_named_error(tmp_path):
   from softvq_jax import sample  # pylint: disable=g-import-not-at-top
   with pytest.raises(ValueError, match="num_samples=0 must be an integer >= 1"):
