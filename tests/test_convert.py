@@ -157,6 +157,14 @@ def test_misshaped_tensor_is_named(tmp_path):
   assert "mis-shaped tensor quant_conv.weight" in msg
 
 
+def test_non_finite_weights_are_named(tmp_path):
+  def damage(s):
+    s["quant_conv.weight"] = s["quant_conv.weight"].copy()
+    s["quant_conv.weight"][0, :3] = [np.nan, np.inf, -np.inf]
+  msg = _convert_error(tmp_path, damage)
+  assert "quant_conv.weight holds 3 non-finite value(s) (NaN or inf)" in msg
+
+
 def test_all_problems_reported_together(tmp_path):
   def break_many(s):
     s.pop("encoder.model.norm.bias")

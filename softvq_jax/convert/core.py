@@ -104,7 +104,14 @@ def map_state_dict(
     if not np.issubdtype(converted.dtype, np.floating) and converted.dtype.kind != "V":
       problems.append(f"{name} has dtype {converted.dtype}; a float tensor is expected")
       continue
-    out[path] = converted.astype(dtype)
+    converted = converted.astype(dtype)
+    bad = int(np.size(converted) - np.count_nonzero(np.isfinite(converted)))
+    if bad:
+      # No trained weight is NaN or infinite: the file is damaged (or was saved mid-divergence),
+      # and every output of the model would be NaN.
+      problems.append(f"{name} holds {bad} non-finite value(s) (NaN or inf) of {converted.size}")
+      continue
+    out[path] = converted
     source_of[path] = name
   for path in sorted(set(target_shapes) - claimed, key=format_path):
     problems.append(f"missing tensor for {format_path(path)} {tuple(target_shapes[path])}")
