@@ -152,11 +152,24 @@ class Tokenizer(LoadedModel):
     return self.decode(self.encode(images))
 
   def normalize(self, latents) -> jax.Array:
-    """``(z - vq_mean) / vq_std``: the latents generators are trained on."""
-    return (jnp.asarray(latents) - self.config.vq_mean) / self.config.vq_std
+    """``(z - vq_mean) / vq_std``: the latents generators are trained on (``(..., L, d)``)."""
+    return (self._check_latent_values(latents, "normalize") - self.config.vq_mean) \
+        / self.config.vq_std
 
   def denormalize(self, latents) -> jax.Array:
-    return jnp.asarray(latents) * self.config.vq_std + self.config.vq_mean
+    """``z * vq_std + vq_mean``: a generator's latents back to the decoder's (``(..., L, d)``)."""
+    return self._check_latent_values(latents, "denormalize") * self.config.vq_std \
+        + self.config.vq_mean
+
+  def _check_latent_values(self, latents, what: str) -> jax.Array:
+    latents = latents if hasattr(latents, "dtype") else np.asarray(latents)
+    shape = tuple(latents.shape)
+    if shape[-2:] != tuple(self.latent_shape):
+      raise ValueError(f"{what} takes latents (..., {self.latent_shape[0]}, "
+                       f"{self.latent_shape[1]}), got shape {shape}")
+    if not jnp.issubdtype(latents.dtype, jnp.floating):
+      raise TypeError(f"{what} takes float latents, got dtype {np.dtype(latents.dtype).name}")
+    return jnp.asarray(latents)
 
   # ------------------------------------------------------------- validation
   def _check_images(self, images) -> jax.Array:

@@ -153,6 +153,15 @@ def test_normalize_roundtrip(tok, images):
   as_list = np.asarray(z).tolist()
   np.testing.assert_allclose(tok.normalize(as_list), tok.normalize(z), rtol=1e-6)
   np.testing.assert_allclose(tok.denormalize(as_list), tok.denormalize(z), rtol=1e-6)
+  # One latent (L, d) works too; images, other token counts and integers are named.
+  np.testing.assert_allclose(tok.normalize(z[0]), tok.normalize(z)[0], rtol=1e-6)
+  with pytest.raises(ValueError, match=r"normalize takes latents \(\.\.\., 8, 4\), got "
+                                       r"shape \(4, 32, 32, 3\)"):
+    tok.normalize(images)
+  with pytest.raises(ValueError, match="denormalize takes latents"):
+    tok.denormalize(np.zeros((2, 7, 4), np.float32))
+  with pytest.raises(TypeError, match="normalize takes float latents, got dtype uint8"):
+    tok.normalize(np.zeros((2, 8, 4), np.uint8))
 
 
 def test_a_mesh_without_the_batch_axis_is_refused_when_built(tok):
