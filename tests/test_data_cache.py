@@ -102,7 +102,13 @@ def test_rerun_skips_complete_shards_and_redoes_interrupted(tok, source, cache, 
     os.link(os.path.join(out, name), os.path.join(partial, name))
   shard1 = os.path.join(partial, cache_latents.shard_name(1, 3))
   os.remove(shard1)
-  with open(shard1 + ".tmp-999", "wb") as f:
+  import socket  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  dead_pid = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                                capture_output=True, text=True, check=True).stdout)
+  torn = os.path.join(partial, f".{os.path.basename(shard1)}.tmp-{socket.gethostname()}-{dead_pid}")
+  with open(torn, "wb") as f:
     f.write(b"half a shard")
   with pytest.raises(FileNotFoundError, match=r"incomplete: 1 of 3 shards missing"):
     cache_latents.LatentCacheSource(partial)

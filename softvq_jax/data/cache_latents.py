@@ -220,7 +220,7 @@ def write_latent_cache(tokenizer: Any, source: Any, out_dir: str, *, batch_size:
     written = []
     for shard in todo:
       path = os.path.join(out_dir, shard_name(shard, num_shards))
-      records.remove_stale_temps(path)
+      fs.remove_dead_writers_temps(path)
       records.write_records(path, shard_records(shard))
       written.append(shard)
   bar.close()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import glob
 import os
-import socket
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -29,19 +28,6 @@ def decode_record(data: bytes) -> dict[str, Any]:
   return serialization.msgpack_restore(data)
 
 
-def temp_path(path: str) -> str:
-  # Host and pid: several hosts may write next to each other on a shared file system.
-  return f"{path}.tmp-{socket.gethostname()}-{os.getpid()}"
-
-
-def remove_stale_temps(path: str) -> None:
-  """Deletes temporary files a crashed writer of ``path`` left behind (none beside a URL)."""
-  if fs.is_remote(path):
-    return
-  for stale in glob.glob(glob.escape(path) + ".tmp-*"):
-    os.remove(stale)
-
-
 def write_records(path: str, records: Iterable[Mapping[str, Any]]) -> int:
   """Writes ``records`` to ``path`` atomically; returns how many were written.
 
@@ -53,7 +39,8 @@ def write_records(path: str, records: Iterable[Mapping[str, Any]]) -> int:
       return write_records(local, records)
   from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = temp_path(path)
+  # Hidden, with host and pid: fs.remove_dead_writers_temps clears it after a kill.
+  tmp = fs.temp_sibling(path)
   writer = array_record_module.ArrayRecordWriter(tmp, ARRAY_RECORD_OPTIONS)
   count = 0
   try:
