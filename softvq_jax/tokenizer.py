@@ -153,23 +153,14 @@ class Tokenizer(LoadedModel):
 
   def normalize(self, latents) -> jax.Array:
     """``(z - vq_mean) / vq_std``: the latents generators are trained on (``(..., L, d)``)."""
-    return (self._check_latent_values(latents, "normalize") - self.config.vq_mean) \
-        / self.config.vq_std
+    return (jnp.asarray(self._check_latents(latents, what="normalize's latents", batched=False))
+            - self.config.vq_mean) / self.config.vq_std
 
   def denormalize(self, latents) -> jax.Array:
     """``z * vq_std + vq_mean``: a generator's latents back to the decoder's (``(..., L, d)``)."""
-    return self._check_latent_values(latents, "denormalize") * self.config.vq_std \
-        + self.config.vq_mean
-
-  def _check_latent_values(self, latents, what: str) -> jax.Array:
-    latents = latents if hasattr(latents, "dtype") else np.asarray(latents)
-    shape = tuple(latents.shape)
-    if shape[-2:] != tuple(self.latent_shape):
-      raise ValueError(f"{what} takes latents (..., {self.latent_shape[0]}, "
-                       f"{self.latent_shape[1]}), got shape {shape}")
-    if not jnp.issubdtype(latents.dtype, jnp.floating):
-      raise TypeError(f"{what} takes float latents, got dtype {np.dtype(latents.dtype).name}")
-    return jnp.asarray(latents)
+    return (jnp.asarray(self._check_latents(latents, what="denormalize's latents",
+                                            batched=False))
+            * self.config.vq_std + self.config.vq_mean)
 
   # ------------------------------------------------------------- validation
   def _check_images(self, images) -> jax.Array:
@@ -210,17 +201,20 @@ class Tokenizer(LoadedModel):
                       "the tokenizer takes [-1, 1]; from [0, 1] use x * 2 - 1", stacklevel=3)
     return images
 
-  def _check_latents(self, latents) -> jax.Array:
+  def _check_latents(self, latents, *, what: str = "latents", batched: bool = True) -> jax.Array:
+    """``latents`` as an array, checked: ``(B, L, d)`` and B > 0 where ``batched``, else
+    ``(..., L, d)``; floating point. ``what`` names them in the errors."""
     if getattr(latents, "dtype", None) is None:  # nested lists, as encode accepts them
       latents = np.asarray(latents)
     shape, dtype = tuple(latents.shape), latents.dtype
     want = self.config.latent_shape
-    if len(shape) != 3 or shape[1:] != want:
-      raise ValueError(f"latents must have shape (B, {want[0]}, {want[1]}), got {shape}")
+    if shape[-2:] != want or (batched and len(shape) != 3):
+      raise ValueError(f"{what} must have shape ({'B' if batched else '...'}, {want[0]}, "
+                       f"{want[1]}), got {shape}")
     if not jnp.issubdtype(dtype, jnp.floating):
-      raise TypeError(f"latents must be floating point, got dtype {np.dtype(dtype).name}")
-    if shape[0] == 0:
-      raise ValueError("latents is an empty batch")
+      raise TypeError(f"{what} must be floating point, got dtype {np.dtype(dtype).name}")
+    if batched and shape[0] == 0:
+      raise ValueError(f"{what} is an empty batch")
     return latents
 
   def _shard_batch(self, batch) -> tuple[jax.Array, int]:

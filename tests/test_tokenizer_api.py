@@ -155,12 +155,13 @@ def test_normalize_roundtrip(tok, images):
   np.testing.assert_allclose(tok.denormalize(as_list), tok.denormalize(z), rtol=1e-6)
   # One latent (L, d) works too; images, other token counts and integers are named.
   np.testing.assert_allclose(tok.normalize(z[0]), tok.normalize(z)[0], rtol=1e-6)
-  with pytest.raises(ValueError, match=r"normalize takes latents \(\.\.\., 8, 4\), got "
-                                       r"shape \(4, 32, 32, 3\)"):
+  with pytest.raises(ValueError, match=r"normalize's latents must have shape \(\.\.\., 8, 4\), "
+                                       r"got \(4, 32, 32, 3\)"):
     tok.normalize(images)
-  with pytest.raises(ValueError, match="denormalize takes latents"):
+  with pytest.raises(ValueError, match="denormalize's latents must have shape"):
     tok.denormalize(np.zeros((2, 7, 4), np.float32))
-  with pytest.raises(TypeError, match="normalize takes float latents, got dtype uint8"):
+  with pytest.raises(TypeError, match="normalize's latents must be floating point, got dtype "
+                                      "uint8"):
     tok.normalize(np.zeros((2, 8, 4), np.uint8))
 
 
