@@ -689,7 +689,6 @@ def bench_sit(args, matmul) -> list[dict[str, Any]]:
     line["compiler_options"] = options
     line["item"] = "latent (one forward pass)"
     line["forward_items_per_s"] = batch / timing.median_s
-    line["flops_per_item"] = flops
     line["xla_flops_per_item"] = timing.xla_flops / batch if timing.xla_flops else None
     line.update(timing.summary())
     _rates(line, flops, batch, timing, matmul, args.dtype)
@@ -1040,7 +1039,6 @@ def bench_train(args, matmul) -> list[dict[str, Any]]:
                                    "backbone and REPA teacher that xla_flops_per_item includes")
     line["item"] = "training example (its forward and backward pass)"
     line["steps_per_s"] = 1.0 / timing.median_s
-    line["items_per_s"] = batch / timing.median_s
     line["model_flops_per_item"] = flops
     line["xla_flops_per_item"] = timing.xla_flops / batch if timing.xla_flops else None
     line.update(timing.summary())

@@ -83,7 +83,8 @@ def sampler_options(sampler: ml_collections.ConfigDict, gen: Generator) -> dict:
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   config_lib.require_integers(config, "num_samples", "batch_size")
-  if not fs.exists(os.path.join(workdir, "sampling.json")):
+  settings_path = os.path.join(workdir, "sampling.json")
+  if not fs.exists(settings_path):
     # A run records its settings before its first sample: outputs without them are not a
     # run of this job to resume, and may be the user's.
     found = [name for name in OUTPUTS if fs.exists(os.path.join(workdir, name))]
@@ -109,7 +110,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   }
   if gen.kind == "dit":
     settings["diffusion_steps"] = gen.config.diffusion_steps
-  settings_path = os.path.join(workdir, "sampling.json")
   fs.makedirs(os.path.join(workdir, "parts"))
   if fs.exists(settings_path):
     with fs.open(settings_path) as f:
