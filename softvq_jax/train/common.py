@@ -239,10 +239,10 @@ def warn_of_other_run_settings(checkpointer: TrainCheckpointer,
   if not isinstance(stored, dict):
     return []
   old, new = _flatten(stored), _flatten(run_config_record(config))
-  missing = object()
-  diffs = [f"{key}: checkpoint {old.get(key, missing)!r}, this run {new.get(key, missing)!r}"
-           .replace(repr(missing), "(absent)")
-           for key in sorted(set(old) | set(new)) if old.get(key, missing) != new.get(key, missing)]
+  shown = lambda fields, key: repr(fields[key]) if key in fields else "(absent)"
+  diffs = [f"{key}: checkpoint {shown(old, key)}, this run {shown(new, key)}"
+           for key in sorted(set(old) | set(new))
+           if key not in old or key not in new or old[key] != new[key]]
   if diffs:
     logging.warning("Resuming step %d of %s with settings other than those of the run that "
                     "wrote it (the data iterator continues where it stopped; use a new workdir "
