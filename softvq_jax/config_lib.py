@@ -399,7 +399,8 @@ def sample_recipe(kind: str, tokenizer: str, arg: str | None) -> ml_collections.
         path="cosine", rtol=1e-3, noise_schedule="", eta=0.0, timestep_respacing=""))
   else:
     # noise_schedule "": the one the DiT was trained with (its config.json; the released
-    # DiTs: cosine). timestep_respacing (e.g. "ddim25", "10,15,20") replaces num_steps.
+    # DiTs: cosine). timestep_respacing (e.g. "ddim25", "10,15,20") replaces num_steps
+    # (sampling.json records the steps it keeps).
     c.sampler = ml_collections.ConfigDict(dict(
         method="ddpm", num_steps=250, cfg_scale=1.75, guidance_interval=(0.0, 1.0),
         path="linear", rtol=1e-3, noise_schedule="", eta=0.0, timestep_respacing=""))

@@ -21,6 +21,7 @@ from tqdm import tqdm
 from softvq_jax import config_lib
 from softvq_jax.generator import Generator
 from softvq_jax.models.sit import GeneratorConfig
+from softvq_jax.transport import diffusion as diffusion_lib
 from softvq_jax.tokenizer import Tokenizer
 from softvq_jax.utils import fs
 from softvq_jax.utils.images import make_grid, samples_to_uint8, save_png
@@ -78,6 +79,14 @@ def sampler_options(sampler: ml_collections.ConfigDict, gen: Generator) -> dict:
   if sampler.get("timestep_respacing"):
     options["timestep_respacing"] = sampler.timestep_respacing
   gen.check_sample_options(**options)
+  if gen.kind == "dit" and options.get("timestep_respacing"):
+    # The respacing replaces num_steps: record the steps that run, not the unused field.
+    steps = len(diffusion_lib.space_timesteps(gen.config.diffusion_steps,
+                                              options["timestep_respacing"]))
+    if steps != options["num_steps"]:
+      logging.info("sampler.timestep_respacing=%r replaces sampler.num_steps=%s: %d steps",
+                   options["timestep_respacing"], options["num_steps"], steps)
+    options["num_steps"] = steps
   return options
 
 
@@ -130,6 +139,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       compared = settings
       if "rtol" not in previous and compared.get("rtol") == 1e-3:
         previous = {**previous, "rtol": 1e-3}  # recorded since; dopri5 ran at 1e-3 before
+      if previous.get("timestep_respacing") and \
+          previous.get("timestep_respacing") == compared.get("timestep_respacing"):
+        # Earlier versions recorded the unused num_steps field beside a respacing.
+        previous = {**previous, "num_steps": compared["num_steps"]}
     if previous != compared:
       diffs = "; ".join(f"{k}: {previous.get(k)!r} there, {compared.get(k)!r} now"
                         for k in sorted(set(previous) | set(compared))

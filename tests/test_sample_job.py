@@ -219,9 +219,18 @@ def test_dit_job_takes_the_reference_respacing_and_the_models_schedule(tmp_path)
   out = sample.run(config, str(tmp_path))
   settings = json.loads((tmp_path / "sampling.json").read_text())
   assert settings["timestep_respacing"] == "ddim2" and out["num_samples"] == 2
+  # The steps that ran (ddim2 keeps 2 of 1000), not runlocal's unused num_steps=10.
+  assert config.sampler.num_steps == 10 and settings["num_steps"] == 2
   # The schedule is the model's own (random DiT: the reference's cosine), not a config guess.
   assert settings["noise_schedule"] == "cosine" and settings["diffusion_steps"] == 1000
   assert "guidance_interval" not in settings and "path" not in settings
+  # A run recorded by an earlier version, with the unused num_steps beside the respacing,
+  # resumes (and is recorded anew); another respacing is still named.
+  (tmp_path / "sampling.json").write_text(json.dumps(dict(settings, num_steps=10)))
+  assert sample.run(config, str(tmp_path))["num_samples"] == 2
+  config.sampler.timestep_respacing = "ddim4"
+  with pytest.raises(ValueError, match="num_steps: 2 there, 4 now; timestep_respacing"):
+    sample.run(config, str(tmp_path))
 
 
 def test_a_workdir_of_the_earlier_settings_format_resumes(tmp_path):
