@@ -124,11 +124,12 @@ def write_param_dir(out_dir: str, flat_params: Mapping[Path, np.ndarray], config
     # Only an earlier output of this writer is replaced, never a folder holding anything
     # else (e.g. the very checkpoint being converted).
     names = fs.listdir(out_dir)
-    earlier_output = {_CONFIG, _PARAMS} <= set(names)
-    # The JSON files the writer adds: a user's own JSON placed there is foreign too.
-    own_json = set(_EXTRA_JSON) | set(extra_json or ())
-    foreign = [name for name in names
-               if not (name in (_CONFIG, _PARAMS) or (earlier_output and name in own_json))]
+    # The writer's outputs always hold params/ (a bucket upload that died, or a replacement
+    # cut short, may have lost config.json, which goes up last and is deleted first): a
+    # config.json or JSON report without it was written by someone else.
+    ours = ({_CONFIG, _PARAMS} | set(_EXTRA_JSON) | set(extra_json or ())
+            if _PARAMS in names else set())
+    foreign = [name for name in names if name not in ours]
     if foreign:
       raise FileExistsError(f"refusing to overwrite {out_dir}: it holds files this writer "
                             f"did not make ({', '.join(foreign[:5])}"

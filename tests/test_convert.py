@@ -101,6 +101,12 @@ def test_existing_output_is_never_overwritten(tmp_path, capsys):
   assert "refusing to overwrite" in capsys.readouterr().err
   assert (out / "notes.txt").read_text() == "user data"
   (out / "notes.txt").unlink()
+  # Nor a folder holding a config.json alone: the writer's outputs always have params/.
+  (out / "config.json").write_text('{"mine": true}')
+  assert convert_main(args + ["--overwrite"]) == 2
+  assert "did not make (config.json)" in capsys.readouterr().err
+  assert (out / "config.json").read_text() == '{"mine": true}'
+  (out / "config.json").unlink()
   out.rmdir()
   # Nor a file of that name (it had been replaced, and left behind as a hidden backup).
   out.write_text("user file")
