@@ -32,8 +32,10 @@ Protocol (the same for every measurement):
   dtype (``--matmul_size`` square operands), and every line reports achieved
   FLOP/s and its ratio to that rate (``fraction_of_matmul_rate``, from medians;
   ``..._best`` divides the fastest call's rate by the fastest matmul's, steadier
-  on shared machines); ``mfu_nominal`` uses the chip's published dense peak
-  where we know it.
+  on shared machines; ``..._paired`` is the median, over ``--repeats`` more calls,
+  of each call's rate over that of the matmul timed just before it, which a host
+  whose speed drifts during the run moves far less than the medians' quotient);
+  ``mfu_nominal`` uses the chip's published dense peak where we know it.
 - Generation pipeline: ``--steps`` Euler steps of the probability-flow ODE, all
   inside one compiled program, CFG (batch doubled) when ``--cfg`` > 1, then the
   tokenizer decoder (``--no-decode`` excludes it). A DiT ``--generator`` takes
@@ -337,6 +339,10 @@ class Timing:
   # Median host time until a call returned (before the sync): argument handling and launch,
   # during which the device has not started that call.
   dispatch_s: float | None = None
+  # Seconds of (reference matmul, this program) timed back to back, ``repeats`` pairs: the
+  # ratio of each pair is taken at one moment, so a host whose speed drifts during the run
+  # moves both terms alike.
+  pairs: list[tuple[float, float]] | None = None
 
   @property
   def median_s(self) -> float:
@@ -350,6 +356,8 @@ class Timing:
                max_s=ts[-1], iqr_s=q3 - q1, repeats=len(ts),
                program_memory_bytes=self.memory.get("per_device_total_bytes"),
                pipelined_s_per_call=self.pipelined_s, dispatch_s=self.dispatch_s)
+    if self.pairs:
+      out["paired_median_s"] = statistics.median(t for _, t in self.pairs)
     if self.profile is not None:
       out["profile"] = self.profile
     return out
@@ -387,6 +395,9 @@ def _compile(lowerable, args: tuple):
 # ``--profile DIR``: every measure() also traces a few calls into its own folder under DIR.
 _profile_root: str | None = None
 _profile_count = 0
+# Set by matmul_rate: one synchronised call of the reference matmul, returning its seconds.
+# measure() times it against every program (``Timing.pairs``).
+_reference_call: Callable[[], float] | None = None
 
 
 def measure(fn: Callable, args: tuple, *, repeats: int, warmup: int, carry: bool = False,
@@ -435,8 +446,17 @@ def measure(fn: Callable, args: tuple, *, repeats: int, warmup: int, carry: bool
     dispatch()
   jax.block_until_ready(out)
   pipelined_s = (time.perf_counter() - t0) / repeats
+  pairs = None
+  if _reference_call is not None:
+    pairs = []
+    for _ in range(repeats):
+      reference_s = _reference_call()
+      t0 = time.perf_counter()
+      run_once()
+      pairs.append((reference_s, time.perf_counter() - t0))
   timing = Timing(compile_s, times, xla_flops, _memory(compiled), out,
-                  pipelined_s=pipelined_s, dispatch_s=statistics.median(dispatch_times))
+                  pipelined_s=pipelined_s, dispatch_s=statistics.median(dispatch_times),
+                  pairs=pairs)
   if _profile_root is not None:
     from softvq_jax import kernel_profile  # pylint: disable=g-import-not-at-top
     _profile_count += 1
@@ -461,9 +481,24 @@ def matmul_rate(dtype: str, size: int, repeats: int) -> dict[str, Any]:
   a = jax.random.normal(ka, (size, size), dt)
   b = jax.random.normal(kb, (size, size), dt)
   precision = jax.lax.Precision.HIGHEST if dtype == "float32" else None
-  timing = measure(lambda x, y: jnp.dot(x, y, precision=precision), (a, b),
-                   repeats=max(repeats, 5), warmup=2)
+  global _reference_call
+  _reference_call = None  # the matmul is not paired with itself
+  product = lambda x, y: jnp.dot(x, y, precision=precision)
+  timing = measure(product, (a, b), repeats=max(repeats, 5), warmup=2)
   flops = 2.0 * size**3
+  matmul = jax.jit(product).lower(a, b).compile()
+  jax.block_until_ready(matmul(a, b))
+
+  def reference_call() -> float:
+    # The median of three calls: one call of a CPU's 2048² matmul lasts tens of milliseconds.
+    seconds = []
+    for _ in range(3):
+      t0 = time.perf_counter()
+      jax.block_until_ready(matmul(a, b))
+      seconds.append(time.perf_counter() - t0)
+    return statistics.median(seconds)
+
+  _reference_call = reference_call
   return dict(matmul_size=size, matmul_flops_per_s=flops / timing.median_s,
               matmul_best_flops_per_s=flops / min(timing.times))
 
@@ -610,6 +645,12 @@ def _rates(line: dict[str, Any], flops_per_item: float, items: int, timing: Timi
   # neighbours' load, the best times much less.
   best = flops_per_item * items / min(timing.times)
   line[prefix + "fraction_of_matmul_rate_best"] = best / matmul["matmul_best_flops_per_s"]
+  if timing.pairs:
+    # Per pair, this program's rate over the matmul's just before it; the median of those.
+    matmul_flops = 2.0 * matmul["matmul_size"]**3
+    line[prefix + "fraction_of_matmul_rate_paired"] = statistics.median(
+        flops_per_item * items / program_s / (matmul_flops / reference_s)
+        for reference_s, program_s in timing.pairs)
   peak = _nominal_peak(line["device_kind"], dtype)
   if peak:
     line[prefix + "mfu_nominal"] = achieved / (peak * line["device_count"])
@@ -1277,12 +1318,16 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
                        "(auto and xla run everywhere)")
     on_cpu = platform == "cpu"
     size = args.matmul_size or (2048 if on_cpu else 8192)
+    global _reference_call
     matmul = matmul_rate(args.dtype, size, args.repeats)
-    if args.what == "matmul":
-      lines = [dict(what="matmul", dtype=args.dtype, **_device_info(), **matmul)]
-    else:
-      lines = {"tokenizer": bench_tokenizer, "sit": bench_sit, "pipeline": bench_pipeline,
-               "train": bench_train}[args.what](args, matmul)
+    try:
+      if args.what == "matmul":
+        lines = [dict(what="matmul", dtype=args.dtype, **_device_info(), **matmul)]
+      else:
+        lines = {"tokenizer": bench_tokenizer, "sit": bench_sit, "pipeline": bench_pipeline,
+                 "train": bench_train}[args.what](args, matmul)
+    finally:
+      _reference_call = None  # other users of measure() (the kernel sweep) time no pairs
   for line in lines:
     if args.tiny:
       # Every kind says so alike: a tiny line must never pass for the named model's.

@@ -113,6 +113,9 @@ def test_tokenizer_line_fields(tokenizer_lines, capsys):
     best = line["encode_flops_per_img"] * line["batch"] / line["encode"]["min_s"]
     assert line["encode_fraction_of_matmul_rate_best"] == pytest.approx(
         best / line["matmul_best_flops_per_s"])
+    for program in ("encode", "decode"):
+      assert line[f"{program}_fraction_of_matmul_rate_paired"] > 0
+      assert line[program]["paired_median_s"] > 0
     assert line["inference_forms"] == "auto" and line["compiler_options"] is None  # CPU
     pipelined_s = line["decode"]["pipelined_s_per_call"]
     assert pipelined_s > 0
@@ -131,6 +134,38 @@ def test_tokenizer_line_fields(tokenizer_lines, capsys):
   assert all("what" in p for p in printed)
 
 
+def test_paired_fraction_is_the_median_of_per_pair_ratios():
+  """Each pair's program rate over the matmul rate of the call timed just before it."""
+  size, flops_per_item, items = 100, 4e6, 2
+  matmul_flops = 2.0 * size**3  # 2e6
+  # (matmul seconds, program seconds): ratios (8e6/1)/(2e6/0.5) = 2, (8e6/2)/(2e6/1) = 2,
+  # (8e6/4)/(2e6/0.25) = 0.25 -> median 2; the medians' quotient would say
+  # (8e6/2)/(2e6/0.5) = 1.
+  pairs = [(0.5, 1.0), (1.0, 2.0), (0.25, 4.0)]
+  timing = bench.Timing(compile_s=0.0, times=[1.0, 2.0, 4.0], xla_flops=None, memory={},
+                        pairs=pairs)
+  line = {"device_kind": "cpu", "device_count": 1}
+  bench._rates(line, flops_per_item, items, timing,  # pylint: disable=protected-access
+               {"matmul_size": size, "matmul_flops_per_s": matmul_flops / 0.5,
+                "matmul_best_flops_per_s": matmul_flops / 0.25}, "float32")
+  assert line["fraction_of_matmul_rate_paired"] == pytest.approx(2.0)
+  assert line["fraction_of_matmul_rate"] == pytest.approx(1.0)
+  assert timing.summary()["paired_median_s"] == 2.0
+
+
+def test_measure_pairs_only_inside_a_benchmark_run(monkeypatch):
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  calls = []
+  monkeypatch.setattr(bench, "_reference_call", lambda: calls.append(1) or 0.125)
+  timing = bench.measure(lambda x: x * 2, (jnp.ones(4),), repeats=3, warmup=0)
+  assert len(calls) == 3 and [r for r, _ in timing.pairs] == [0.125] * 3
+  assert all(t > 0 for _, t in timing.pairs)
+  # bench.main leaves no reference behind for the kernel sweep's measure() calls.
+  bench.main(["--what", "matmul", "--matmul_size", "64", "--repeats", "1"])
+  assert bench._reference_call is None  # pylint: disable=protected-access
+  assert bench.measure(lambda x: x, (jnp.ones(2),), repeats=1, warmup=0).pairs is None
+
+
 def _assert_common_rate_fields(line, prefix=""):
   """Every timed kind names its rate, FLOPs and matmul fraction the same way."""
   timing = line[prefix[:-1]] if prefix else line
@@ -140,6 +175,7 @@ def _assert_common_rate_fields(line, prefix=""):
   assert line[prefix + "fraction_of_matmul_rate"] == pytest.approx(
       line[prefix + "flops_per_item"] * line[prefix + "items_per_s"] / line["matmul_flops_per_s"])
   assert prefix + "xla_flops_per_item" in line or prefix + "xla_flops_per_img" in line
+  assert line[prefix + "fraction_of_matmul_rate_paired"] > 0
 
 
 def test_every_kind_names_its_rates_alike(tokenizer_lines):
