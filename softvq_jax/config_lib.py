@@ -10,6 +10,14 @@ from softvq_jax.data import sources as data_sources
 from softvq_jax.models.released import RELEASED_TOKENIZERS
 
 
+class JobError(ValueError):
+  """A job that cannot run as asked: its config, its workdir or its inputs say why.
+
+  ``python -m softvq_jax.main`` prints the message alone (exit status 2), without the
+  traceback of an error that is the program's own.
+  """
+
+
 def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
   """Parses ``"runlocal,key=value,..."`` (the part after ``:`` in ``--config=file.py:arg``).
 
@@ -25,15 +33,15 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
       continue
     key, _, value = item.partition("=")
     if key not in defaults:
-      raise ValueError(f"unknown config argument {key!r}; known: {sorted(defaults)}")
+      raise JobError(f"unknown config argument {key!r}; known: {sorted(defaults)}")
     default = defaults[key]
     if not _:
       if not isinstance(default, bool):
-        raise ValueError(f"config argument {key!r} needs a value ({key}=...)")
+        raise JobError(f"config argument {key!r} needs a value ({key}=...)")
       result[key] = True
     elif isinstance(default, bool):
       if value.lower() not in ("true", "false", "1", "0"):
-        raise ValueError(f"config argument {key}={value!r} is not a boolean")
+        raise JobError(f"config argument {key}={value!r} is not a boolean")
       result[key] = value.lower() in ("true", "1")
     elif isinstance(default, (int, float)):
       kind = type(default)
@@ -41,7 +49,7 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
         result[key] = kind(value)
       except ValueError as e:
         noun = "an integer" if kind is int else "a number"
-        raise ValueError(f"config argument {key}={value!r} is not {noun}") from e
+        raise JobError(f"config argument {key}={value!r} is not {noun}") from e
     else:
       result[key] = value
   return result
@@ -65,7 +73,7 @@ def require_integers(config: ml_collections.ConfigDict, *names: str, minimum: in
   problems = [problem for name in names
               if (problem := integer_problem(name, config.get(name), minimum))]
   if problems:
-    raise ValueError("invalid config: " + "; ".join(problems))
+    raise JobError("invalid config: " + "; ".join(problems))
 
 
 def job_source_kwargs(source: str, *, skimage_examples: int = 64) -> dict[str, Any]:
@@ -75,8 +83,8 @@ def job_source_kwargs(source: str, *, skimage_examples: int = 64) -> dict[str, A
   key declared here; empty strings mean unset.
   """
   if source not in JOB_SOURCES:
-    raise ValueError(f"unknown data source {source!r} (config argument source=); choose one of "
-                     f"{', '.join(JOB_SOURCES)}")
+    raise JobError(f"unknown data source {source!r} (config argument source=); choose one of "
+                   f"{', '.join(JOB_SOURCES)}")
   return {"tfds": dict(dataset="imagenet2012", data_dir=""), "folder": dict(root=""),
           "array_record": dict(paths=""), "synthetic": dict(num_examples=64),
           "fashion_mnist": {}, "skimage": dict(num_examples=skimage_examples),

@@ -12,6 +12,7 @@ from __future__ import annotations
 import ml_collections
 from absl import logging
 
+from softvq_jax.config_lib import JobError
 from softvq_jax.tokenizer import Tokenizer
 
 
@@ -22,7 +23,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   from softvq_jax.data.cache_latents import write_latent_cache  # pylint: disable=g-import-not-at-top
   from softvq_jax.train.tokenizer_trainer import resolve_source  # pylint: disable=g-import-not-at-top
   if not config.get("tokenizer_dir"):
-    raise ValueError("config.tokenizer_dir is required: a converted or trained tokenizer directory")
+    raise JobError("config.tokenizer_dir is required: a converted or trained tokenizer directory")
   tok = Tokenizer.load(config.tokenizer_dir, dtype=config.get("dtype", "float32"))
   # ``split`` names the dataset's own split ("train", "test", "train[:1%]"...), read as is.
   data = ml_collections.ConfigDict(config.data.to_dict())
@@ -30,8 +31,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if data.source in _TRAIN_AND_HELD_OUT_ONLY:
     # These sources have a training part and a held-out part, no named splits.
     if split not in ("train", "test", "validation"):
-      raise ValueError(f"data.source={data.source} has a training and a held-out part: split "
-                       f"must be 'train' or 'test', got {split!r}")
+      raise JobError(f"data.source={data.source} has a training and a held-out part: split "
+                     f"must be 'train' or 'test', got {split!r}")
     source = resolve_source(data, "train" if split == "train" else "eval")
   else:
     data.train_split = split

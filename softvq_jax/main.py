@@ -97,6 +97,22 @@ def _parse_flags(argv: list[str]) -> list[str]:
     sys.exit(1)
 
 
+EXIT_STATUS_REFUSED = 2  # as for a usage error: the job did not start its work
+
+
+def _refusals() -> tuple[type[Exception], ...]:
+  """The errors a job raises on purpose for what the user asked or gave it."""
+  from softvq_jax.checkpoint import CheckpointError  # pylint: disable=g-import-not-at-top
+  from softvq_jax.config_lib import JobError  # pylint: disable=g-import-not-at-top
+  from softvq_jax.convert.core import ConversionError  # pylint: disable=g-import-not-at-top
+  from softvq_jax.convert.readers import CheckpointFormatError  # pylint: disable=g-import-not-at-top
+  from softvq_jax.convert.torch_pickle import TorchCheckpointError  # pylint: disable=g-import-not-at-top
+  from softvq_jax.models.config import ConfigError  # pylint: disable=g-import-not-at-top
+  # FileExistsError: the jobs refuse to write over outputs they did not make.
+  return (JobError, ConfigError, CheckpointError, CheckpointFormatError, ConversionError,
+          TorchCheckpointError, FileExistsError)
+
+
 class _QuietLibraries:
   """Drops the INFO chatter of Orbax (every file rename of every save) from the terminal."""
 
@@ -138,7 +154,13 @@ def main(argv) -> int | None:
   if "://" not in workdir:
     # Orbax (and every path a job hands on) wants absolute paths; users type relative ones.
     workdir = os.path.abspath(workdir)
-  importlib.import_module(_JOBS[trainer]).run(config, workdir)
+  try:
+    importlib.import_module(_JOBS[trainer]).run(config, workdir)
+  except _refusals() as e:
+    # Refused on purpose, by a message that names the problem: the traceback would bury it.
+    logging.debug("Traceback of the refusal below", exc_info=True)
+    sys.stderr.write(f"FATAL {type(e).__name__}: {e}\n")
+    return EXIT_STATUS_REFUSED
   from softvq_jax.train import loop  # pylint: disable=g-import-not-at-top
   if loop.stopped_unfinished():
     if jax.process_count() > 1:

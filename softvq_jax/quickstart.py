@@ -24,6 +24,7 @@ import numpy as np
 from absl import logging
 from tqdm import tqdm
 
+from softvq_jax.config_lib import JobError
 from softvq_jax.tokenizer import Tokenizer
 from softvq_jax.utils import fs
 from softvq_jax.utils.images import make_grid, samples_to_uint8, save_png, to_uint8
@@ -164,9 +165,9 @@ def _check_same_settings(config: ml_collections.ConfigDict, workdir: str) -> Non
     stored = json.load(f)
   if stored != current:
     changed = sorted(_differences(stored, current))
-    raise ValueError(f"{workdir} holds a quickstart run with other settings ("
-                     f"{', '.join(changed[:8])}{', ...' if len(changed) > 8 else ''}); "
-                     "rerun with the same arguments to resume it, or choose another --workdir")
+    raise JobError(f"{workdir} holds a quickstart run with other settings ("
+                   f"{', '.join(changed[:8])}{', ...' if len(changed) > 8 else ''}); "
+                   "rerun with the same arguments to resume it, or choose another --workdir")
 
 
 def _differences(a, b, prefix: str = "") -> list[str]:

@@ -19,6 +19,7 @@ from absl import logging
 from tqdm import tqdm
 
 from softvq_jax import config_lib
+from softvq_jax.config_lib import JobError
 from softvq_jax.generator import Generator
 from softvq_jax.models.sit import GeneratorConfig
 from softvq_jax.transport import diffusion as diffusion_lib
@@ -47,8 +48,8 @@ def _load_models(config: ml_collections.ConfigDict, mesh) -> tuple[Generator, To
     gen = Generator.random(GeneratorConfig.from_json_dict(fields), seed=config.seed, dtype=dtype,
                            mesh=mesh)
   if gen.latent_shape != tok.latent_shape:
-    raise ValueError(f"the generator makes latents {gen.latent_shape}, the tokenizer takes "
-                     f"{tok.latent_shape}: they do not belong together")
+    raise JobError(f"the generator makes latents {gen.latent_shape}, the tokenizer takes "
+                   f"{tok.latent_shape}: they do not belong together")
   return gen, tok
 
 
@@ -78,7 +79,10 @@ def sampler_options(sampler: ml_collections.ConfigDict, gen: Generator) -> dict:
     options["noise_schedule"] = sampler.get("noise_schedule") or gen.config.noise_schedule
   if sampler.get("timestep_respacing"):
     options["timestep_respacing"] = sampler.timestep_respacing
-  gen.check_sample_options(**options)
+  try:
+    gen.check_sample_options(**options)
+  except ValueError as e:
+    raise JobError(f"config.sampler: {e}") from e
   if gen.kind == "dit" and options.get("timestep_respacing"):
     # The respacing replaces num_steps: record the steps that run, not the unused field.
     steps = len(diffusion_lib.space_timesteps(gen.config.diffusion_steps,
@@ -125,10 +129,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       try:
         previous = json.load(f)
       except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{settings_path} is not valid JSON ({e}): it cannot say which "
-                         "settings made the samples there; use a new workdir") from e
+        raise JobError(f"{settings_path} is not valid JSON ({e}): it cannot say which "
+                       "settings made the samples there; use a new workdir") from e
     if not isinstance(previous, dict):
-      raise ValueError(f"{settings_path} holds no settings object; use a new workdir")
+      raise JobError(f"{settings_path} holds no settings object; use a new workdir")
     if "kind" not in previous:
       # Written by an earlier version, which recorded every sampler field for both families
       # and not the ones added since: the settings both record must agree.
@@ -147,8 +151,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       diffs = "; ".join(f"{k}: {previous.get(k)!r} there, {compared.get(k)!r} now"
                         for k in sorted(set(previous) | set(compared))
                         if previous.get(k) != compared.get(k))
-      raise ValueError(f"{workdir} holds samples made with other settings ({settings_path}: "
-                       f"{diffs}); use a new workdir")
+      raise JobError(f"{workdir} holds samples made with other settings ({settings_path}: "
+                     f"{diffs}); use a new workdir")
   fs.write_json_atomic(settings_path, settings)
 
   batches = range(0, config.num_samples, config.batch_size)

@@ -164,6 +164,35 @@ def test_a_config_file_that_does_not_exist_is_named_without_a_traceback(tmp_path
   assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.parametrize("override,expected", [
+    # A job's own check of its config, and a check of the API it calls, named by section.
+    ("--config.num_samples=0", "FATAL JobError: invalid config: num_samples=0 must be an integer"),
+    ("--config.sampler.cfg_scale=0.5",
+     "FATAL JobError: config.sampler: cfg_scale must be a finite number >= 1"),
+])
+def test_a_job_that_refuses_its_settings_says_why_without_a_traceback(tmp_path, override,
+                                                                       expected):
+  proc = subprocess.run(
+      [sys.executable, "-m", "softvq_jax.main", "--config=configs/sample_sit_xl_softvq_b64.py:runlocal",
+       f"--workdir={tmp_path / 'run'}", override], cwd=ROOT, capture_output=True, text=True,
+      timeout=300)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert expected in proc.stderr, proc.stderr[-2000:]
+  assert "Traceback" not in proc.stderr
+  assert not (tmp_path / "run" / "sampling.json").exists()
+
+
+def test_a_refusal_on_the_workdirs_contents_is_named_without_a_traceback(tmp_path):
+  """Outputs the job did not make (FileExistsError) are refused alike; the user's file stays."""
+  (tmp_path / "samples.npz").write_bytes(b"mine")
+  proc = subprocess.run(
+      [sys.executable, "-m", "softvq_jax.main", "--config=configs/sample_sit_xl_softvq_b64.py:runlocal",
+       f"--workdir={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+  assert "FATAL FileExistsError: " in proc.stderr and "but no sampling.json" in proc.stderr
+  assert (tmp_path / "samples.npz").read_bytes() == b"mine"
+
+
 @pytest.mark.parametrize("config,overrides", [
     ("configs/sit_xl_softvq_b64.py:runlocal",
      ['--config.mesh=(("data",2),("fsdp",4))', "--config.data.source=synthetic",

@@ -16,6 +16,7 @@ import jax
 import ml_collections
 from absl import logging
 
+from softvq_jax.config_lib import JobError
 from softvq_jax.eval import adm, job_utils, npz
 
 
@@ -26,10 +27,10 @@ MIN_SAMPLES_FOR_STABLE_FID = 2048
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   for key in ("samples", "ref"):
     if not config.get(key, ""):
-      raise ValueError(f"config.{key} is required: the {'sample' if key == 'samples' else 'reference'}"
-                       " batch (.npz, arr_0 uint8 NHWC)")
+      raise JobError(f"config.{key} is required: the {'sample' if key == 'samples' else 'reference'}"
+                     " batch (.npz, arr_0 uint8 NHWC)")
   if config.get("distance_dtype", "float16") not in ("float16", "float32"):
-    raise ValueError(f"distance_dtype={config.distance_dtype!r} must be 'float16' or 'float32'")
+    raise JobError(f"distance_dtype={config.distance_dtype!r} must be 'float16' or 'float32'")
   if jax.process_count() > 1:
     logging.warning("eval_gen runs the whole evaluation on every process; run it on one host")
   job_utils.refuse_earlier_outputs(config, workdir, "metrics.json")
@@ -40,8 +41,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if "holds no images" not in str(e):
       raise
     # ADM's evaluator needs the reference images too: precision/recall compare features.
-    raise ValueError(f"{e}; for a reference batch made by configs/fid_stats.py pass its "
-                     "`images` argument") from e
+    raise JobError(f"{e}; for a reference batch made by configs/fid_stats.py pass its "
+                   "`images` argument") from e
   warnings = []
   if ref_shape is not None and tuple(samples_shape[1:3]) != tuple(ref_shape[1:3]):
     # The Inception resizes both to 299, so nothing fails: the numbers compare resolutions.

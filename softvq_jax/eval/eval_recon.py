@@ -34,6 +34,7 @@ from absl import logging
 from flax import nnx
 from tqdm import tqdm
 
+from softvq_jax.config_lib import JobError
 from softvq_jax.eval import adm, image_metrics, job_utils
 from softvq_jax.tokenizer import Tokenizer
 from softvq_jax.utils import fs
@@ -115,7 +116,7 @@ class ReconstructionMetrics:
         np.array([self.count] + [self.sums[k] for k in keys], np.float64))
     count = int(totals[0])
     if count == 0:
-      raise ValueError("no images were evaluated")
+      raise JobError("no images were evaluated")
     out = {"num_images": count}
     out.update({k: float(v / count) for k, v in zip(keys, totals[1:])})
     if self.features is not None:
@@ -133,8 +134,8 @@ OUTPUTS = ("metrics.json", "reconstructions.png")
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   from softvq_jax.data.pipeline import host_shard, image_pipeline  # pylint: disable=g-import-not-at-top
   if not config.get("tokenizer_dir"):
-    raise ValueError("config.tokenizer_dir is required: a converted or trained tokenizer "
-                     "directory (Tokenizer.save / python -m softvq_jax.convert)")
+    raise JobError("config.tokenizer_dir is required: a converted or trained tokenizer "
+                   "directory (Tokenizer.save / python -m softvq_jax.convert)")
   job_utils.refuse_earlier_outputs(config, workdir, *OUTPUTS)
   fs.makedirs(workdir)
   mesh = None

@@ -23,6 +23,7 @@ from absl import logging
 from tqdm import tqdm
 
 from softvq_jax import config_lib
+from softvq_jax.config_lib import JobError
 from softvq_jax.eval import adm, job_utils, npz
 from softvq_jax.utils import fs
 from softvq_jax.utils.images import to_uint8
@@ -32,8 +33,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   from softvq_jax.data.pipeline import host_shard, image_pipeline  # pylint: disable=g-import-not-at-top
   keep_images = bool(config.get("images", False))
   if keep_images and jax.process_count() > 1:
-    raise ValueError("images=True gathers arr_0 in one process's memory; run it on one host "
-                     "(the statistics alone work on any number of hosts)")
+    raise JobError("images=True gathers arr_0 in one process's memory; run it on one host "
+                   "(the statistics alone work on any number of hosts)")
   config_lib.require_integers(config, "image_size", "batch_size")
   path = os.path.join(workdir, config.get("output", "fid_stats.npz") or "fid_stats.npz")
   # Beside the output and named after it, so that another output= keeps this one's.

@@ -18,6 +18,7 @@ from absl import logging
 from tqdm import tqdm
 
 from softvq_jax import config_lib
+from softvq_jax.config_lib import JobError
 from softvq_jax.eval import job_utils
 from softvq_jax.tokenizer import Tokenizer
 from softvq_jax.utils import fs
@@ -37,15 +38,15 @@ _ARCHITECTURE = ("image_size", "encoder", "decoder", "num_latent_tokens", "codeb
 def _check_is_the_named_model(config: ml_collections.ConfigDict, tok: Tokenizer) -> None:
   """``released=`` and ``image_size=`` beside a tokenizer_dir say what it must hold."""
   if config.get("image_size") and config.image_size != tok.image_size:
-    raise ValueError(f"image_size={config.image_size}, but {config.tokenizer_dir} holds a "
-                     f"{tok.image_size}x{tok.image_size} tokenizer")
+    raise JobError(f"image_size={config.image_size}, but {config.tokenizer_dir} holds a "
+                   f"{tok.image_size}x{tok.image_size} tokenizer")
   if config.get("released"):
     from softvq_jax.models.config import TokenizerConfig  # pylint: disable=g-import-not-at-top
     named = TokenizerConfig.from_json_dict(config.model.to_dict())
     differ = [f for f in _ARCHITECTURE if getattr(named, f) != getattr(tok.config, f)]
     if differ:
-      raise ValueError(f"{config.tokenizer_dir} is not {config.released}: its {', '.join(differ)} "
-                       "differ from the release's")
+      raise JobError(f"{config.tokenizer_dir} is not {config.released}: its {', '.join(differ)} "
+                     "differ from the release's")
 
 
 def load_tokenizer(config: ml_collections.ConfigDict) -> Tokenizer:
@@ -67,7 +68,7 @@ def load_images(config: ml_collections.ConfigDict, image_size: int) -> tuple[np.
   if source == "skimage":
     from softvq_jax.data.photos import skimage_photos  # pylint: disable=g-import-not-at-top
     return skimage_photos(image_size)
-  raise ValueError(f"unknown data.source {source!r} for the reconstruct job; supported: 'skimage'")
+  raise JobError(f"unknown data.source {source!r} for the reconstruct job; supported: 'skimage'")
 
 
 OUTPUTS = ("reconstructions.png", "latents.npz", "metrics.json")

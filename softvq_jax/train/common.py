@@ -14,6 +14,7 @@ from absl import logging
 from softvq_jax import config_lib
 from softvq_jax import parallel
 from softvq_jax.checkpoint import TrainCheckpointer
+from softvq_jax.config_lib import JobError
 from softvq_jax.train import events
 from softvq_jax.train import state as state_lib
 from softvq_jax.transport import diffusion
@@ -87,7 +88,7 @@ def check_run_settings(config: ml_collections.ConfigDict, *, steps_from_epochs: 
   integer("data.num_classes", 1)
   problems += _mesh_problems(config.get("mesh", (("data", -1),)))
   if problems:
-    raise ValueError("invalid config: " + "; ".join(problems))
+    raise JobError("invalid config: " + "; ".join(problems))
 
 
 def _mesh_problems(mesh) -> list[str]:
@@ -120,8 +121,8 @@ def check_batch(global_batch_size: int, mesh: jax.sharding.Mesh) -> None:
   for axis in parallel.batch_axes(mesh):
     shards *= mesh.shape[axis]
   if global_batch_size % shards:
-    raise ValueError(f"global_batch_size {global_batch_size} does not split over the "
-                     f"{shards} batch shards of mesh {dict(mesh.shape)}")
+    raise JobError(f"global_batch_size {global_batch_size} does not split over the "
+                   f"{shards} batch shards of mesh {dict(mesh.shape)}")
   logging.info("Batch: global %d, per process %d, per device %d", global_batch_size,
                global_batch_size // jax.process_count(), global_batch_size // shards)
 
@@ -157,7 +158,7 @@ def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int):
   elif name == "adam":
     base = optax.adam(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps)
   else:
-    raise ValueError(f"optim.name must be 'adam' or 'adamw', got {name!r}")
+    raise JobError(f"optim.name must be 'adam' or 'adamw', got {name!r}")
   parts = []
   if optim.get("grad_clip"):
     parts.append(optax.clip_by_global_norm(optim.grad_clip))
@@ -313,8 +314,8 @@ def init_generator_from(state: state_lib.TrainState, directory: str, gen_config,
   stored = checkpoint.read_config(directory, family="generator")
   kind = stored.get("kind", gen_config.kind)
   if kind != gen_config.kind:
-    raise ValueError(f"init_from={directory!r} holds a {kind}, this trainer trains a "
-                     f"{gen_config.kind}")
+    raise JobError(f"init_from={directory!r} holds a {kind}, this trainer trains a "
+                   f"{gen_config.kind}")
   # Settings that change the function without changing any shape (heads at one width...).
   from softvq_jax.models.sit import GeneratorConfig  # pylint: disable=g-import-not-at-top
   try:
@@ -326,7 +327,7 @@ def init_generator_from(state: state_lib.TrainState, directory: str, gen_config,
                                                                      "qk_norm", "patch_size")
             if k in theirs and k in ours and theirs[k] != ours[k]]
   if differ:
-    raise ValueError(f"init_from={directory!r} is another {kind}: " + "; ".join(differ))
+    raise JobError(f"init_from={directory!r} is another {kind}: " + "; ".join(differ))
   try:
     flat = checkpoint.read_param_dir(directory, generator_lib.variable_shapes(gen_config))
   except checkpoint.CheckpointError as e:

@@ -16,6 +16,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from softvq_jax.config_lib import JobError
 from softvq_jax.generator import dit_model_fn
 from softvq_jax.models.layers import inference_compiler_options
 from softvq_jax.models.sit import GeneratorConfig, SiT
@@ -57,8 +58,8 @@ def ema_sampler(graphdef, gen_config: GeneratorConfig, *, num_steps: int, cfg_sc
   independent, and its successive evaluations differ only by the weights."""
   diff = diffusion_lib.model_diffusion(gen_config, str(num_steps))
   if cfg_scale > 1.0 and not gen_config.has_null_label:
-    raise ValueError(f"sample.cfg_scale={cfg_scale}: classifier-free guidance needs the null-"
-                     "class row, which a model trained with class_dropout_prob=0 does not have")
+    raise JobError(f"sample.cfg_scale={cfg_scale}: classifier-free guidance needs the null-"
+                   "class row, which a model trained with class_dropout_prob=0 does not have")
   guided = cfg_scale > 1.0  # the reference's condition for guided sampling
 
   def sample(ema, rest, noise, labels, batch):

@@ -20,6 +20,7 @@ from absl import logging
 from flax import nnx
 
 from softvq_jax import parallel
+from softvq_jax.config_lib import JobError
 from softvq_jax.models.layers import inference_compiler_options
 from softvq_jax.models.config import ConfigError
 from softvq_jax.models.sit import GeneratorConfig, SiT
@@ -60,9 +61,9 @@ def load_images(data: ml_collections.ConfigDict, image_size: int) -> tuple[np.nd
     phase = (labels[:, None, None, None] + 1) / data.num_classes
     images = np.clip(base * phase + 0.1 * rng.normal(size=(n, image_size, image_size, 3)), -1, 1)
     return images.astype(np.float32), labels
-  raise ValueError(f"unknown data.source {data.source!r}; supported: 'latent_cache' (with "
-                   "data.cache_dir, written by configs/extract_latents.py), 'skimage', "
-                   "'synthetic'")
+  raise JobError(f"unknown data.source {data.source!r}; supported: 'latent_cache' (with "
+                 "data.cache_dir, written by configs/extract_latents.py), 'skimage', "
+                 "'synthetic'")
 
 
 def encode_dataset(tok: Tokenizer, images: np.ndarray, batch_size: int) -> np.ndarray:
@@ -82,24 +83,24 @@ def _cache_iterator(config: ml_collections.ConfigDict, tok: Tokenizer, num_class
   source = LatentCacheSource(config.data.cache_dir)
   info = source.info
   if tuple(info["latent_shape"]) != tuple(tok.latent_shape):
-    raise ValueError(f"latent cache {config.data.cache_dir} holds latents {info['latent_shape']}, "
-                     f"the tokenizer makes {tok.latent_shape}")
+    raise JobError(f"latent cache {config.data.cache_dir} holds latents {info['latent_shape']}, "
+                   f"the tokenizer makes {tok.latent_shape}")
   from softvq_jax.data.cache_latents import same_tokenizer, tokenizer_fingerprint  # pylint: disable=g-import-not-at-top
   if "tokenizer" in info:
     ours = tokenizer_fingerprint(tok)
     if not same_tokenizer(info["tokenizer"], ours):
-      raise ValueError(f"latent cache {config.data.cache_dir} was written by another tokenizer "
-                       f"(fingerprint {info['tokenizer']}, this run's tokenizer_dir gives "
-                       f"{ours}): its latents would be decoded wrongly")
+      raise JobError(f"latent cache {config.data.cache_dir} was written by another tokenizer "
+                     f"(fingerprint {info['tokenizer']}, this run's tokenizer_dir gives "
+                     f"{ours}): its latents would be decoded wrongly")
   if (info["vq_mean"], info["vq_std"]) != (tok.config.vq_mean, tok.config.vq_std):
-    raise ValueError(f"latent cache {config.data.cache_dir} was written with vq_mean/vq_std "
-                     f"{info['vq_mean']}/{info['vq_std']}, the tokenizer has "
-                     f"{tok.config.vq_mean}/{tok.config.vq_std}")
+    raise JobError(f"latent cache {config.data.cache_dir} was written with vq_mean/vq_std "
+                   f"{info['vq_mean']}/{info['vq_std']}, the tokenizer has "
+                   f"{tok.config.vq_mean}/{tok.config.vq_std}")
   data_classes = info.get("num_classes")  # recorded by caches written since it was added
   if data_classes and data_classes > num_classes:
-    raise ValueError(f"latent cache {config.data.cache_dir} holds {data_classes} classes, the "
-                     f"generator has num_classes={num_classes}: set --config.model.num_classes="
-                     f"{data_classes}")
+    raise JobError(f"latent cache {config.data.cache_dir} holds {data_classes} classes, the "
+                   f"generator has num_classes={num_classes}: set --config.model.num_classes="
+                   f"{data_classes}")
   if data_classes and data_classes < num_classes:
     logging.warning("latent cache %s holds %d classes, the generator is built for "
                     "num_classes=%d: classes %d to %d are never trained, yet class-balanced "
@@ -125,9 +126,9 @@ def latent_data(config: ml_collections.ConfigDict, tok: Tokenizer, num_classes: 
     return _cache_iterator(config, tok, num_classes)
   images, labels = load_images(config.data, tok.image_size)
   if labels.size and not 0 <= labels.min() <= labels.max() < num_classes:
-    raise ValueError(f"data.source={config.data.source!r} gives labels in [{labels.min()}, "
-                     f"{labels.max()}], the generator has num_classes={num_classes}: set "
-                     "data.num_classes and model.num_classes alike")
+    raise JobError(f"data.source={config.data.source!r} gives labels in [{labels.min()}, "
+                   f"{labels.max()}], the generator has num_classes={num_classes}: set "
+                   "data.num_classes and model.num_classes alike")
   latents = encode_dataset(tok, images, config.get("encode_batch_size", 16))
   logging.info("Encoded %d images into latents %s (and their mirror images)", len(images),
                latents.shape[2:])
@@ -283,8 +284,8 @@ def ema_sampler(graphdef, gen_config: GeneratorConfig, *, num_steps: int, cfg_sc
   draws no noise of its own, so the batch index changes nothing."""
   null = gen_config.null_label
   if cfg_scale > 1.0 and not gen_config.has_null_label:
-    raise ValueError(f"sample.cfg_scale={cfg_scale}: classifier-free guidance needs the null-"
-                     "class row, which a model trained with class_dropout_prob=0 does not have")
+    raise JobError(f"sample.cfg_scale={cfg_scale}: classifier-free guidance needs the null-"
+                   "class row, which a model trained with class_dropout_prob=0 does not have")
 
   def sample(ema, rest, noise, labels):
     model = nnx.merge(graphdef, ema, rest)
@@ -348,9 +349,9 @@ def reference_images(config: ml_collections.ConfigDict, image_size: int, num: in
     logging.warning("FID reference: data.source=skimage has no held-out split; using the "
                     "training photos (set eval_ref or eval_data for a real reference)")
     return to_uint8(load_images(data, image_size)[0][:num])
-  raise ValueError(f"eval_every needs a reference: set eval_ref (an ADM reference batch .npz) "
-                   f"or eval_data (an image data config); data.source={data.source!r} has no "
-                   "images")
+  raise JobError(f"eval_every needs a reference: set eval_ref (an ADM reference batch .npz) "
+                 f"or eval_data (an image data config); data.source={data.source!r} has no "
+                 "images")
 
 
 def sample_fid_hook(config: ml_collections.ConfigDict, sample, tok: Tokenizer,

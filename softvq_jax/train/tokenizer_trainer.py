@@ -31,6 +31,7 @@ import optax
 
 from softvq_jax import checkpoint, parallel
 from softvq_jax.checkpoint import TrainCheckpointer
+from softvq_jax.config_lib import JobError
 from softvq_jax.models.config import TokenizerConfig
 from softvq_jax.tokenizer import Tokenizer, param_shapes
 from softvq_jax.train import common
@@ -56,10 +57,10 @@ def resolve_source(data: ml_collections.ConfigDict, split: str):
       return sources.SkimagePhotosSource(num_examples=256 if split == "train" else 16,
                                          seed=0 if split == "train" else 1)
   if kind == "latent_cache":
-    raise ValueError("data.source=latent_cache holds latents, not images")
+    raise JobError("data.source=latent_cache holds latents, not images")
   if kind not in sources.SOURCES:
-    raise ValueError(f"unknown data.source {kind!r}; choose one of offline, "
-                     f"{', '.join(sources.SOURCES)}")
+    raise JobError(f"unknown data.source {kind!r}; choose one of offline, "
+                   f"{', '.join(sources.SOURCES)}")
   if kind in ("tfds", "fashion_mnist") and "split" not in kwargs:
     kwargs["split"] = data.get("train_split" if split == "train" else "eval_split",
                                "train" if split == "train" else "test")
@@ -73,8 +74,8 @@ def resolve_source(data: ml_collections.ConfigDict, split: str):
   missing = sources.required_arguments(kind) - set(kwargs)
   if missing:
     flags = " ".join(f"--config.data.kwargs.{name}=..." for name in sorted(missing))
-    raise ValueError(f"data.source={kind} needs data.kwargs {', '.join(sorted(missing))} "
-                     f"(unset or empty): add {flags}")
+    raise JobError(f"data.source={kind} needs data.kwargs {', '.join(sorted(missing))} "
+                   f"(unset or empty): add {flags}")
   return sources.make_source(kind, **kwargs)
 
 
@@ -174,7 +175,7 @@ def make_stage1_optimizer(optim: ml_collections.ConfigDict, total_steps: int):
   elif optim.schedule == "constant":
     schedule = optax.constant_schedule(lr)
   else:
-    raise ValueError(f"optim.schedule must be 'cosine' or 'constant', got {optim.schedule!r}")
+    raise JobError(f"optim.schedule must be 'cosine' or 'constant', got {optim.schedule!r}")
   name = optim.get("name", "adam")
   if name == "adam":
     base = optax.adam(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps)
@@ -182,7 +183,7 @@ def make_stage1_optimizer(optim: ml_collections.ConfigDict, total_steps: int):
     base = optax.adamw(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps,
                        weight_decay=optim.get("weight_decay", 0.0), mask=weight_decay_mask)
   else:
-    raise ValueError(f"optim.name must be 'adam' or 'adamw', got {name!r}")
+    raise JobError(f"optim.name must be 'adam' or 'adamw', got {name!r}")
   parts = [optax.clip_by_global_norm(optim.grad_clip)] if optim.get("grad_clip") else []
   return optax.chain(*parts, base), schedule
 
@@ -221,7 +222,7 @@ def check_recipe_config(config: ml_collections.ConfigDict) -> None:
   }
   named = [f"{key}={config.get(key)!r}" for key, on in unsupported.items() if on]
   if named:
-    raise ValueError(
+    raise JobError(
         f"{', '.join(named)}: MAETok's mask modeling (encoder token masking, decoder "
         "drop-path, auxiliary HOG/DINOv2/SigLIP decoders) is not implemented by this trainer; "
         "set mask_ratio_min/max=0, decoder_drop_path=0 and aux_targets=() to train the plain "
@@ -232,26 +233,26 @@ def check_loss_config(config: ml_collections.ConfigDict, tok_config: TokenizerCo
   check_recipe_config(config)
   loss = config.loss
   if loss.get("reconstruction", "l2") not in ("l1", "l2"):
-    raise ValueError(f"loss.reconstruction={loss.reconstruction!r}; known: ['l1', 'l2']")
+    raise JobError(f"loss.reconstruction={loss.reconstruction!r}; known: ['l1', 'l2']")
   group, batch = int(loss.get("entropy_group_size", 0) or 0), int(config.global_batch_size)
   if group < 0 or (0 < group < batch and batch % group):
-    raise ValueError(f"loss.entropy_group_size={group} must be 0 (the whole batch) or divide "
-                     f"global_batch_size={batch}")
+    raise JobError(f"loss.entropy_group_size={group} must be 0 (the whole batch) or divide "
+                   f"global_batch_size={batch}")
   if loss.get("disc_weight", 0) > 0 and loss.get("disc_type", "dino") != "dino":
-    raise ValueError(f"loss.disc_type={loss.disc_type!r}: only the DINO discriminator ('dino') "
-                     "of the reference is implemented")
+    raise JobError(f"loss.disc_type={loss.disc_type!r}: only the DINO discriminator ('dino') "
+                   "of the reference is implemented")
   for name in ("gen_loss", "disc_loss"):
     value = loss.get(name, "hinge")
     from softvq_jax.losses import gan  # pylint: disable=g-import-not-at-top
     table = gan.G_LOSSES if name == "gen_loss" else gan.D_LOSSES
     if value not in table:
-      raise ValueError(f"loss.{name}={value!r}; known: {sorted(table)}")
+      raise JobError(f"loss.{name}={value!r}; known: {sorted(table)}")
   if loss.get("repa", False):
     from softvq_jax.losses.repa import ALIGN_MODES  # pylint: disable=g-import-not-at-top
     if loss.repa_align not in ALIGN_MODES:
-      raise ValueError(f"loss.repa_align={loss.repa_align!r}; known: {ALIGN_MODES}")
+      raise JobError(f"loss.repa_align={loss.repa_align!r}; known: {ALIGN_MODES}")
     if tok_config.bottleneck != "softvq" and tok_config.bottleneck != "kl":
-      raise ValueError("REPA aligns the soft latents of a softvq/kl bottleneck")
+      raise JobError("REPA aligns the soft latents of a softvq/kl bottleneck")
 
 
 # ------------------------------------------------------------------- the state
@@ -292,7 +293,7 @@ def check_init_from(directory: str, tok_config: TokenizerConfig) -> None:
              for name in _SHAPE_FREE_TOKENIZER
              if getattr(theirs, name) != getattr(tok_config, name)]
   if differ:
-    raise ValueError(f"init_from={directory!r} is another tokenizer: " + "; ".join(differ))
+    raise JobError(f"init_from={directory!r} is another tokenizer: " + "; ".join(differ))
   if (theirs.vq_mean, theirs.vq_std) != (tok_config.vq_mean, tok_config.vq_std):
     logging.warning(
         "init_from=%s has vq_mean/vq_std %s/%s, this config %s/%s, which the exported "
