@@ -8,14 +8,7 @@ import ml_collections
 
 from softvq_jax.data import sources as data_sources
 from softvq_jax.models.released import RELEASED_TOKENIZERS
-
-
-class JobError(ValueError):
-  """A job that cannot run as asked: its config, its workdir or its inputs say why.
-
-  ``python -m softvq_jax.main`` prints the message alone (exit status 2), without the
-  traceback of an error that is the program's own.
-  """
+from softvq_jax.utils.errors import JobError
 
 
 def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:

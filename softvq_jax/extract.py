@@ -12,8 +12,8 @@ from __future__ import annotations
 import ml_collections
 from absl import logging
 
-from softvq_jax.config_lib import JobError
 from softvq_jax.tokenizer import Tokenizer
+from softvq_jax.utils.errors import JobError
 
 
 _TRAIN_AND_HELD_OUT_ONLY = ("offline", "synthetic", "skimage")

@@ -97,20 +97,21 @@ def _parse_flags(argv: list[str]) -> list[str]:
     sys.exit(1)
 
 
-EXIT_STATUS_REFUSED = 2  # as for a usage error: the job did not start its work
+EXIT_STATUS_REFUSED = 2  # as for a usage error: rerun unchanged, the job would refuse again
 
 
 def _refusals() -> tuple[type[Exception], ...]:
   """The errors a job raises on purpose for what the user asked or gave it."""
   from softvq_jax.checkpoint import CheckpointError  # pylint: disable=g-import-not-at-top
-  from softvq_jax.config_lib import JobError  # pylint: disable=g-import-not-at-top
   from softvq_jax.convert.core import ConversionError  # pylint: disable=g-import-not-at-top
   from softvq_jax.convert.readers import CheckpointFormatError  # pylint: disable=g-import-not-at-top
   from softvq_jax.convert.torch_pickle import TorchCheckpointError  # pylint: disable=g-import-not-at-top
   from softvq_jax.models.config import ConfigError  # pylint: disable=g-import-not-at-top
-  # FileExistsError: the jobs refuse to write over outputs they did not make.
+  from softvq_jax.utils.errors import JobError  # pylint: disable=g-import-not-at-top
+  # FileExistsError: the jobs refuse to write over outputs they did not make; the others name
+  # a path the user gave (a data folder, a checkpoint, a reference batch).
   return (JobError, ConfigError, CheckpointError, CheckpointFormatError, ConversionError,
-          TorchCheckpointError, FileExistsError)
+          TorchCheckpointError, FileExistsError, FileNotFoundError, NotADirectoryError)
 
 
 class _QuietLibraries:
@@ -159,7 +160,8 @@ def main(argv) -> int | None:
   except _refusals() as e:
     # Refused on purpose, by a message that names the problem: the traceback would bury it.
     logging.debug("Traceback of the refusal below", exc_info=True)
-    sys.stderr.write(f"FATAL {type(e).__name__}: {e}\n")
+    sys.stderr.write(f"FATAL {type(e).__name__}: {e}\n(--verbosity=1 also prints its "
+                     "traceback)\n")
     return EXIT_STATUS_REFUSED
   from softvq_jax.train import loop  # pylint: disable=g-import-not-at-top
   if loop.stopped_unfinished():

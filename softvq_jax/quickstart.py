@@ -24,9 +24,9 @@ import numpy as np
 from absl import logging
 from tqdm import tqdm
 
-from softvq_jax.config_lib import JobError
 from softvq_jax.tokenizer import Tokenizer
 from softvq_jax.utils import fs
+from softvq_jax.utils.errors import JobError
 from softvq_jax.utils.images import make_grid, samples_to_uint8, save_png, to_uint8
 
 

@@ -193,6 +193,17 @@ def test_a_refusal_on_the_workdirs_contents_is_named_without_a_traceback(tmp_pat
   assert (tmp_path / "samples.npz").read_bytes() == b"mine"
 
 
+def test_a_missing_data_folder_is_named_without_a_traceback(tmp_path):
+  missing = tmp_path / "no_such_images"
+  proc = subprocess.run(
+      [sys.executable, "-m", "softvq_jax.main", "--config=configs/softvq_b64.py:runlocal",
+       f"--workdir={tmp_path / 'run'}", "--config.data.source=folder",
+       f"--config.data.kwargs.root={missing}"], cwd=ROOT, capture_output=True, text=True,
+      timeout=300)
+  assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+  assert f"FATAL FileNotFoundError: image folder {missing} does not exist" in proc.stderr
+
+
 @pytest.mark.parametrize("config,overrides", [
     ("configs/sit_xl_softvq_b64.py:runlocal",
      ['--config.mesh=(("data",2),("fsdp",4))', "--config.data.source=synthetic",

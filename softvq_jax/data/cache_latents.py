@@ -39,6 +39,7 @@ from tqdm import tqdm
 
 from softvq_jax.data import pipeline, records, transforms
 from softvq_jax.utils import fs
+from softvq_jax.utils.errors import JobError
 
 CACHE_INFO = "cache_info.json"
 FORMAT = "softvq_jax.latent_cache"
@@ -113,8 +114,8 @@ def _check_resumable(cache_dir: str, info: dict[str, Any]) -> None:
       bad.append(key)
   if bad:
     diffs = "; ".join(f"{k}: cache has {old.get(k)!r}, this run {info.get(k)!r}" for k in bad)
-    raise ValueError(f"latent cache {cache_dir} was written with different settings ({diffs}); "
-                     "write to another folder (extract's --workdir) or delete the old cache")
+    raise JobError(f"latent cache {cache_dir} was written with different settings ({diffs}); "
+                   "write to another folder (extract's --workdir) or delete the old cache")
   if old.get("source") != info.get("source"):
     # Same kind of source: the data may have moved (source names hold their paths).
     logging.warning("latent cache %s was started from %s, resuming from %s", cache_dir,
@@ -151,7 +152,7 @@ def write_latent_cache(tokenizer: Any, source: Any, out_dir: str, *, batch_size:
   n = len(source)
   name = str(getattr(source, "name", type(source).__name__))
   if n == 0:
-    raise ValueError(f"{name} is empty: nothing to cache")
+    raise JobError(f"{name} is empty: nothing to cache")
   if examples_per_shard < 1 or batch_size < 1:
     raise ValueError(f"examples_per_shard ({examples_per_shard}) and batch_size ({batch_size}) "
                      "must be >= 1")
@@ -318,7 +319,7 @@ class PickLatent(grain.transforms.RandomMap):
     if self.num_classes is not None and not 0 <= label < self.num_classes:
       # The generator's embedding lookup would not fail: it would read the
       # unconditional row (label == num_classes) or clamp.
-      raise ValueError(
+      raise JobError(
           f"latent cache record {element.get('index')} ({element.get('name')}) has label "
           f"{label}, outside [0, {self.num_classes}): the generator has num_classes="
           f"{self.num_classes}; set it to the dataset's number of classes")

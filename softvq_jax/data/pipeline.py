@@ -27,6 +27,7 @@ import numpy as np
 from absl import logging
 
 from softvq_jax.data import decode, transforms
+from softvq_jax.utils.errors import JobError
 
 
 MAX_SKIPPED_IN_A_ROW = 1000
@@ -223,7 +224,7 @@ def build_pipeline(source: Any, element_fn: grain.transforms.RandomMap, *, batch
   name = _source_name(source)
   n = len(source)
   if n == 0:
-    raise ValueError(f"{name} is empty")
+    raise JobError(f"{name} is empty")
   index, count = host_shard(shard_index, shard_count)
   ds = grain.MapDataset.source(source)
   if drop_remainder:
@@ -239,11 +240,11 @@ def build_pipeline(source: Any, element_fn: grain.transforms.RandomMap, *, batch
   ds = ds.random_map(element_fn, seed=_augment_seed(seed))
   ds, per_epoch = shard_stream(ds, index, count, epoch_length)
   if drop_remainder and per_epoch < batch_size:
-    raise ValueError(
+    raise JobError(
         f"{name} has {n} examples, {per_epoch} per epoch for this host's shard ({index} of "
         f"{count}): fewer than one batch of {batch_size}; use a smaller batch or more data")
   if per_epoch == 0:
-    raise ValueError(f"{name} has {n} examples, none for shard {index} of {count}")
+    raise JobError(f"{name} has {n} examples, none for shard {index} of {count}")
   ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
                                             prefetch_buffer_size=prefetch_buffer_size))
   if worker_count > 0:

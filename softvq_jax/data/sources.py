@@ -22,7 +22,7 @@ import numpy as np
 from absl import logging
 
 from softvq_jax.data import records
-from softvq_jax.utils.errors import first_line
+from softvq_jax.utils.errors import JobError, first_line
 
 # torchvision's ImageFolder extensions (compared case-insensitively).
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp",
@@ -40,7 +40,7 @@ class ImageFolderSource:
     root = os.fspath(root)
     self.name = f"image folder {root}"
     if not root:
-      raise ValueError("image folder: no root directory given")
+      raise JobError("image folder: no root directory given")
     if not os.path.exists(root):
       raise FileNotFoundError(f"image folder {root} does not exist")
     if not os.path.isdir(root):
@@ -52,8 +52,8 @@ class ImageFolderSource:
       loose = [e.name for e in os.scandir(root) if e.name.lower().endswith(exts)]
       hint = (f" ({len(loose)} images lie directly in it; move them into class folders, e.g. "
               f"{root}/all/)") if loose else ""
-      raise ValueError(f"image folder {root} has no class sub-folders; expected "
-                       f"{root}/<class>/<image>{hint}")
+      raise JobError(f"image folder {root} has no class sub-folders; expected "
+                     f"{root}/<class>/<image>{hint}")
     self.class_to_index = {c: i for i, c in enumerate(self.classes)}
     paths, labels, empty = [], [], []
     for c in self.classes:
@@ -67,8 +67,8 @@ class ImageFolderSource:
       paths.extend(found)
       labels.extend([self.class_to_index[c]] * len(found))
     if not paths:
-      raise ValueError(f"image folder {root} has {len(self.classes)} class folders but no images "
-                       f"with extensions {', '.join(exts)}")
+      raise JobError(f"image folder {root} has {len(self.classes)} class folders but no images "
+                     f"with extensions {', '.join(exts)}")
     if empty:
       logging.warning("image folder %s: %d class folders hold no images (labels kept): %s",
                       root, len(empty), ", ".join(empty[:10]))
@@ -103,8 +103,8 @@ class ArrayRecordSource:
     try:
       self._source = grain.sources.ArrayRecordDataSource(self.paths)
     except RuntimeError as e:
-      raise ValueError(f"{self._unreadable(grain)} cannot be read as ArrayRecord "
-                       f"({first_line(e)})") from e
+      raise JobError(f"{self._unreadable(grain)} cannot be read as ArrayRecord "
+                     f"({first_line(e)})") from e
     self.image_key, self.label_key = image_key, label_key
 
   def _unreadable(self, grain) -> str:
@@ -123,8 +123,8 @@ class ArrayRecordSource:
     try:
       raw = self._source[index]
     except RuntimeError as e:
-      raise ValueError(f"record {index} of {self.name} cannot be read, the file is damaged "
-                       f"({first_line(e)})") from e
+      raise JobError(f"record {index} of {self.name} cannot be read, the file is damaged "
+                     f"({first_line(e)})") from e
     record = records.decode_record(raw)
     if self.image_key not in record:
       raise KeyError(f"record {index} of {self.name} has no {self.image_key!r} field "
@@ -207,12 +207,12 @@ def _read_idx(path: str) -> np.ndarray:
   with opener(path, "rb") as f:
     data = f.read()
   if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
-    raise ValueError(f"{path} is not an unsigned-byte IDX file")
+    raise JobError(f"{path} is not an unsigned-byte IDX file")
   ndim = data[3]
   shape = tuple(int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
   array = np.frombuffer(data, np.uint8, offset=4 + 4 * ndim)
   if array.size != int(np.prod(shape)):
-    raise ValueError(f"{path} holds {array.size} bytes, its header says {shape}")
+    raise JobError(f"{path} holds {array.size} bytes, its header says {shape}")
   return array.reshape(shape)
 
 
@@ -225,7 +225,7 @@ class FashionMnistSource:
   def __init__(self, split: str = "train", root: str = FASHION_MNIST_DIR):
     prefix = {"train": "train", "test": "t10k"}.get(split)
     if prefix is None:
-      raise ValueError(f"Fashion-MNIST split must be 'train' or 'test', got {split!r}")
+      raise JobError(f"Fashion-MNIST split must be 'train' or 'test', got {split!r}")
     self.name = f"Fashion-MNIST {split} in {root}"
     files = [os.path.join(root, f"{prefix}-{kind}-idx{n}-ubyte.gz")
              for kind, n in (("images", 3), ("labels", 1))]
@@ -236,7 +236,7 @@ class FashionMnistSource:
     self.images = _read_idx(files[0])
     self.labels = _read_idx(files[1]).astype(np.int32)
     if len(self.images) != len(self.labels):
-      raise ValueError(f"{self.name}: {len(self.images)} images but {len(self.labels)} labels")
+      raise JobError(f"{self.name}: {len(self.images)} images but {len(self.labels)} labels")
     self.split = split
     self.classes = FASHION_MNIST_CLASSES
 
@@ -268,7 +268,7 @@ class SkimagePhotosSource:
     if not photos:
       raise RuntimeError("scikit-image ships none of the expected photos")
     if num_examples < 1:
-      raise ValueError(f"num_examples must be >= 1, got {num_examples}")
+      raise JobError(f"num_examples must be >= 1, got {num_examples}")
     self.photos, self.classes = photos, tuple(names)
     self.num_examples, self.crop_fraction, self.seed = num_examples, crop_fraction, seed
     self.name = f"scikit-image photos ({num_examples} crops, seed {seed})"
@@ -301,7 +301,7 @@ class SyntheticSource:
   def __init__(self, num_examples: int = 64, image_shape: tuple[int, int] | None = (32, 32),
                num_classes: int = 10, seed: int = 0, min_side: int = 24, max_side: int = 48):
     if num_examples < 1:
-      raise ValueError(f"num_examples must be >= 1, got {num_examples}")
+      raise JobError(f"num_examples must be >= 1, got {num_examples}")
     self.num_examples, self.image_shape, self.num_classes, self.seed = (
         num_examples, image_shape, num_classes, seed)
     self.min_side, self.max_side = min_side, max_side
@@ -352,7 +352,7 @@ def _source_class(kind: str) -> type:
              "array_record": ArrayRecordSource, "tfds": TfdsSource,
              "fashion_mnist": FashionMnistSource, "skimage": SkimagePhotosSource}
   if kind not in classes:
-    raise ValueError(f"unknown data source {kind!r}; choose one of {', '.join(SOURCES)}")
+    raise JobError(f"unknown data source {kind!r}; choose one of {', '.join(SOURCES)}")
   return classes[kind]
 
 

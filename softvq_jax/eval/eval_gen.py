@@ -16,8 +16,8 @@ import jax
 import ml_collections
 from absl import logging
 
-from softvq_jax.config_lib import JobError
 from softvq_jax.eval import adm, job_utils, npz
+from softvq_jax.utils.errors import JobError
 
 
 # The Inception pool features are 2,048-wide: fewer samples leave their covariance singular.

@@ -34,10 +34,10 @@ from absl import logging
 from flax import nnx
 from tqdm import tqdm
 
-from softvq_jax.config_lib import JobError
 from softvq_jax.eval import adm, image_metrics, job_utils
 from softvq_jax.tokenizer import Tokenizer
 from softvq_jax.utils import fs
+from softvq_jax.utils.errors import JobError
 from softvq_jax.utils.images import from_uint8, make_grid, save_png, to_uint8
 
 # Per-image quantities summed over the set (and the hosts); means are taken at the end.

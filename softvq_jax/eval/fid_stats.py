@@ -23,9 +23,9 @@ from absl import logging
 from tqdm import tqdm
 
 from softvq_jax import config_lib
-from softvq_jax.config_lib import JobError
 from softvq_jax.eval import adm, job_utils, npz
 from softvq_jax.utils import fs
+from softvq_jax.utils.errors import JobError
 from softvq_jax.utils.images import to_uint8
 
 

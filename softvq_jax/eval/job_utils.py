@@ -10,6 +10,7 @@ import numpy as np
 from absl import logging
 
 from softvq_jax.utils import fs
+from softvq_jax.utils.errors import JobError
 
 
 class Subset:
@@ -35,12 +36,12 @@ def eval_source(config: ml_collections.ConfigDict, *, frechet: bool = True) -> A
   source = resolve_source(config.data, "eval")
   limit = int(config.get("max_images", 0) or 0)
   if limit < 0:
-    raise ValueError(f"max_images must be >= 0 (0 = all), got {limit}")
+    raise JobError(f"max_images must be >= 0 (0 = all), got {limit}")
   if limit and limit < len(source):
     source = Subset(source, limit)
   if len(source) < (2 if frechet else 1):
-    raise ValueError(f"{getattr(source, 'name', source)} has {len(source)} image(s)"
-                     + ("; Fréchet distances need at least 2" if frechet else ""))
+    raise JobError(f"{getattr(source, 'name', source)} has {len(source)} image(s)"
+                   + ("; Fréchet distances need at least 2" if frechet else ""))
   return source
 
 

@@ -18,6 +18,7 @@ import numpy as np
 
 from softvq_jax.eval.fid import FeatureStats
 from softvq_jax.utils import fs
+from softvq_jax.utils.errors import JobError
 
 
 def _check_images(images: np.ndarray) -> np.ndarray:
@@ -108,20 +109,20 @@ def check_batch(path: str, role: str, *, images_required: bool = True) -> tuple[
     with fs.open(path, "rb") as raw, zipfile.ZipFile(raw) as archive:
       if "arr_0.npy" not in archive.namelist():
         if images_required:
-          raise ValueError(f"{role} {path} holds no images (arr_0); it has "
-                           f"{sorted(n.removesuffix('.npy') for n in archive.namelist())}")
+          raise JobError(f"{role} {path} holds no images (arr_0); it has "
+                         f"{sorted(n.removesuffix('.npy') for n in archive.namelist())}")
         return None
       with archive.open("arr_0.npy") as f:
         shape, _, dtype = _read_header(f)
   except zipfile.BadZipFile as e:
-    raise ValueError(f"{role} {path} is not an .npz archive ({e}): write it with numpy.savez "
-                     "(arr_0 = uint8 NHWC images)") from e
+    raise JobError(f"{role} {path} is not an .npz archive ({e}): write it with numpy.savez "
+                   "(arr_0 = uint8 NHWC images)") from e
   shape = tuple(shape)
   if dtype != np.uint8 or len(shape) != 4 or shape[-1] != 3:
-    raise ValueError(f"{role} {path}: arr_0 must be uint8 NHWC RGB images, got {dtype} {shape}")
+    raise JobError(f"{role} {path}: arr_0 must be uint8 NHWC RGB images, got {dtype} {shape}")
   if shape[0] < 2:
-    raise ValueError(f"{role} {path}: arr_0 holds {shape[0]} image(s); the statistics need at "
-                     "least 2")
+    raise JobError(f"{role} {path}: arr_0 holds {shape[0]} image(s); the statistics need at "
+                   "least 2")
   return shape
 
 
@@ -142,5 +143,5 @@ def iter_images(path: str, batch_size: int, key: str = "arr_0") -> Iterator[np.n
       count = min(batch_size, shape[0] - start)
       raw = f.read(count * row)
       if len(raw) != count * row:
-        raise ValueError(f"{path}:{key} is truncated at row {start}")
+        raise JobError(f"{path}:{key} is truncated at row {start}")
       yield np.frombuffer(raw, dtype).reshape((count,) + tuple(shape[1:]))

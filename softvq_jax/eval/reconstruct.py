@@ -18,10 +18,10 @@ from absl import logging
 from tqdm import tqdm
 
 from softvq_jax import config_lib
-from softvq_jax.config_lib import JobError
 from softvq_jax.eval import job_utils
 from softvq_jax.tokenizer import Tokenizer
 from softvq_jax.utils import fs
+from softvq_jax.utils.errors import JobError
 from softvq_jax.utils.images import make_grid, save_png, to_uint8
 
 

@@ -14,12 +14,12 @@ from absl import logging
 from softvq_jax import config_lib
 from softvq_jax import parallel
 from softvq_jax.checkpoint import TrainCheckpointer
-from softvq_jax.config_lib import JobError
 from softvq_jax.train import events
 from softvq_jax.train import state as state_lib
 from softvq_jax.transport import diffusion
 from softvq_jax.transport import paths
 from softvq_jax.utils import fs
+from softvq_jax.utils.errors import JobError
 
 
 # config.dtype -> the compute dtype the models take (None: float32 at HIGHEST precision).

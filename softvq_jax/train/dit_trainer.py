@@ -16,13 +16,13 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from softvq_jax.config_lib import JobError
 from softvq_jax.generator import dit_model_fn
 from softvq_jax.models.layers import inference_compiler_options
 from softvq_jax.models.sit import GeneratorConfig, SiT
 from softvq_jax.tokenizer import Tokenizer
 from softvq_jax.train import sit_trainer
 from softvq_jax.transport import diffusion as diffusion_lib
+from softvq_jax.utils.errors import JobError
 
 
 def generator_config(config: ml_collections.ConfigDict, tok: Tokenizer) -> GeneratorConfig:

@@ -20,7 +20,6 @@ from absl import logging
 from flax import nnx
 
 from softvq_jax import parallel
-from softvq_jax.config_lib import JobError
 from softvq_jax.models.layers import inference_compiler_options
 from softvq_jax.models.config import ConfigError
 from softvq_jax.models.sit import GeneratorConfig, SiT
@@ -32,6 +31,7 @@ from softvq_jax.train.loop import metrics_path, train_loop
 from softvq_jax.transport.loss import sit_loss
 from softvq_jax.transport.samplers import euler_sampler
 from softvq_jax.utils import fs
+from softvq_jax.utils.errors import JobError
 from softvq_jax.utils.images import make_grid, samples_to_uint8, save_png, to_uint8
 from softvq_jax.utils.periodic import PeriodicHook
 

@@ -31,13 +31,13 @@ import optax
 
 from softvq_jax import checkpoint, parallel
 from softvq_jax.checkpoint import TrainCheckpointer
-from softvq_jax.config_lib import JobError
 from softvq_jax.models.config import TokenizerConfig
 from softvq_jax.tokenizer import Tokenizer, param_shapes
 from softvq_jax.train import common
 from softvq_jax.train import stage1
 from softvq_jax.train.loop import metrics_path, train_loop
 from softvq_jax.utils import fs
+from softvq_jax.utils.errors import JobError
 from softvq_jax.utils.images import make_grid, save_png, to_uint8
 from softvq_jax.utils.periodic import PeriodicHook
 

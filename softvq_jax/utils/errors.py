@@ -8,6 +8,14 @@ import sys
 import warnings
 
 
+class JobError(ValueError):
+  """A job that cannot run as asked: its config, its workdir or its inputs say why.
+
+  ``python -m softvq_jax.main`` prints the message alone (exit status 2), without the
+  traceback of an error that is the program's own.
+  """
+
+
 def first_line(error: BaseException, limit: int = 300) -> str:
   """The first line of ``error``'s message (its type's name when the message is empty)."""
   return (str(error).splitlines() or [type(error).__name__])[0][:limit]
