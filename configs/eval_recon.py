@@ -17,8 +17,9 @@ The quickstart tokenizer (configs/quickstart.py, 2000 steps) on the Fashion-MNIS
       --workdir=/tmp/eval_recon_qs
 
 measured (the tokenizer of `configs/quickstart.py:tokenizer_steps=2000`, first 2000 test
-images at 32x32): rFID 159.5 (rsFID 170.5), PSNR 18.17 dB, SSIM 0.564 (reference's
-data_range=2 SSIM 0.648), LPIPS 0.353. rFID is large because the Inception sees 32x32
+images at 32x32; 2026-11-28): rFID 155.6, PSNR 18.11 dB, SSIM 0.563, LPIPS 0.355 (an earlier
+code state's tokenizer: 159.5, rsFID 170.5, 18.17 dB, 0.564, reference's data_range=2 SSIM
+0.648, 0.353; training amplifies rounding-level changes). rFID is large because the Inception sees 32x32
 grayscale garments upsampled to 299x299, where the tokenizer's blur is obvious; compare it
 only between runs at the same size and count. 25 min on 2 shared CPU cores: the Inception
 at 299x299 dominates (0.25-0.5 s per image).

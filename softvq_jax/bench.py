@@ -32,9 +32,9 @@ Protocol (the same for every measurement):
   dtype (``--matmul_size`` square operands), and every line reports achieved
   FLOP/s and its ratio to that rate (``fraction_of_matmul_rate``, from medians;
   ``..._best`` divides the fastest call's rate by the fastest matmul's, steadier
-  on shared machines; ``..._paired`` is the median, over ``--repeats`` more calls,
-  of each call's rate over that of the matmul timed just before it, which a host
-  whose speed drifts during the run moves far less than the medians' quotient);
+  on shared machines; ``..._paired``, on CPUs, is the median, over ``--repeats``
+  more calls, of each call's rate over that of the matmul timed just before it, which
+  a drift of the host's speed during the run moves less than the medians' quotient);
   ``mfu_nominal`` uses the chip's published dense peak where we know it.
 - Generation pipeline: ``--steps`` Euler steps of the probability-flow ODE, all
   inside one compiled program, CFG (batch doubled) when ``--cfg`` > 1, then the
@@ -472,8 +472,12 @@ def _jnp_dtype(name: str):
   return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
 
 
-def matmul_rate(dtype: str, size: int, repeats: int) -> dict[str, Any]:
-  """Dense square matmul FLOP/s in ``dtype`` (float32 at HIGHEST precision: no TF32)."""
+def matmul_rate(dtype: str, size: int, repeats: int, *, paired: bool = False) -> dict[str, Any]:
+  """Dense square matmul FLOP/s in ``dtype`` (float32 at HIGHEST precision: no TF32).
+
+  ``paired``: keeps the matmul for ``measure()`` to time against every program (its
+  operands stay allocated, which on an accelerator would raise the peak memory lines report).
+  """
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   dt = _jnp_dtype(dtype)
@@ -486,19 +490,20 @@ def matmul_rate(dtype: str, size: int, repeats: int) -> dict[str, Any]:
   product = lambda x, y: jnp.dot(x, y, precision=precision)
   timing = measure(product, (a, b), repeats=max(repeats, 5), warmup=2)
   flops = 2.0 * size**3
-  matmul = jax.jit(product).lower(a, b).compile()
-  jax.block_until_ready(matmul(a, b))
+  if paired:
+    matmul = jax.jit(product).lower(a, b).compile()
+    jax.block_until_ready(matmul(a, b))
 
-  def reference_call() -> float:
-    # The median of three calls: one call of a CPU's 2048² matmul lasts tens of milliseconds.
-    seconds = []
-    for _ in range(3):
-      t0 = time.perf_counter()
-      jax.block_until_ready(matmul(a, b))
-      seconds.append(time.perf_counter() - t0)
-    return statistics.median(seconds)
+    def reference_call() -> float:
+      # The median of three calls: one call of a CPU's 2048² matmul lasts tens of ms.
+      seconds = []
+      for _ in range(3):
+        t0 = time.perf_counter()
+        jax.block_until_ready(matmul(a, b))
+        seconds.append(time.perf_counter() - t0)
+      return statistics.median(seconds)
 
-  _reference_call = reference_call
+    _reference_call = reference_call
   return dict(matmul_size=size, matmul_flops_per_s=flops / timing.median_s,
               matmul_best_flops_per_s=flops / min(timing.times))
 
@@ -694,8 +699,10 @@ def bench_tokenizer(args, matmul) -> list[dict[str, Any]]:
     line["decode_img_per_s"] = batch / dec.median_s
     line["encode_flops_per_img"] = flops["encode"]
     line["decode_flops_per_img"] = flops["decode"]
-    line["encode_xla_flops_per_img"] = enc.xla_flops / batch if enc.xla_flops else None
-    line["decode_xla_flops_per_img"] = dec.xla_flops / batch if dec.xla_flops else None
+    for program, timing in (("encode", enc), ("decode", dec)):
+      per_item = timing.xla_flops / batch if timing.xla_flops else None
+      # Both names: the common one of every kind, and the tokenizer's earlier one.
+      line[f"{program}_xla_flops_per_item"] = line[f"{program}_xla_flops_per_img"] = per_item
     line["encode"] = enc.summary()
     line["decode"] = dec.summary()
     _rates(line, flops["encode"], batch, enc, matmul, args.dtype, "encode_")
@@ -1319,7 +1326,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     on_cpu = platform == "cpu"
     size = args.matmul_size or (2048 if on_cpu else 8192)
     global _reference_call
-    matmul = matmul_rate(args.dtype, size, args.repeats)
+    # Paired timings on CPUs, the shared hosts whose speed drifts within a run (and which
+    # report no peak memory for the matmul's operands to distort).
+    matmul = matmul_rate(args.dtype, size, args.repeats, paired=on_cpu)
     try:
       if args.what == "matmul":
         lines = [dict(what="matmul", dtype=args.dtype, **_device_info(), **matmul)]

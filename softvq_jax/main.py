@@ -80,6 +80,20 @@ def _unknown_field_message(argv: list[str]) -> str:
           + "; ".join(problems or ["an override names no field of the config"]))
 
 
+def _config_file_refusal(error: BaseException) -> str | None:
+  """The message of a JobError that ``get_config(arg)`` raised (a bad ``FILE.py:ARG``), which
+  config_flags re-raises with the traceback written into its message."""
+  from softvq_jax.utils.errors import JobError  # pylint: disable=g-import-not-at-top
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    if isinstance(error, JobError):
+      lines = [line for line in str(error).splitlines() if line.strip()]
+      return lines[-1].split(f"{JobError.__name__}: ", 1)[-1] if lines else None
+    error = error.__cause__ or error.__context__
+  return None
+
+
 def _parse_flags(argv: list[str]) -> list[str]:
   """absl's parser, but an override naming no config field is a usage error, not a traceback.
 
@@ -89,6 +103,10 @@ def _parse_flags(argv: list[str]) -> list[str]:
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
+    refusal = _config_file_refusal(e)
+    if refusal:
+      sys.stderr.write(f"FATAL Flags parsing error: --config: {refusal}\n")
+      sys.exit(EXIT_STATUS_REFUSED)
     sys.stderr.write(f"FATAL Flags parsing error: {e}\n"
                      "Pass --helpshort or --helpfull to see help on flags.\n")
     sys.exit(1)
@@ -109,9 +127,18 @@ def _refusals() -> tuple[type[Exception], ...]:
   from softvq_jax.models.config import ConfigError  # pylint: disable=g-import-not-at-top
   from softvq_jax.utils.errors import JobError  # pylint: disable=g-import-not-at-top
   # FileExistsError: the jobs refuse to write over outputs they did not make; the others name
-  # a path the user gave (a data folder, a checkpoint, a reference batch).
+  # a path the user gave (a data folder, a checkpoint, a reference batch). Those the system
+  # raises carry an errno and keep their traceback.
   return (JobError, ConfigError, CheckpointError, CheckpointFormatError, ConversionError,
-          TorchCheckpointError, FileExistsError, FileNotFoundError, NotADirectoryError)
+          TorchCheckpointError, FileExistsError, FileNotFoundError, NotADirectoryError,
+          IsADirectoryError)
+
+
+def is_refusal(error: BaseException) -> bool:
+  """Whether a job raised ``error`` on purpose, for what the user asked or gave it."""
+  if isinstance(error, OSError) and error.errno is not None:
+    return False  # from the system (a disk, a bucket), not a refusal written by a job
+  return isinstance(error, _refusals())
 
 
 class _QuietLibraries:
@@ -157,7 +184,9 @@ def main(argv) -> int | None:
     workdir = os.path.abspath(workdir)
   try:
     importlib.import_module(_JOBS[trainer]).run(config, workdir)
-  except _refusals() as e:
+  except Exception as e:  # pylint: disable=broad-except
+    if not is_refusal(e):
+      raise
     # Refused on purpose, by a message that names the problem: the traceback would bury it.
     logging.debug("Traceback of the refusal below", exc_info=True)
     sys.stderr.write(f"FATAL {type(e).__name__}: {e}\n(--verbosity=1 also prints its "

@@ -21,8 +21,8 @@ from tqdm import tqdm
 from softvq_jax import config_lib
 from softvq_jax.generator import Generator
 from softvq_jax.models.sit import GeneratorConfig
-from softvq_jax.transport import diffusion as diffusion_lib
 from softvq_jax.tokenizer import Tokenizer
+from softvq_jax.transport import diffusion as diffusion_lib
 from softvq_jax.utils import fs
 from softvq_jax.utils.errors import JobError
 from softvq_jax.utils.images import make_grid, samples_to_uint8, save_png

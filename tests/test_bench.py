@@ -113,7 +113,7 @@ def test_tokenizer_line_fields(tokenizer_lines, capsys):
     best = line["encode_flops_per_img"] * line["batch"] / line["encode"]["min_s"]
     assert line["encode_fraction_of_matmul_rate_best"] == pytest.approx(
         best / line["matmul_best_flops_per_s"])
-    for program in ("encode", "decode"):
+    for program in ("encode", "decode"):  # CPU: paired with the matmul
       assert line[f"{program}_fraction_of_matmul_rate_paired"] > 0
       assert line[program]["paired_median_s"] > 0
     assert line["inference_forms"] == "auto" and line["compiler_options"] is None  # CPU
@@ -163,6 +163,11 @@ def test_measure_pairs_only_inside_a_benchmark_run(monkeypatch):
   # bench.main leaves no reference behind for the kernel sweep's measure() calls.
   bench.main(["--what", "matmul", "--matmul_size", "64", "--repeats", "1"])
   assert bench._reference_call is None  # pylint: disable=protected-access
+  bench.matmul_rate("float32", 64, 1, paired=False)  # as on accelerators
+  assert bench._reference_call is None  # pylint: disable=protected-access
+  bench.matmul_rate("float32", 64, 1, paired=True)
+  assert bench._reference_call() > 0  # pylint: disable=protected-access
+  monkeypatch.setattr(bench, "_reference_call", None)
   assert bench.measure(lambda x: x, (jnp.ones(2),), repeats=1, warmup=0).pairs is None
 
 
@@ -174,8 +179,9 @@ def _assert_common_rate_fields(line, prefix=""):
   assert line[prefix + "flops_per_item"] > 0
   assert line[prefix + "fraction_of_matmul_rate"] == pytest.approx(
       line[prefix + "flops_per_item"] * line[prefix + "items_per_s"] / line["matmul_flops_per_s"])
-  assert prefix + "xla_flops_per_item" in line or prefix + "xla_flops_per_img" in line
-  assert line[prefix + "fraction_of_matmul_rate_paired"] > 0
+  assert prefix + "xla_flops_per_item" in line
+  # Paired timings are a CPU measurement (their operands would raise an accelerator's peak).
+  assert (line.get(prefix + "fraction_of_matmul_rate_paired", 0) > 0) == (line["platform"] == "cpu")
 
 
 def test_every_kind_names_its_rates_alike(tokenizer_lines):

@@ -164,6 +164,9 @@ def test_a_config_file_that_does_not_exist_is_named_without_a_traceback(tmp_path
   assert "Traceback" not in proc.stderr
 
 
+SAMPLE_SIT_RUNLOCAL = "configs/sample_sit_xl_softvq_b64.py:runlocal"
+
+
 @pytest.mark.parametrize("override,expected", [
     # A job's own check of its config, and a check of the API it calls, named by section.
     ("--config.num_samples=0", "FATAL JobError: invalid config: num_samples=0 must be an integer"),
@@ -171,9 +174,9 @@ def test_a_config_file_that_does_not_exist_is_named_without_a_traceback(tmp_path
      "FATAL JobError: config.sampler: cfg_scale must be a finite number >= 1"),
 ])
 def test_a_job_that_refuses_its_settings_says_why_without_a_traceback(tmp_path, override,
-                                                                       expected):
+                                                                      expected):
   proc = subprocess.run(
-      [sys.executable, "-m", "softvq_jax.main", "--config=configs/sample_sit_xl_softvq_b64.py:runlocal",
+      [sys.executable, "-m", "softvq_jax.main", f"--config={SAMPLE_SIT_RUNLOCAL}",
        f"--workdir={tmp_path / 'run'}", override], cwd=ROOT, capture_output=True, text=True,
       timeout=300)
   assert proc.returncode == 2, proc.stderr[-2000:]
@@ -186,11 +189,33 @@ def test_a_refusal_on_the_workdirs_contents_is_named_without_a_traceback(tmp_pat
   """Outputs the job did not make (FileExistsError) are refused alike; the user's file stays."""
   (tmp_path / "samples.npz").write_bytes(b"mine")
   proc = subprocess.run(
-      [sys.executable, "-m", "softvq_jax.main", "--config=configs/sample_sit_xl_softvq_b64.py:runlocal",
+      [sys.executable, "-m", "softvq_jax.main", f"--config={SAMPLE_SIT_RUNLOCAL}",
        f"--workdir={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
   assert "FATAL FileExistsError: " in proc.stderr and "but no sampling.json" in proc.stderr
   assert (tmp_path / "samples.npz").read_bytes() == b"mine"
+
+
+def test_a_bad_config_file_argument_is_named_without_a_traceback(tmp_path):
+  proc = subprocess.run(
+      [sys.executable, "-m", "softvq_jax.main", "--config=configs/eval_gen.py:bogus=1",
+       f"--workdir={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+  assert "--config: unknown config argument 'bogus'; known: ['logits_weight'" in proc.stderr
+
+
+def test_only_errors_written_by_a_job_count_as_refusals():
+  from softvq_jax import main as main_lib  # pylint: disable=g-import-not-at-top
+  from softvq_jax.utils.errors import JobError, UnreadableDataError  # pylint: disable=g-import-not-at-top
+  assert main_lib.is_refusal(JobError("config.x must be ..."))
+  assert main_lib.is_refusal(UnreadableDataError("12 images could not be decoded"))
+  assert main_lib.is_refusal(FileNotFoundError("image folder /x does not exist"))
+  assert main_lib.is_refusal(IsADirectoryError("reference /x is a folder"))
+  # The system's own errors (they carry an errno) and everything else keep their traceback.
+  assert not main_lib.is_refusal(FileNotFoundError(2, "No such file or directory", "/x"))
+  assert not main_lib.is_refusal(OSError(5, "Input/output error"))
+  assert not main_lib.is_refusal(ValueError("a bug's message"))
+  assert not main_lib.is_refusal(RuntimeError("a bug's message"))
 
 
 def test_a_missing_data_folder_is_named_without_a_traceback(tmp_path):

@@ -226,3 +226,20 @@ def test_upload_tree_streams_each_file_in_pieces(bucket, tmp_path, monkeypatch):
   assert (bucket / "run/export/params/weights.bin").read_bytes() == payload
   assert bucket.writes == ["run/export/params/weights.bin", "run/export/config.json"]
   assert reads and all(0 < size <= 1024 for size in reads), reads
+
+
+def test_uploads_put_sub_folders_before_top_level_files(tmp_path):
+  """A cut-short upload leaves part of params/ (which an overwrite takes for its own),
+  never a lone conversion.json (which it would refuse as the user's)."""
+  for rel in ("config.json", "conversion.json", "params/_METADATA", "params/w/0", "zz.json"):
+    (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / rel).write_text("x")
+  assert fs.tree_files(str(tmp_path)) == [
+      os.path.join("params", "_METADATA"), os.path.join("params", "w", "0"), "conversion.json",
+      "zz.json", "config.json"]
+  # What such an upload leaves behind is replaced by --overwrite.
+  (tmp_path / "config.json").unlink()
+  (tmp_path / "zz.json").unlink()
+  flat = {("w",): np.zeros((2,), np.float32)}
+  checkpoint.write_param_dir(str(tmp_path), flat, {"name": "new"}, overwrite=True)
+  assert checkpoint.read_config(str(tmp_path)) == {"name": "new"}

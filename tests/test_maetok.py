@@ -186,7 +186,7 @@ def test_rope_init_follows_the_reference_recipe():
 
 
 def test_maetok_b128_parameter_count():
-  # Reference keys (SPEC §2.3), counted here independently of the model code;
+  # Reference keys, counted here independently of the model code;
   # buffers (freqs_t_*), the unused decoder pos_embed/patch conv and the MAE
   # mask token do not shape inference.
   d, depth, n, tokens, e = 768, 12, 256, 128, 32

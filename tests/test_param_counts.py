@@ -1,7 +1,7 @@
 """Parameter counts of every released tokenizer, from jax.eval_shape (nothing is allocated).
 
-The expected numbers are derived here from the reference's state-dict key
-table (SPEC §2.3), independently of the model code, and anchored to the
+The expected numbers are derived here from the state-dict key table of the reference
+checkpoints, independently of the model code, and anchored to the
 reference's measured total for SoftVQ-L-64.
 """
 
@@ -45,7 +45,7 @@ def reference_state_dict_size(cfg) -> tuple[int, int]:
 
 
 def test_formula_reproduces_the_reference_measurement():
-  # SPEC §2.3: SoftVQ-L-64 state_dict, buffers included: 609,186,592 elements.
+  # The reference SoftVQ-L-64 state_dict, buffers included: 609,186,592 elements.
   total, _ = reference_state_dict_size(RELEASED_TOKENIZERS["softvq-l-64"])
   assert total == 609_186_592
 

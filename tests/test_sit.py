@@ -199,7 +199,7 @@ def test_label_dropout(model, ref):
 
 
 def spec_count(tokens: int, channels: int, hidden: int, depth: int, learn_sigma: bool) -> int:
-  """Elements of the reference state dict, from the key/shape table of SPEC §2.3."""
+  """Elements of the reference state dict, from the key/shape table of the reference checkpoints."""
   h = hidden
   out = 2 * channels if learn_sigma else channels
   shapes = [(1, tokens, h), (h, channels), (h,), (h, 256), (h,), (h, h), (h,), (1001, h),
@@ -214,7 +214,7 @@ def test_parameter_counts_of_the_released_sizes():
   dit = GeneratorConfig.preset("DiT-XL/1", input_size=64, in_channels=32)
   assert count_params(sit) == spec_count(64, 32, 1152, 28, False)
   assert count_params(dit) == spec_count(64, 32, 1152, 28, True)
-  assert round(count_params(sit) / 1e6, 1) == 674.9  # SPEC §2.3: 674.9M elements
+  assert round(count_params(sit) / 1e6, 1) == 674.9  # the reference checkpoint: 674.9M elements
   assert dit.learn_sigma and dit.out_channels == 64
   assert count_params(sit, include_pos_embed=False) == count_params(sit) - 64 * 1152
 

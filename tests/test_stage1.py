@@ -128,7 +128,7 @@ def test_weight_decay_skips_vectors_and_biases():
 
 
 def test_generator_and_discriminator_losses_equal_their_terms(single, images):
-  """Every term recomputed here from the modules, weighted as SPEC §3.1 / §3.3 say."""
+  """Every term recomputed here from the modules, weighted as the reference's objective does."""
   config, setup, _, state, step = single
   before, _, metrics = _run(step, state, images, setup, at_step=4)   # global step 5 >= start
   model = nnx.merge(setup.graphdef, before.params, before.rest)

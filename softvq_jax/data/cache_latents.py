@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 from softvq_jax.data import pipeline, records, transforms
 from softvq_jax.utils import fs
-from softvq_jax.utils.errors import JobError
+from softvq_jax.utils.errors import JobError, UnreadableDataError
 
 CACHE_INFO = "cache_info.json"
 FORMAT = "softvq_jax.latent_cache"
@@ -204,9 +204,9 @@ def write_latent_cache(tokenizer: Any, source: Any, out_dir: str, *, batch_size:
             skipped.append(f"{ex.name} ({ex.reason})")
             logging.warning("Skipping undecodable image %s: %s", ex.name, ex.reason)
             if max_skipped is not None and len(skipped) > max_skipped:
-              raise RuntimeError(f"{len(skipped)} images of {name} could not be decoded, more "
-                                 f"than max_skipped={max_skipped}; the last: "
-                                 f"{'; '.join(skipped[-5:])}")
+              raise UnreadableDataError(
+                  f"{len(skipped)} images of {name} could not be decoded, more than "
+                  f"max_skipped={max_skipped}; the last: {'; '.join(skipped[-5:])}")
           else:
             kept.append((i, ex_name, ex))
             images.append(ex["image"])

@@ -27,7 +27,7 @@ import numpy as np
 from absl import logging
 
 from softvq_jax.data import decode, transforms
-from softvq_jax.utils.errors import JobError
+from softvq_jax.utils.errors import JobError, UnreadableDataError
 
 
 MAX_SKIPPED_IN_A_ROW = 1000
@@ -144,14 +144,15 @@ class _SkipAndBatchIterator(grain.DatasetIterator):
     log("Skipping undecodable image %s in %s: %s (%d different images skipped so far)",
         skipped.name, self._source_name, skipped.reason, len(self.distinct_skipped))
     if self._max_skipped is not None and len(self.distinct_skipped) > self._max_skipped:
-      raise RuntimeError(
+      raise UnreadableDataError(
           f"{len(self.distinct_skipped)} different images of {self._source_name} could not be "
           f"decoded, more than max_skipped={self._max_skipped}; the last: "
           f"{'; '.join(self.skipped_names)}. Remove or repair them, or raise max_skipped.")
     if self._in_a_row >= MAX_SKIPPED_IN_A_ROW:
       # Without this, an unreadable dataset repeated forever would spin silently.
-      raise RuntimeError(f"{self._in_a_row} images in a row of {self._source_name} could not be "
-                         f"decoded (the last: {'; '.join(self.skipped_names)}): is it readable?")
+      raise UnreadableDataError(
+          f"{self._in_a_row} images in a row of {self._source_name} could not be decoded (the "
+          f"last: {'; '.join(self.skipped_names)}): is it readable?")
 
   def __next__(self) -> dict[str, np.ndarray]:
     examples = []

@@ -127,8 +127,8 @@ class ArrayRecordSource:
                      f"({first_line(e)})") from e
     record = records.decode_record(raw)
     if self.image_key not in record:
-      raise KeyError(f"record {index} of {self.name} has no {self.image_key!r} field "
-                     f"(fields: {sorted(record)})")
+      raise JobError(f"record {index} of {self.name} has no {self.image_key!r} field "
+                   f"(fields: {sorted(record)})")
     return {"image": record[self.image_key], "label": _label(self, record),
             "name": str(record.get("name", f"record {index}"))}
 

@@ -33,6 +33,7 @@ from softvq_jax.eval import fid as fid_lib
 from softvq_jax.eval import inception as inception_lib
 from softvq_jax.eval import npz
 from softvq_jax.eval import precision_recall as pr_lib
+from softvq_jax.utils.errors import JobError
 
 
 @dataclasses.dataclass
@@ -122,8 +123,8 @@ class StatsAccumulator:
     pool = fid_lib.merge_across_processes(self.pool)
     if pool.count < 2:
       # The pipelines skip undecodable images, so a folder of them ends here.
-      raise ValueError(f"{what}: {int(pool.count)} image(s) could be read, the statistics need "
-                       "at least 2 (undecodable images are skipped, each with a warning)")
+      raise JobError(f"{what}: {int(pool.count)} image(s) could be read, the statistics need "
+                     "at least 2 (undecodable images are skipped, each with a warning)")
     return pool, fid_lib.merge_across_processes(self.spatial)
 
   def fid_against(self, ref: dict[str, np.ndarray]) -> dict[str, float]:
@@ -188,8 +189,8 @@ def evaluate(ref_batch: str, sample_batch: str, features: InceptionFeatures | No
                     "computed, precision and recall are not", ref_batch)
     ref = None
   else:
-    raise ValueError(f"reference {ref_batch} holds neither images (arr_0) nor the statistics "
-                     f"mu, sigma, mu_s, sigma_s (it has {sorted(ref_stats)})")
+    raise JobError(f"reference {ref_batch} holds neither images (arr_0) nor the statistics "
+                   f"mu, sigma, mu_s, sigma_s (it has {sorted(ref_stats)})")
   logging.info("Sample batch %s: %s", sample_batch, sample_shape)
   sample = features.npz_activations(sample_batch)
   results = evaluate_activations(ref, sample, ref_stats=ref_stats,

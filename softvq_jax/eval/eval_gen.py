@@ -27,8 +27,8 @@ MIN_SAMPLES_FOR_STABLE_FID = 2048
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   for key in ("samples", "ref"):
     if not config.get(key, ""):
-      raise JobError(f"config.{key} is required: the {'sample' if key == 'samples' else 'reference'}"
-                     " batch (.npz, arr_0 uint8 NHWC)")
+      role = "sample" if key == "samples" else "reference"
+      raise JobError(f"config.{key} is required: the {role} batch (.npz, arr_0 uint8 NHWC)")
   if config.get("distance_dtype", "float16") not in ("float16", "float32"):
     raise JobError(f"distance_dtype={config.distance_dtype!r} must be 'float16' or 'float32'")
   if jax.process_count() > 1:

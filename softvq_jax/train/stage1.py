@@ -1,6 +1,6 @@
 """The stage-1 objective and its one jitted step: generator and discriminator updated together.
 
-Per step, in the reference's order (SPEC §3):
+Per step, in the reference's order:
 
 1. generator: ``w_rec*MSE + w_p(step)*LPIPS + a*w_d(step)*L_adv + entropy + REPA`` (+ KL for
    the KL bottleneck), ``L_adv = -mean D(DiffAug(x_hat))``; Adam step, EMA update;

@@ -1,4 +1,4 @@
-"""Stage 1: train a tokenizer on images with the reference's full objective (SPEC §3).
+"""Stage 1: train a tokenizer on images with the reference's full objective.
 
 Generator: MSE + LPIPS (linear warm-up, dropout on as in the reference) + hinge GAN
 through the DINO discriminator after ``disc_start`` (optional adaptive weight) + SoftVQ
@@ -8,8 +8,10 @@ DiffAugment. Two Adam optimizers with the reference's cosine schedule, stepped i
 jitted step (``softvq_jax.train.stage1``); EMA of the generator; everything checkpointed.
 
 Frozen backbones come from local files named in the config (``loss.disc_checkpoint``:
-DINO ``dino_deitsmall16_pretrain.pth``; ``loss.repa_checkpoint`` and ``dinov2_checkpoint``:
-timm DINOv2 weights); without one they are random and the run says so loudly.
+DINO ``dino_deitsmall16_pretrain.pth``; ``loss.repa_checkpoint``: timm DINOv2-L/14
+weights); without one they are random and the run says so loudly. ``dinov2_checkpoint``
+(timm DINOv2 weights of the encoder's size) starts the trained encoder when
+``encoder_init="dinov2"``.
 """
 
 from __future__ import annotations

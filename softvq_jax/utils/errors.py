@@ -16,6 +16,10 @@ class JobError(ValueError):
   """
 
 
+class UnreadableDataError(JobError, RuntimeError):
+  """Too much of a dataset cannot be decoded (a RuntimeError, as it was before JobError)."""
+
+
 def first_line(error: BaseException, limit: int = 300) -> str:
   """The first line of ``error``'s message (its type's name when the message is empty)."""
   return (str(error).splitlines() or [type(error).__name__])[0][:limit]

@@ -200,12 +200,14 @@ def upload_tree(local_dir: str, remote_dir: str, *, last: str = "config.json") -
 
 
 def tree_files(local_dir: str, *, last: str = "config.json") -> list[str]:
-  """The files under a local folder, relative to it, in upload order (``last`` last)."""
+  """The files under a local folder, relative to it, in upload order: those in sub-folders,
+  then the top-level files, ``last`` last. An upload cut short thus leaves a partial
+  sub-folder (which an overwrite recognises as its own) before any lone top-level file."""
   files = []
   for root, _, names in os.walk(local_dir):
     for name in names:
       files.append(os.path.relpath(os.path.join(root, name), local_dir))
-  return sorted(files, key=lambda rel: (rel == last, rel))
+  return sorted(files, key=lambda rel: (rel == last, os.sep not in rel, rel))
 
 
 def copy_tree(src_dir: str, dst_dir: str, files: list[str]) -> None:
