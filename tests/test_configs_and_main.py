@@ -581,3 +581,30 @@ def test_runlocal_runs_export_trained_weights(name):
   """The shrunk runs are short: their EMA must move off the random init within them."""
   config = load_config(name, "runlocal")
   assert config.ema_decay ** config.total_steps < 0.05
+
+
+def test_pinned_requirements_satisfy_the_packages_declared_ranges():
+  """pyproject.toml's ranges (for `pip install .`) admit requirements.txt's exact pins, and
+  every range names a pinned package, so the two lists cannot drift apart unnoticed."""
+  import tomllib  # pylint: disable=g-import-not-at-top
+  from packaging.requirements import Requirement  # pylint: disable=g-import-not-at-top
+  from packaging.version import Version  # pylint: disable=g-import-not-at-top
+  normal = lambda name: name.lower().replace("_", "-")
+  pins = {}
+  for line in (ROOT / "requirements.txt").read_text().splitlines():
+    line = line.split("#")[0].strip()
+    if line:
+      name, version = line.split("==")
+      pins[normal(name)] = Version(version)
+  project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+  declared = project["dependencies"] + [
+      r for extra in project["optional-dependencies"].values() for r in extra]
+  checked = 0
+  for requirement in map(Requirement, declared):
+    if requirement.marker is not None and not requirement.marker.evaluate():
+      continue  # another platform's name for the same package
+    name = normal(requirement.name)
+    assert name in pins, f"{name} is declared in pyproject.toml but not pinned"
+    assert requirement.specifier.contains(pins[name]), (name, str(requirement.specifier))
+    checked += 1
+  assert checked >= 20 and "flax" in pins and "jax" in pins
