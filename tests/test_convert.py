@@ -496,6 +496,38 @@ def test_tokenizer_config_values_of_the_wrong_type_are_named(field, value, match
     TokenizerConfig.from_json_dict(dict(config, **{field: value}))
 
 
+def test_the_near_miss_list_is_what_the_config_reader_reads():
+  """The typo warning compares keys with a hand-written list of the fields read: it must be
+  the set of keys from_json_dict looks up, recorded here over every release's config."""
+  from collections.abc import Mapping  # pylint: disable=g-import-not-at-top
+  from softvq_jax.models import config as config_lib  # pylint: disable=g-import-not-at-top
+  from softvq_jax.models.released import RELEASED_MAETOK, RELEASED_TOKENIZERS  # pylint: disable=g-import-not-at-top
+
+  class Recording(Mapping):
+    def __init__(self, fields):
+      self.fields, self.read = fields, set()
+    def __getitem__(self, key):
+      self.read.add(key)
+      return self.fields[key]
+    def __contains__(self, key):
+      self.read.add(key)
+      return key in self.fields
+    def get(self, key, default=None):
+      self.read.add(key)
+      return self.fields.get(key, default)
+    def __iter__(self):  # the warning's own walk over every key is no read
+      return iter(self.fields)
+    def __len__(self):
+      return len(self.fields)
+
+  read = set()
+  for fields in [*RELEASED_TOKENIZERS.values(), *RELEASED_MAETOK.values()]:
+    recording = Recording(fields)
+    config_lib.TokenizerConfig.from_json_dict(recording)
+    read |= recording.read
+  assert read == set(config_lib._READ_FIELDS)  # pylint: disable=protected-access
+
+
 def test_a_misspelt_tokenizer_config_field_is_warned_of(caplog):
   """Released configs carry many keys that are not read, so only a near miss of a field that
   is read, and absent, is worth a warning: its default is used in its place."""

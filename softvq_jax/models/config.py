@@ -287,14 +287,15 @@ def _float(cfg: Mapping[str, Any], key: str, default: float) -> float:
   return float(value)
 
 
-# The fields from_json_dict reads; a key a character or two away from one, while that one
-# is absent, is most likely a typo of it (released configs carry many other keys).
+# The fields from_json_dict reads (a test records its reads); a key a character or two away
+# from one, while that one is absent, is most likely a typo of it (released configs carry
+# many other keys).
 _READ_FIELDS = ("encoder_model", "decoder_model", "image_size", "num_latent_tokens",
                 "codebook_embed_dim", "enc_patch_size", "dec_patch_size", "encoder_kwargs",
                 "decoder_kwargs", "use_rope", "use_ape", "dec_cls_token", "codebook_size",
                 "num_codebooks", "tau", "codebook_l2_norm", "entropy_loss_ratio",
                 "kl_loss_weight", "vq_mean", "vq_std", "rope_theta", "to_pixel", "bottleneck",
-                "enc_type", "dec_type", "rope_mixed")
+                "enc_type", "dec_type", "rope_mixed", "enc_tuning_method", "dec_tuning_method")
 
 
 def _warn_of_near_misses(cfg: Mapping[str, Any]) -> None:
