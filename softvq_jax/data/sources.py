@@ -128,7 +128,7 @@ class ArrayRecordSource:
     record = records.decode_record(raw)
     if self.image_key not in record:
       raise JobError(f"record {index} of {self.name} has no {self.image_key!r} field "
-                   f"(fields: {sorted(record)})")
+                     f"(fields: {sorted(record)})")
     return {"image": record[self.image_key], "label": _label(self, record),
             "name": str(record.get("name", f"record {index}"))}
 
