@@ -119,11 +119,15 @@ def test_reconstruct_checks_what_its_arguments_say_of_the_tokenizer_dir(tmp_path
   assert not (tmp_path / "out").exists()
 
 
+def _run_main(*flags: str, timeout: int = 120) -> subprocess.CompletedProcess:
+  """``python -m softvq_jax.main FLAGS`` from the repository root, its output captured."""
+  return subprocess.run([sys.executable, "-m", "softvq_jax.main", *flags], cwd=ROOT,
+                        capture_output=True, text=True, timeout=timeout)
+
+
 def test_main_rejects_unknown_trainer(tmp_path):
-  proc = subprocess.run(
-      [sys.executable, "-m", "softvq_jax.main", "--config=configs/reconstruct.py",
-       f"--workdir={tmp_path}", "--config.trainer=nope"],
-      cwd=ROOT, capture_output=True, text=True, timeout=120)
+  proc = _run_main("--config=configs/reconstruct.py", f"--workdir={tmp_path}",
+                   "--config.trainer=nope")
   assert proc.returncode != 0
   assert "config.trainer='nope' is not available" in proc.stderr
 
@@ -137,9 +141,7 @@ def test_main_rejects_unknown_trainer(tmp_path):
 ])
 def test_an_override_of_no_config_field_is_named_without_a_traceback(
     tmp_path, config, override, expected):
-  proc = subprocess.run(
-      [sys.executable, "-m", "softvq_jax.main", f"--config={config}", f"--workdir={tmp_path}",
-       override], cwd=ROOT, capture_output=True, text=True, timeout=120)
+  proc = _run_main(f"--config={config}", f"--workdir={tmp_path}", override)
   assert proc.returncode != 0
   assert expected in proc.stderr, proc.stderr[-2000:]
   assert "Traceback" not in proc.stderr
@@ -148,17 +150,13 @@ def test_an_override_of_no_config_field_is_named_without_a_traceback(
 def test_a_workdir_that_is_a_file_is_named_and_kept(tmp_path):
   mine = tmp_path / "notes.txt"
   mine.write_text("mine")
-  proc = subprocess.run(
-      [sys.executable, "-m", "softvq_jax.main", "--config=configs/reconstruct.py",
-       f"--workdir={mine}"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+  proc = _run_main("--config=configs/reconstruct.py", f"--workdir={mine}")
   assert proc.returncode != 0 and f"--workdir={mine} is a file; name a folder" in proc.stderr
   assert "Traceback" not in proc.stderr and mine.read_text() == "mine"
 
 
 def test_a_config_file_that_does_not_exist_is_named_without_a_traceback(tmp_path):
-  proc = subprocess.run(
-      [sys.executable, "-m", "softvq_jax.main", "--config=configs/no_such_config.py",
-       f"--workdir={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+  proc = _run_main("--config=configs/no_such_config.py", f"--workdir={tmp_path}")
   assert proc.returncode != 0
   assert "No such file or directory: 'configs/no_such_config.py'" in proc.stderr
   assert "Traceback" not in proc.stderr
@@ -175,10 +173,8 @@ SAMPLE_SIT_RUNLOCAL = "configs/sample_sit_xl_softvq_b64.py:runlocal"
 ])
 def test_a_job_that_refuses_its_settings_says_why_without_a_traceback(tmp_path, override,
                                                                       expected):
-  proc = subprocess.run(
-      [sys.executable, "-m", "softvq_jax.main", f"--config={SAMPLE_SIT_RUNLOCAL}",
-       f"--workdir={tmp_path / 'run'}", override], cwd=ROOT, capture_output=True, text=True,
-      timeout=300)
+  proc = _run_main(f"--config={SAMPLE_SIT_RUNLOCAL}", f"--workdir={tmp_path / 'run'}", override,
+                   timeout=300)
   assert proc.returncode == 2, proc.stderr[-2000:]
   assert expected in proc.stderr, proc.stderr[-2000:]
   assert "Traceback" not in proc.stderr
@@ -188,18 +184,14 @@ def test_a_job_that_refuses_its_settings_says_why_without_a_traceback(tmp_path, 
 def test_a_refusal_on_the_workdirs_contents_is_named_without_a_traceback(tmp_path):
   """Outputs the job did not make (FileExistsError) are refused alike; the user's file stays."""
   (tmp_path / "samples.npz").write_bytes(b"mine")
-  proc = subprocess.run(
-      [sys.executable, "-m", "softvq_jax.main", f"--config={SAMPLE_SIT_RUNLOCAL}",
-       f"--workdir={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+  proc = _run_main(f"--config={SAMPLE_SIT_RUNLOCAL}", f"--workdir={tmp_path}", timeout=300)
   assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
   assert "FATAL FileExistsError: " in proc.stderr and "but no sampling.json" in proc.stderr
   assert (tmp_path / "samples.npz").read_bytes() == b"mine"
 
 
 def test_a_bad_config_file_argument_is_named_without_a_traceback(tmp_path):
-  proc = subprocess.run(
-      [sys.executable, "-m", "softvq_jax.main", "--config=configs/eval_gen.py:bogus=1",
-       f"--workdir={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+  proc = _run_main("--config=configs/eval_gen.py:bogus=1", f"--workdir={tmp_path}")
   assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
   assert "--config: unknown config argument 'bogus'; known: ['logits_weight'" in proc.stderr
 
@@ -220,11 +212,9 @@ def test_only_errors_written_by_a_job_count_as_refusals():
 
 def test_a_missing_data_folder_is_named_without_a_traceback(tmp_path):
   missing = tmp_path / "no_such_images"
-  proc = subprocess.run(
-      [sys.executable, "-m", "softvq_jax.main", "--config=configs/softvq_b64.py:runlocal",
-       f"--workdir={tmp_path / 'run'}", "--config.data.source=folder",
-       f"--config.data.kwargs.root={missing}"], cwd=ROOT, capture_output=True, text=True,
-      timeout=300)
+  proc = _run_main("--config=configs/softvq_b64.py:runlocal", f"--workdir={tmp_path / 'run'}",
+                   "--config.data.source=folder", f"--config.data.kwargs.root={missing}",
+                   timeout=300)
   assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
   assert f"FATAL FileNotFoundError: image folder {missing} does not exist" in proc.stderr
 
